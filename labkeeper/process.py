@@ -1,0 +1,529 @@
+"""The one subprocess runner: argv tuples, deadlines, pipefail pipelines, typed errors.
+
+- Commands are argv tuples; there is no shell anywhere.
+- Every call has a timeout; on expiry the whole process group is killed.
+- Secrets reach children through ``env`` (never argv); argv, stderr and the
+  errors we raise are masked with :data:`labkeeper.secrets.REDACTOR`.
+- Pipelines connect stage *i*'s stdout to stage *i+1*'s stdin through a relay
+  owned by this module (``os.splice``, zero-copy). End-of-stream belongs to us:
+  a consumer's stdin is closed only after its producer has **exited cleanly**.
+  If a producer fails, every later stage is SIGKILLed before its stdin is
+  closed, so a consumer (restic) never sees a clean EOF of a truncated stream.
+- Exit codes are read through one :class:`ExitCodeTable` per tool; a code the
+  table does not know is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from labkeeper.errors import CommandError, CommandNotFound, CommandTimeout, PipelineError
+from labkeeper.secrets import REDACTOR
+
+log = logging.getLogger("labkeeper.process")
+
+Outcome = Literal["ok", "warning", "transient", "permanent"]
+STDERR_TAIL_LINES = 20
+CAPTURE_LIMIT = 8 * 1024 * 1024  # bytes of stdout/stderr kept in a result
+KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL on timeout
+_SPLICE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ExitCode:
+    meaning: str
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class ExitCodeTable:
+    """What a tool's exit codes mean. Codes not listed are errors."""
+
+    tool: str
+    codes: Mapping[int, ExitCode]
+
+    def classify(self, returncode: int) -> ExitCode:
+        if returncode in self.codes:
+            return self.codes[returncode]
+        if returncode < 0:
+            try:
+                name = signal.Signals(-returncode).name
+            except ValueError:
+                name = f"signal {-returncode}"
+            return ExitCode(f"killed by {name}", "permanent")
+        return ExitCode(f"unknown exit code {returncode} for {self.tool}", "permanent")
+
+
+GENERIC = ExitCodeTable("command", {0: ExitCode("success", "ok")})
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a finished command did. ``argv`` is redacted. Shared with the SSH runner."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    duration: float
+    meaning: str = "success"
+    outcome: Outcome = "ok"
+    host: str = "localhost"
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("ok", "warning")
+
+    @property
+    def warning(self) -> bool:
+        return self.outcome == "warning"
+
+    def stderr_tail(self, lines: int = STDERR_TAIL_LINES) -> str:
+        return "\n".join(self.stderr.splitlines()[-lines:])
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    stages: tuple[CommandResult, ...]
+    duration: float
+    bytes_relayed: tuple[int, ...] = ()
+
+    @property
+    def stdout(self) -> str:
+        return self.stages[-1].stdout
+
+    @property
+    def last(self) -> CommandResult:
+        return self.stages[-1]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One command of a pipeline."""
+
+    argv: tuple[str, ...]
+    codes: ExitCodeTable = GENERIC
+    env: Mapping[str, str] = field(default_factory=dict)
+    on_stderr_line: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        _check_argv(self.argv)
+
+
+LineCallback = Callable[[str], None]
+
+
+def _check_argv(argv: Sequence[str]) -> None:
+    if isinstance(argv, str | bytes):
+        raise TypeError("argv must be a sequence of strings, not one string (no shells here)")
+    if not argv:
+        raise ValueError("argv is empty")
+    for i, a in enumerate(argv):
+        if not isinstance(a, str):
+            raise TypeError(f"argv[{i}] is {type(a).__name__}, not str")
+        if "\x00" in a:
+            raise ValueError(f"argv[{i}] contains a NUL byte")
+
+
+def make_error(result: CommandResult, *, killed_because: str = "") -> CommandError:
+    """The typed error for a failed result, carrying exit code and stderr tail."""
+    tail = result.stderr_tail()
+    last = tail.splitlines()[-1] if tail else ""
+    why = killed_because or result.meaning
+    message = f"{result.argv[0]} failed on {result.host} (exit {result.returncode}: {why})"
+    if last:
+        message += f": {last}"
+    return CommandError(
+        message,
+        argv=result.argv,
+        returncode=result.returncode,
+        stderr_tail=tail,
+        meaning=why,
+        transient=result.outcome == "transient",
+    )
+
+
+class _Capture:
+    """Reads a pipe line by line in a thread: keeps a capped copy and calls back."""
+
+    def __init__(self, stream: object, callback: LineCallback | None, name: str) -> None:
+        self._stream = stream
+        self._callback = callback
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.truncated = False
+        self.tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        stream = self._stream
+        for raw in iter(stream.readline, b""):  # type: ignore[attr-defined]
+            if self._size < CAPTURE_LIMIT:
+                self._chunks.append(raw)
+                self._size += len(raw)
+            else:
+                self.truncated = True
+            if self._callback is not None:
+                line = REDACTOR.redact(raw.decode("utf-8", "replace").rstrip("\r\n"))
+                try:
+                    self._callback(line)
+                except Exception:  # a broken callback must not stall the pipe
+                    log.exception("line callback failed")
+        with contextlib.suppress(OSError):
+            stream.close()  # type: ignore[attr-defined]
+
+    def text(self) -> str:
+        self.thread.join()
+        data = b"".join(self._chunks).decode("utf-8", "replace")
+        return REDACTOR.redact(data)
+
+
+def _child_env(extra: Mapping[str, str] | None, base: Mapping[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+class _Relay(threading.Thread):
+    """Moves bytes from a producer's stdout to a consumer's stdin; owns the EOF."""
+
+    def __init__(self, index: int, src: int, dst: int, run: _Run) -> None:
+        super().__init__(name=f"relay-{index}", daemon=True)
+        self.index = index
+        self.src = src
+        self.dst = dst
+        self.run_ = run
+        self.bytes = 0
+        self.consumer_gone = False
+
+    def run(self) -> None:
+        try:
+            self._pump()
+        finally:
+            self.run_.producer_done(self.index, self)
+
+    def _pump(self) -> None:
+        use_splice = hasattr(os, "splice")
+        while True:
+            try:
+                if use_splice:
+                    n = os.splice(self.src, self.dst, _SPLICE_CHUNK)
+                else:  # pragma: no cover - non-Linux
+                    data = os.read(self.src, _SPLICE_CHUNK)
+                    n = len(data)
+                    if n:
+                        os.write(self.dst, data)
+            except BrokenPipeError:
+                self.consumer_gone = True
+                return
+            except OSError as exc:
+                if use_splice and exc.errno in (22, 38):  # EINVAL/ENOSYS: fall back
+                    use_splice = False
+                    continue
+                self.consumer_gone = True
+                return
+            if n == 0:
+                return
+            self.bytes += n
+
+
+class _Run:
+    """Executes stages, applies the deadline, collects results."""
+
+    def __init__(self, stages: Sequence[Stage], *, timeout: float,
+                 env: Mapping[str, str] | None, cwd: str | None,
+                 input_data: bytes | None, stdin_fd: int | None,
+                 stdout_fd: int | None, on_stdout_line: LineCallback | None) -> None:
+        self.stages = list(stages)
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.env = env
+        self.cwd = cwd
+        self.input_data = input_data
+        self.stdin_fd = stdin_fd
+        self.stdout_fd = stdout_fd
+        self.on_stdout_line = on_stdout_line
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.exit_times: dict[int, float] = {}
+        self.killed_because: dict[int, str] = {}
+        self.timed_out = False
+        self.lock = threading.Lock()
+        self.relays: list[_Relay] = []
+
+    # -- called from relay threads -------------------------------------------------
+    def producer_done(self, index: int, relay: _Relay) -> None:
+        """Stream from stage ``index`` ended: decide whether its consumer gets EOF."""
+        producer = self.procs[index]
+        if relay.consumer_gone:
+            # The consumer stopped reading: the producer cannot finish its stream.
+            self._kill(index, f"stage {index + 2} ({self.stages[index + 1].argv[0]}) "
+                              "stopped reading")
+        os.close(relay.src)
+        remaining = max(0.0, self.deadline - time.monotonic())
+        try:
+            rc = producer.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            rc = None
+        ok = rc is not None and self.stages[index].codes.classify(rc).outcome in (
+            "ok", "warning")
+        if not ok:
+            # Never hand the consumer a clean EOF of a failed stream.
+            for j in range(index + 1, len(self.stages)):
+                self._kill(j, f"stage {index + 1} ({self.stages[index].argv[0]}) failed")
+        with contextlib.suppress(OSError):
+            os.close(relay.dst)
+
+    def _kill(self, index: int, because: str) -> None:
+        proc = self.procs[index]
+        with self.lock:
+            if proc.poll() is None and index not in self.killed_because:
+                self.killed_because[index] = because
+        _kill_group(proc, signal.SIGKILL)
+
+    # -- main ------------------------------------------------------------------------
+    def execute(self) -> tuple[list[CommandResult], float, list[int]]:
+        started = time.monotonic()
+        n = len(self.stages)
+        captures_err: list[_Capture] = []
+        capture_out: _Capture | None = None
+        feeder: threading.Thread | None = None
+        try:
+            for i, st in enumerate(self.stages):
+                if i == 0:
+                    if self.input_data is not None:
+                        stdin: int | None = subprocess.PIPE
+                    elif self.stdin_fd is not None:
+                        stdin = self.stdin_fd
+                    else:
+                        stdin = subprocess.DEVNULL
+                else:
+                    stdin = subprocess.PIPE
+                if i == n - 1:
+                    stdout: int | None = (self.stdout_fd if self.stdout_fd is not None
+                                          else subprocess.PIPE)
+                else:
+                    stdout = subprocess.PIPE
+                try:
+                    proc = subprocess.Popen(
+                        st.argv,
+                        stdin=stdin,
+                        stdout=stdout,
+                        stderr=subprocess.PIPE,
+                        env=_child_env(st.env, self.env),
+                        cwd=self.cwd,
+                        start_new_session=True,
+                        close_fds=True,
+                    )
+                except FileNotFoundError:
+                    raise CommandNotFound(
+                        f"{st.argv[0]}: command not found", argv=REDACTOR.redact_argv(st.argv)
+                    ) from None
+                self.procs.append(proc)
+                captures_err.append(_Capture(proc.stderr, st.on_stderr_line, f"stderr-{i}"))
+                if i > 0:
+                    prev = self.procs[i - 1]
+                    assert prev.stdout is not None and proc.stdin is not None
+                    src = os.dup(prev.stdout.fileno())
+                    prev.stdout.close()
+                    dst = os.dup(proc.stdin.fileno())
+                    proc.stdin.close()
+                    relay = _Relay(i - 1, src, dst, self)
+                    self.relays.append(relay)
+                    relay.start()
+            last = self.procs[-1]
+            if last.stdout is not None:
+                capture_out = _Capture(last.stdout, self.on_stdout_line, "stdout")
+            first = self.procs[0]
+            if self.input_data is not None and first.stdin is not None:
+                feeder = threading.Thread(target=_feed, args=(first.stdin, self.input_data),
+                                          daemon=True)
+                feeder.start()
+            self._wait_all()
+        except BaseException:
+            for i in range(len(self.procs)):
+                self._kill(i, "aborted")
+            raise
+        finally:
+            for relay in self.relays:
+                relay.join(timeout=KILL_GRACE + 5)
+            if feeder is not None:
+                feeder.join(timeout=5)
+        duration = time.monotonic() - started
+        results = []
+        stdout_text = capture_out.text() if capture_out else ""
+        for i, (st, proc, cap) in enumerate(zip(self.stages, self.procs, captures_err,
+                                                strict=True)):
+            rc = proc.returncode
+            assert rc is not None
+            code = st.codes.classify(rc)
+            meaning, outcome = code.meaning, code.outcome
+            if i in self.killed_because and outcome not in ("ok", "warning"):
+                meaning = f"killed: {self.killed_because[i]}"
+            results.append(CommandResult(
+                argv=REDACTOR.redact_argv(st.argv),
+                returncode=rc,
+                stdout=stdout_text if i == n - 1 else "",
+                stderr=cap.text(),
+                duration=self.exit_times.get(i, time.monotonic()) - started,
+                meaning=meaning,
+                outcome=outcome,
+            ))
+        return results, duration, [r.bytes for r in self.relays]
+
+    def _wait_all(self) -> None:
+        pending = set(range(len(self.procs)))
+        kill_at = float("inf")
+        while pending:
+            now = time.monotonic()
+            if now >= self.deadline and not self.timed_out:
+                self.timed_out = True
+                for i in pending:
+                    with self.lock:
+                        self.killed_because.setdefault(i, f"timeout after {self.timeout:g}s")
+                    _kill_group(self.procs[i], signal.SIGTERM)
+                kill_at = now + KILL_GRACE
+            if self.timed_out and now >= kill_at:
+                for i in pending:
+                    _kill_group(self.procs[i], signal.SIGKILL)
+            for i in list(pending):
+                rc = self.procs[i].poll()
+                if rc is not None:
+                    self.exit_times[i] = time.monotonic()
+                    pending.discard(i)
+                    if self.stages[i].codes.classify(rc).outcome not in ("ok", "warning"):
+                        self._fail_others(i)
+            if pending:
+                time.sleep(0.01)
+
+    def _fail_others(self, failed: int) -> None:
+        """pipefail: one stage failed, so the pipeline cannot succeed; stop the rest."""
+        name = self.stages[failed].argv[0]
+        for j in range(len(self.procs)):
+            if j != failed and self.procs[j].poll() is None:
+                self._kill(j, f"stage {failed + 1} ({name}) failed")
+
+
+def _feed(pipe: object, data: bytes) -> None:
+    try:
+        pipe.write(data)  # type: ignore[attr-defined]
+    except (BrokenPipeError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            pipe.close()  # type: ignore[attr-defined]
+
+
+def _check_timeout(timeout: float) -> None:
+    if timeout is None or not (timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    codes: ExitCodeTable = GENERIC,
+    env: Mapping[str, str] | None = None,
+    base_env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    input: bytes | str | None = None,  # noqa: A002 - mirrors subprocess.run
+    stdin_fd: int | None = None,
+    stdout_fd: int | None = None,
+    on_stdout_line: LineCallback | None = None,
+    on_stderr_line: LineCallback | None = None,
+    check: bool = True,
+) -> CommandResult:
+    """Run one command to completion.
+
+    ``env`` is added to the inherited environment (``base_env`` replaces it).
+    With ``check`` (the default) a failing exit code raises :class:`CommandError`
+    (:class:`CommandTimeout` on timeout); otherwise the result is returned.
+    """
+    _check_timeout(timeout)
+    stage = Stage(tuple(argv), codes=codes, env=dict(env or {}), on_stderr_line=on_stderr_line)
+    result = pipeline(
+        [stage], timeout=timeout, base_env=base_env, cwd=cwd, input=input, stdin_fd=stdin_fd,
+        stdout_fd=stdout_fd, on_stdout_line=on_stdout_line, check=False,
+    )
+    res = result.stages[0]
+    if check and res.outcome not in ("ok", "warning"):
+        raise _error_for(res, timeout=timeout)
+    return res
+
+
+def _error_for(res: CommandResult, *, timeout: float) -> CommandError:
+    if res.meaning.startswith("killed: timeout"):
+        return CommandTimeout(
+            f"{res.argv[0]} timed out after {timeout:g}s", argv=res.argv, timeout=timeout,
+            stderr_tail=res.stderr_tail(),
+        )
+    return make_error(res)
+
+
+def pipeline(
+    stages: Sequence[Stage | Sequence[str]],
+    *,
+    timeout: float,
+    base_env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    input: bytes | str | None = None,  # noqa: A002
+    stdin_fd: int | None = None,
+    stdout_fd: int | None = None,
+    on_stdout_line: LineCallback | None = None,
+    check: bool = True,
+) -> PipelineResult:
+    """Run stages connected stdout→stdin, with pipefail semantics.
+
+    Succeeds only if every stage's exit code is ok (or a warning) per its table.
+    On the first failure every other stage is killed; a consumer never receives
+    EOF from a producer that did not exit cleanly. Raises :class:`PipelineError`
+    (with every failed stage's error) when ``check`` is set.
+    """
+    _check_timeout(timeout)
+    norm = [s if isinstance(s, Stage) else Stage(tuple(s)) for s in stages]
+    if not norm:
+        raise ValueError("a pipeline needs at least one stage")
+    data = input.encode() if isinstance(input, str) else input
+    shown = " | ".join(" ".join(REDACTOR.redact_argv(s.argv)) for s in norm)
+    log.debug("running: %s (timeout %gs)", shown, timeout)
+    runner = _Run(norm, timeout=timeout, env=base_env, cwd=cwd, input_data=data,
+                  stdin_fd=stdin_fd, stdout_fd=stdout_fd, on_stdout_line=on_stdout_line)
+    results, duration, relayed = runner.execute()
+    out = PipelineResult(stages=tuple(results), duration=duration, bytes_relayed=tuple(relayed))
+    failed = [i for i, r in enumerate(results) if r.outcome not in ("ok", "warning")]
+    for i in failed:
+        log.debug("stage %d %s: exit %s (%s)", i + 1, results[i].argv[0],
+                  results[i].returncode, results[i].meaning)
+    if check and failed:
+        errors = [_error_for(results[i], timeout=timeout) for i in failed]
+        # The cause is the failed stage that was not killed by us, earliest first.
+        not_killed = [i for i in failed if i not in runner.killed_because]
+        candidates = not_killed or failed
+        first_i = min(candidates, key=lambda i: runner.exit_times.get(i, float("inf")))
+        first = errors[failed.index(first_i)]
+        if len(norm) == 1:
+            raise first
+        raise PipelineError(
+            f"pipeline failed at stage {first_i + 1} ({norm[first_i].argv[0]}): {first}",
+            failures=errors, first=first,
+        )
+    return out

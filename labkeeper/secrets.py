@@ -1,0 +1,197 @@
+"""Secret references, resolved at run time, and redaction of resolved values.
+
+The inventory never holds a secret, only a *reference* to one:
+
+- ``env:NAME``            the environment variable NAME of the process resolving it
+- ``file:/path``          the contents of a file (one trailing newline stripped)
+- ``prefect-block:NAME``  a Prefect ``Secret`` block
+
+:func:`resolve` turns a reference into a :class:`pydantic.SecretStr` and
+registers the value with the process-wide :data:`REDACTOR`, so every logger
+carrying :class:`RedactingFilter` and every runner masks it from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, SecretStr
+
+from labkeeper.errors import SecretError
+
+MASK = "********"
+SCHEMES = ("env", "file", "prefect-block")
+_REF_RE = re.compile(r"^(env|file|prefect-block):(.+)$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_BLOCK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# Values shorter than this are not masked on their own (masking "a" everywhere
+# would destroy logs); such secrets are refused at resolution instead.
+MIN_SECRET_LENGTH = 4
+
+
+def check_reference(ref: str) -> str:
+    """Validate the shape of a secret reference (not its existence)."""
+    m = _REF_RE.match(ref)
+    if not m:
+        raise ValueError(
+            f"not a secret reference: expected env:NAME, file:/path or prefect-block:NAME "
+            f"(got {_describe(ref)})"
+        )
+    scheme, rest = m.groups()
+    if scheme == "env" and not _ENV_NAME_RE.match(rest):
+        raise ValueError(f"env: reference needs a variable name, got {rest!r}")
+    if scheme == "file" and not rest.startswith("/"):
+        raise ValueError(f"file: reference needs an absolute path, got {rest!r}")
+    if scheme == "prefect-block" and not _BLOCK_NAME_RE.match(rest):
+        raise ValueError(
+            f"prefect-block: reference needs a block name (lowercase, digits, dashes), "
+            f"got {rest!r}"
+        )
+    return ref
+
+
+def _describe(value: str) -> str:
+    # Never echo something that might be a pasted secret: show only its shape.
+    return f"a {len(value)}-character string without a scheme"
+
+
+SecretRef = Annotated[str, AfterValidator(check_reference)]
+"""A field type for inventory models: a reference, validated in shape only."""
+
+
+class Redactor:
+    """The set of secret values known to this process; masks them in text."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+
+    def add(self, value: str) -> None:
+        if len(value) < MIN_SECRET_LENGTH:
+            return
+        with self._lock:
+            if value in self._values:
+                return
+            self._values.add(value)
+            # Longest first so a secret containing another is masked whole.
+            alts = sorted(self._values, key=len, reverse=True)
+            self._pattern = re.compile("|".join(re.escape(v) for v in alts))
+
+    def redact(self, text: str) -> str:
+        pattern = self._pattern
+        if pattern is None or not text:
+            return text
+        return pattern.sub(MASK, text)
+
+    def redact_argv(self, argv: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        return tuple(self.redact(a) for a in argv)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+            self._pattern = None
+
+    def __contains__(self, value: str) -> bool:
+        return value in self._values
+
+
+REDACTOR = Redactor()
+
+
+def redact(text: str) -> str:
+    """Mask every secret value resolved so far in ``text``."""
+    return REDACTOR.redact(text)
+
+
+def register(value: str) -> None:
+    """Make an already-known secret value (a generated password, say) masked too."""
+    REDACTOR.add(value)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that masks resolved secrets in the formatted message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: leave it to the handler
+            return True
+        masked = REDACTOR.redact(message)
+        if masked != message or record.args:
+            record.msg = masked
+            record.args = None
+        return True
+
+
+def install_redaction(*logger_names: str) -> None:
+    """Attach the redacting filter to the named loggers (and their handlers)."""
+    names = logger_names or ("labkeeper", "prefect")
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
+
+
+def resolve(ref: str, *, environ: dict[str, str] | None = None) -> SecretStr:
+    """Resolve a reference to its value. Raises :class:`SecretError` naming the
+    reference (never a value) when it cannot be resolved."""
+    try:
+        check_reference(ref)
+    except ValueError as exc:
+        raise SecretError(str(exc), reference="<malformed>") from None
+    scheme, _, rest = ref.partition(":")
+    env = os.environ if environ is None else environ
+    if scheme == "env":
+        if rest not in env:
+            raise SecretError(f"secret {ref}: environment variable {rest} is not set",
+                              reference=ref)
+        value = env[rest]
+    elif scheme == "file":
+        path = Path(rest)
+        try:
+            value = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SecretError(f"secret {ref}: file does not exist", reference=ref) from None
+        except PermissionError:
+            raise SecretError(f"secret {ref}: file is not readable", reference=ref) from None
+        except IsADirectoryError:
+            raise SecretError(f"secret {ref}: is a directory", reference=ref) from None
+        if value.endswith("\n"):
+            value = value[:-1]
+            if value.endswith("\r"):
+                value = value[:-1]
+    else:
+        value = _resolve_prefect_block(ref, rest)
+    if not value:
+        raise SecretError(f"secret {ref}: resolved to an empty value", reference=ref)
+    if len(value) < MIN_SECRET_LENGTH:
+        raise SecretError(
+            f"secret {ref}: shorter than {MIN_SECRET_LENGTH} characters, refused "
+            "(it could not be masked in logs)",
+            reference=ref,
+        )
+    REDACTOR.add(value)
+    return SecretStr(value)
+
+
+def _resolve_prefect_block(ref: str, name: str) -> str:
+    # Imported here: the core library does not need Prefect unless a block is used.
+    try:
+        from prefect.blocks.system import Secret
+    except ImportError:  # pragma: no cover - prefect is a dependency
+        raise SecretError(f"secret {ref}: prefect is not installed", reference=ref) from None
+    try:
+        block = Secret.load(name)
+    except ValueError:
+        raise SecretError(f"secret {ref}: no Secret block named {name!r}",
+                          reference=ref) from None
+    value = block.get()
+    if not isinstance(value, str):
+        raise SecretError(f"secret {ref}: the block does not hold a string", reference=ref)
+    return value
