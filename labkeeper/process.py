@@ -459,6 +459,7 @@ def run(
     (:class:`CommandTimeout` on timeout); otherwise the result is returned.
     """
     _check_timeout(timeout)
+    _check_argv(argv)
     stage = Stage(tuple(argv), codes=codes, env=dict(env or {}), on_stderr_line=on_stderr_line)
     result = pipeline(
         [stage], timeout=timeout, base_env=base_env, cwd=cwd, input=input, stdin_fd=stdin_fd,

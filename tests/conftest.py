@@ -1,0 +1,5 @@
+"""Fixture modules shared by every tier (each is a plain module under tests/fixtures)."""
+
+pytest_plugins = [
+    "tests.fixtures.prefect",
+]

@@ -1,0 +1,232 @@
+"""The process runner against real processes: exit codes, timeouts, pipefail, EOF ownership."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from labkeeper import process
+from labkeeper.errors import (
+    CommandError,
+    CommandNotFound,
+    CommandTimeout,
+    PipelineError,
+    is_transient,
+)
+from labkeeper.process import ExitCode, ExitCodeTable, Stage
+from labkeeper.secrets import REDACTOR, register
+
+PY = sys.executable
+
+
+def test_successful_command_returns_frozen_result_with_output():
+    res = process.run(("echo", "hello"), timeout=5)
+    assert res.returncode == 0 and res.stdout == "hello\n" and res.ok
+    with pytest.raises(AttributeError):
+        res.returncode = 1  # type: ignore[misc]
+
+
+def test_nonzero_exit_raises_typed_error_with_code_and_stderr_tail():
+    script = "import sys\nfor i in range(50): print('line', i, file=sys.stderr)\nsys.exit(4)"
+    with pytest.raises(CommandError) as info:
+        process.run((PY, "-c", script), timeout=10)
+    err = info.value
+    assert err.returncode == 4
+    assert "unknown exit code 4" in err.meaning
+    assert err.stderr_tail.splitlines()[-1] == "line 49"
+    assert len(err.stderr_tail.splitlines()) == process.STDERR_TAIL_LINES
+    assert not is_transient(err)
+
+
+def test_exit_code_table_maps_warning_and_transient_codes():
+    table = ExitCodeTable("tool", {0: ExitCode("ok", "ok"), 3: ExitCode("partial", "warning"),
+                                   11: ExitCode("locked", "transient")})
+    res = process.run((PY, "-c", "raise SystemExit(3)"), timeout=10, codes=table)
+    assert res.warning and res.ok and res.meaning == "partial"
+    with pytest.raises(CommandError) as info:
+        process.run((PY, "-c", "raise SystemExit(11)"), timeout=10, codes=table)
+    assert is_transient(info.value) and info.value.meaning == "locked"
+
+
+def test_check_false_returns_failed_result_instead_of_raising():
+    res = process.run(("false",), timeout=5, check=False)
+    assert res.returncode == 1 and not res.ok
+
+
+def test_timeout_kills_the_process_group_and_raises_transient_timeout():
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout) as info:
+        # The child spawns a grandchild; both must die with the group.
+        process.run(("sh", "-c", "sleep 30 & sleep 30"), timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert is_transient(info.value)
+
+
+def test_missing_program_raises_command_not_found():
+    with pytest.raises(CommandNotFound):
+        process.run(("labkeeper-no-such-program",), timeout=5)
+
+
+@pytest.mark.parametrize("bad", ["echo hi", b"echo", (), ("echo", None)])
+def test_argv_must_be_a_tuple_of_strings(bad):
+    with pytest.raises((TypeError, ValueError)):
+        process.run(bad, timeout=5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("timeout", [0, -1, None])
+def test_timeout_is_required_and_positive(timeout):
+    with pytest.raises(ValueError, match="timeout"):
+        process.run(("true",), timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_streaming_line_callbacks_see_every_line_as_it_arrives():
+    seen: list[str] = []
+    process.run((PY, "-c", "for i in range(1000): print(i)"), timeout=10,
+                on_stdout_line=seen.append)
+    assert seen == [str(i) for i in range(1000)]
+
+
+def test_input_is_fed_to_stdin():
+    res = process.run(("wc", "-c"), timeout=5, input=b"x" * 100_000)
+    assert res.stdout.strip() == "100000"
+
+
+def test_secret_values_are_masked_in_result_and_error_but_reach_the_child_by_env():
+    secret = "s3cr3t-value-for-runner-test"
+    register(secret)
+    script = "import os,sys; v=os.environ['TOKEN']; print(v); print(v, file=sys.stderr); sys.exit(2)"
+    with pytest.raises(CommandError) as info:
+        process.run((PY, "-c", script), timeout=10, env={"TOKEN": secret})
+    assert secret not in str(info.value) and secret not in info.value.stderr_tail
+    assert "********" in info.value.stderr_tail
+    res = process.run((PY, "-c", script), timeout=10, env={"TOKEN": secret}, check=False)
+    assert secret not in res.stdout and secret not in res.stderr
+    assert secret in REDACTOR
+
+
+def test_pipeline_streams_bytes_between_stages_intact(tmp_path: Path):
+    data = os.urandom(5 * 1024 * 1024)
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    res = process.pipeline([("cat", str(src)), ("sha256sum",)], timeout=20)
+    assert res.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+    assert res.bytes_relayed == (len(data),)
+
+
+def test_three_stage_pipeline_succeeds_only_when_all_stages_do(tmp_path: Path):
+    res = process.pipeline([("seq", "1", "100000"), ("grep", "7"), ("wc", "-l")], timeout=20)
+    assert int(res.stdout) == sum("7" in str(i) for i in range(1, 100001))
+
+
+def _consumer_script(marker: Path) -> str:
+    # Counts bytes and records whether it ever saw a clean EOF.
+    return (
+        "import sys\n"
+        "n = 0\n"
+        "while True:\n"
+        "    b = sys.stdin.buffer.read(65536)\n"
+        "    if not b: break\n"
+        "    n += len(b)\n"
+        f"open({str(marker)!r}, 'w').write(str(n))\n"
+    )
+
+
+def test_producer_killed_mid_stream_fails_pipeline_and_consumer_never_sees_eof(tmp_path: Path):
+    marker = tmp_path / "consumer-saw-eof"
+    producer = ("sh", "-c", "head -c 3000000 /dev/zero; kill -9 $$")
+    with pytest.raises(PipelineError) as info:
+        process.pipeline([producer, (PY, "-c", _consumer_script(marker))], timeout=20)
+    err = info.value
+    assert err.first.argv[0] == "sh"
+    assert err.first.returncode == -9
+    assert not marker.exists(), "the consumer saw a clean EOF of a truncated stream"
+    consumer_err = [f for f in err.failures if f.argv[0] == PY]
+    assert consumer_err and "stage 1 (sh) failed" in consumer_err[0].meaning
+
+
+def test_producer_failing_with_exit_code_never_gives_consumer_eof(tmp_path: Path):
+    marker = tmp_path / "consumer-saw-eof"
+    producer = ("sh", "-c", "echo partial; echo 'pg_dump: error: connection lost' >&2; exit 1")
+    with pytest.raises(PipelineError) as info:
+        process.pipeline([producer, (PY, "-c", _consumer_script(marker))], timeout=20)
+    assert info.value.first.returncode == 1
+    assert "connection lost" in str(info.value)
+    assert not marker.exists()
+
+
+def test_producer_killed_externally_while_streaming_is_detected(tmp_path: Path):
+    marker = tmp_path / "consumer-saw-eof"
+    pidfile = tmp_path / "pid"
+    producer = (PY, "-c", f"import os,sys,time\nopen({str(pidfile)!r},'w').write(str(os.getpid()))\n"
+                          "while True:\n    sys.stdout.buffer.write(b'x'*65536); sys.stdout.flush();"
+                          " time.sleep(0.01)")
+    import threading
+
+    def killer() -> None:
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(int(pidfile.read_text()), 9)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    with pytest.raises(PipelineError) as info:
+        process.pipeline([producer, (PY, "-c", _consumer_script(marker))], timeout=20)
+    t.join()
+    assert info.value.first.returncode == -9
+    assert not marker.exists()
+
+
+def test_consumer_exiting_early_fails_the_pipeline_and_stops_the_producer():
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as info:
+        process.pipeline([("yes",), ("head", "-n", "1")], timeout=20)
+    assert time.monotonic() - started < 10
+    producer = info.value.failures[0]
+    assert producer.argv == ("yes",)
+    assert "stopped reading" in producer.meaning
+
+
+def test_consumer_failing_is_reported_as_the_cause_and_producer_is_stopped():
+    with pytest.raises(PipelineError) as info:
+        process.pipeline([("yes",), ("sh", "-c", "read x; echo 'Fatal: wrong password' >&2; exit 12")],
+                         timeout=20)
+    assert info.value.first.returncode == 12
+    assert "wrong password" in str(info.value)
+
+
+def test_pipeline_timeout_kills_every_stage_and_is_transient(tmp_path: Path):
+    marker = tmp_path / "consumer-saw-eof"
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as info:
+        process.pipeline([("sleep", "30"), (PY, "-c", _consumer_script(marker))], timeout=0.5)
+    assert time.monotonic() - started < 6
+    assert is_transient(info.value)
+    assert isinstance(info.value.first, CommandTimeout)
+    assert not marker.exists()
+
+
+def test_stage_environment_is_per_stage():
+    res = process.pipeline(
+        [Stage(("sh", "-c", 'printf %s "$A"'), env={"A": "one"}),
+         Stage(("sh", "-c", 'cat; printf %s "-$A"'), env={"A": "two"})],
+        timeout=10,
+    )
+    assert res.stdout == "one-two"
+
+
+def test_children_do_not_inherit_our_argv_secrets_because_argv_has_none(tmp_path: Path):
+    # The runner logs argv redacted; argv itself must never carry secrets, so a
+    # secret passed by env is absent from /proc/<pid>/cmdline while it runs.
+    secret = "argv-check-secret-9f8e7d"
+    register(secret)
+    out = tmp_path / "cmdline"
+    script = f"import os; open({str(out)!r}, 'wb').write(open('/proc/self/cmdline','rb').read())"
+    process.run((PY, "-c", script), timeout=10, env={"S": secret})
+    assert secret.encode() not in out.read_bytes()
