@@ -83,6 +83,10 @@ class Redactor:
             alts = sorted(self._values, key=len, reverse=True)
             self._pattern = re.compile("|".join(re.escape(v) for v in alts))
 
+    @property
+    def active(self) -> bool:
+        return self._pattern is not None
+
     def redact(self, text: str) -> str:
         pattern = self._pattern
         if pattern is None or not text:
@@ -129,13 +133,34 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def install_redaction(*logger_names: str) -> None:
-    """Attach the redacting filter to the named loggers (and their handlers)."""
-    names = logger_names or ("labkeeper", "prefect")
-    for name in names:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
-            logger.addFilter(RedactingFilter())
+_factory_installed = False
+
+
+def install_redaction() -> None:
+    """Mask resolved secrets in every log record this process creates.
+
+    A filter on a parent logger does not see records propagated from its
+    children (Prefect's run loggers), so the mask is applied where records are
+    born: a wrapped log-record factory. Idempotent.
+    """
+    global _factory_installed
+    if _factory_installed:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)  # type: ignore[arg-type]
+        if REDACTOR.active:
+            try:
+                message = record.getMessage()
+            except Exception:  # a broken format string: leave it to the handler
+                return record
+            record.msg = REDACTOR.redact(message)
+            record.args = None
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True
 
 
 def resolve(ref: str, *, environ: dict[str, str] | None = None) -> SecretStr:

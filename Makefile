@@ -1,0 +1,70 @@
+# labkeeper — `make demo` and `make test` work on a fresh Debian machine as root.
+# They install what is missing (apt packages, a virtualenv with the project) and are
+# quick when everything is already there.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      := .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+APT_PKGS  := postgresql restic openssh-server python3 python3-venv ca-certificates
+# Programs whose absence means an apt install is needed.
+APT_BINS  := /usr/bin/restic /usr/sbin/sshd /usr/bin/pg_dump /usr/bin/psql /usr/bin/runuser
+
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help setup apt-deps venv test test-unit test-integration demo ui lint clean
+
+help:
+	@echo "make demo   start the local lab + Prefect server, run the lab's jobs, show the UI"
+	@echo "make test   run the whole test suite (installs what it needs first)"
+	@echo "make lint   ruff (with the bandit rules)"
+	@echo "make ui     browse the demo's run history in the Prefect UI"
+
+setup: apt-deps venv
+
+apt-deps:
+	@missing=0; for b in $(APT_BINS); do [ -x $$b ] || missing=1; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
+	if [ $$missing = 1 ]; then \
+	  echo "installing system packages: $(APT_PKGS)"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "run as root (apt-get needed)" >&2; exit 1; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null; \
+	fi
+
+# uv resolves and installs in seconds, and lets us override prefect 3.9's
+# certifi floor (see README, "Why uv"). uv itself comes from PyPI into the venv.
+$(STAMP): pyproject.toml overrides.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(VENV)/bin/uv || $(VENV)/bin/pip install -q --disable-pip-version-check 'uv>=0.5,<1'
+	$(VENV)/bin/uv pip install -q -p $(PY) --override overrides.txt -e '.[dev,demo]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: setup
+	@start=$$(date +%s); \
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
+	echo "test suite wall time: $$(( $$(date +%s) - start )) s"; exit $$rc
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	$(PY) -m pytest -q tests/integration
+
+demo: setup
+	$(VENV)/bin/labkeeper demo $(DEMO_ARGS)
+
+ui: setup
+	$(VENV)/bin/labkeeper ui
+
+lint: setup
+	$(VENV)/bin/ruff check labkeeper flows tasks deployments tests benchmarks
+
+clean:
+	rm -rf .demo .lab .prefect .pytest_cache

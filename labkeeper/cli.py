@@ -1,0 +1,138 @@
+"""The `labkeeper` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="labkeeper: keep a Proxmox homelab provisioned, backed up and restorable.")
+lab_app = typer.Typer(no_args_is_help=True, help="The local lab (real services on loopback).")
+app.add_typer(lab_app, name="lab")
+console = Console()
+err_console = Console(stderr=True)
+
+LabOption = Annotated[Path, typer.Option("--lab", "-l", help="Inventory file.",
+                                         envvar="LABKEEPER_LAB")]
+
+
+def _mount_pvesim() -> None:
+    try:
+        from labkeeper.pvesim.cli import app as pvesim_app
+    except ImportError:  # the simulator is an optional part of a partial checkout
+        return
+    app.add_typer(pvesim_app, name="pvesim", help="The Proxmox VE simulator.")
+
+
+_mount_pvesim()
+
+
+@app.command()
+def validate(path: Annotated[Path, typer.Argument(help="Inventory file to check.")]) -> None:
+    """Check an inventory; print every problem (file:line field: message) at once."""
+    from labkeeper.inventory import problems_report, validate_file
+
+    problems = validate_file(path)
+    if problems:
+        err_console.print(problems_report(problems), markup=False, highlight=False)
+        raise typer.Exit(1)
+    console.print(f"{path}: ok")
+
+
+def print_check_table(rows: list[dict[str, Any]]) -> None:
+    table = Table(title="labkeeper doctor")
+    for col in ("check", "target", "status", "latency", "detail"):
+        table.add_column(col, overflow="fold")
+    style = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+    for r in rows:
+        table.add_row(str(r["check"]), str(r["target"]),
+                      f"[{style.get(str(r['status']), '')}]{r['status']}[/]",
+                      f"{r['latency_ms']} ms", str(r["detail"]))
+    console.print(table)
+
+
+@app.command()
+def doctor(lab: LabOption = Path("lab.yaml"),
+           json_out: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
+           ) -> None:
+    """Run the doctor flow: reachability and credentials of every part of the lab."""
+    from labkeeper.inventory import load_inventory
+    from labkeeper.errors import ConfigError
+
+    try:
+        load_inventory(lab)
+    except ConfigError as exc:
+        err_console.print("\n".join([str(exc), *exc.problems]), markup=False)
+        raise typer.Exit(2) from None
+    from flows.doctor import DoctorFailed, doctor_flow
+
+    state = doctor_flow(lab=str(lab), return_state=True)
+    result = state.result(raise_on_failure=False)
+    rows = result.rows if isinstance(result, DoctorFailed) else result
+    if isinstance(rows, list):
+        if json_out:
+            print(json.dumps(rows, indent=2))
+        else:
+            print_check_table(rows)
+    if not state.is_completed():
+        err_console.print(f"doctor: {state.name}: {result}", markup=False)
+        raise typer.Exit(1)
+
+
+@lab_app.command("up")
+def lab_up(workdir: Annotated[Path, typer.Option("--dir")] = Path(".lab"),
+           no_pvesim: bool = False) -> None:
+    """Start the local lab in the foreground until Ctrl-C, then stop everything."""
+    from labkeeper.locallab.lab import LocalLab
+    from labkeeper.locallab.services import wait_for_interrupt
+
+    lab = LocalLab(workdir, pvesim=not no_pvesim)
+    with lab:
+        console.print(f"local lab up; inventory: {lab.inventory_path}")
+        console.print(json.dumps(lab.pids()))
+        wait_for_interrupt()
+
+
+@app.command()
+def demo(workdir: Annotated[Path, typer.Option("--dir")] = Path(".demo"),
+         wait: Annotated[bool, typer.Option(help="Stay up until Ctrl-C (default when "
+                                                 "interactive).")] = sys.stdin.isatty(),
+         port: Annotated[int, typer.Option(help="Prefect UI port.")] = 4200) -> None:
+    """Start the local lab and a Prefect server, run the lab's jobs, show the UI address."""
+    from labkeeper import demo as demo_mod
+
+    code = demo_mod.run_demo(workdir.resolve(), wait=wait, port=port, console=console)
+    raise typer.Exit(code)
+
+
+@app.command()
+def ui(workdir: Annotated[Path, typer.Option("--dir")] = Path(".demo"),
+       port: int = 4200) -> None:
+    """Serve the Prefect UI over the demo's run history until Ctrl-C."""
+    from labkeeper.locallab.prefect_server import LocalPrefectServer
+    from labkeeper.locallab.services import wait_for_interrupt
+
+    server = LocalPrefectServer(workdir.resolve() / "prefect", port=port)
+    server.start()
+    console.print(f"Prefect UI: {server.url}  (Ctrl-C stops it)")
+    try:
+        wait_for_interrupt()
+    finally:
+        server.stop()
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

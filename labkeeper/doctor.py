@@ -1,0 +1,146 @@
+"""Reachability and credential checks for every part of the inventory.
+
+Each check is a plain function taking the inventory and a target name; it
+returns a :class:`CheckResult` or raises a typed labkeeper error (transient or
+permanent). The Prefect tasks in ``tasks/doctor.py`` wrap them with timeouts
+and retries; ``flows/doctor.py`` runs them all and publishes the table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from labkeeper import b2, postgres, restic
+from labkeeper.inventory import Inventory
+from labkeeper.secrets import redact, resolve
+
+Status = Literal["ok", "warn", "fail", "skip"]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    check: str
+    target: str
+    status: Status
+    latency_ms: int
+    detail: str
+
+    def row(self) -> dict[str, str | int]:
+        d = asdict(self)
+        d["detail"] = redact(str(d["detail"]))
+        return d
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """One check to run: which function, on which target."""
+
+    check: Literal["proxmox", "ssh", "database", "repository", "bucket"]
+    target: str
+
+
+def plan_checks(inv: Inventory) -> list[CheckSpec]:
+    """Every check the inventory calls for, in a stable order."""
+    specs: list[CheckSpec] = [CheckSpec("proxmox", inv.proxmox.host)] if inv.proxmox else []
+    specs += [CheckSpec("ssh", name) for name in sorted(inv.ssh_targets())]
+    specs += [CheckSpec("database", db.name) for db in inv.databases]
+    specs += [CheckSpec("repository", r.name) for r in inv.repositories]
+    specs += [CheckSpec("bucket", r.name) for r in inv.repositories if r.s3 is not None]
+    return specs
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def check_database(inv: Inventory, name: str) -> CheckResult:
+    started = time.monotonic()
+    db = inv.database(name)
+    conn = postgres.Conn(host=db.host or "", port=db.port, dbname=db.dbname, user=db.user,
+                         password=resolve(db.password) if db.password else None,
+                         sslmode=db.sslmode)
+    info = postgres.server_info(conn, timeout=30)
+    return CheckResult("database", name, "ok", _ms(started),
+                       f"PostgreSQL {info.version}, {info.database_size / 1e6:.1f} MB")
+
+
+def repo_for(inv: Inventory, name: str, *, cache_dir: str | None = None) -> restic.Repo:
+    """The restic repository of the inventory with its secrets resolved."""
+    r = inv.repository(name)
+    s3 = r.s3
+    return restic.Repo(
+        url=r.url,
+        password=resolve(r.password),
+        aws_access_key_id=resolve(s3.access_key_id) if s3 else None,
+        aws_secret_access_key=resolve(s3.secret_access_key) if s3 else None,
+        ca_file=(s3.ca_file if s3 else None),
+        cache_dir=cache_dir,
+    )
+
+
+def s3_target_for(inv: Inventory, name: str) -> b2.S3Target:
+    r = inv.repository(name)
+    if r.s3 is None:
+        raise ValueError(f"repository {name} has no s3 settings")
+    return b2.S3Target(endpoint=str(r.s3.endpoint), bucket=r.s3.bucket, region=r.s3.region,
+                       access_key_id=resolve(r.s3.access_key_id),
+                       secret_access_key=resolve(r.s3.secret_access_key),
+                       ca_file=r.s3.ca_file)
+
+
+def check_repository(inv: Inventory, name: str) -> CheckResult:
+    started = time.monotonic()
+    repo = repo_for(inv, name)
+    snaps = restic.snapshots(repo, timeout=120)
+    newest = max((s.time for s in snaps), default=None)
+    detail = f"{len(snaps)} snapshots"
+    if newest:
+        detail += f", newest {newest.isoformat(timespec='seconds')}"
+    return CheckResult("repository", name, "ok", _ms(started), detail)
+
+
+def check_bucket(inv: Inventory, name: str) -> CheckResult:
+    started = time.monotonic()
+    target = s3_target_for(inv, name)
+    b2.head_bucket(target, timeout=20)
+    return CheckResult("bucket", name, "ok", _ms(started),
+                       f"bucket {target.bucket} at {target.endpoint} reachable")
+
+
+def check_ssh(inv: Inventory, name: str) -> CheckResult:
+    from labkeeper import ssh
+
+    started = time.monotonic()
+    target = ssh.target_from_spec(inv.ssh_targets()[name])
+    with ssh.connect(target) as client:
+        res = client.run(("uname", "-sr"), timeout=20)
+    return CheckResult("ssh", name, "ok", _ms(started),
+                       f"host key ok, login ok as {target.user}: {res.stdout.strip()}")
+
+
+def check_proxmox(inv: Inventory, name: str) -> CheckResult:
+    from labkeeper import proxmox
+
+    started = time.monotonic()
+    if inv.proxmox is None:
+        return CheckResult("proxmox", name, "skip", 0, "not configured")
+    api = proxmox.connect(inv.proxmox)
+    ver = proxmox.version(api)
+    nodes = proxmox.node_names(api)
+    return CheckResult("proxmox", name, "ok", _ms(started),
+                       f"Proxmox VE {ver}, nodes: {', '.join(nodes)}")
+
+
+CHECKS = {
+    "proxmox": check_proxmox,
+    "ssh": check_ssh,
+    "database": check_database,
+    "repository": check_repository,
+    "bucket": check_bucket,
+}
+
+
+def run_check(inv: Inventory, spec: CheckSpec) -> CheckResult:
+    return CHECKS[spec.check](inv, spec.target)

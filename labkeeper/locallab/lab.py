@@ -1,0 +1,203 @@
+"""The local lab: real services on loopback ports plus the Proxmox simulator.
+
+One code path serves the pytest fixtures and ``labkeeper demo``: start the
+parts, write secrets to 0600 files, write a matching inventory that refers to
+them (``file:`` references), and stop everything by PID at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets as pysecrets
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+from pydantic import SecretStr
+
+from labkeeper import restic
+from labkeeper.locallab.postgres import LocalPostgres
+from labkeeper.locallab.s3 import LocalS3
+from labkeeper.secrets import register
+
+log = logging.getLogger("labkeeper.locallab")
+
+PVE_TOKEN_ID = "labkeeper@pve!lab"
+PVE_NODES = ("pve1", "pve2", "pve3")
+
+
+def write_secret(path: Path, value: str) -> Path:
+    """Write a secret to a file readable only by us (created 0600, never wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    register(value)
+    return path
+
+
+class LocalLab:
+    """Start/stop the local lab. Use as a context manager or call start()/stop()."""
+
+    def __init__(self, workdir: Path, *, postgres: bool = True, s3: bool = True,
+                 sshd: bool = True, pvesim: bool = True, pve_task_duration: float = 0.2) -> None:
+        self.workdir = workdir.resolve()
+        self.secrets_dir = self.workdir / "secrets"
+        self.inventory_path = self.workdir / "lab.yaml"
+        self.want = {"postgres": postgres, "s3": s3, "sshd": sshd, "pvesim": pvesim}
+        self.pve_task_duration = pve_task_duration
+        self.postgres: LocalPostgres | None = None
+        self.s3: LocalS3 | None = None
+        self.sshd: Any = None
+        self.pvesim: Any = None
+        self.repo: restic.Repo | None = None
+        self.pve_token_secret = ""
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> LocalLab:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.want["postgres"]:
+                self.postgres = LocalPostgres(self.workdir / "postgres")
+                self.postgres.start()
+            if self.want["s3"]:
+                self.s3 = LocalS3(self.workdir / "s3")
+                self.s3.start()
+                self._init_repository()
+            if self.want["sshd"]:
+                from labkeeper.locallab.sshd import LocalSshd
+
+                self.sshd = LocalSshd(self.workdir / "sshd")
+                self.sshd.start()
+            if self.want["pvesim"]:
+                from labkeeper.pvesim import Simulator
+
+                self.pve_token_secret = pysecrets.token_hex(16)
+                write_secret(self.secrets_dir / "pve-token", self.pve_token_secret)
+                self.pvesim = Simulator(nodes=PVE_NODES,
+                                        state_path=self.workdir / "pvesim-state.json",
+                                        task_duration=self.pve_task_duration,
+                                        tokens={PVE_TOKEN_ID: self.pve_token_secret})
+                self.pvesim.start(host="127.0.0.1", port=0)
+            self.write_inventory()
+            self._write_pids()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _init_repository(self) -> None:
+        assert self.s3 is not None
+        pw = pysecrets.token_urlsafe(24)
+        write_secret(self.secrets_dir / "restic-password", pw)
+        write_secret(self.secrets_dir / "s3-access-key-id", self.s3.access_key_id)
+        write_secret(self.secrets_dir / "s3-secret-access-key", self.s3.secret_access_key)
+        self.repo = restic.Repo(
+            url=f"s3:{self.s3.endpoint}/{self.s3.bucket}/restic",
+            password=SecretStr(pw),
+            aws_access_key_id=SecretStr(self.s3.access_key_id),
+            aws_secret_access_key=SecretStr(self.s3.secret_access_key),
+            cache_dir=str(self.workdir / "restic-cache"),
+        )
+        restic.init(self.repo, timeout=120)
+
+    def pids(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if self.postgres and (pid := self.postgres.postmaster_pid()):
+            out["postgres"] = pid
+        if self.s3 and self.s3.pid:
+            out["s3"] = self.s3.pid
+        if self.sshd is not None and getattr(self.sshd, "pid", None):
+            out["sshd"] = int(self.sshd.pid)
+        return out
+
+    def _write_pids(self) -> None:
+        (self.workdir / "pids.json").write_text(json.dumps(self.pids(), indent=2))
+
+    def stop(self) -> None:
+        for name in ("pvesim", "sshd", "s3", "postgres"):
+            part = getattr(self, name)
+            if part is None:
+                continue
+            try:
+                part.stop()
+            except Exception:
+                log.exception("stopping %s failed", name)
+            setattr(self, name, None)
+        with contextlib.suppress(FileNotFoundError):
+            (self.workdir / "pids.json").unlink()
+
+    def __enter__(self) -> LocalLab:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # -- the inventory -----------------------------------------------------------------
+    def inventory(self) -> dict[str, Any]:
+        """The inventory describing this lab (secrets as file: references)."""
+        sec = self.secrets_dir
+        inv: dict[str, Any] = {
+            "version": 1,
+            "lab": {"name": "local-lab", "timezone": "UTC"},
+            "settings": {"state_dir": str(self.workdir / "state")},
+        }
+        if self.pvesim is not None:
+            inv["proxmox"] = {
+                "host": self.pvesim.host,
+                "port": self.pvesim.port,
+                "token_id": PVE_TOKEN_ID,
+                "token_secret": f"file:{sec / 'pve-token'}",
+                "tls": {"verify": True, "ca_file": str(self.pvesim.ca_file),
+                        "fingerprint": self.pvesim.fingerprint},
+                "nodes": [{"name": n} for n in PVE_NODES],
+                "storages": [
+                    {"name": "local", "type": "dir",
+                     "content": ["iso", "vztmpl", "backup", "snippets"], "snapshots": False},
+                    {"name": "local-lvm", "type": "lvmthin", "content": ["images", "rootdir"],
+                     "snapshots": True},
+                ],
+            }
+        if self.sshd is not None:
+            inv["ssh"] = {
+                "user": self.sshd.user,
+                "key": f"file:{self.sshd.user_key_path}",
+                "known_hosts": str(self.sshd.known_hosts_path),
+                "trust_on_first_use": False,
+            }
+            inv["hosts"] = [{"name": "labhost", "address": self.sshd.host,
+                             "port": self.sshd.port}]
+        if self.s3 is not None and self.repo is not None:
+            inv["repositories"] = [{
+                "name": "lab-repo",
+                "url": self.repo.url,
+                "password": f"file:{sec / 'restic-password'}",
+                "s3": {"endpoint": self.s3.endpoint, "bucket": self.s3.bucket,
+                       "region": self.s3.region,
+                       "access_key_id": f"file:{sec / 's3-access-key-id'}",
+                       "secret_access_key": f"file:{sec / 's3-secret-access-key'}"},
+                "retention": {"keep_last": 3, "keep_daily": 7, "keep_weekly": 4},
+            }]
+        if self.postgres is not None:
+            write_secret(sec / "pg-password", self.postgres.password_file.read_text().strip())
+            inv["databases"] = [
+                {"name": db, "host": self.postgres.host, "port": self.postgres.port,
+                 "dbname": db, "user": self.postgres.app_user,
+                 "password": f"file:{sec / 'pg-password'}",
+                 **({"repository": "lab-repo"} if self.repo else {})}
+                for db in self.postgres.database_names
+            ]
+        return inv
+
+    def write_inventory(self) -> Path:
+        text = "# Written by labkeeper's local lab; secrets live in ./secrets (0600).\n"
+        text += yaml.safe_dump(self.inventory(), sort_keys=False)
+        self.inventory_path.write_text(text)
+        return self.inventory_path

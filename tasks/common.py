@@ -1,0 +1,38 @@
+"""What every labkeeper task shares: retry only transient errors, with backoff."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.tasks import exponential_backoff
+
+from labkeeper.errors import is_transient
+from labkeeper.secrets import install_redaction
+
+install_redaction()
+
+
+def failure_of(state: Any) -> BaseException | None:
+    """The exception a Failed state carries, without raising it."""
+    data = getattr(state, "data", None)
+    if isinstance(data, BaseException):
+        return data
+    try:
+        result = state.result(raise_on_failure=False)
+    except Exception as exc:  # the result could not be read: judge that error
+        return exc
+    return result if isinstance(result, BaseException) else None
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry timeouts, resets and locks; never bad config."""
+    return is_transient(failure_of(state))
+
+
+RETRY = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_if_transient,
+}
+"""Keyword arguments for ``@task`` giving labkeeper's retry policy (2, 4, 8 s ± jitter)."""
