@@ -113,7 +113,7 @@ def check_ssh(inv: Inventory, name: str) -> CheckResult:
     from labkeeper import ssh
 
     started = time.monotonic()
-    target = ssh.target_from_spec(inv.ssh_targets()[name])
+    target = ssh.SshTarget.from_spec(inv.ssh_targets()[name])
     with ssh.connect(target) as client:
         res = client.run(("uname", "-sr"), timeout=20)
     return CheckResult("ssh", name, "ok", _ms(started),

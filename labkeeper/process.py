@@ -37,6 +37,8 @@ STDERR_TAIL_LINES = 20
 CAPTURE_LIMIT = 8 * 1024 * 1024  # bytes of stdout/stderr kept in a result
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL on timeout
 _SPLICE_CHUNK = 1 << 20
+_LINE_CAP = 1 << 16  # longest line handed to a callback in one piece
+LINGER_GRACE = 2.0  # seconds a finished command's leftover children may hold its pipes
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class CommandResult:
     meaning: str = "success"
     outcome: Outcome = "ok"
     host: str = "localhost"
+    truncated: bool = False
+    """True when stdout or stderr exceeded :data:`CAPTURE_LIMIT` and was cut."""
 
     @property
     def ok(self) -> bool:
@@ -168,8 +172,9 @@ class _Capture:
 
     def _run(self) -> None:
         stream = self._stream
-        for raw in iter(stream.readline, b""):  # type: ignore[attr-defined]
-            if self._size < CAPTURE_LIMIT:
+        # Lines are read with a cap so output without newlines stays bounded too.
+        for raw in iter(lambda: stream.readline(_LINE_CAP), b""):  # type: ignore[attr-defined]
+            if self._size + len(raw) <= CAPTURE_LIMIT:
                 self._chunks.append(raw)
                 self._size += len(raw)
             else:
@@ -358,6 +363,7 @@ class _Run:
                                           daemon=True)
                 feeder.start()
             self._wait_all()
+            self._reap_lingering([*captures_err, *([capture_out] if capture_out else [])])
         except BaseException:
             for i in range(len(self.procs)):
                 self._kill(i, "aborted")
@@ -376,8 +382,12 @@ class _Run:
             assert rc is not None
             code = st.codes.classify(rc)
             meaning, outcome = code.meaning, code.outcome
-            if i in self.killed_because and outcome not in ("ok", "warning"):
-                meaning = f"killed: {self.killed_because[i]}"
+            because = self.killed_because.get(i, "")
+            if because.startswith("timeout"):
+                # A timed-out command fails even if it exited 0 on SIGTERM.
+                meaning, outcome = f"killed: {because}", "transient"
+            elif because and outcome not in ("ok", "warning"):
+                meaning = f"killed: {because}"
             results.append(CommandResult(
                 argv=REDACTOR.redact_argv(st.argv),
                 returncode=rc,
@@ -386,6 +396,8 @@ class _Run:
                 duration=self.exit_times.get(i, time.monotonic()) - started,
                 meaning=meaning,
                 outcome=outcome,
+                truncated=cap.truncated or (i == n - 1 and bool(capture_out
+                                                                and capture_out.truncated)),
             ))
         return results, duration, [r.bytes for r in self.relays]
 
@@ -413,6 +425,17 @@ class _Run:
                         self._fail_others(i)
             if pending:
                 time.sleep(0.01)
+
+    def _reap_lingering(self, captures: list[_Capture]) -> None:
+        """Children a command left behind may hold its pipes open; after a short
+        grace their process groups are killed so the capture can finish."""
+        grace_end = time.monotonic() + LINGER_GRACE
+        for cap in captures:
+            cap.thread.join(timeout=max(0.0, grace_end - time.monotonic()))
+        if any(cap.thread.is_alive() for cap in captures):
+            for proc in self.procs:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
 
     def _fail_others(self, failed: int) -> None:
         """pipefail: one stage failed, so the pipeline cannot succeed; stop the rest."""
@@ -500,6 +523,8 @@ def pipeline(
     (with every failed stage's error) when ``check`` is set.
     """
     _check_timeout(timeout)
+    if input is not None and stdin_fd is not None:
+        raise ValueError("give either input or stdin_fd, not both")
     norm = [s if isinstance(s, Stage) else Stage(tuple(s)) for s in stages]
     if not norm:
         raise ValueError("a pipeline needs at least one stage")

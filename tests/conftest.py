@@ -2,4 +2,6 @@
 
 pytest_plugins = [
     "tests.fixtures.prefect",
+    "tests.fixtures.ssh",
+    "tests.fixtures.lab",
 ]

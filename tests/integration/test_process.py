@@ -230,3 +230,27 @@ def test_children_do_not_inherit_our_argv_secrets_because_argv_has_none(tmp_path
     script = f"import os; open({str(out)!r}, 'wb').write(open('/proc/self/cmdline','rb').read())"
     process.run((PY, "-c", script), timeout=10, env={"S": secret})
     assert secret.encode() not in out.read_bytes()
+
+
+def test_timed_out_command_fails_even_if_it_exits_zero_on_sigterm():
+    with pytest.raises(CommandTimeout):
+        process.run(("sh", "-c", 'trap "exit 0" TERM; sleep 5 & wait'), timeout=0.5)
+
+
+def test_output_beyond_the_capture_limit_is_cut_and_flagged():
+    res = process.run(("head", "-c", str(process.CAPTURE_LIMIT + 5_000_000), "/dev/zero"),
+                      timeout=20)
+    assert res.truncated
+    assert len(res.stdout) <= process.CAPTURE_LIMIT
+
+
+def test_children_left_holding_the_pipes_do_not_hang_the_runner():
+    started = time.monotonic()
+    res = process.run(("sh", "-c", "sleep 60 & echo done"), timeout=30)
+    assert res.stdout == "done\n"
+    assert time.monotonic() - started < process.LINGER_GRACE + 3
+
+
+def test_input_and_stdin_fd_together_are_refused():
+    with pytest.raises(ValueError, match="either"):
+        process.run(("cat",), timeout=5, input=b"x", stdin_fd=0)
