@@ -42,7 +42,7 @@ def validate(path: Annotated[Path, typer.Argument(help="Inventory file to check.
 
     problems = validate_file(path)
     if problems:
-        err_console.print(problems_report(problems), markup=False, highlight=False)
+        print(problems_report(problems), file=sys.stderr)
         raise typer.Exit(1)
     console.print(f"{path}: ok")
 
@@ -70,7 +70,7 @@ def doctor(lab: LabOption = Path("lab.yaml"),
     try:
         load_inventory(lab)
     except ConfigError as exc:
-        err_console.print("\n".join([str(exc), *exc.problems]), markup=False)
+        print("\n".join([str(exc), *exc.problems]), file=sys.stderr)
         raise typer.Exit(2) from None
     from flows.doctor import DoctorFailed, doctor_flow
 
