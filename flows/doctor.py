@@ -51,7 +51,8 @@ def doctor_flow(lab: str = "lab.yaml") -> list[dict]:
     create_table_artifact(key="doctor", table=table,
                           description=f"labkeeper doctor: {len(rows) - len(failed)} ok / "
                                       f"{len(failed)} failed")
-    create_markdown_artifact(key="doctor-summary", markdown=_summary(rows, time.monotonic() - started))
+    create_markdown_artifact(key="doctor-summary",
+                             markdown=_summary(rows, time.monotonic() - started))
     for r in rows:
         log = logger.error if r.status == "fail" else logger.info
         log("%-10s %-20s %-4s %6d ms  %s", r.check, r.target, r.status, r.latency_ms, r.detail)
@@ -62,12 +63,13 @@ def doctor_flow(lab: str = "lab.yaml") -> list[dict]:
 
 
 def _summary(rows: list[doctor.CheckResult], elapsed: float) -> str:
-    icon = {"ok": "✅", "warn": "⚠️", "fail": "❌", "skip": "➖"}
+    icon = {"ok": "✅", "warn": "⚠️", "fail": "❌", "skip": "·"}
     lines = ["# labkeeper doctor", "", f"{len(rows)} checks in {elapsed:.1f} s", "",
              "| | check | target | latency | detail |", "|---|---|---|---|---|"]
     for r in rows:
         detail = r.detail.replace("|", "\\|")
-        lines.append(f"| {icon[r.status]} | {r.check} | {r.target} | {r.latency_ms} ms | {detail} |")
+        lines.append(f"| {icon[r.status]} | {r.check} | {r.target} | {r.latency_ms} ms "
+                     f"| {detail} |")
     return "\n".join(lines)
 
 

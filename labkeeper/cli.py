@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,8 +63,8 @@ def doctor(lab: LabOption = Path("lab.yaml"),
            json_out: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
            ) -> None:
     """Run the doctor flow: reachability and credentials of every part of the lab."""
-    from labkeeper.inventory import load_inventory
     from labkeeper.errors import ConfigError
+    from labkeeper.inventory import load_inventory
 
     try:
         load_inventory(lab)

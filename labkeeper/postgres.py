@@ -20,7 +20,9 @@ from labkeeper.process import ExitCode, ExitCodeTable
 PSQL_CODES = ExitCodeTable("psql", {
     0: ExitCode("success", "ok"),
     1: ExitCode("fatal error (e.g. out of memory, file not found)", "permanent"),
-    2: ExitCode("connection to the server went bad", "transient"),
+    # 2 covers both a refused/lost connection (transient) and a refused login
+    # (permanent): _classify tells them apart from stderr.
+    2: ExitCode("connection to the server failed", "permanent"),
     3: ExitCode("error in a script (ON_ERROR_STOP)", "permanent"),
 })
 PG_DUMP_CODES = ExitCodeTable("pg_dump", {0: ExitCode("success", "ok"),

@@ -468,7 +468,7 @@ def run(
     env: Mapping[str, str] | None = None,
     base_env: Mapping[str, str] | None = None,
     cwd: str | None = None,
-    input: bytes | str | None = None,  # noqa: A002 - mirrors subprocess.run
+    input: bytes | str | None = None,
     stdin_fd: int | None = None,
     stdout_fd: int | None = None,
     on_stdout_line: LineCallback | None = None,
@@ -509,7 +509,7 @@ def pipeline(
     timeout: float,
     base_env: Mapping[str, str] | None = None,
     cwd: str | None = None,
-    input: bytes | str | None = None,  # noqa: A002
+    input: bytes | str | None = None,
     stdin_fd: int | None = None,
     stdout_fd: int | None = None,
     on_stdout_line: LineCallback | None = None,

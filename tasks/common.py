@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from prefect.tasks import exponential_backoff
@@ -10,6 +11,21 @@ from labkeeper.errors import is_transient
 from labkeeper.secrets import install_redaction
 
 install_redaction()
+
+
+class _ThreadTimeoutNotice(logging.Filter):
+    """Drop Prefect's per-run notice that sync task timeouts cannot interrupt a thread.
+
+    labkeeper's tasks never rely on that: every subprocess, SSH command and API
+    call inside them has its own deadline (the runners require one), and the
+    task ``timeout_seconds`` is only the outer bound.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "running in a worker thread" not in str(record.msg)
+
+
+logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutNotice())
 
 
 def failure_of(state: Any) -> BaseException | None:

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.prefect",
     "tests.fixtures.ssh",
     "tests.fixtures.lab",
+    "tests.fixtures.pvesim",
 ]

@@ -26,7 +26,7 @@ from labkeeper.secrets import register
 
 log = logging.getLogger("labkeeper.locallab")
 
-PVE_TOKEN_ID = "labkeeper@pve!lab"
+PVE_TOKEN_ID = "labkeeper@pve!lab"  # noqa: S105 - an id, not a secret
 PVE_NODES = ("pve1", "pve2", "pve3")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import secrets as pysecrets
 import shutil
 import signal
@@ -23,6 +24,7 @@ from labkeeper.locallab.services import stop_pid
 from labkeeper.secrets import register
 
 PG_ROOT = Path("/usr/lib/postgresql")
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 SAMPLE_SQL = {
     # A small SaaS-like app: users, projects, invoices, an audit log.
@@ -126,6 +128,9 @@ class LocalPostgres:
         self.logfile = workdir / "postgres.log"
         self.host = "127.0.0.1"
         self.port = 0
+        for ident in (*databases, app_user):
+            if not _IDENT.match(ident):
+                raise ValueError(f"not a plain SQL identifier: {ident!r}")
         self.database_names = databases
         self.app_user = app_user
         self.password_file = workdir / "app-password"
@@ -153,7 +158,7 @@ class LocalPostgres:
         self.sockdir.mkdir(exist_ok=True)
         for p in (self.workdir, self.sockdir):
             os.chown(p, pg.pw_uid, pg.pw_gid)
-        os.chmod(self.workdir, 0o755)
+        os.chmod(self.workdir, 0o755)  # noqa: S103 - postgres must traverse; secrets inside are 0600
         # The walk from / to workdir must be traversable by postgres.
         for parent in self.workdir.parents:
             mode = parent.stat().st_mode
@@ -197,7 +202,8 @@ class LocalPostgres:
                 f.write(password + "\n")
         register(password)
         exists = self.psql_super(
-            f"SELECT 1 FROM pg_roles WHERE rolname = '{self.app_user}';").strip()
+            f"SELECT 1 FROM pg_roles WHERE rolname = '{self.app_user}';"  # noqa: S608 - checked identifier
+        ).strip()
         if not exists:
             # The password goes through stdin, never argv; psql's :'var' quotes it.
             self.psql_super(
@@ -205,7 +211,9 @@ class LocalPostgres:
                 f"CREATE ROLE {self.app_user} LOGIN CREATEDB PASSWORD :'pw';\n"
             )
         for db in self.database_names:
-            has = self.psql_super(f"SELECT 1 FROM pg_database WHERE datname = '{db}';").strip()
+            has = self.psql_super(
+                f"SELECT 1 FROM pg_database WHERE datname = '{db}';"  # noqa: S608 - checked identifier
+            ).strip()
             if has:
                 continue
             self.psql_super(f"CREATE DATABASE {db} OWNER {self.app_user};")

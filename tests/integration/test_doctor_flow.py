@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -24,6 +25,9 @@ def _flow_run_record(state):
         LogFilterFlowRunId,
     )
 
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # logs reach the API in batches: send them now
     flow_run_id = state.state_details.flow_run_id
 
     async def read():
@@ -123,11 +127,12 @@ def test_doctor_with_a_wrong_database_password_fails_and_names_the_check(lab, pr
     state = doctor_flow(lab=str(path), return_state=True)
     assert state.is_failed()
     assert "database:appdb" in state.message
-    run, logs, arts = _flow_run_record(state)
+    _run, logs, arts = _flow_run_record(state)
     text = "\n".join(log.message for log in logs)
     assert "password authentication failed" in text
     table = next(a for a in arts if a.key == "doctor")
-    rows = {(r["check"], r["target"]): r for r in table.data}
+    data = json.loads(table.data) if isinstance(table.data, str) else table.data
+    rows = {(r["check"], r["target"]): r for r in data}
     assert rows[("database", "appdb")]["status"] == "fail"
     assert rows[("database", "photos")]["status"] == "ok"
     assert "not-the-right-password" not in text

@@ -99,7 +99,8 @@ def test_input_is_fed_to_stdin():
 def test_secret_values_are_masked_in_result_and_error_but_reach_the_child_by_env():
     secret = "s3cr3t-value-for-runner-test"
     register(secret)
-    script = "import os,sys; v=os.environ['TOKEN']; print(v); print(v, file=sys.stderr); sys.exit(2)"
+    script = ("import os,sys; v=os.environ['TOKEN']; print(v); print(v, file=sys.stderr);"
+              " sys.exit(2)")
     with pytest.raises(CommandError) as info:
         process.run((PY, "-c", script), timeout=10, env={"TOKEN": secret})
     assert secret not in str(info.value) and secret not in info.value.stderr_tail
@@ -162,8 +163,9 @@ def test_producer_failing_with_exit_code_never_gives_consumer_eof(tmp_path: Path
 def test_producer_killed_externally_while_streaming_is_detected(tmp_path: Path):
     marker = tmp_path / "consumer-saw-eof"
     pidfile = tmp_path / "pid"
-    producer = (PY, "-c", f"import os,sys,time\nopen({str(pidfile)!r},'w').write(str(os.getpid()))\n"
-                          "while True:\n    sys.stdout.buffer.write(b'x'*65536); sys.stdout.flush();"
+    producer = (PY, "-c",
+                f"import os,sys,time\nopen({str(pidfile)!r},'w').write(str(os.getpid()))\n"
+                "while True:\n    sys.stdout.buffer.write(b'x'*65536); sys.stdout.flush();"
                           " time.sleep(0.01)")
     import threading
 
@@ -195,7 +197,8 @@ def test_consumer_exiting_early_fails_the_pipeline_and_stops_the_producer():
 
 def test_consumer_failing_is_reported_as_the_cause_and_producer_is_stopped():
     with pytest.raises(PipelineError) as info:
-        process.pipeline([("yes",), ("sh", "-c", "read x; echo 'Fatal: wrong password' >&2; exit 12")],
+        process.pipeline([("yes",),
+                          ("sh", "-c", "read x; echo 'Fatal: wrong password' >&2; exit 12")],
                          timeout=20)
     assert info.value.first.returncode == 12
     assert "wrong password" in str(info.value)

@@ -88,5 +88,5 @@ def test_s3_endpoint_accepts_https_and_loopback_http(endpoint):
 @pytest.mark.parametrize("endpoint", ["http://s3.example.com", "http://10.0.0.5:9000",
                                       "ftp://x"])
 def test_s3_endpoint_refuses_plain_http_off_loopback(endpoint):
-    with pytest.raises(ConfigError, match="s3.endpoint"):
+    with pytest.raises(ConfigError, match=r"s3\.endpoint"):
         b2.check_endpoint(endpoint)
