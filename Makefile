@@ -10,7 +10,7 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 APT_PKGS  := postgresql restic openssh-server python3 python3-venv ca-certificates
 # Programs whose absence means an apt install is needed.
-APT_BINS  := /usr/bin/restic /usr/sbin/sshd /usr/bin/pg_dump /usr/bin/psql /usr/bin/runuser
+APT_BINS  := /usr/bin/restic /usr/sbin/sshd /usr/bin/pg_dump /usr/bin/psql /usr/sbin/runuser
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -40,7 +40,8 @@ apt-deps:
 # certifi floor (see README, "Why uv"). uv itself comes from PyPI into the venv.
 $(STAMP): pyproject.toml overrides.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@test -x $(VENV)/bin/uv || $(VENV)/bin/pip install -q --disable-pip-version-check 'uv>=0.5,<1'
+	@test -x $(VENV)/bin/uv || { $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null; \
+	  $(PY) -m pip install -q --disable-pip-version-check 'uv>=0.5,<1'; }
 	$(VENV)/bin/uv pip install -q -p $(PY) --override overrides.txt -e '.[dev,demo]'
 	@touch $(STAMP)
 

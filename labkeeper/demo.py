@@ -53,11 +53,8 @@ def run_demo(workdir: Path, *, wait: bool, port: int, console: Console) -> int:
         for title, argv in jobs(lab):
             console.rule(title)
             try:
-                process.run(argv, timeout=900, env=env,
-                            on_stdout_line=lambda line: console.print(line, markup=False,
-                                                                      highlight=False),
-                            on_stderr_line=lambda line: console.print(line, markup=False,
-                                                                      highlight=False))
+                process.run(argv, timeout=900, env=env, on_stdout_line=_echo,
+                            on_stderr_line=_echo)
             except CommandError as exc:
                 failures += 1
                 console.print(f"[red]{title} failed:[/] {exc}")
@@ -75,6 +72,10 @@ def run_demo(workdir: Path, *, wait: bool, port: int, console: Console) -> int:
         server.stop()
         lab.stop()
     return 1 if failures else 0
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
 
 
 def jobs(lab: LocalLab) -> list[tuple[str, tuple[str, ...]]]:
