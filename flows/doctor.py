@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from labkeeper import doctor
 from labkeeper.inventory import load_inventory
 from labkeeper.secrets import redact
-from tasks.common import failure_of
+from tasks.common import failure_of, lab_path
 from tasks.doctor import run_check
 
 
@@ -26,10 +26,13 @@ class DoctorFailed(Exception):
 
 
 @flow(name="doctor", log_prints=False, timeout_seconds=900)
-def doctor_flow(lab: str = "lab.yaml") -> list[dict]:
-    """Check Proxmox, SSH hosts, databases, restic repositories and buckets of the lab."""
+def doctor_flow(lab: str | None = None) -> list[dict]:
+    """Check Proxmox, SSH hosts, databases, restic repositories and buckets of the lab.
+
+    ``lab`` is the inventory file (default: ``$LABKEEPER_LAB``, else ``lab.yaml``).
+    """
     logger = get_run_logger()
-    inv = load_inventory(lab)
+    inv = load_inventory(lab_path(lab))
     specs = doctor.plan_checks(inv)
     logger.info("doctor: %d checks for lab %s", len(specs), inv.lab.name)
     started = time.monotonic()

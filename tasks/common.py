@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from prefect.tasks import exponential_backoff
@@ -52,3 +53,9 @@ RETRY = {
     "retry_condition_fn": retry_if_transient,
 }
 """Keyword arguments for ``@task`` giving labkeeper's retry policy (2, 4, 8 s ± jitter)."""
+
+
+def lab_path(lab: str | None) -> str:
+    """The inventory a flow run uses: its ``lab`` parameter, else ``$LABKEEPER_LAB``,
+    else ``lab.yaml`` in the working directory. (A path, never a secret.)"""
+    return lab or os.environ.get("LABKEEPER_LAB") or "lab.yaml"

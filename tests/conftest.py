@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.ssh",
     "tests.fixtures.lab",
     "tests.fixtures.pvesim",
+    "tests.fixtures.e2e",
 ]

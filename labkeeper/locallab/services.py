@@ -20,8 +20,10 @@ class Service:
     """A child server process with its log file."""
 
     def __init__(self, name: str, argv: Sequence[str], *, log_path: Path,
-                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None,
+                 stop_signal: int = signal.SIGTERM) -> None:
         self.name = name
+        self.stop_signal = stop_signal
         self.argv = tuple(argv)
         self.log_path = log_path
         self.env = dict(env or {})
@@ -56,7 +58,7 @@ class Service:
     def stop(self, *, grace: float = 5.0) -> None:
         if self.proc is None:
             return
-        stop_pid(self.proc.pid, grace=grace, proc=self.proc)
+        stop_pid(self.proc.pid, grace=grace, proc=self.proc, first_signal=self.stop_signal)
         self.proc = None
 
 

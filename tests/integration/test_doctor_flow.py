@@ -24,7 +24,6 @@ def _flow_run_record(state):
         LogFilter,
         LogFilterFlowRunId,
     )
-
     from prefect.logging.handlers import APILogWorker
 
     APILogWorker.drain_all(timeout=10)  # logs reach the API in batches: send them now
