@@ -128,6 +128,14 @@ def ui(workdir: Annotated[Path, typer.Option("--dir")] = Path(".demo"),
         server.stop()
 
 
+@app.command()
+def serve() -> None:
+    """Serve every deployment in prefect.yaml from this process (single-machine mode)."""
+    from deployments.serve import serve_all
+
+    serve_all()
+
+
 def main() -> None:  # pragma: no cover
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     app()

@@ -188,3 +188,24 @@ def test_tasks_retry_transient_errors_only(prefect_harness, exc_kind):
         assert state.is_completed() and len(calls) == 3
     else:
         assert state.is_failed() and len(calls) == 1
+
+
+def test_doctor_command_prints_the_table_and_exits_nonzero_on_failure(lab, prefect_harness,
+                                                                      tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from labkeeper.cli import app
+
+    ok = CliRunner().invoke(app, ["doctor", "--lab", str(lab.inventory_path), "--json"])
+    assert ok.exit_code == 0, ok.output
+    rows = json.loads(ok.stdout[ok.stdout.index("["):])
+    assert {r["check"] for r in rows} == {"proxmox", "ssh", "database", "repository", "bucket"}
+
+    inv = yaml.safe_load(lab.inventory_path.read_text())
+    inv["databases"][0]["dbname"] = "no_such_database"
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    bad = CliRunner().invoke(app, ["doctor", "--lab", str(path), "--json"])
+    assert bad.exit_code == 1
+    rows = json.loads(bad.stdout[bad.stdout.index("["):bad.stdout.rindex("]") + 1])
+    assert [r["status"] for r in rows if r["target"] == "appdb"] == ["fail"]
