@@ -121,13 +121,13 @@ class Stage:
     on_stderr_line: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
-        _check_argv(self.argv)
+        check_argv(self.argv)
 
 
 LineCallback = Callable[[str], None]
 
 
-def _check_argv(argv: Sequence[str]) -> None:
+def check_argv(argv: Sequence[str]) -> None:
     if isinstance(argv, str | bytes):
         raise TypeError("argv must be a sequence of strings, not one string (no shells here)")
     if not argv:
@@ -482,7 +482,7 @@ def run(
     (:class:`CommandTimeout` on timeout); otherwise the result is returned.
     """
     _check_timeout(timeout)
-    _check_argv(argv)
+    check_argv(argv)
     stage = Stage(tuple(argv), codes=codes, env=dict(env or {}), on_stderr_line=on_stderr_line)
     result = pipeline(
         [stage], timeout=timeout, base_env=base_env, cwd=cwd, input=input, stdin_fd=stdin_fd,

@@ -79,6 +79,7 @@ from labkeeper.process import (
     CommandResult,
     ExitCodeTable,
     LineCallback,
+    check_argv,
     make_error,
 )
 from labkeeper.secrets import REDACTOR, check_reference, redact, resolve
@@ -173,7 +174,7 @@ def remote_command(argv: Sequence[str]) -> str:
     """The one remote command string for ``argv``: each element quoted with
     :func:`shlex.join`, so it reaches the remote program as one argument."""
     argv = tuple(argv)
-    _check_argv(argv)
+    check_argv(argv)
     return shlex.join(argv)
 
 
@@ -293,16 +294,6 @@ def load_private_key(text: str, passphrase: str | None = None) -> paramiko.PKey:
             continue
     raise SSHAuthError("the private key could not be read (not an ed25519, ECDSA or RSA "
                        "private key in OpenSSH/PEM format, or a wrong passphrase)")
-
-
-def _check_argv(argv: tuple[str, ...]) -> None:
-    if not argv:
-        raise ValueError("argv is empty")
-    for i, a in enumerate(argv):
-        if not isinstance(a, str):
-            raise TypeError(f"argv[{i}] is {type(a).__name__}, not str")
-        if "\x00" in a:
-            raise ValueError(f"argv[{i}] contains a NUL byte")
 
 
 class _Lines:
@@ -572,7 +563,7 @@ class SshClient:
         argv = tuple(argv)
         if isinstance(argv, str | bytes):  # pragma: no cover - tuple() of a str
             raise TypeError("argv must be a sequence of strings")
-        _check_argv(argv)
+        check_argv(argv)
         if timeout is None or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         shown = REDACTOR.redact_argv(argv)

@@ -80,7 +80,7 @@ def stop_pid(pid: int, *, grace: float = 5.0, proc: subprocess.Popen[bytes] | No
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        return _is_zombie(pid)
+        return is_zombie(pid)
 
     send(first_signal)
     deadline = time.monotonic() + grace
@@ -94,7 +94,8 @@ def stop_pid(pid: int, *, grace: float = 5.0, proc: subprocess.Popen[bytes] | No
             proc.wait(timeout=5)
 
 
-def _is_zombie(pid: int) -> bool:
+def is_zombie(pid: int) -> bool:
+    """True when the process is a zombie (or already gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from labkeeper import process
 from labkeeper.locallab.ports import free_port, wait_for_port
-from labkeeper.locallab.services import log_tail, stop_pid
+from labkeeper.locallab.services import is_zombie, log_tail, stop_pid
 
 if TYPE_CHECKING:
     from labkeeper.ssh import SshTarget
@@ -195,7 +195,7 @@ class LocalSshd:
             os.kill(pid, 0)
         except ProcessLookupError:
             return False
-        return not _is_zombie(pid)
+        return not is_zombie(pid)
 
     def stop(self, *, remove: bool = True) -> None:
         """Stop the listener by its PID (and the per-connection sshd children it
@@ -261,14 +261,6 @@ class LocalSshd:
 
     def log_tail(self, lines: int = 40) -> str:
         return log_tail(self.log_path, lines)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def _children_of(pid: int) -> list[int]:
