@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.lab",
     "tests.fixtures.pvesim",
     "tests.fixtures.e2e",
+    "tests.fixtures.receiver",
 ]

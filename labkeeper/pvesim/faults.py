@@ -15,6 +15,7 @@ class _TaskFault:
     count: int
     message: str | None = None  # None = hang
     vmid: int | None = None
+    kind: str = "fail"  # fail | hang | warn
 
 
 @dataclass
@@ -47,7 +48,13 @@ class Faults:
     def hang_tasks(self, task_type: str, count: int = 1, vmid: int | None = None) -> None:
         with self._lock:
             self._release.clear()
-            self._tasks.append(_TaskFault(task_type, count, None, vmid))
+            self._tasks.append(_TaskFault(task_type, count, None, vmid, kind="hang"))
+
+    def warn_tasks(self, task_type: str, message: str, count: int = 1,
+                   vmid: int | None = None) -> None:
+        """The next matching task succeeds with a warning (``WARNINGS: n``)."""
+        with self._lock:
+            self._tasks.append(_TaskFault(task_type, count, message, vmid, kind="warn"))
 
     def api_errors(self, status: int = 503, count: int = 1, message: str | None = None) -> None:
         if status not in (500, 502, 503, 504):
@@ -92,7 +99,7 @@ class Faults:
                     continue
                 fault.count -= 1
                 self._tasks = [f for f in self._tasks if f.count > 0]
-                return ("hang", None) if fault.message is None else ("fail", fault.message)
+                return (fault.kind, fault.message)
         return None
 
     def take_api_error(self) -> tuple[int, str] | None:
@@ -122,7 +129,7 @@ class Faults:
             return {
                 "tasks": [
                     {
-                        "kind": "hang" if f.message is None else "fail",
+                        "kind": f.kind,
                         "task_type": f.task_type,
                         "count": f.count,
                         "message": f.message,
@@ -149,6 +156,9 @@ class Faults:
                             count, vmid)
         elif kind == "task-hang":
             self.hang_tasks(str(spec["type"]), count, vmid)
+        elif kind == "task-warn":
+            self.warn_tasks(str(spec["type"]), str(spec.get("message", "simulated warning")),
+                            count, vmid)
         elif kind == "api-error":
             self.api_errors(int(spec.get("status", 503)), count, spec.get("message"))
         elif kind == "latency":
@@ -158,5 +168,6 @@ class Faults:
             self.storage_full(str(spec["storage"]), spec.get("node") or None, full)
         else:
             raise ValueError(
-                "kind must be one of task-fail, task-hang, api-error, latency, storage-full"
+                "kind must be one of task-fail, task-hang, task-warn, api-error, latency, "
+                "storage-full"
             )

@@ -151,6 +151,8 @@ class TaskManager:
         exitstatus = "OK"
         try:
             worker(run)
+            if run.fault and run.fault[0] == "warn":
+                run.warn(str(run.fault[1]))
         except TaskInterrupted:
             exitstatus = "interrupted by signal"
         except TaskFailed as exc:
