@@ -51,13 +51,42 @@ NOT_DEFINED = (
 MISSING = "property is missing and it is not optional"
 
 
+# The shared structure file was made by stripping every ``description`` key from
+# PVE's API viewer data, which also removed the *parameters* named ``description``.
+# They are restored here, as PVE 9 declares them (string, optional, at most 8 KiB),
+# on the guest endpoints labkeeper uses; nothing else is added.
+_DESCRIPTION_PARAM = {"type": "string", "optional": 1, "maxLength": 8192}
+RESTORED_DESCRIPTION_PARAMS: tuple[tuple[str, str], ...] = (
+    ("/nodes/{node}/lxc", "POST"),
+    ("/nodes/{node}/lxc/{vmid}/config", "PUT"),
+    ("/nodes/{node}/qemu", "POST"),
+    ("/nodes/{node}/qemu/{vmid}/config", "POST"),
+    ("/nodes/{node}/qemu/{vmid}/config", "PUT"),
+    ("/nodes/{node}/qemu/{vmid}/clone", "POST"),
+    ("/nodes/{node}/lxc/{vmid}/clone", "POST"),
+    ("/nodes/{node}/lxc/{vmid}/snapshot", "POST"),
+    ("/nodes/{node}/qemu/{vmid}/snapshot", "POST"),
+)
+
+
+def _restore_description_params(structure: dict[str, Any]) -> dict[str, Any]:
+    for template, method in RESTORED_DESCRIPTION_PARAMS:
+        entry = structure["paths"].get(template, {}).get(method)
+        if entry is None:
+            continue
+        props = entry.setdefault("parameters", {}).setdefault("properties", {})
+        props.setdefault("description", dict(_DESCRIPTION_PARAM))
+    return structure
+
+
 @functools.cache
 def load_structure(path: str | None = None) -> dict[str, Any]:
-    """The structure file (vendored copy unless ``path`` is given), parsed once."""
+    """The structure file (vendored copy unless ``path`` is given), parsed once, with the
+    ``description`` parameters the shared copy lost restored."""
     if path is not None:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return _restore_description_params(json.loads(Path(path).read_text(encoding="utf-8")))
     text = resources.files("labkeeper.pvesim").joinpath("data/pve-api-structure.json")
-    return json.loads(text.read_text(encoding="utf-8"))
+    return _restore_description_params(json.loads(text.read_text(encoding="utf-8")))
 
 
 # --------------------------------------------------------------------------- patterns

@@ -210,3 +210,16 @@ def test_returns_checker_accepts_conforming_and_reports_problems(schema: ApiSche
     problems = check_returns(returns, bad)
     assert any("status" in p for p in problems) and any("pid" in p for p in problems)
     assert any("user: missing" in p for p in problems)
+
+
+def test_description_parameters_lost_by_the_shared_file_are_restored(schema: ApiSchema) -> None:
+    p = params(schema, "/nodes/{node}/lxc", "POST")
+    assert p["properties"]["description"]["maxLength"] == 8192
+    _, errors = validate_params(p, {"node": "pve1", "vmid": "120",
+                                    "ostemplate": "local:vztmpl/x.tar.zst",
+                                    "description": "db server"})
+    assert "description" not in errors
+    _, errors = validate_params(p, {"node": "pve1", "vmid": "120",
+                                    "ostemplate": "local:vztmpl/x.tar.zst",
+                                    "description": "x" * 9000})
+    assert "description" in errors
