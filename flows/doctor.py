@@ -12,6 +12,7 @@ from labkeeper.inventory import load_inventory
 from labkeeper.secrets import redact
 from tasks.common import failure_of, lab_path
 from tasks.doctor import run_check
+from tasks.hooks import hooks
 
 
 class DoctorFailed(Exception):
@@ -25,7 +26,7 @@ class DoctorFailed(Exception):
         return (DoctorFailed, (str(self), self.rows))
 
 
-@flow(name="doctor", log_prints=False, timeout_seconds=900)
+@flow(name="doctor", log_prints=False, timeout_seconds=900, **hooks("doctor"))
 def doctor_flow(lab: str | None = None) -> list[dict]:
     """Check Proxmox, SSH hosts, databases, restic repositories and buckets of the lab.
 

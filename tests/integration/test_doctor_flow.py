@@ -209,3 +209,37 @@ def test_doctor_command_prints_the_table_and_exits_nonzero_on_failure(lab, prefe
     assert bad.exit_code == 1
     rows = json.loads(bad.stdout[bad.stdout.index("["):bad.stdout.rindex("]") + 1])
     assert [r["status"] for r in rows if r["target"] == "appdb"] == ["fail"]
+
+
+def test_flow_hooks_ping_start_and_fail_and_notify_on_failure(lab, prefect_harness, receiver,
+                                                              tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("LK_HOOK_APPRISE", f"json://127.0.0.1:{receiver.port}/notify")
+    inv = yaml.safe_load(lab.inventory_path.read_text())
+    inv["databases"][0]["dbname"] = "no_such_database"
+    inv["notifications"] = {"apprise": ["env:LK_HOOK_APPRISE"], "on": ["failure"],
+                            "healthchecks": {"base_url": f"{receiver.url}/ping",
+                                             "pings": {"doctor": "env:LK_HOOK_PING"}}}
+    monkeypatch.setenv("LK_HOOK_PING", "doctor-check-id")
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    state = doctor_flow(lab=str(path), return_state=True)
+    assert state.is_failed()
+    paths = [r.path for r in receiver.requests]
+    assert paths[0] == "/ping/doctor-check-id/start"
+    assert "/ping/doctor-check-id/fail" in paths
+    note = next(r for r in receiver.requests if r.path == "/notify")
+    body = json.loads(note.body)
+    assert "doctor" in body["title"] and "database:appdb" in body["message"]
+
+
+def test_flow_hooks_ping_success_on_a_healthy_run(lab, prefect_harness, receiver,
+                                                  tmp_path: Path, monkeypatch):
+    inv = yaml.safe_load(lab.inventory_path.read_text())
+    inv["notifications"] = {"healthchecks": {"base_url": f"{receiver.url}/ping",
+                                             "pings": {"doctor": "env:LK_HOOK_PING"}}}
+    monkeypatch.setenv("LK_HOOK_PING", "doctor-check-id")
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    assert doctor_flow(lab=str(path), return_state=True).is_completed()
+    assert [r.path for r in receiver.requests] == ["/ping/doctor-check-id/start",
+                                                   "/ping/doctor-check-id"]
