@@ -128,6 +128,36 @@ def ui(workdir: Annotated[Path, typer.Option("--dir")] = Path(".demo"),
         server.stop()
 
 
+provision_app = typer.Typer(no_args_is_help=True,
+                            help="Make Proxmox match the inventory's guests.")
+app.add_typer(provision_app, name="provision")
+
+
+@provision_app.command("plan")
+def provision_plan(lab: LabOption = Path("lab.yaml"),
+                   json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show what apply would change (reads only; never changes anything)."""
+    from flows.provision import plan_cli
+
+    raise typer.Exit(plan_cli(lab, json_out))
+
+
+@provision_app.command("apply")
+def provision_apply(
+    lab: LabOption = Path("lab.yaml"),
+    allow_restart: Annotated[bool, typer.Option(help="Restart guests whose changes "
+                                                     "need it.")] = False,
+    allow_destroy: Annotated[bool, typer.Option(help="Destroy guests marked "
+                                                     "absent.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Confirm a large plan.")] = False,
+) -> None:
+    """Create, change and bootstrap guests so Proxmox matches the inventory."""
+    from flows.provision import apply_cli
+
+    raise typer.Exit(apply_cli(lab, allow_restart=allow_restart, allow_destroy=allow_destroy,
+                               yes=yes))
+
+
 @app.command()
 def serve() -> None:
     """Serve every deployment in prefect.yaml from this process (single-machine mode)."""

@@ -404,6 +404,13 @@ def configure_request(node: str, vmid: int, gtype: GuestType, options: Mapping[s
                        node=node, vmid=vmid)
 
 
+def resize_request(node: str, vmid: int, gtype: GuestType, disk: str, size: str
+                   ) -> ApiRequest:
+    """Grow a disk: ``PUT .../resize`` with an absolute size (``16G``) or ``+4G``."""
+    return api_request("PUT", f"/nodes/{{node}}/{_gtype(gtype)}/{{vmid}}/resize",
+                       {"disk": disk, "size": size}, node=node, vmid=vmid)
+
+
 def power_request(node: str, vmid: int, gtype: GuestType,
                   action: Literal["start", "stop", "shutdown"], *,
                   timeout: int | None = None, force_stop: bool | None = None) -> ApiRequest:
@@ -601,6 +608,7 @@ ADAPTER_CALLS: tuple[tuple[str, str], ...] = (
     *((m, t.format(g=g)) for g in ("lxc", "qemu") for m, t in (
         ("GET", "/nodes/{{node}}/{g}/{{vmid}}/config"),
         ("PUT", "/nodes/{{node}}/{g}/{{vmid}}/config"),
+        ("PUT", "/nodes/{{node}}/{g}/{{vmid}}/resize"),
         ("GET", "/nodes/{{node}}/{g}/{{vmid}}/status/current"),
         ("POST", "/nodes/{{node}}/{g}/{{vmid}}/status/start"),
         ("POST", "/nodes/{{node}}/{g}/{{vmid}}/status/stop"),
@@ -1046,6 +1054,13 @@ def configure(api: Any, node: str, vmid: int, gtype: GuestType, options: Mapping
                             asynchronous=asynchronous)
     data = send(api, req)
     return _as_upid(data, f"{req.method} {req.display}") if asynchronous else None
+
+
+def resize_disk(api: Any, node: str, vmid: int, gtype: GuestType, disk: str,
+                size: str) -> Upid:
+    """Grow a guest disk (PVE never shrinks); returns the resize task."""
+    req = resize_request(node, vmid, gtype, disk, size)
+    return _as_upid(send(api, req), f"{req.method} {req.display}")
 
 
 def delete_volume(api: Any, node: str, volid: str) -> Upid | None:

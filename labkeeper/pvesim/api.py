@@ -718,9 +718,13 @@ def _find_volume(sim: Simulator, node: str, volid: str) -> dict[str, Any] | None
     return _volumes(sim, node, storage).get(volid)
 
 
-def _volume_path(sim: Simulator, volid: str) -> str:
+def _volume_path(sim: Simulator, volid: str, node: str | None = None) -> str:
     storage, volname = _split_volid(volid)
     cfg = sim.state["storages"][storage]
+    if node is not None and sim.host_paths and volname.startswith("backup/"):
+        # Where the archive really is on this machine (an SSH/SFTP stand-in for the
+        # node, e.g. the local lab's sshd, can then read it at the path PVE reports).
+        return str(_archive_file(sim, node, volid))
     if cfg["type"] == "dir":
         base = cfg.get("path", f"/mnt/pve/{storage}")
         if volname.startswith("vztmpl/"):
@@ -802,6 +806,8 @@ def lxc_create(ctx: Ctx) -> Any:
     config.update(p)
     config["lock"] = "create"
     with sim.lock:
+        if existing is None:
+            _check_unused(sim, vmid)  # PVE creates the config under a cluster lock
         old_rootfs_dir = existing.get("rootfs_dir") if existing else None
         if existing is not None:
             _free_guest_volumes(sim, existing, None)
@@ -942,6 +948,8 @@ def qemu_create(ctx: Ctx) -> Any:
         extra = ",".join(r for r in rest if not r.startswith("size="))
         allocations.append((key, storage, size, extra))
     with sim.lock:
+        if existing is None:
+            _check_unused(sim, vmid)  # PVE creates the config under a cluster lock
         if existing is not None:
             _free_guest_volumes(sim, existing, None)
         guest = new_guest(vmid, "qemu", node, config)
@@ -1044,6 +1052,62 @@ def lxc_destroy(ctx: Ctx) -> Any:
 @route("DELETE", "/nodes/{node}/qemu/{vmid}")
 def qemu_destroy(ctx: Ctx) -> Any:
     return _destroy(ctx, "qemu")
+
+
+# ============================================================================ resize
+
+
+def _resize(ctx: Ctx, gtype: str) -> str:
+    """``PUT .../resize``: grow a disk (``size`` absolute or ``+delta``); never shrink."""
+    sim, p = ctx.sim, ctx.p
+    guest = _guest(sim, p["node"], p["vmid"], gtype)
+    vmid, disk = guest["vmid"], str(p["disk"])
+    _check_lock(guest, bool(p.get("skiplock")))
+    if p.get("digest") and p["digest"] != _digest(guest["config"]):
+        raise _api_error(500, "detected modified configuration - file changed by other user? "
+                              "Try again.")
+    value = guest["config"].get(disk)
+    if value is None or disk not in _disk_volids(guest["config"]):
+        raise _api_error(500, f"unable to parse volume ID '{disk}'" if value is None
+                         else f"disk '{disk}' is not a volume")
+    volid = _disk_volids(guest["config"])[disk]
+    match = re.search(r"size=(\d+(?:\.\d+)?[KMGT]?)", str(value))
+    current = _size_to_bytes(match.group(1)) if match else 0
+    text = str(p["size"])
+    new = current + _size_to_bytes(text[1:]) if text.startswith("+") else _size_to_bytes(text)
+    if new < current:
+        raise _api_error(500, "shrinking disks is not supported")
+    storage = volid.split(":", 1)[0]
+    if sim.faults.is_full(storage, guest["node"]):
+        raise _api_error(500, f"unable to resize '{volid}' - No space left on device")
+
+    def work(run: TaskRun) -> None:
+        run.log(f"  Size of logical volume {volid} changed from {_size_text(current)} to "
+                f"{_size_text(new)}.")
+        run.sleep(0.5)
+        run.check_injected()
+        with sim.lock:
+            cfg_value = str(guest["config"].get(disk, ""))
+            if "size=" in cfg_value:
+                cfg_value = re.sub(r"size=[^,]+", f"size={_size_text(new)}", cfg_value)
+            else:
+                cfg_value += f",size={_size_text(new)}"
+            guest["config"][disk] = cfg_value
+            vol = _volumes(sim, guest["node"], storage).get(volid)
+            if vol is not None:
+                vol["size"] = new
+
+    return sim.tasks.start(guest["node"], "resize", vmid, ctx.user, work, vmid=vmid)
+
+
+@route("PUT", "/nodes/{node}/lxc/{vmid}/resize")
+def lxc_resize(ctx: Ctx) -> Any:
+    return _resize(ctx, "lxc")
+
+
+@route("PUT", "/nodes/{node}/qemu/{vmid}/resize")
+def qemu_resize(ctx: Ctx) -> Any:
+    return _resize(ctx, "qemu")
 
 
 # ============================================================================ snapshots
@@ -1251,6 +1315,8 @@ def _clone(ctx: Ctx, gtype: str) -> str:
     for key in [k for k in config if re.fullmatch(r"unused\d+", k)]:
         del config[key]
     with sim.lock:
+        if str(newid) in sim.state["guests"]:  # PVE creates the config under a cluster lock
+            raise _api_error(500, f"unable to create {label} {newid}: config file already exists")
         guest = new_guest(newid, gtype, target, config)
         sim.state["guests"][str(newid)] = guest
         if pool:
@@ -1511,7 +1577,7 @@ def storage_volume_get(ctx: Ctx) -> Any:
     require(ctx.principal, f"/storage/{entry['volid'].split(':')[0]}", "Datastore.Audit",
             "Datastore.AllocateSpace", any_of=True)
     out = {"format": entry["format"], "size": entry["size"], "used": entry["size"],
-           "path": _volume_path(ctx.sim, entry["volid"]),
+           "path": _volume_path(ctx.sim, entry["volid"], ctx.p["node"]),
            "protected": int(entry.get("protected", 0))}
     if entry.get("notes"):
         out["notes"] = entry["notes"]
@@ -1823,7 +1889,7 @@ def _backup_locked(
             if volid not in _volumes(sim, node, storage):
                 break
             ts += 1
-    path = _volume_path(sim, volid)
+    path = _volume_path(sim, volid, node)
     run.log(f"INFO: creating vzdump archive '{path}'")
     run.sleep()
     if sim.faults.is_full(storage, node):

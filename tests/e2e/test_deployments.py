@@ -99,7 +99,7 @@ def test_every_deployment_in_prefect_yaml_is_created_with_its_schedule(prefect_s
         dep = deployments[d["name"]]
         assert dep.work_pool_name == "homelab"
         crons = [s.schedule.cron for s in dep.schedules]
-        assert crons == [s["cron"] for s in d["schedules"]]
+        assert crons == [s["cron"] for s in d.get("schedules") or []]
 
 
 def test_doctor_deployment_run_completes_and_leaves_history(prefect_stack):

@@ -210,6 +210,8 @@ def test_least_privilege_token_runs_every_adapter_operation(lab: Lab, api: Any) 
     assert px.configure(api, "pve1", vmid, "lxc", {"memory": 1024}, digest=cfg.digest) is None
     cfg = px.guest_config(api, "pve1", vmid, "lxc")
     assert cfg.values["memory"] == 1024 and cfg.hostname == "web"
+    # disk grow
+    assert wait(api, px.resize_disk(api, "pve1", vmid, "lxc", "rootfs", "+1G")).ok
     # power
     assert wait(api, px.start_guest(api, "pve1", vmid, "lxc")).ok
     assert px.guest_status(api, "pve1", vmid, "lxc").status == "running"
@@ -270,6 +272,7 @@ def test_least_privilege_token_runs_every_adapter_operation(lab: Lab, api: Any) 
     px.configure(api, "pve1", full, "qemu", {"memory": "4096"}, delete=["tags"])
     cfg = px.guest_config(api, "pve1", full, "qemu")
     assert cfg.values["cores"] == 2 and cfg.values["memory"] == "4096" and cfg.tags == []
+    assert wait(api, px.resize_disk(api, "pve1", full, "qemu", "scsi0", "+1G")).ok
     assert wait(api, px.start_guest(api, "pve1", full, "qemu")).ok
     assert px.guest_status(api, "pve1", full, "qemu").qmpstatus == "running"
     assert wait(api, px.create_snapshot(api, "pve1", full, "qemu", "s1")).ok

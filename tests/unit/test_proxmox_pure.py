@@ -186,6 +186,7 @@ def test_every_request_builder_targets_a_listed_adapter_call() -> None:
         built += [
             px.guest_config_request("n", 1, gtype), px.guest_status_request("n", 1, gtype),
             px.configure_request("n", 1, gtype, {}), px.destroy_request("n", 1, gtype),
+            px.resize_request("n", 1, gtype, "rootfs" if gtype == "lxc" else "scsi0", "+1G"),
             px.snapshot_list_request("n", 1, gtype),
             px.snapshot_create_request("n", 1, gtype, "s"),
             px.snapshot_rollback_request("n", 1, gtype, "s"),
