@@ -158,6 +158,34 @@ def provision_apply(
                                yes=yes))
 
 
+vzdump_app = typer.Typer(no_args_is_help=True, help="Guest backups with vzdump.")
+app.add_typer(vzdump_app, name="vzdump")
+
+
+@vzdump_app.command("run")
+def vzdump_run(
+    job: Annotated[str, typer.Argument(help="A vzdump job of the inventory.")],
+    lab: LabOption = Path("lab.yaml"),
+    force: Annotated[bool, typer.Option(help="Back up guests already backed up in this "
+                                             "schedule period.")] = False,
+    dry_run_retention: Annotated[bool, typer.Option(help="List what retention would remove, "
+                                                         "remove nothing.")] = False,
+) -> None:
+    """Back up the job's guests now: verify each archive, prune, copy off-site."""
+    from flows.vzdump import run_vzdump_cli
+
+    raise typer.Exit(run_vzdump_cli(lab, job, force=force, dry_run_retention=dry_run_retention))
+
+
+@vzdump_app.command("sync-jobs")
+def vzdump_sync_jobs(lab: LabOption = Path("lab.yaml"),
+                     apply: Annotated[bool, typer.Option("--apply")] = False) -> None:
+    """Show (and with --apply make) Proxmox's own backup jobs match the inventory."""
+    from flows.vzdump import sync_jobs_cli
+
+    raise typer.Exit(sync_jobs_cli(lab, apply))
+
+
 @app.command()
 def serve() -> None:
     """Serve every deployment in prefect.yaml from this process (single-machine mode)."""

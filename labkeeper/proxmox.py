@@ -404,6 +404,11 @@ def configure_request(node: str, vmid: int, gtype: GuestType, options: Mapping[s
                        node=node, vmid=vmid)
 
 
+def stop_task_request(upid: Upid) -> ApiRequest:
+    """Stop a running task: ``DELETE /nodes/{node}/tasks/{upid}``."""
+    return api_request("DELETE", "/nodes/{node}/tasks/{upid}", node=upid.node, upid=upid.raw)
+
+
 def resize_request(node: str, vmid: int, gtype: GuestType, disk: str, size: str
                    ) -> ApiRequest:
     """Grow a disk: ``PUT .../resize`` with an absolute size (``16G``) or ``+4G``."""
@@ -635,6 +640,7 @@ ADAPTER_CALLS: tuple[tuple[str, str], ...] = (
     ("DELETE", "/cluster/backup/{id}"),
     ("GET", "/nodes/{node}/tasks"),
     ("GET", "/nodes/{node}/tasks/{upid}/status"),
+    ("DELETE", "/nodes/{node}/tasks/{upid}"),
     ("GET", "/nodes/{node}/tasks/{upid}/log"),
 )
 
@@ -1054,6 +1060,11 @@ def configure(api: Any, node: str, vmid: int, gtype: GuestType, options: Mapping
                             asynchronous=asynchronous)
     data = send(api, req)
     return _as_upid(data, f"{req.method} {req.display}") if asynchronous else None
+
+
+def stop_task(api: Any, upid: Upid | str) -> None:
+    """Stop a running task (it then ends with ``interrupted by signal``)."""
+    send(api, stop_task_request(upid if isinstance(upid, Upid) else parse_upid(upid)))
 
 
 def resize_disk(api: Any, node: str, vmid: int, gtype: GuestType, disk: str,

@@ -156,8 +156,12 @@ class Simulator:
         seed: bool = True,
         data_dir: Path | str | None = None,
         cluster_name: str = "labkeeper-sim",
+        host_paths: bool = False,
     ) -> None:
         self.nodes = tuple(nodes)
+        self.host_paths = host_paths
+        """Report backup archives at their real path under ``data_dir`` (vzdump log,
+        ``GET .../content/{volume}``) instead of ``/var/lib/vz/dump/…``."""
         if not self.nodes:
             raise ValueError("at least one node is needed")
         self.state_path = Path(state_path) if state_path else None

@@ -312,6 +312,14 @@ def test_least_privilege_token_runs_every_adapter_operation(lab: Lab, api: Any) 
     tasks = px.list_tasks(api, "pve1", vmid=vmid, typefilter="vzdump")
     assert tasks and all(t.type == "vzdump" and t.status == "OK" for t in tasks)
     assert px.task_status(api, tasks[0].upid).status == "stopped"
+    ct = new_ct(api)
+    lab.sim.faults.hang_tasks("vzstart", vmid=ct)
+    hung = px.start_guest(api, "pve1", ct, "lxc")
+    px.stop_task(api, hung)
+    with pytest.raises(px.ProxmoxTaskError) as stopped:
+        wait(api, hung)
+    assert stopped.value.exitstatus == "interrupted by signal"
+    assert wait(api, px.destroy_guest(api, "pve1", ct, "lxc")).ok
 
     mine = list(lab.sim.requests)[first:]
     assert [r for r in mine if r["status"] != 200] == []

@@ -180,6 +180,7 @@ def test_every_request_builder_targets_a_listed_adapter_call() -> None:
                                                                      all_guests=True),
         px.backup_job_update_request("j"), px.backup_job_delete_request("j"),
         px.tasks_request("n"), px.task_status_request(upid), px.task_log_request(upid),
+        px.stop_task_request(upid),
         px.configure_request("n", 1, "qemu", {}, asynchronous=True),
     ]
     for gtype in ("lxc", "qemu"):
