@@ -200,7 +200,8 @@ def plan_cli(lab: Path, json_out: bool) -> int:
     return 1 if plan.problems else 0
 
 
-def apply_cli(lab: Path, *, allow_restart: bool, allow_destroy: bool, yes: bool) -> int:
+def apply_cli(lab: Path, *, allow_restart: bool, allow_destroy: bool, yes: bool,
+              guest_state_dir: str = bs.DEFAULT_STATE_DIR) -> int:
     """``labkeeper provision apply``: run the provision flow; print every step.
 
     Exit status: 0 converged, 1 a guest failed / the plan has problems / the plan
@@ -212,7 +213,8 @@ def apply_cli(lab: Path, *, allow_restart: bool, allow_destroy: bool, yes: bool)
         print("\n".join([str(exc), *exc.problems]), file=sys.stderr)
         return 2
     state = provision_flow(lab=str(lab), allow_restart=allow_restart,
-                           allow_destroy=allow_destroy, yes=yes, return_state=True)
+                           allow_destroy=allow_destroy, yes=yes,
+                           guest_state_dir=guest_state_dir, return_state=True)
     result = state.result(raise_on_failure=False)
     report = result.report if isinstance(result, ProvisionFailed) else result
     console = _console()

@@ -7,6 +7,7 @@ be browsed later with ``make ui``.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,12 @@ def _port_free(port: int) -> bool:
 def run_demo(workdir: Path, *, wait: bool, port: int, console: Console) -> int:
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
+    if (workdir / "lab" / "pids.json").exists():
+        console.print(f"a demo lab seems to be running already ({workdir / 'lab'}); "
+                      "stop it first")
+        return 2
+    # A fresh lab each time (the Prefect run history in <dir>/prefect is kept).
+    shutil.rmtree(workdir / "lab", ignore_errors=True)
     lab = LocalLab(workdir / "lab")
     server = LocalPrefectServer(workdir / "prefect",
                                 port=port if _port_free(port) else free_port())
@@ -82,7 +89,14 @@ def jobs(lab: LocalLab) -> list[tuple[str, tuple[str, ...]]]:
     """The demo's jobs, as child-process argv (each one a real flow run)."""
     py = sys.executable
     inv = str(lab.inventory_path)
+    cli = (py, "-m", "labkeeper.cli")
     return [
-        ("doctor: is every part of the lab reachable?",
-         (py, "-m", "labkeeper.cli", "doctor", "--lab", inv)),
+        ("doctor: is every part of the lab reachable?", (*cli, "doctor", "--lab", inv)),
+        ("provision: make the simulator match the inventory's guests",
+         (*cli, "provision", "apply", "--lab", inv, "--yes",
+          "--guest-state-dir", str(lab.workdir / "guest-state"))),
+        ("provision again: the second plan is empty",
+         (*cli, "provision", "plan", "--lab", inv)),
+        ("vzdump: back up the demo guests, verify, prune, copy off-site",
+         (*cli, "vzdump", "run", "demo", "--lab", inv)),
     ]

@@ -83,7 +83,8 @@ class LocalLab:
                 self.pvesim = Simulator(nodes=PVE_NODES,
                                         state_path=self.workdir / "pvesim-state.json",
                                         task_duration=self.pve_task_duration,
-                                        tokens={PVE_TOKEN_ID: self.pve_token_secret})
+                                        tokens={PVE_TOKEN_ID: self.pve_token_secret},
+                                        host_paths=True)
                 self.pvesim.start(host="127.0.0.1", port=0)
             self.write_inventory()
             self._write_pids()
@@ -157,7 +158,12 @@ class LocalLab:
                 "token_secret": f"file:{sec / 'pve-token'}",
                 "tls": {"verify": True, "ca_file": str(self.pvesim.ca_file),
                         "fingerprint": self.pvesim.fingerprint},
-                "nodes": [{"name": n} for n in PVE_NODES],
+                # The lab's sshd stands in for every node's SSH (off-site copies read
+                # archives from the node over SFTP).
+                "nodes": [{"name": n, **({"address": self.sshd.host,
+                                          "ssh_user": self.sshd.user}
+                                         if self.sshd is not None else {})}
+                          for n in PVE_NODES],
                 "storages": [
                     {"name": "local", "type": "dir",
                      "content": ["iso", "vztmpl", "backup", "snippets"], "snapshots": False},
@@ -168,12 +174,15 @@ class LocalLab:
         if self.sshd is not None:
             inv["ssh"] = {
                 "user": self.sshd.user,
+                "port": self.sshd.port,
                 "key": f"file:{self.sshd.user_key_path}",
                 "known_hosts": str(self.sshd.known_hosts_path),
                 "trust_on_first_use": False,
             }
             inv["hosts"] = [{"name": "labhost", "address": self.sshd.host,
                              "port": self.sshd.port}]
+        if self.pvesim is not None and self.sshd is not None:
+            inv.update(self._demo_guests())
         if self.s3 is not None and self.repo is not None:
             inv["repositories"] = [{
                 "name": "lab-repo",
@@ -195,6 +204,48 @@ class LocalLab:
                 for db in self.postgres.database_names
             ]
         return inv
+
+    def _demo_guests(self) -> dict[str, Any]:
+        """Guests for the simulator (provisioned by the demo), a bootstrap role, and a
+        vzdump job with an off-site copy. The lab's sshd stands in for the LXC guests'
+        SSH; bootstrap only writes under the lab's directory."""
+        template = "local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst"
+        ssh = {"address": self.sshd.host, "port": self.sshd.port}
+
+        def lxc(name: str, vmid: int, node: str, **extra: Any) -> dict[str, Any]:
+            return {"name": name, "vmid": vmid, "type": "lxc", "node": node,
+                    "template": template, "tags": ["labkeeper", "demo"],
+                    "description": f"demo guest {name}",
+                    "resources": {"cores": 1, "memory_mb": 512, "swap_mb": 256,
+                                  "disk_gb": 4, "storage": "local-lvm"},
+                    "network": [{"name": "eth0", "bridge": "vmbr0", "ip": "dhcp"}],
+                    "ssh": ssh, **extra}
+
+        files = self.workdir / "guest-files"
+        out: dict[str, Any] = {
+            "guests": [
+                lxc("proxy", 100, "pve1"),
+                lxc("app", 101, "pve2", roles=["demo-base"]),
+                {"name": "vm1", "vmid": 110, "type": "qemu", "node": "pve1",
+                 "template": "9000", "tags": ["labkeeper", "demo"],
+                 "resources": {"cores": 2, "memory_mb": 1024, "disk_gb": 8,
+                               "storage": "local-lvm"},
+                 "cloud_init": {"user": "admin"}},
+            ],
+            "roles": {"demo-base": {
+                "packages": ["coreutils"],
+                "files": [{"path": str(files / "app" / "motd"),
+                           "content": "managed by labkeeper for {{ guest.name }}\n",
+                           "mode": "0644"}],
+            }},
+        }
+        if self.repo is not None:
+            out["vzdump_jobs"] = [{
+                "name": "demo", "selection": {"tags": ["demo"]}, "storage": "local",
+                "retention": {"keep_last": 2}, "schedule": "30 1 * * 6",
+                "offsite": {"repository": "lab-repo", "prefix": "vzdump/", "keep_last": 2},
+            }]
+        return out
 
     def write_inventory(self) -> Path:
         text = "# Written by labkeeper's local lab; secrets live in ./secrets (0600).\n"
