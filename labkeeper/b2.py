@@ -118,3 +118,84 @@ def bucket_usage(target: S3Target, *, prefix: str = "", timeout: float = 60) -> 
     except Exception as exc:
         raise _service_error(exc, f"list {target.bucket}") from None
     return count, size
+
+
+# -- usage, cost and protection (issue 4) ---------------------------------------------
+
+@dataclass(frozen=True)
+class BucketUsage:
+    bucket: str
+    prefix: str
+    objects: int
+    bytes: int
+    monthly_cost: float
+    currency: str
+    versioning: str
+    """``Enabled`` | ``Suspended`` | ``Off`` (never enabled)."""
+    object_lock: str
+    """``Enabled (GOVERNANCE 30 days)`` | ``Enabled`` | ``Off``."""
+
+    def row(self) -> dict[str, Any]:
+        return {"bucket": self.bucket, "prefix": self.prefix, "objects": self.objects,
+                "bytes": self.bytes, "GB": round(self.bytes / 1e9, 3),
+                "monthly cost": f"{self.monthly_cost:.2f} {self.currency}",
+                "versioning": self.versioning, "object lock": self.object_lock}
+
+
+def monthly_cost(nbytes: int, storage_per_tb_month: float) -> float:
+    """Storage cost per month (B2 bills per TB = 10^12 bytes)."""
+    return nbytes / 1e12 * storage_per_tb_month
+
+
+def versioning_status(target: S3Target, *, timeout: float = 20) -> str:
+    try:
+        resp = client(target, timeout=timeout).get_bucket_versioning(Bucket=target.bucket)
+    except Exception as exc:
+        raise _service_error(exc, f"get_bucket_versioning {target.bucket}") from None
+    return str(resp.get("Status") or "Off")
+
+
+def object_lock_status(target: S3Target, *, timeout: float = 20) -> str:
+    from botocore.exceptions import ClientError
+
+    try:
+        resp = client(target, timeout=timeout).get_object_lock_configuration(
+            Bucket=target.bucket)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration"):
+            return "Off"
+        raise _service_error(exc, f"get_object_lock_configuration {target.bucket}") from None
+    except Exception as exc:
+        raise _service_error(exc, f"get_object_lock_configuration {target.bucket}") from None
+    cfg = resp.get("ObjectLockConfiguration", {})
+    if cfg.get("ObjectLockEnabled") != "Enabled":
+        return "Off"
+    rule = cfg.get("Rule", {}).get("DefaultRetention", {})
+    if rule:
+        period = (f"{rule['Days']} days" if "Days" in rule else f"{rule.get('Years')} years")
+        return f"Enabled ({rule.get('Mode', '?')} {period})"
+    return "Enabled"
+
+
+def usage(target: S3Target, *, prefix: str = "", storage_per_tb_month: float = 6.0,
+          currency: str = "USD", timeout: float = 60) -> BucketUsage:
+    """Object count and bytes under ``prefix``, a monthly storage cost estimate, and
+    whether versioning / object lock protect the bucket."""
+    count, size = bucket_usage(target, prefix=prefix, timeout=timeout)
+    return BucketUsage(bucket=target.bucket, prefix=prefix, objects=count, bytes=size,
+                       monthly_cost=monthly_cost(size, storage_per_tb_month),
+                       currency=currency, versioning=versioning_status(target, timeout=timeout),
+                       object_lock=object_lock_status(target, timeout=timeout))
+
+
+def repository_prefix(restic_url: str, bucket: str) -> str:
+    """The object prefix of an ``s3:`` restic repository inside its bucket."""
+    rest = restic_url[3:] if restic_url.startswith("s3:") else restic_url
+    if "://" in rest:
+        rest = rest.split("://", 1)[1]
+    parts = rest.split("/")
+    if bucket in parts:
+        tail = "/".join(parts[parts.index(bucket) + 1:]).strip("/")
+        return f"{tail}/" if tail else ""
+    return ""

@@ -7,14 +7,19 @@ separate arguments.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import os
+import re
+import subprocess
+import time
 from dataclasses import dataclass
 
 from pydantic import SecretStr
 
 from labkeeper import process
-from labkeeper.errors import CommandError
+from labkeeper.errors import CommandError, CommandNotFound, CommandTimeout
 from labkeeper.process import ExitCode, ExitCodeTable
 
 PSQL_CODES = ExitCodeTable("psql", {
@@ -93,3 +98,267 @@ def server_info(conn: Conn, *, timeout: float = 30) -> ServerInfo:
         raise CommandError("unexpected psql output for server info", argv=psql_argv(conn),
                            returncode=0)
     return ServerInfo(version=rows[0][0], database_size=int(rows[0][1]))
+
+
+# =====================================================================================
+# Dumps and consistent manifests (issue 4)
+# =====================================================================================
+
+DUMP_COMPLETE = b"-- PostgreSQL database dump complete"
+CLUSTER_DUMP_COMPLETE = b"-- PostgreSQL database cluster dump complete"
+CUSTOM_MAGIC = b"PGDMP"
+PG_DUMPALL_CODES = ExitCodeTable("pg_dumpall", {0: ExitCode("success", "ok"),
+                                                1: ExitCode("dump failed", "permanent")})
+
+
+def quote_ident(name: str) -> str:
+    """SQL identifier quoting (``"a""b"``), for names read from the catalog."""
+    if "\x00" in name:
+        raise ValueError("identifier contains a NUL byte")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("literal contains a NUL byte")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def pg_dump_argv(conn: Conn, *, fmt: str = "plain", snapshot: str | None = None,
+                 lock_wait_timeout_ms: int = 120_000) -> tuple[str, ...]:
+    """pg_dump to stdout; ``snapshot`` is an exported snapshot id (``--snapshot``)."""
+    flag = {"plain": "-Fp", "custom": "-Fc"}[fmt]
+    argv: tuple[str, ...] = ("pg_dump", "--no-password", flag)
+    if fmt == "custom":
+        argv += ("-Z", "0")  # pre-compression defeats restic's deduplication
+    if snapshot:
+        if not re.fullmatch(r"[0-9A-F]{8}-[0-9A-F]{8}-[0-9]+", snapshot):
+            raise ValueError(f"not an exported snapshot id: {snapshot!r}")
+        argv += (f"--snapshot={snapshot}",)
+    argv += (f"--lock-wait-timeout={lock_wait_timeout_ms}", *conn.conn_args())
+    return argv
+
+
+def pg_dumpall_globals_argv(conn: Conn, *, role_passwords: bool = True) -> tuple[str, ...]:
+    """``pg_dumpall --globals-only`` (roles, tablespaces); ``conn.dbname`` is the
+    database it connects to (``-l``)."""
+    argv = ("pg_dumpall", "--no-password", "--globals-only")
+    if not role_passwords:
+        argv += ("--no-role-passwords",)
+    return (*argv, "-h", conn.host, "-p", str(conn.port), "-U", conn.user, "-l", conn.dbname)
+
+
+def _trailer_ok(tail: bytes, marker: bytes) -> str | None:
+    idx = tail.rfind(marker)
+    if idx < 0:
+        return f"the final '{marker.decode()}' line is missing"
+    for line in tail[idx + len(marker):].split(b"\n"):
+        line = line.strip()
+        if line and line != b"--" and not line.startswith(b"\\unrestrict "):
+            return f"unexpected output after '{marker.decode()}'"
+    return None
+
+
+def plain_dump_complete(tail: bytes, nbytes: int) -> str | None:
+    """Gate for a plain-format pg_dump: None when the stream ends with pg_dump's
+    ``-- PostgreSQL database dump complete`` trailer (then only ``--``, blank and
+    ``\\unrestrict`` lines), else why it is incomplete."""
+    if nbytes == 0:
+        return "the dump is empty"
+    return _trailer_ok(tail, DUMP_COMPLETE)
+
+
+def globals_dump_complete(tail: bytes, nbytes: int) -> str | None:
+    if nbytes == 0:
+        return "the dump is empty"
+    return _trailer_ok(tail, CLUSTER_DUMP_COMPLETE)
+
+
+def custom_dump_complete(tail: bytes, nbytes: int) -> str | None:
+    """A custom-format archive written to a pipe has no trailer; only the exit code
+    proves it. (A truncated -Fc archive still passes ``pg_restore -l``.)"""
+    return None if nbytes > len(CUSTOM_MAGIC) else "the archive is empty"
+
+
+def pg_dump_version(*, timeout: float = 15) -> str:
+    res = process.run(("pg_dump", "--version"), timeout=timeout)
+    m = re.search(r"(\d+(?:\.\d+)+)", res.stdout)
+    return m.group(1) if m else res.stdout.strip()
+
+
+# -- a psql coprocess: one session kept open while pg_dump runs ------------------------
+
+_MARKER_PREFIX = "__labkeeper_end_"
+
+
+class PsqlSession:
+    """One ``psql`` process kept open (stdin/stdout pipes) so a transaction can stay
+    open across several queries and while ``pg_dump --snapshot`` runs.
+
+    Each :meth:`query` sends SQL followed by ``\\echo <marker>`` and reads CSV rows
+    up to the marker line. psql runs with ``ON_ERROR_STOP``: an SQL error ends the
+    process, and the error (from stderr) is raised as :class:`CommandError`.
+    The password travels in ``PGPASSWORD`` only.
+    """
+
+    def __init__(self, conn: Conn, *, timeout: float = 300) -> None:
+        import secrets as pysecrets
+
+        self.conn = conn
+        self.timeout = timeout
+        self.marker = _MARKER_PREFIX + pysecrets.token_hex(8)
+        self.argv = ("psql", "-X", "-q", "-t", "--csv", "-v", "ON_ERROR_STOP=1",
+                     "--no-password", *conn.conn_args())
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stderr: process._Capture | None = None
+
+    def __enter__(self) -> PsqlSession:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         env=process._child_env(self.conn.env(), None),
+                                         start_new_session=True, close_fds=True)
+        except FileNotFoundError:
+            raise CommandNotFound("psql: command not found", argv=self.argv) from None
+        self._stderr = process._Capture(self.proc.stderr, None, "psql-stderr")
+
+    def query(self, sql: str, *, timeout: float | None = None) -> list[list[str]]:
+        """Run SQL; the rows of the last statement that returns rows (CSV, as text)."""
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.stdout is None:
+            raise RuntimeError("psql session is not started")
+        text = sql.rstrip()
+        if not text.endswith(";"):
+            text += ";"
+        payload = f"{text}\n\\echo {self.marker}\n".encode()
+        try:
+            proc.stdin.write(payload)
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self._failure() from None
+        lines = self._read_until_marker(timeout or self.timeout)
+        return list(csv.reader(io.StringIO("".join(lines))))
+
+    def _read_until_marker(self, timeout: float) -> list[str]:
+        import select
+
+        proc = self.proc
+        assert proc is not None and proc.stdout is not None
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        buf = b""
+        out: list[str] = []
+        marker = self.marker.encode() + b"\n"
+        while True:
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line + b"\n" == marker:
+                    return out
+                out.append(line.decode("utf-8", "replace") + "\n")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.close(kill=True)
+                raise CommandTimeout(f"psql query timed out after {timeout:g}s",
+                                     argv=self.argv, timeout=timeout)
+            ready, _, _ = select.select([fd], [], [], min(remaining, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise self._failure()
+            buf += chunk
+
+    def _failure(self) -> CommandError:
+        proc = self.proc
+        assert proc is not None
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process._kill_group(proc)
+            rc = proc.wait()
+        stderr = self._stderr.text() if self._stderr else ""
+        code = PSQL_CODES.classify(rc)
+        res = process.CommandResult(argv=self.argv, returncode=rc, stdout="", stderr=stderr,
+                                    duration=0.0, meaning=code.meaning, outcome=code.outcome)
+        err = process.make_error(res) if rc != 0 else CommandError(
+            "psql ended the session unexpectedly", argv=self.argv, returncode=rc,
+            stderr_tail=res.stderr_tail())
+        self.proc = None
+        return _classify(err)
+
+    def close(self, *, kill: bool = False) -> None:
+        proc = self.proc
+        self.proc = None
+        if proc is None:
+            return
+        if not kill and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.close()  # psql ends the session (an open transaction rolls back)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                kill = True
+        if kill:
+            process._kill_group(proc)
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                stream.close()  # type: ignore[union-attr]
+        if self._stderr is not None:
+            self._stderr.thread.join(timeout=5)
+
+
+TABLES_SQL = """
+SELECT n.nspname, c.relname
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p')
+  AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
+  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                  WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid
+                    AND d.deptype = 'e')
+ORDER BY 1, 2
+"""
+
+
+def row_counts_sql(tables: list[tuple[str, str]]) -> str:
+    """One statement counting every table exactly: ``schema, name, count`` rows."""
+    parts = [
+        f"SELECT {quote_literal(s)}, {quote_literal(t)}, count(*) "  # noqa: S608 - quoted
+        f"FROM {quote_ident(s)}.{quote_ident(t)}"
+        for s, t in tables
+    ]
+    return "\nUNION ALL\n".join(parts)
+
+
+@dataclass(frozen=True)
+class SnapshotFacts:
+    """What one exported snapshot contains, read inside that very transaction."""
+
+    snapshot_id: str
+    server_version: str
+    database_size: int
+    tables: tuple[tuple[str, str, int], ...]
+
+
+def begin_snapshot(session: PsqlSession) -> SnapshotFacts:
+    """Open a REPEATABLE READ transaction, export its snapshot and read the facts of
+    the manifest (exact row counts) in it. The transaction stays open."""
+    session.query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    rows = session.query("SELECT pg_catalog.pg_export_snapshot(), "
+                         "current_setting('server_version'), "
+                         "pg_catalog.pg_database_size(current_database())")
+    snapshot_id, version, size = rows[0]
+    tables = [(r[0], r[1]) for r in session.query(TABLES_SQL)]
+    counts: list[tuple[str, str, int]] = []
+    if tables:
+        counts = [(r[0], r[1], int(r[2])) for r in session.query(row_counts_sql(tables))]
+    return SnapshotFacts(snapshot_id=snapshot_id, server_version=version,
+                         database_size=int(size), tables=tuple(counts))

@@ -10,17 +10,25 @@ older versions, so both map onto the same typed meaning.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
-from collections.abc import Mapping, Sequence
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from labkeeper import process
-from labkeeper.errors import CommandError
+from labkeeper.errors import CommandError, CommandNotFound, LabkeeperError
 from labkeeper.process import ExitCode, ExitCodeTable
+from labkeeper.secrets import REDACTOR
 
 RESTIC = "restic"
 
@@ -192,3 +200,640 @@ def snapshots(repo: Repo, *, timeout: float = 120, tags: Sequence[str] = ()) -> 
 def repo_config(repo: Repo, *, timeout: float = 60) -> RepoConfig:
     res = run_restic(repo, cat_config_argv(repo), timeout=timeout)
     return RepoConfig.model_validate_json(res.stdout)
+
+
+# =====================================================================================
+# Backups from a stream, locks, forget/prune/check (issue 4)
+# =====================================================================================
+
+SNAPSHOT_TAG_SEPARATOR = ","
+
+
+def check_tag(tag: str) -> str:
+    """A restic tag may not contain ',' (restic splits ``--tag a,b``) or whitespace."""
+    if not tag or "," in tag or any(c.isspace() for c in tag):
+        raise ValueError(f"not a usable restic tag: {tag!r}")
+    return tag
+
+
+def backup_stdin_argv(repo: Repo, *, filename: str, host: str, tags: Sequence[str],
+                      compression: str | None = "auto") -> tuple[str, ...]:
+    """``restic backup --stdin``: the stream becomes one file ``/<filename>``."""
+    if "/" in filename or not filename:
+        raise ValueError(f"stdin filename must be a plain file name, got {filename!r}")
+    argv = (*repo.base_argv(),)
+    if compression:
+        argv += ("--compression", compression)
+    argv += ("backup", "--stdin", "--stdin-filename", filename, "--host", host, "--json")
+    for t in tags:
+        argv += ("--tag", check_tag(t))
+    return argv
+
+
+def snapshots_filter_argv(repo: Repo, *, tags: Sequence[str] = (), host: str | None = None
+                          ) -> tuple[str, ...]:
+    """``restic snapshots`` keeping only snapshots that carry *all* of ``tags``."""
+    argv = (*repo.base_argv(), "snapshots", "--json", "--no-lock")
+    if tags:
+        argv += ("--tag", SNAPSHOT_TAG_SEPARATOR.join(check_tag(t) for t in tags))
+    if host:
+        argv += ("--host", host)
+    return argv
+
+
+def forget_ids_argv(repo: Repo, ids: Sequence[str]) -> tuple[str, ...]:
+    if not ids:
+        raise ValueError("forget needs at least one snapshot id")
+    return (*repo.base_argv(), "forget", *ids)
+
+
+def forget_policy_argv(repo: Repo, *, keep: Sequence[str], host: str, tags: Sequence[str],
+                       dry_run: bool = False) -> tuple[str, ...]:
+    """``restic forget`` of one series: the snapshots of ``host`` carrying all ``tags``
+    form one group (``--group-by host``), whatever their per-run tags or paths."""
+    if not keep:
+        raise ValueError("a forget policy must keep something")
+    argv = (*repo.base_argv(), "forget", "--json", "--host", host,
+            "--tag", SNAPSHOT_TAG_SEPARATOR.join(check_tag(t) for t in tags),
+            "--group-by", "host", *keep)
+    if dry_run:
+        argv += ("--dry-run",)
+    return argv
+
+
+def prune_argv(repo: Repo, *, dry_run: bool = False) -> tuple[str, ...]:
+    argv = (*repo.base_argv(), "prune")
+    if dry_run:
+        argv += ("--dry-run",)
+    return argv
+
+
+def check_argv(repo: Repo, *, read_data_subset: str | None = None) -> tuple[str, ...]:
+    argv = (*repo.base_argv(), "check")
+    if read_data_subset:
+        argv += (f"--read-data-subset={read_data_subset}",)
+    return argv
+
+
+def list_locks_argv(repo: Repo) -> tuple[str, ...]:
+    return (*repo.base_argv(), "list", "locks", "--no-lock")
+
+
+def cat_lock_argv(repo: Repo, lock_id: str) -> tuple[str, ...]:
+    return (*repo.base_argv(), "cat", "lock", lock_id, "--no-lock")
+
+
+def unlock_argv(repo: Repo) -> tuple[str, ...]:
+    """Removes *stale* locks only (never ``--remove-all``)."""
+    return (*repo.base_argv(), "unlock")
+
+
+def ls_argv(repo: Repo, snapshot_id: str) -> tuple[str, ...]:
+    return (*repo.base_argv(), "ls", "--json", "--no-lock", snapshot_id)
+
+
+def dump_argv(repo: Repo, snapshot_id: str, path: str) -> tuple[str, ...]:
+    return (*repo.base_argv(), "dump", "--no-lock", snapshot_id, path)
+
+
+class BackupSummary(BaseModel):
+    """The final ``--json`` line of ``restic backup``. ``data_added`` is uncompressed
+    in restic 0.14 (the bytes really stored are smaller when compression is on)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    message_type: str
+    snapshot_id: str
+    data_added: int = 0
+    total_bytes_processed: int = 0
+    total_duration: float = 0.0
+    files_new: int = 0
+
+
+def parse_backup_summary(stdout: str) -> BackupSummary:
+    for line in reversed(stdout.splitlines()):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and data.get("message_type") == "summary":
+            return BackupSummary.model_validate(data)
+    raise ValueError("restic backup printed no summary line (no snapshot was reported)")
+
+
+class LsNode(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = ""
+    type: str = ""
+    path: str = ""
+    size: int | None = None
+    struct_type: str = ""
+
+
+def parse_ls(stdout: str) -> list[LsNode]:
+    nodes = []
+    for line in stdout.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        data = json.loads(line)
+        if data.get("struct_type") == "node":
+            nodes.append(LsNode.model_validate(data))
+    return nodes
+
+
+class LockInfo(BaseModel):
+    """A lock file's content (``restic cat lock``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = ""
+    time: datetime
+    exclusive: bool = False
+    hostname: str = ""
+    username: str = ""
+    pid: int = 0
+
+
+def parse_lock(lock_id: str, stdout: str) -> LockInfo:
+    info = LockInfo.model_validate_json(stdout)
+    return info.model_copy(update={"id": lock_id})
+
+
+def lock_is_stale(lock: LockInfo, *, now: datetime, this_host: str, stale_after: float,
+                  pid_alive: Callable[[int], bool]) -> tuple[bool, str]:
+    """Is a lock left by a dead run? ``(stale, why)``.
+
+    Stale when its process is gone (only knowable for locks taken on this host),
+    or when it is older than ``stale_after`` seconds (any host; restic refreshes a
+    live lock every 5 minutes, so a live one never gets that old).
+    """
+    age = (now - lock.time).total_seconds()
+    if lock.hostname == this_host and lock.pid and not pid_alive(lock.pid):
+        return True, f"its process {lock.pid} on {lock.hostname} is gone"
+    if age > stale_after:
+        return True, f"it is {age / 60:.0f} min old (threshold {stale_after / 60:.0f} min)"
+    return False, f"held by pid {lock.pid} on {lock.hostname}, {age:.0f} s old"
+
+
+def describe_lock(lock: LockInfo) -> str:
+    kind = "exclusive" if lock.exclusive else "shared"
+    return (f"{kind} lock {lock.id[:8]} of {lock.username or '?'}@{lock.hostname} pid "
+            f"{lock.pid} since {lock.time.isoformat(timespec='seconds')}")
+
+
+class ForgetGroup(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tags: list[str] | None = None
+    host: str = ""
+    paths: list[str] | None = None
+    keep: list[Snapshot] | None = None
+    remove: list[Snapshot] | None = None
+
+
+def parse_forget(stdout: str) -> list[ForgetGroup]:
+    """``restic forget --json`` prints one JSON array (groups with keep/remove)."""
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            data = json.loads(line)
+            return [ForgetGroup.model_validate(g) for g in (data or [])]
+    return []
+
+
+# -- runners: locks, forget, verification ---------------------------------------------
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this PID exists on this machine (zombies count as gone)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def list_locks(repo: Repo, *, timeout: float = 60) -> list[LockInfo]:
+    res = run_restic(repo, list_locks_argv(repo), timeout=timeout)
+    out = []
+    for lock_id in (line.strip() for line in res.stdout.splitlines()):
+        if not re.fullmatch(r"[0-9a-f]{64}", lock_id):
+            continue
+        try:
+            cat = run_restic(repo, cat_lock_argv(repo, lock_id), timeout=timeout)
+        except CommandError:
+            continue  # released between list and cat
+        out.append(parse_lock(lock_id, cat.stdout))
+    return out
+
+
+def unlock(repo: Repo, *, timeout: float = 60) -> None:
+    run_restic(repo, unlock_argv(repo), timeout=timeout)
+
+
+def wait_for_locks(repo: Repo, *, exclusive: bool, wait: float, stale_after: float,
+                   log: Callable[[str], None], timeout: float = 60,
+                   sleep: Callable[[float], None] | None = None) -> list[str]:
+    """Get the repository ready for a command that needs a shared (``exclusive=False``)
+    or an exclusive lock.
+
+    Stale locks (dead process on this host, or older than ``stale_after`` s) are
+    removed with ``restic unlock``; live conflicting locks are waited on with
+    exponential backoff (1 s doubling to 30 s) up to ``wait`` seconds, then a
+    transient error is raised. Returns what was done, one line each (also logged).
+    """
+    import socket
+    import time as _time
+
+    from labkeeper.errors import TransientError
+
+    sleeper = sleep or _time.sleep
+    this_host = socket.gethostname()
+    notes: list[str] = []
+    deadline = _time.monotonic() + wait
+    delay = 1.0
+    waited_for: set[str] = set()
+    while True:
+        locks = list_locks(repo, timeout=timeout)
+        now = datetime.now(tz=UTC)
+        stale = []
+        live = []
+        for lock in locks:
+            is_stale, why = lock_is_stale(lock, now=now, this_host=this_host,
+                                          stale_after=stale_after, pid_alive=pid_alive)
+            (stale if is_stale else live).append((lock, why))
+        if stale:
+            unlock(repo, timeout=timeout)
+            remaining = {lk.id for lk in list_locks(repo, timeout=timeout)}
+            for lock, why in stale:
+                if lock.id in remaining:
+                    note = (f"stale {describe_lock(lock)} ({why}) could not be removed by "
+                            "`restic unlock` (restic treats foreign locks as stale only "
+                            "after 30 min)")
+                else:
+                    note = f"removed stale {describe_lock(lock)} with `restic unlock`: {why}"
+                notes.append(note)
+                log(note)
+            live += [(lk, why) for lk, why in stale if lk.id in remaining]
+        blocking = [(lk, why) for lk, why in live if exclusive or lk.exclusive]
+        if not blocking:
+            return notes
+        if _time.monotonic() >= deadline:
+            held = "; ".join(f"{describe_lock(lk)} ({why})" for lk, why in blocking)
+            raise TransientError(f"repository still locked after waiting {wait:.0f} s: {held}")
+        for lock, why in blocking:
+            if lock.id not in waited_for:
+                waited_for.add(lock.id)
+                note = f"waiting for {describe_lock(lock)} ({why})"
+                notes.append(note)
+                log(note)
+        sleeper(min(delay, max(0.1, deadline - _time.monotonic())))
+        delay = min(delay * 2, 30.0)
+
+
+def find_snapshots(repo: Repo, *, tags: Sequence[str] = (), host: str | None = None,
+                   timeout: float = 120) -> list[Snapshot]:
+    """Snapshots carrying all of ``tags`` (and of ``host``), oldest first."""
+    res = run_restic(repo, snapshots_filter_argv(repo, tags=tags, host=host), timeout=timeout)
+    return sorted(parse_snapshots(res.stdout), key=lambda s: s.time)
+
+
+def forget_ids(repo: Repo, ids: Sequence[str], *, timeout: float = 300) -> None:
+    run_restic(repo, forget_ids_argv(repo, ids), timeout=timeout)
+
+
+def ls(repo: Repo, snapshot_id: str, *, timeout: float = 120) -> list[LsNode]:
+    return parse_ls(run_restic(repo, ls_argv(repo, snapshot_id), timeout=timeout).stdout)
+
+
+def dump_file(repo: Repo, snapshot_id: str, path: str, *, timeout: float = 300) -> str:
+    """A (small) file of a snapshot as text: manifests, not dumps."""
+    return run_restic(repo, dump_argv(repo, snapshot_id, path), timeout=timeout).stdout
+
+
+def backup_bytes(repo: Repo, data: bytes, *, filename: str, host: str, tags: Sequence[str],
+                 compression: str | None = "auto", timeout: float = 300) -> BackupSummary:
+    """Store a small in-memory file (a manifest) as its own ``--stdin`` snapshot."""
+    res = run_restic(repo, backup_stdin_argv(repo, filename=filename, host=host, tags=tags,
+                                             compression=compression),
+                     timeout=timeout, input=data)
+    return parse_backup_summary(res.stdout)
+
+
+# -- streaming a producer into `restic backup --stdin`, owning end-of-stream ----------------
+
+Gate = Callable[[bytes, int], "str | None"]
+"""Decides at the producer's clean exit whether the stream is complete:
+``gate(tail_bytes, total_bytes)`` returns None (complete) or why it is not."""
+
+TAIL_BYTES = 4096
+_PIPE_SIZE = 1 << 20
+_SLICE = 1 << 18
+_F_SETPIPE_SZ = 1031
+
+
+class StreamFailed(LabkeeperError):
+    """Streaming a producer into restic failed; restic never saw a clean EOF unless
+    ``eof_given`` (then restic itself failed afterwards)."""
+
+    def __init__(self, message: str, *, transient: bool, cause: str,
+                 producer: process.CommandResult | None = None,
+                 consumer: process.CommandResult | None = None,
+                 eof_given: bool = False, bytes_relayed: int = 0) -> None:
+        super().__init__(message, transient=transient)
+        self.cause = cause
+        """``producer`` | ``incomplete`` | ``consumer`` | ``stall`` | ``timeout``"""
+        self.producer = producer
+        self.consumer = consumer
+        self.eof_given = eof_given
+        self.bytes_relayed = bytes_relayed
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_stream_failed, (self.message, self.transient, self.cause,
+                                         self.eof_given, self.bytes_relayed))
+
+
+def _rebuild_stream_failed(message: str, transient: bool, cause: str, eof_given: bool,
+                           nbytes: int) -> StreamFailed:
+    return StreamFailed(message, transient=transient, cause=cause, eof_given=eof_given,
+                        bytes_relayed=nbytes)
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    summary: BackupSummary
+    bytes: int
+    duration: float
+    producer: process.CommandResult
+    consumer: process.CommandResult
+
+
+def _grow_pipe(fd: int) -> None:
+    import fcntl
+
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+
+
+class _GatedRelay(threading.Thread):
+    """Copies producer stdout → restic stdin, keeps the last bytes, and decides the EOF.
+
+    restic gets its end-of-stream (our write end closed while it is alive) only when
+    the producer exited cleanly *and* ``gate`` accepts the stream's tail. Otherwise
+    restic is SIGKILLed first, so it can never finalise a snapshot of a truncated
+    stream.
+    """
+
+    def __init__(self, src: int, dst: int, producer: subprocess.Popen[bytes],
+                 consumer: subprocess.Popen[bytes], codes: process.ExitCodeTable,
+                 gate: Gate, deadline: float) -> None:
+        super().__init__(name="restic-stdin-relay", daemon=True)
+        self.src, self.dst = src, dst
+        self.producer, self.consumer = producer, consumer
+        self.codes, self.gate, self.deadline = codes, gate, deadline
+        self.bytes = 0
+        self.tail = b""
+        self.writing_since: float | None = None
+        self.consumer_gone = False
+        self.refused: str | None = None
+        self.eof_given = False
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        try:
+            self._pump()
+        except BaseException as exc:  # never leave restic with an open-ended stream
+            self.refused = f"relay error: {exc}"
+            self.kill_consumer()
+        finally:
+            self._finish()
+
+    def _pump(self) -> None:
+        buf = bytearray(_PIPE_SIZE)
+        view = memoryview(buf)
+        while True:
+            n = os.readv(self.src, [buf])
+            if n == 0:
+                return
+            off = 0
+            while off < n:
+                end = min(n, off + _SLICE)
+                self.writing_since = time.monotonic()
+                try:
+                    off += os.write(self.dst, view[off:end])
+                except OSError:  # EPIPE: restic exited or was killed
+                    self.consumer_gone = True
+                    self.writing_since = None
+                    return
+                self.writing_since = None
+            self.bytes += n
+            if n >= TAIL_BYTES:
+                self.tail = bytes(view[n - TAIL_BYTES:n])
+            else:
+                self.tail = (self.tail + bytes(view[:n]))[-TAIL_BYTES:]
+
+    def kill_consumer(self) -> None:
+        with self.lock:
+            if self.consumer.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.consumer.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.consumer.wait(timeout=30)
+
+    def _finish(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.src)
+        if self.consumer_gone:
+            # restic stopped reading: the producer cannot finish its stream.
+            if self.producer.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.producer.pid, signal.SIGKILL)
+        elif self.refused is None:
+            try:
+                rc: int | None = self.producer.wait(
+                    timeout=max(0.0, self.deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                rc = None
+            if rc is None:
+                self.refused = "the producer did not exit before the deadline"
+            else:
+                code = self.codes.classify(rc)
+                if code.outcome not in ("ok", "warning"):
+                    self.refused = f"{self.codes.tool} exited {rc} ({code.meaning})"
+                else:
+                    self.refused = self.gate(self.tail, self.bytes)
+            if self.refused is not None:
+                self.kill_consumer()
+        with self.lock:
+            # EOF reaches restic only if it is alive and nothing was refused.
+            self.eof_given = (not self.consumer_gone and self.refused is None
+                              and self.consumer.poll() is None)
+            with contextlib.suppress(OSError):
+                os.close(self.dst)
+
+
+def stream_backup(repo: Repo, producer: process.Stage, *, filename: str, host: str,
+                  tags: Sequence[str], gate: Gate, timeout: float,
+                  compression: str | None = "auto", stall_timeout: float = 300.0,
+                  ) -> StreamResult:
+    """Stream ``producer``'s stdout into ``restic backup --stdin`` with no temporary file.
+
+    End-of-stream is ours: restic's stdin is closed while restic lives only after the
+    producer exited with an ok code *and* ``gate(tail, nbytes)`` accepted the stream.
+    On any failure restic is SIGKILLed before EOF (it then leaves a stale lock and
+    maybe unreferenced packs, never a snapshot). If restic accepts no data for
+    ``stall_timeout`` seconds (its backend is down), both are killed. Raises
+    :class:`StreamFailed`.
+    """
+    consumer_argv = backup_stdin_argv(repo, filename=filename, host=host, tags=tags,
+                                      compression=compression)
+    started = time.monotonic()
+    deadline = started + timeout
+    try:
+        prod = subprocess.Popen(producer.argv, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=process._child_env(producer.env, None),
+                                start_new_session=True, close_fds=True)
+    except FileNotFoundError:
+        raise CommandNotFound(f"{producer.argv[0]}: command not found",
+                              argv=REDACTOR.redact_argv(producer.argv)) from None
+    try:
+        cons = subprocess.Popen(consumer_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
+                                env=process._child_env(repo.env(), None),
+                                start_new_session=True, close_fds=True)
+    except BaseException:
+        process._kill_group(prod)
+        prod.wait()
+        raise
+    assert prod.stdout is not None and cons.stdin is not None
+    src = os.dup(prod.stdout.fileno())
+    prod.stdout.close()
+    dst = os.dup(cons.stdin.fileno())
+    cons.stdin.close()
+    _grow_pipe(src)
+    _grow_pipe(dst)
+    err_p = process._Capture(prod.stderr, producer.on_stderr_line, "producer-stderr")
+    err_c = process._Capture(cons.stderr, None, "restic-stderr")
+    out_c = process._Capture(cons.stdout, None, "restic-stdout")
+    relay = _GatedRelay(src, dst, prod, cons, producer.codes, gate, deadline)
+    relay.start()
+    killed: str | None = None
+    try:
+        while prod.poll() is None or cons.poll() is None or relay.is_alive():
+            now = time.monotonic()
+            since = relay.writing_since
+            if killed is None and now >= deadline:
+                killed = "timeout"
+            elif killed is None and since is not None and now - since > stall_timeout:
+                killed = "stall"
+            if killed:
+                relay.kill_consumer()  # restic first: it must never see EOF
+                process._kill_group(prod)
+            relay.join(timeout=0.05)
+    except BaseException:
+        relay.kill_consumer()
+        process._kill_group(prod)
+        raise
+    finally:
+        relay.join(timeout=30)
+        prod.wait()
+        cons.wait()
+    duration = time.monotonic() - started
+    p_res = _result(producer.argv, prod.returncode, "", err_p, producer.codes, duration)
+    c_res = _result(consumer_argv, cons.returncode, out_c.text(), err_c, EXIT_CODES, duration)
+    restic_said = c_res.stderr_tail(3).replace("\n", " | ")
+    what = producer.argv[0]
+    if killed == "stall":
+        raise StreamFailed(
+            f"restic accepted no data for {stall_timeout:g} s (repository backend "
+            f"unreachable?); stopped it before end-of-stream, no snapshot was finalised"
+            + (f". restic: {restic_said}" if restic_said else ""),
+            transient=True, cause="stall", producer=p_res, consumer=c_res,
+            bytes_relayed=relay.bytes)
+    if killed == "timeout":
+        raise StreamFailed(
+            f"{what} | restic backup timed out after {timeout:g} s; restic was stopped "
+            "before end-of-stream, no snapshot was finalised",
+            transient=True, cause="timeout", producer=p_res, consumer=c_res,
+            bytes_relayed=relay.bytes)
+    if not relay.consumer_gone and relay.refused is not None:
+        if p_res.ok:
+            raise StreamFailed(
+                f"{what} exited 0 but its output is incomplete ({relay.refused}); restic "
+                "was stopped before end-of-stream, no snapshot was finalised",
+                transient=False, cause="incomplete", producer=p_res, consumer=c_res,
+                bytes_relayed=relay.bytes)
+        err = process.make_error(p_res)
+        transient = any(s in p_res.stderr for s in _PRODUCER_TRANSIENT)
+        raise StreamFailed(
+            f"{err} — restic was stopped before end-of-stream after {relay.bytes} bytes, "
+            "no snapshot was finalised",
+            transient=transient, cause="producer", producer=p_res, consumer=c_res,
+            bytes_relayed=relay.bytes)
+    if c_res.returncode != 0 or not relay.eof_given:
+        err = classify_failure(process.make_error(c_res)) if c_res.returncode else None
+        why = str(err) if err else f"restic exited {c_res.returncode}"
+        raise StreamFailed(
+            f"{why} (after {relay.bytes} bytes of {what}'s output"
+            + ("" if relay.eof_given else "; it never received end-of-stream") + ")",
+            transient=bool(err and err.transient), cause="consumer", producer=p_res,
+            consumer=c_res, eof_given=relay.eof_given, bytes_relayed=relay.bytes)
+    try:
+        summary = parse_backup_summary(c_res.stdout)
+    except ValueError as exc:
+        raise StreamFailed(str(exc), transient=False, cause="consumer", producer=p_res,
+                           consumer=c_res, eof_given=True, bytes_relayed=relay.bytes) from None
+    if summary.total_bytes_processed != relay.bytes:
+        raise StreamFailed(
+            f"restic stored {summary.total_bytes_processed} bytes but {relay.bytes} were "
+            f"sent (snapshot {summary.snapshot_id})", transient=False, cause="consumer",
+            producer=p_res, consumer=c_res, eof_given=True, bytes_relayed=relay.bytes)
+    return StreamResult(summary=summary, bytes=relay.bytes, duration=duration,
+                        producer=p_res, consumer=c_res)
+
+
+_PRODUCER_TRANSIENT = ("could not connect", "Connection refused", "server closed the connection",
+                       "timeout expired", "the database system is starting up",
+                       "the database system is shutting down", "too many clients",
+                       "connection to server", "terminating connection")
+
+
+def _result(argv: Sequence[str], rc: int | None, stdout: str, cap: process._Capture,
+            codes: process.ExitCodeTable, duration: float) -> process.CommandResult:
+    assert rc is not None
+    code = codes.classify(rc)
+    return process.CommandResult(argv=REDACTOR.redact_argv(tuple(argv)), returncode=rc,
+                                 stdout=stdout, stderr=cap.text(), duration=duration,
+                                 meaning=code.meaning, outcome=code.outcome,
+                                 truncated=cap.truncated)
+
+
+def forget_policy(repo: Repo, *, keep: Sequence[str], host: str, tags: Sequence[str],
+                  dry_run: bool = False, timeout: float = 600) -> list[ForgetGroup]:
+    """Apply a keep policy to one series; returns restic's keep/remove groups."""
+    res = run_restic(repo, forget_policy_argv(repo, keep=keep, host=host, tags=tags,
+                                              dry_run=dry_run), timeout=timeout)
+    return parse_forget(res.stdout)
+
+
+def prune(repo: Repo, *, dry_run: bool = False, timeout: float = 6 * 3600) -> str:
+    return run_restic(repo, prune_argv(repo, dry_run=dry_run), timeout=timeout).stdout
+
+
+def check(repo: Repo, *, read_data_subset: str | None = None,
+          timeout: float = 6 * 3600) -> str:
+    return run_restic(repo, check_argv(repo, read_data_subset=read_data_subset),
+                      timeout=timeout).stdout

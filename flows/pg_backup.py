@@ -1,0 +1,181 @@
+"""The nightly PostgreSQL backup: every database dumped into restic, proven complete.
+
+Per run: globals of each server (a warning when the role may not read them), then
+each database in turn (``tasks.pg_backup.backup_database``: manifest from the
+dump's own snapshot, pg_dump streamed into restic with end-of-stream under our
+control, verified). One failed database does not stop the others; the run fails
+at the end if any failed. Leaves a table artifact ``pg-backup``, emits
+``labkeeper.backup.succeeded`` / ``labkeeper.backup.failed`` per database, and
+pings the inventory's healthchecks URL for ``pg_backup`` (start / success / fail).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.events import emit_event
+
+from labkeeper import pg_backup
+from labkeeper.errors import ConfigError
+from labkeeper.inventory import Inventory, load_inventory
+from labkeeper.secrets import redact
+from tasks import pg_backup as backup_tasks
+from tasks.common import failure_of
+
+ARTIFACT_KEY = "pg-backup"
+
+
+class BackupRunFailed(Exception):
+    """At least one database (of several) failed; ``rows`` holds the whole table."""
+
+    def __init__(self, message: str, rows: list[dict] | None = None) -> None:
+        super().__init__(message)
+        self.rows = rows or []
+
+    def __reduce__(self) -> tuple:
+        return (BackupRunFailed, (str(self), self.rows))
+
+
+def select_databases(inv: Inventory, databases: list[str] | None,
+                     repository: str | None) -> list[str]:
+    names = list(databases) if databases else [db.name for db in inv.databases]
+    for n in names:
+        inv.database(n)  # unknown names fail now, with a "did you mean"
+    if repository:
+        inv.repository(repository)
+        names = [n for n in names if inv.repository_for(inv.database(n)).name == repository]
+    if not names:
+        raise ConfigError("no database to back up (check databases= and repository=)")
+    return names
+
+
+def _emit(inv: Inventory, name: str, ok: bool, payload: dict[str, Any]) -> None:
+    db = inv.database(name)
+    server = inv.database_server(db)
+    emit_event(
+        event=f"labkeeper.backup.{'succeeded' if ok else 'failed'}",
+        resource={"prefect.resource.id": f"labkeeper.database.{server}/{name}",
+                  "prefect.resource.name": name, "labkeeper.lab": inv.lab.name},
+        payload=payload,
+    )
+
+
+def _failed_row(name: str, detail: str) -> dict[str, Any]:
+    return {"database": name, "status": "failed", "snapshot": "", "bytes dumped": 0,
+            "bytes added (uncompressed)": 0, "duration s": 0, "throughput MB/s": 0,
+            "tables": 0, "backup id": "", "notes": redact(detail)}
+
+
+@flow(name="pg_backup", log_prints=False, timeout_seconds=12 * 3600)
+def pg_backup_flow(lab: str = "lab.yaml", databases: list[str] | None = None,
+                   repository: str | None = None, stall_timeout: float = 300.0) -> list[dict]:
+    """Back up the lab's PostgreSQL databases (default: all) into restic."""
+    logger = get_run_logger()
+    inv = load_inventory(lab)
+    names = select_databases(inv, databases, repository)
+    hc_url = pg_backup.healthcheck_url(inv, "pg_backup")
+    if problem := pg_backup.ping(hc_url, "start"):
+        logger.warning(problem)
+    logger.info("pg_backup: %d database(s) of lab %s: %s", len(names), inv.lab.name,
+                ", ".join(names))
+    started = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    failed: list[str] = []
+    warnings: list[str] = []
+    for label, dbs in pg_backup.globals_servers(inv, names).items():
+        state = backup_tasks.backup_globals(inv, label, dbs, stall_timeout=stall_timeout,
+                                            return_state=True)
+        if state.is_completed():
+            g: pg_backup.GlobalsResult = state.result()
+            rows.append(g.row())
+            if g.status != "ok":
+                warnings.append(f"globals {label}: {g.detail}")
+        else:
+            exc = failure_of(state)
+            detail = f"globals NOT backed up: {exc}"
+            warnings.append(f"globals {label}: {detail}")
+            logger.warning("globals of %s: %s", label, detail)
+            rows.append({**_failed_row(f"globals {label}", detail), "status": "warning"})
+    for name in names:
+        state = backup_tasks.backup_database(inv, name, stall_timeout=stall_timeout,
+                                             return_state=True)
+        if state.is_completed():
+            res: pg_backup.BackupResult = state.result()
+            rows.append(res.row())
+            _emit(inv, name, True, {"snapshot_id": res.snapshot_id,
+                                    "backup_id": res.backup_id,
+                                    "bytes_dumped": res.bytes_dumped,
+                                    "duration_s": round(res.duration_s, 2),
+                                    "tables": res.table_count})
+        else:
+            exc = failure_of(state)
+            detail = f"{type(exc).__name__}: {exc}" if exc else (state.message or state.name)
+            logger.error("%s: %s", name, redact(detail))
+            failed.append(name)
+            rows.append(_failed_row(name, detail))
+            _emit(inv, name, False, {"error": redact(detail)[:2000]})
+    elapsed = time.monotonic() - started
+    ok = len(names) - len(failed)
+    create_table_artifact(key=ARTIFACT_KEY, table=rows,
+                          description=f"pg_backup of {inv.lab.name}: {ok} ok / "
+                                      f"{len(failed)} failed / {len(warnings)} warning(s)")
+    create_markdown_artifact(key=f"{ARTIFACT_KEY}-summary",
+                             markdown=_summary(rows, warnings, elapsed))
+    for w in warnings:
+        logger.warning(w)
+    summary_text = f"{ok} ok, {len(failed)} failed: {', '.join(failed) or '-'}"
+    if problem := pg_backup.ping(hc_url, "fail" if failed else "success", body=summary_text):
+        logger.warning(problem)
+    if failed:
+        raise BackupRunFailed(f"{len(failed)} of {len(names)} database backups failed: "
+                              f"{', '.join(failed)}", rows)
+    return rows
+
+
+def _summary(rows: list[dict[str, Any]], warnings: list[str], elapsed: float) -> str:
+    icon = {"ok": "✅", "warning": "⚠️", "failed": "❌"}
+    lines = ["# labkeeper pg_backup", "", f"{len(rows)} item(s) in {elapsed:.1f} s", "",
+             "| | database | snapshot | bytes | MB/s | tables | notes |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        notes = str(r["notes"]).replace("|", "\\|")
+        lines.append(f"| {icon.get(r['status'], '')} | {r['database']} | {r['snapshot']} | "
+                     f"{r['bytes dumped']} | {r['throughput MB/s']} | {r['tables']} | {notes} |")
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {redact(w)}" for w in warnings]
+    return "\n".join(lines)
+
+
+def run_backup_cli(lab: Path, db: str | None) -> int:
+    """``labkeeper backup run [--db NAME]``: run the flow, print the table, exit code."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    state = pg_backup_flow(lab=str(lab), databases=[db] if db else None, return_state=True)
+    rows: list[dict[str, Any]] = []
+    if state.is_completed():
+        rows = state.result()
+    else:
+        exc = failure_of(state)
+        rows = getattr(exc, "rows", []) or []
+        console.print(f"[red]backup failed:[/red] {redact(str(exc) if exc else state.name)}")
+    if rows:
+        table = Table(title="pg_backup")
+        for col in ("database", "status", "snapshot", "bytes dumped", "duration s",
+                    "throughput MB/s", "tables", "notes"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(*(str(r[c]) for c in ("database", "status", "snapshot",
+                                                 "bytes dumped", "duration s",
+                                                 "throughput MB/s", "tables", "notes")))
+        console.print(table)
+    return 0 if state.is_completed() else 1
+
+
+if __name__ == "__main__":
+    pg_backup_flow()

@@ -1,0 +1,65 @@
+"""Repository maintenance: forget per series with the inventory's retention, prune,
+check a subset of the data, and report the bucket's usage and cost.
+
+restic's cache lives in a persistent directory per repository
+(``repositories[].cache_dir`` or ``settings.cache_dir/<name>``): B2 bills list and
+download calls, and a cold cache on every run multiplies them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from labkeeper.inventory import load_inventory
+from tasks import repo_maintenance as mt
+
+
+@flow(name="repo_maintenance", log_prints=False, timeout_seconds=12 * 3600)
+def repo_maintenance_flow(lab: str = "lab.yaml", repository: str | None = None,
+                          dry_run: bool = False, prune: bool = True, check: bool = True,
+                          read_data_subset: str | None = None) -> dict[str, Any]:
+    """forget (per series) → prune → check → usage, for one or every repository.
+    ``dry_run`` shows what forget/prune would remove and changes nothing."""
+    logger = get_run_logger()
+    inv = load_inventory(lab)
+    names = [repository] if repository else [r.name for r in inv.repositories]
+    for n in names:
+        inv.repository(n)
+    report: dict[str, Any] = {}
+    for name in names:
+        rows = mt.forget(inv, name, dry_run=dry_run)
+        entry: dict[str, Any] = {"forget": rows}
+        if prune:
+            entry["prune"] = mt.prune(inv, name, dry_run=dry_run)
+        if check and not dry_run:
+            entry["check"] = mt.check(inv, name, read_data_subset=read_data_subset)
+        entry["usage"] = mt.usage(inv, name)
+        report[name] = entry
+        removed = [r for r in rows if r["action"] != "keep"]
+        create_table_artifact(
+            key=f"repo-maintenance-{name}", table=rows or [{"series": "-", "snapshot": "-",
+                                                           "time": "-", "action": "-"}],
+            description=f"{name}: {len(removed)} snapshot(s) "
+                        f"{'would be ' if dry_run else ''}removed, "
+                        f"{len(rows) - len(removed)} kept")
+        usage = entry["usage"]
+        md = [f"# {name}{' (dry run)' if dry_run else ''}", ""]
+        if usage:
+            md += [f"- bucket {usage['bucket']}/{usage['prefix']}: {usage['objects']} objects,"
+                   f" {usage['GB']} GB, about {usage['monthly cost']} per month",
+                   f"- versioning: {usage['versioning']}; object lock: {usage['object lock']}"]
+        if "prune" in entry:
+            md += ["", "## prune", "```", entry["prune"], "```"]
+        if "check" in entry:
+            md += ["", "## check", "```", entry["check"], "```"]
+        create_markdown_artifact(key=f"repo-maintenance-{name}-summary", markdown="\n".join(md))
+        logger.info("%s: %d removed%s, usage %s", name, len(removed),
+                    " (dry run)" if dry_run else "", usage)
+    return report
+
+
+if __name__ == "__main__":
+    repo_maintenance_flow()

@@ -1,0 +1,573 @@
+"""Nightly PostgreSQL backups: consistent manifest, pg_dump streamed into restic, proof.
+
+One database backup (:func:`backup_database`):
+
+1. **Locks.** Stale restic locks (dead process on this host, or older than the
+   repository's ``stale_lock_minutes``) are removed with ``restic unlock``; live
+   exclusive locks (forget/prune/check of another run) are waited on with backoff.
+2. **Manifest from the dump's own snapshot.** One ``psql`` session opens a
+   ``REPEATABLE READ, READ ONLY`` transaction, exports its snapshot
+   (``pg_export_snapshot()``) and counts every table exactly inside it.
+3. **Stream.** ``pg_dump --snapshot=<that id>`` runs while the transaction is still
+   open; its stdout is relayed into ``restic backup --stdin`` with no temporary
+   file. restic gets end-of-stream only when pg_dump exited 0 *and* the dump ends
+   with its ``-- PostgreSQL database dump complete`` trailer
+   (:func:`labkeeper.restic.stream_backup`); otherwise restic is killed first.
+4. **Proof.** restic's summary must account for every byte relayed, and
+   ``restic ls`` of the new snapshot must show the dump file with that size.
+5. **Manifest stored with the dump.** A companion ``--stdin`` snapshot
+   ``<db>.manifest.json`` carrying the same ``backup:<id>`` tag (the drill finds
+   the newest ``kind:pg_dump`` snapshot of a series, then the ``kind:pg_manifest``
+   snapshot with the same ``backup:`` tag: :func:`find_latest_backup`).
+6. **Nothing half-done survives.** On any failure every snapshot carrying this
+   attempt's ``backup:<id>`` tag is forgotten and the lock a killed restic left is
+   removed (``restic unlock``, stale locks only).
+
+Snapshots: ``--host <lab name>``; tags ``labkeeper``, ``db:<server>/<name>``,
+``kind:pg_dump`` | ``kind:pg_manifest``, ``backup:<id>``. A *series* is a lab
+host plus the stable tags; retention (``restic forget``) runs per series with
+``--group-by host`` after filtering by those tags, so the per-run ``backup:`` tag
+never splits a series into one-snapshot groups (see :func:`retention_series`).
+
+Format (measured, ``benchmarks/``): plain ``pg_dump`` + restic ``--compression
+auto`` uploads the least on a typical night; gzip/``-Fc`` zlib defeat dedup.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets as pysecrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from labkeeper import postgres, process, restic
+from labkeeper.errors import LabkeeperError
+from labkeeper.inventory import Database, Inventory
+from labkeeper.secrets import redact, resolve
+
+MANIFEST_FORMAT = 1
+LABKEEPER_VERSION = "0.1.0"
+CLEANUP_TIMEOUT = 90.0
+
+Log = Callable[[str], None]
+
+
+def _labkeeper_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("labkeeper")
+    except Exception:
+        return LABKEEPER_VERSION
+
+
+# -- naming (pure) -----------------------------------------------------------------------
+
+def new_backup_id(now: datetime | None = None) -> str:
+    """A unique id per backup attempt: ``20260101T020000Z-1a2b3c``."""
+    now = now or datetime.now(tz=UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{pysecrets.token_hex(3)}"
+
+
+def backup_tag(backup_id: str) -> str:
+    return f"backup:{backup_id}"
+
+
+def series_tags(server: str, name: str, kind: str = "pg_dump") -> list[str]:
+    """The stable tags of one database's series (kind ``pg_dump`` or ``pg_manifest``)."""
+    return ["labkeeper", f"db:{server}/{name}", f"kind:{kind}"]
+
+
+def globals_tags(server_label: str) -> list[str]:
+    return ["labkeeper", f"server:{server_label}", "kind:pg_globals"]
+
+
+def dump_filename(name: str, fmt: str = "plain") -> str:
+    return f"{name}.sql" if fmt == "plain" else f"{name}.dump"
+
+
+def manifest_filename(name: str) -> str:
+    return f"{name}.manifest.json"
+
+
+def backup_id_of(snapshot: restic.Snapshot) -> str | None:
+    for t in snapshot.tags:
+        if t.startswith("backup:"):
+            return t[len("backup:"):]
+    return None
+
+
+# -- the manifest ------------------------------------------------------------------------
+
+class TableCount(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    schema_name: str
+    name: str
+    rows: int
+
+
+class DumpInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    filename: str
+    path: str
+    bytes: int
+    snapshot_id: str
+    duration_s: float
+    data_added: int
+    """restic's ``data_added`` (uncompressed in restic 0.14)."""
+
+
+class Manifest(BaseModel):
+    """What the dump contains, read in the dump's own snapshot. Stored as
+    ``<db>.manifest.json`` in a companion snapshot with the same ``backup:`` tag."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    format: int = MANIFEST_FORMAT
+    backup_id: str
+    lab: str
+    database: str
+    server: str
+    dbname: str
+    created_at: datetime
+    pg_snapshot: str
+    server_version: str
+    database_size: int
+    dump_format: str
+    compression: str
+    pg_dump_version: str
+    labkeeper_version: str
+    tables: list[TableCount]
+    dump: DumpInfo | None = None
+
+    @property
+    def table_count(self) -> int:
+        return len(self.tables)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(t.rows for t in self.tables)
+
+    def to_json(self) -> bytes:
+        data = self.model_dump(mode="json")
+        data["table_count"] = self.table_count
+        data["total_rows"] = self.total_rows
+        return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def build_manifest(*, backup_id: str, lab: str, database: str, server: str, dbname: str,
+                   facts: postgres.SnapshotFacts, dump_format: str, compression: str,
+                   pg_dump_version: str, now: datetime | None = None) -> Manifest:
+    return Manifest(
+        backup_id=backup_id, lab=lab, database=database, server=server, dbname=dbname,
+        created_at=now or datetime.now(tz=UTC), pg_snapshot=facts.snapshot_id,
+        server_version=facts.server_version, database_size=facts.database_size,
+        dump_format=dump_format, compression=compression, pg_dump_version=pg_dump_version,
+        labkeeper_version=_labkeeper_version(),
+        tables=[TableCount(schema_name=s, name=t, rows=n) for s, t, n in facts.tables],
+    )
+
+
+def parse_manifest(text: str) -> Manifest:
+    return Manifest.model_validate_json(text)
+
+
+# -- where things are (inventory → resolved targets) -------------------------------------
+
+def repo_cache_dir(inv: Inventory, repo_name: str) -> Path:
+    """restic's persistent cache for one repository (B2 bills list/download calls)."""
+    r = inv.repository(repo_name)
+    return r.cache_dir or inv.settings.effective_cache_dir / repo_name
+
+
+def open_repo(inv: Inventory, repo_name: str) -> restic.Repo:
+    from labkeeper.doctor import repo_for
+
+    cache = repo_cache_dir(inv, repo_name)
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return repo_for(inv, repo_name, cache_dir=str(cache))
+
+
+def conn_for(inv: Inventory, db: Database, *, dbname: str | None = None) -> postgres.Conn:
+    host, port = inv.database_address(db)
+    return postgres.Conn(host=host, port=port, dbname=dbname or db.effective_dbname,
+                         user=db.user, password=resolve(db.password) if db.password else None,
+                         sslmode=db.sslmode)
+
+
+def server_label(inv: Inventory, db: Database) -> str:
+    """``host:port`` of a database's server (globals are per server)."""
+    _host, port = inv.database_address(db)
+    return f"{inv.database_server(db)}:{port}"
+
+
+# -- results -----------------------------------------------------------------------------
+
+@dataclass
+class BackupResult:
+    database: str
+    server: str
+    backup_id: str
+    snapshot_id: str
+    manifest_snapshot_id: str
+    bytes_dumped: int
+    data_added: int
+    duration_s: float
+    table_count: int
+    total_rows: int
+    notes: list[str] = field(default_factory=list)
+    stream_s: float = 0.0
+    """Seconds of the pg_dump → restic stream alone (the rest: locks, manifest, proof)."""
+
+    @property
+    def throughput_mb_s(self) -> float:
+        return self.bytes_dumped / 1e6 / self.duration_s if self.duration_s > 0 else 0.0
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "database": self.database, "status": "ok", "snapshot": self.snapshot_id[:8],
+            "bytes dumped": self.bytes_dumped,
+            "bytes added (uncompressed)": self.data_added,
+            "duration s": round(self.duration_s, 2), "stream s": round(self.stream_s, 2),
+            "throughput MB/s": round(self.throughput_mb_s, 1),
+            "tables": self.table_count, "backup id": self.backup_id,
+            "notes": redact("; ".join(self.notes)),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class BackupFailed(LabkeeperError):
+    """One database's backup failed; nothing of this attempt is left counted as good."""
+
+    def __init__(self, message: str, *, transient: bool = False, database: str = "",
+                 backup_id: str = "") -> None:
+        super().__init__(redact(message), transient=transient)
+        self.database = database
+        self.backup_id = backup_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_failed, (self.message, self.transient, self.database, self.backup_id))
+
+
+def _rebuild_failed(message: str, transient: bool, database: str, backup_id: str) -> BackupFailed:
+    return BackupFailed(message, transient=transient, database=database, backup_id=backup_id)
+
+
+# -- cleanup -----------------------------------------------------------------------------
+
+def discard_attempt(repo: restic.Repo, *, host: str, backup_id: str, unlock: bool,
+                    log: Log, timeout: float = CLEANUP_TIMEOUT) -> list[str]:
+    """Forget every snapshot of one failed attempt and remove the lock a killed restic
+    left. Returns what was done (or why it could not be)."""
+    notes: list[str] = []
+    try:
+        leftovers = restic.find_snapshots(repo, tags=[backup_tag(backup_id)], host=host,
+                                          timeout=timeout)
+        if leftovers:
+            restic.forget_ids(repo, [s.id for s in leftovers], timeout=timeout)
+            notes.append("forgot snapshot(s) " + ", ".join(s.short_id or s.id[:8]
+                                                           for s in leftovers)
+                         + f" of failed attempt {backup_id}")
+        else:
+            notes.append(f"no snapshot of attempt {backup_id} exists")
+    except LabkeeperError as exc:
+        notes.append(f"could not list/forget snapshots of attempt {backup_id}: {exc}")
+    if unlock:
+        try:
+            restic.unlock(repo, timeout=timeout)
+            notes.append("removed the stale lock of the stopped restic (restic unlock)")
+        except LabkeeperError as exc:
+            notes.append(f"restic unlock failed: {exc}")
+    for n in notes:
+        log(n)
+    return notes
+
+
+# -- one database ------------------------------------------------------------------------
+
+def backup_database(inv: Inventory, name: str, *, log: Log = print,
+                    stall_timeout: float = 300.0, backup_id: str | None = None
+                    ) -> BackupResult:
+    """Back up one database of the inventory (see the module docstring)."""
+    db = inv.database(name)
+    repo_cfg = inv.repository_for(db)
+    repo = open_repo(inv, repo_cfg.name)
+    server = inv.database_server(db)
+    host = inv.lab.name
+    backup_id = backup_id or new_backup_id()
+    tag = backup_tag(backup_id)
+    conn = conn_for(inv, db)
+    filename = dump_filename(db.name, db.format)
+    gate = postgres.plain_dump_complete if db.format == "plain" else postgres.custom_dump_complete
+    started = time.monotonic()
+    notes = restic.wait_for_locks(repo, exclusive=False, wait=repo_cfg.lock_wait_minutes * 60,
+                                  stale_after=repo_cfg.stale_lock_minutes * 60, log=log)
+    log(f"{name}: backup {backup_id} of {conn.dbname} on {server} into {repo_cfg.name}")
+
+    def fail(message: str, *, transient: bool, unlock: bool) -> BackupFailed:
+        cleanup = discard_attempt(repo, host=host, backup_id=backup_id, unlock=unlock, log=log)
+        return BackupFailed(f"backup of {name} failed: {message} [{'; '.join(cleanup)}]",
+                            transient=transient, database=name, backup_id=backup_id)
+
+    with postgres.PsqlSession(conn, timeout=600) as session:
+        facts = postgres.begin_snapshot(session)
+        manifest = build_manifest(
+            backup_id=backup_id, lab=host, database=name, server=server, dbname=conn.dbname,
+            facts=facts, dump_format=db.format, compression=repo_cfg.compression,
+            pg_dump_version=postgres.pg_dump_version())
+        log(f"{name}: snapshot {facts.snapshot_id} exported; {manifest.table_count} tables, "
+            f"{manifest.total_rows} rows counted in it")
+        producer = process.Stage(
+            postgres.pg_dump_argv(conn, fmt=db.format, snapshot=facts.snapshot_id),
+            codes=postgres.PG_DUMP_CODES, env=conn.env())
+        try:
+            stream = restic.stream_backup(
+                repo, producer, filename=filename, host=host,
+                tags=[*series_tags(server, name), tag], gate=gate,
+                timeout=db.timeout_minutes * 60, compression=repo_cfg.compression,
+                stall_timeout=stall_timeout)
+        except restic.StreamFailed as exc:
+            raise fail(str(exc), transient=exc.transient, unlock=not exc.eof_given
+                       or exc.cause != "producer") from None
+        session.query("COMMIT")
+    summary = stream.summary
+    # Proof: the snapshot holds one file of exactly the bytes pg_dump wrote.
+    try:
+        nodes = restic.ls(repo, summary.snapshot_id)
+    except LabkeeperError as exc:
+        raise fail(f"could not verify snapshot {summary.snapshot_id}: {exc}",
+                   transient=exc.transient, unlock=False) from None
+    files = [n for n in nodes if n.type == "file"]
+    if len(files) != 1 or files[0].path != f"/{filename}" or files[0].size != stream.bytes:
+        found = ", ".join(f"{n.path} ({n.size} bytes)" for n in files) or "no file"
+        raise fail(f"snapshot {summary.snapshot_id} does not hold /{filename} of "
+                   f"{stream.bytes} bytes (found {found})", transient=False, unlock=False)
+    manifest.dump = DumpInfo(filename=filename, path=f"/{filename}", bytes=stream.bytes,
+                             snapshot_id=summary.snapshot_id,
+                             duration_s=round(stream.duration, 3),
+                             data_added=summary.data_added)
+    try:
+        msum = restic.backup_bytes(
+            repo, manifest.to_json(), filename=manifest_filename(name), host=host,
+            tags=[*series_tags(server, name, "pg_manifest"), tag],
+            compression=repo_cfg.compression, timeout=300)
+    except LabkeeperError as exc:
+        raise fail(f"storing the manifest failed: {exc}", transient=exc.transient,
+                   unlock=False) from None
+    duration = time.monotonic() - started
+    result = BackupResult(
+        database=name, server=server, backup_id=backup_id, snapshot_id=summary.snapshot_id,
+        manifest_snapshot_id=msum.snapshot_id, bytes_dumped=stream.bytes,
+        data_added=summary.data_added, duration_s=duration,
+        table_count=manifest.table_count, total_rows=manifest.total_rows, notes=notes,
+        stream_s=stream.duration)
+    log(f"{name}: snapshot {summary.snapshot_id} ({stream.bytes} bytes, "
+        f"{summary.data_added} new uncompressed) + manifest {msum.snapshot_id} "
+        f"in {duration:.1f} s")
+    return result
+
+
+# -- globals (roles, tablespaces) per server ---------------------------------------------
+
+@dataclass
+class GlobalsResult:
+    server: str
+    status: str  # ok | warning
+    detail: str
+    snapshot_id: str = ""
+    bytes_dumped: int = 0
+    role_passwords: bool = False
+
+    def row(self) -> dict[str, Any]:
+        return {"database": f"globals {self.server}", "status": self.status,
+                "snapshot": self.snapshot_id[:8], "bytes dumped": self.bytes_dumped,
+                "bytes added (uncompressed)": 0, "duration s": 0, "throughput MB/s": 0,
+                "tables": 0, "backup id": "", "notes": redact(self.detail)}
+
+
+def globals_servers(inv: Inventory, names: list[str]) -> dict[str, list[str]]:
+    """Server label → the selected databases on it that ask for globals."""
+    out: dict[str, list[str]] = {}
+    for n in names:
+        db = inv.database(n)
+        if db.globals:
+            out.setdefault(server_label(inv, db), []).append(n)
+    return out
+
+
+def backup_globals(inv: Inventory, label: str, databases: list[str], *, log: Log = print,
+                   stall_timeout: float = 300.0) -> GlobalsResult:
+    """``pg_dumpall --globals-only`` of one server into the repository of its first
+    database. A role that may not read ``pg_authid`` (not a superuser) gets a dump
+    without role passwords and a warning; a dump that fails anyway is a warning too,
+    never silence. Raises only for repository trouble (transient)."""
+    db = inv.database(databases[0])
+    repo_cfg = inv.repository_for(db)
+    repo = open_repo(inv, repo_cfg.name)
+    conn = conn_for(inv, db)
+    host = inv.lab.name
+    filename = "globals-" + label.replace(":", "-").replace("/", "-") + ".sql"
+    warnings: list[str] = []
+    attempts = (True, False)
+    try:
+        readable = postgres.query(
+            conn, "SELECT has_table_privilege('pg_catalog.pg_authid', 'SELECT');", timeout=60)
+    except LabkeeperError as exc:
+        detail = f"globals of {label} NOT backed up: cannot connect to check privileges: {exc}"
+        log(detail)
+        return GlobalsResult(server=label, status="warning", detail=redact(detail))
+    if readable and readable[0] == ["f"]:
+        attempts = (False,)
+        note = (f"role {conn.user} may not read pg_authid (not a superuser): globals "
+                "dumped WITHOUT role passwords (--no-role-passwords)")
+        warnings.append(note)
+        log(note)
+    for with_passwords in attempts:
+        backup_id = new_backup_id()
+        producer = process.Stage(
+            postgres.pg_dumpall_globals_argv(conn, role_passwords=with_passwords),
+            codes=postgres.PG_DUMPALL_CODES, env=conn.env())
+        try:
+            stream = restic.stream_backup(
+                repo, producer, filename=filename, host=host,
+                tags=[*globals_tags(label), backup_tag(backup_id)],
+                gate=postgres.globals_dump_complete, timeout=1800,
+                compression=repo_cfg.compression, stall_timeout=stall_timeout)
+        except restic.StreamFailed as exc:
+            discard_attempt(repo, host=host, backup_id=backup_id,
+                            unlock=not exc.eof_given or exc.cause != "producer", log=log)
+            stderr = exc.producer.stderr if exc.producer else ""
+            if exc.cause != "producer":
+                raise BackupFailed(f"globals of {label}: {exc}", transient=exc.transient,
+                                   database=f"globals {label}") from None
+            if with_passwords and "permission denied" in stderr:
+                note = (f"role {conn.user} may not read pg_authid (not a superuser): "
+                        "globals dumped WITHOUT role passwords (--no-role-passwords)")
+                warnings.append(note)
+                log(note)
+                continue
+            detail = f"globals of {label} NOT backed up: {exc}"
+            log(detail)
+            return GlobalsResult(server=label, status="warning", detail=redact(detail))
+        detail = "; ".join(warnings) or "roles (with passwords) and tablespaces"
+        log(f"globals of {label}: snapshot {stream.summary.snapshot_id} "
+            f"({stream.bytes} bytes): {detail}")
+        return GlobalsResult(server=label, status="warning" if warnings else "ok",
+                             detail=redact(detail), snapshot_id=stream.summary.snapshot_id,
+                             bytes_dumped=stream.bytes, role_passwords=with_passwords)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# -- for the DR drill: find a backup and its manifest ------------------------------------
+
+@dataclass(frozen=True)
+class StoredBackup:
+    dump: restic.Snapshot
+    manifest: restic.Snapshot | None
+    backup_id: str
+
+
+def find_backups(repo: restic.Repo, *, lab: str, server: str, name: str,
+                 timeout: float = 120) -> list[StoredBackup]:
+    """Every complete backup of one database's series, oldest first (dump snapshots
+    paired with their manifest snapshot by ``backup:`` tag)."""
+    snaps = restic.find_snapshots(repo, tags=["labkeeper", f"db:{server}/{name}"], host=lab,
+                                  timeout=timeout)
+    manifests = {backup_id_of(s): s for s in snaps if "kind:pg_manifest" in s.tags}
+    out = []
+    for s in snaps:
+        bid = backup_id_of(s)
+        if "kind:pg_dump" in s.tags and bid:
+            out.append(StoredBackup(dump=s, manifest=manifests.get(bid), backup_id=bid))
+    return out
+
+
+def find_latest_backup(repo: restic.Repo, *, lab: str, server: str, name: str
+                       ) -> StoredBackup | None:
+    """The newest dump of the series that has its manifest."""
+    complete = [b for b in find_backups(repo, lab=lab, server=server, name=name) if b.manifest]
+    return complete[-1] if complete else None
+
+
+def read_manifest(repo: restic.Repo, backup: StoredBackup) -> Manifest:
+    if backup.manifest is None:
+        raise BackupFailed(f"backup {backup.backup_id} has no manifest snapshot")
+    path = backup.manifest.paths[0] if backup.manifest.paths else ""
+    return parse_manifest(restic.dump_file(repo, backup.manifest.id, path))
+
+
+# -- retention series (repo maintenance) -------------------------------------------------
+
+@dataclass(frozen=True)
+class Series:
+    """One retention series: the lab's snapshots carrying all of ``tags``."""
+
+    label: str
+    host: str
+    tags: tuple[str, ...]
+
+
+def retention_series(inv: Inventory, repo_name: str) -> list[Series]:
+    """The dump series of every database in a repository, and each server's globals.
+    Manifests are not a series: they follow their dumps (:func:`orphan_manifests`)."""
+    out: list[Series] = []
+    seen: set[str] = set()
+    for db in inv.databases:
+        if inv.repository_for(db).name != repo_name:
+            continue
+        server = inv.database_server(db)
+        out.append(Series(f"db:{server}/{db.name}", inv.lab.name,
+                          tuple(series_tags(server, db.name))))
+        label = server_label(inv, db)
+        if db.globals and label not in seen:
+            seen.add(label)
+            out.append(Series(f"globals:{label}", inv.lab.name, tuple(globals_tags(label))))
+    return out
+
+
+def orphan_manifests(snapshots: list[restic.Snapshot]) -> list[restic.Snapshot]:
+    """Manifest snapshots whose dump snapshot (same ``backup:`` tag) is gone."""
+    dumps = {backup_id_of(s) for s in snapshots if "kind:pg_dump" in s.tags}
+    return [s for s in snapshots
+            if "kind:pg_manifest" in s.tags and backup_id_of(s) not in dumps]
+
+
+# -- healthchecks-style pings ------------------------------------------------------------
+
+def healthcheck_url(inv: Inventory, flow: str) -> str | None:
+    hc = inv.notifications.healthchecks
+    if hc is None or flow not in hc.pings:
+        return None
+    value = resolve(hc.pings[flow]).get_secret_value()  # type: ignore[index]
+    if value.startswith(("http://", "https://")):
+        return value.rstrip("/")
+    if hc.base_url is None:
+        raise LabkeeperError(f"healthchecks ping for {flow} is not a URL and no base_url is set")
+    return f"{hc.base_url.rstrip('/')}/{value}"
+
+
+def ping(url: str | None, kind: str, *, timeout: float = 10, body: str = "") -> str | None:
+    """Ping ``url`` (``kind``: start | success | fail). Returns an error text or None;
+    a failed ping never fails a backup."""
+    if not url:
+        return None
+    import requests
+
+    target = url if kind == "success" else f"{url}/{kind}"
+    try:
+        resp = requests.post(target, data=body.encode()[:10000], timeout=timeout)
+        if resp.status_code >= 400:
+            return f"healthchecks {kind} ping answered HTTP {resp.status_code}"
+    except requests.RequestException as exc:
+        return redact(f"healthchecks {kind} ping failed: {type(exc).__name__}")
+    return None

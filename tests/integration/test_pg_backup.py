@@ -1,0 +1,442 @@
+"""Nightly PostgreSQL backups against the real local lab: real pg_dump, psql, restic and
+moto's S3 server; faults are injected into the real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from flows.pg_backup import pg_backup_flow
+from labkeeper import pg_backup, postgres, process, restic
+from labkeeper.inventory import load_inventory
+from labkeeper.locallab.lab import write_secret
+from tasks import pg_backup as backup_tasks
+from tests.integration.test_doctor_flow import ArgvWatcher, _flow_run_record
+
+BIG = "bigdb"
+BIG_ROWS = 450_000  # ~60 MB of plain dump: streaming takes about a second
+
+
+@pytest.fixture(scope="module")
+def big(lab, tmp_path_factory):
+    """A database big enough that its dump takes a moment, plus an inventory with it."""
+    pg = lab.postgres
+    if not pg.psql_super(f"SELECT 1 FROM pg_database WHERE datname = '{BIG}';").strip():
+        pg.psql_super(f"CREATE DATABASE {BIG} OWNER {pg.app_user};")
+        pg.psql_super(
+            f"SET ROLE {pg.app_user};\n"
+            "CREATE TABLE events (id bigint PRIMARY KEY, at timestamptz NOT NULL, "
+            "payload text NOT NULL);\n"
+            "INSERT INTO events SELECT i, timestamptz '2024-01-01' + i * interval '1 second', "
+            "md5(i::text) || md5((i * 7)::text) || md5((i * 13)::text) "
+            f"FROM generate_series(1, {BIG_ROWS}) i;\n"
+            "CREATE TABLE \"Odd Name\" (v int);\nINSERT INTO \"Odd Name\" VALUES (1), (2);\n",
+            db=BIG, timeout=180)
+    inv = yaml.safe_load(lab.inventory_path.read_text())
+    first = inv["databases"][0]
+    inv["databases"].append({**first, "name": BIG, "dbname": BIG})
+    path = tmp_path_factory.mktemp("pgb") / "lab.yaml"
+    path.write_text(yaml.safe_dump(inv, sort_keys=False))
+    yield path
+    pg.psql_super(f"DROP DATABASE IF EXISTS {BIG} WITH (FORCE);")
+
+
+@pytest.fixture
+def no_retries(monkeypatch):
+    """Run the backup task once (the fault tests check one attempt, then retry by hand)."""
+    monkeypatch.setattr(backup_tasks, "backup_database",
+                        backup_tasks.backup_database.with_options(retries=0))
+
+
+def _repo(path: Path) -> restic.Repo:
+    return pg_backup.open_repo(load_inventory(path), "lab-repo")
+
+
+def _series(repo: restic.Repo, name: str, kind: str = "pg_dump") -> list[restic.Snapshot]:
+    return restic.find_snapshots(repo, tags=pg_backup.series_tags("127.0.0.1", name, kind),
+                                 host="local-lab")
+
+
+def _count_copy_rows(dump: bytes, table: str) -> int:
+    lines = dump.split(b"\n")
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"COPY {table} ".encode()))
+    end = lines.index(b"\\.", start)
+    return end - start - 1
+
+
+class Killer(threading.Thread):
+    """Sends ``sig`` to the first process whose argv holds every needle, ``delay``
+    seconds after it appears; records whether it was still running then."""
+
+    def __init__(self, needles: list[bytes], *, delay: float, sig: int = signal.SIGKILL,
+                 action=None) -> None:
+        super().__init__(daemon=True)
+        self.needles, self.delay, self.sig, self.action = needles, delay, sig, action
+        self.killed_pid: int | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        me = os.getpid()
+        while not self.stop.is_set():
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit() or int(entry.name) == me:
+                    continue
+                try:
+                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                        argv = f.read().split(b"\0")
+                except OSError:
+                    continue
+                if all(any(n in a for a in argv) for n in self.needles):
+                    time.sleep(self.delay)
+                    pid = int(entry.name)
+                    try:
+                        if self.action is not None:
+                            self.action(pid)
+                        else:
+                            os.kill(pid, self.sig)
+                        self.killed_pid = pid
+                    except ProcessLookupError:
+                        pass
+                    return
+            time.sleep(0.005)
+
+
+def _locks(repo: restic.Repo) -> list[restic.LockInfo]:
+    return restic.list_locks(repo)
+
+
+# -- the happy path, tags, manifest, artifact, events, secrets ---------------------------
+
+def test_backup_run_stores_dump_and_manifest_per_database_with_tags_artifact_and_events(
+        lab, big, prefect_harness):
+    secrets = [p.read_text().strip() for p in lab.secrets_dir.iterdir()]
+    with ArgvWatcher() as watcher:
+        state = pg_backup_flow(lab=str(big), databases=["appdb", "photos"],
+                               return_state=True)
+    assert state.is_completed(), state.message
+    rows = {r["database"]: r for r in state.result()}
+    assert rows["appdb"]["status"] == "ok" and rows["photos"]["status"] == "ok"
+    assert rows["appdb"]["tables"] == 4 and rows["appdb"]["bytes dumped"] > 1_000_000
+
+    repo = _repo(big)
+    for name in ("appdb", "photos"):
+        dump = _series(repo, name)[-1]
+        assert dump.hostname == "local-lab"
+        assert {"labkeeper", f"db:127.0.0.1/{name}", "kind:pg_dump"} <= set(dump.tags)
+        assert dump.paths == [f"/{name}.sql"]
+        assert dump.short_id == rows[name]["snapshot"]
+        stored = pg_backup.find_latest_backup(repo, lab="local-lab", server="127.0.0.1",
+                                              name=name)
+        assert stored is not None and stored.dump.id == dump.id
+        manifest = pg_backup.read_manifest(repo, stored)
+        assert manifest.backup_id == rows[name]["backup id"] == stored.backup_id
+        assert manifest.dump is not None and manifest.dump.snapshot_id == dump.short_id
+        assert manifest.dump.bytes == rows[name]["bytes dumped"]
+        assert manifest.dump_format == "plain" and manifest.server_version.startswith("15")
+    manifest = pg_backup.read_manifest(
+        repo, pg_backup.find_latest_backup(repo, lab="local-lab", server="127.0.0.1",
+                                           name="appdb"))
+    counts = {t.name: t.rows for t in manifest.tables}
+    assert counts == {"users": 500, "projects": 1200, "invoices": 8000, "audit_log": 20000}
+
+    # globals: the lab's role is not a superuser -> dumped without passwords, and said so
+    grow = next(r for r in state.result() if r["database"].startswith("globals "))
+    assert grow["status"] == "warning" and "WITHOUT role passwords" in grow["notes"]
+    g = restic.find_snapshots(repo, tags=["labkeeper", "kind:pg_globals"], host="local-lab")
+    assert g and g[-1].paths[0].startswith("/globals-127.0.0.1-")
+
+    run, logs, arts = _flow_run_record(state)
+    table = next(a for a in arts if a.key == "pg-backup")
+    assert table.type == "table"
+    data = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert {r["database"] for r in data} >= {"appdb", "photos"}
+    text = "\n".join(log.message for log in logs)
+    assert "WITHOUT role passwords" in text
+
+    events = _events("labkeeper.backup.succeeded", "/appdb")
+    resources = {(e["event"], e["resource"]["prefect.resource.id"]) for e in events}
+    assert ("labkeeper.backup.succeeded", "labkeeper.database.127.0.0.1/appdb") in resources
+
+    # secrets: never in a child's argv, the logs, the parameters or the artifacts
+    assert any(b"pg_dump" in c for c in watcher.seen) and any(
+        b"--stdin-filename" in c for c in watcher.seen), "the watcher missed the children"
+    haystacks = {"parameters": repr(run.parameters),
+                 "logs": text,
+                 "artifacts": "\n".join(f"{a.key} {a.data} {a.description}" for a in arts)}
+    for secret in secrets:
+        for where, hay in haystacks.items():
+            assert secret not in hay, f"a lab secret leaked into the {where}"
+        for cmdline in watcher.seen:
+            assert secret.encode() not in cmdline, "a lab secret leaked into a child's argv"
+
+
+def _events(prefix: str, resource_suffix: str = "") -> list[dict]:
+    """Events whose name starts with ``prefix`` (and resource id ends with the suffix)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=10)
+
+    async def read():
+        async with get_client() as client:
+            for _ in range(100):
+                resp = await client._client.post(
+                    "/events/filter",
+                    json={"filter": {"event": {"prefix": [prefix]}}, "limit": 50})
+                found = [e for e in resp.json().get("events", [])
+                         if e["resource"]["prefect.resource.id"].endswith(resource_suffix)]
+                if found:
+                    return found
+                await asyncio.sleep(0.1)
+            return []
+
+    return asyncio.run(read())
+
+
+def test_manifest_counts_come_from_the_dumps_own_snapshot_while_rows_are_inserted(lab, big,
+                                                                                   tmp_path):
+    inv = load_inventory(big)
+    conn = pg_backup.conn_for(inv, inv.database(BIG))
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            postgres.query(conn, f"INSERT INTO \"Odd Name\" SELECT g FROM generate_series(1, "
+                                 f"{50 + i}) g; INSERT INTO events VALUES ({10_000_000 + i}, "
+                                 f"now(), 'x');", timeout=30)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        result = pg_backup.backup_database(inv, BIG, log=lambda m: None)
+    finally:
+        stop.set()
+        t.join()
+    repo = _repo(big)
+    stored = pg_backup.find_latest_backup(repo, lab="local-lab", server="127.0.0.1", name=BIG)
+    assert stored and stored.dump.short_id == result.snapshot_id[:8]
+    manifest = pg_backup.read_manifest(repo, stored)
+    counts = {t.name: t.rows for t in manifest.tables}
+    out = tmp_path / "dump.sql"
+    with open(out, "wb") as f:
+        process.run(restic.dump_argv(repo, stored.dump.id, f"/{BIG}.sql"), timeout=120,
+                    codes=restic.EXIT_CODES, env=repo.env(), stdout_fd=f.fileno())
+    dump = out.read_bytes()
+    assert _count_copy_rows(dump, 'public."Odd Name"') == counts["Odd Name"]
+    assert _count_copy_rows(dump, "public.events") == counts["events"] >= BIG_ROWS
+    live = int(postgres.query(conn, 'SELECT count(*) FROM "Odd Name";')[0][0])
+    assert live > counts["Odd Name"], "the writer should have kept inserting during the dump"
+
+
+# -- faults: each fails clearly, leaves no snapshot, and a retry succeeds ----------------
+
+def _run_with_fault(big: Path, killer: Killer, **kw):
+    repo = _repo(big)
+    before = {s.id for s in _series(repo, BIG)}
+    killer.start()
+    try:
+        state = pg_backup_flow(lab=str(big), databases=[BIG], return_state=True, **kw)
+    finally:
+        killer.stop.set()
+    assert killer.killed_pid, "the fault was not injected"
+    assert state.is_failed()
+    after = {s.id for s in _series(repo, BIG)}
+    assert after == before, "a snapshot of the failed backup is in the repository"
+    assert not [lk for lk in _locks(repo) if not restic.pid_alive(lk.pid)], "stale lock left"
+    return state
+
+
+def _message(state) -> str:
+    _run, logs, _arts = _flow_run_record(state)
+    return "\n".join(log.message for log in logs)
+
+
+def test_pg_dump_killed_mid_stream_fails_without_snapshot_then_a_retry_succeeds(
+        lab, big, prefect_harness, no_retries):
+    killer = Killer([b"pg_dump", b"--snapshot=", BIG.encode()], delay=0.3)
+    state = _run_with_fault(big, killer)
+    text = _message(state)
+    assert "pg_dump failed" in text and "killed by SIGKILL" in text
+    assert "restic was stopped before end-of-stream" in text
+    assert pg_backup_flow(lab=str(big), databases=[BIG], return_state=True).is_completed()
+
+
+def test_restic_killed_mid_stream_fails_without_snapshot_and_its_lock_is_removed(
+        lab, big, prefect_harness, no_retries):
+    killer = Killer([b"restic", f"{BIG}.sql".encode()], delay=0.6)
+    state = _run_with_fault(big, killer)
+    text = _message(state)
+    assert "killed by SIGKILL" in text and "never received end-of-stream" in text
+    assert "removed the stale lock" in text
+    assert pg_backup_flow(lab=str(big), databases=[BIG], return_state=True).is_completed()
+
+
+@pytest.mark.parametrize("fault", ["bad password", "missing database"])
+def test_pg_dump_exiting_non_zero_never_gives_restic_an_eof(lab, big, fault):
+    inv = load_inventory(big)
+    conn = pg_backup.conn_for(inv, inv.database(BIG))
+    if fault == "bad password":
+        conn = dataclasses.replace(conn, password=SecretStr("wrong-password-for-test"))
+        expect = "password authentication failed"
+    else:
+        conn = dataclasses.replace(conn, dbname="no_such_database")
+        expect = 'database "no_such_database" does not exist'
+    repo = _repo(big)
+    with pytest.raises(restic.StreamFailed) as info:
+        restic.stream_backup(
+            repo, process.Stage(postgres.pg_dump_argv(conn), codes=postgres.PG_DUMP_CODES,
+                                env=conn.env()),
+            filename="fault.sql", host="local-lab", tags=["labkeeper", "kind:test-fault"],
+            gate=postgres.plain_dump_complete, timeout=60)
+    assert info.value.cause == "producer" and not info.value.eof_given
+    assert expect in str(info.value) and "exit 1" in str(info.value)
+    assert restic.find_snapshots(repo, tags=["kind:test-fault"]) == []
+    restic.unlock(repo)
+
+
+@pytest.mark.parametrize("fault", ["bad password", "missing database"])
+def test_flow_with_a_bad_password_or_missing_database_fails_that_database_only(
+        lab, big, prefect_harness, no_retries, tmp_path, fault):
+    inv = yaml.safe_load(big.read_text())
+    entry = next(d for d in inv["databases"] if d["name"] == "photos")
+    if fault == "bad password":
+        entry["password"] = f"file:{write_secret(tmp_path / 'bad', 'not-the-pg-password')}"
+        expect = "password authentication failed"
+    else:
+        entry["dbname"] = "photos_gone"
+        expect = 'database "photos_gone" does not exist'
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    repo = _repo(path)
+    before = {s.id for s in _series(repo, "photos")}
+    state = pg_backup_flow(lab=str(path), databases=["appdb", "photos"], return_state=True)
+    assert state.is_failed() and "photos" in state.message
+    assert {s.id for s in _series(repo, "photos")} == before
+    _run, logs, arts = _flow_run_record(state)
+    assert expect in "\n".join(log.message for log in logs)
+    table = next(a for a in arts if a.key == "pg-backup")
+    data = json.loads(table.data) if isinstance(table.data, str) else table.data
+    status = {r["database"]: r["status"] for r in data}
+    assert status["appdb"] == "ok" and status["photos"] == "failed"
+    assert _events("labkeeper.backup.failed", "/photos")
+
+
+def test_s3_server_frozen_mid_upload_fails_without_snapshot_then_a_retry_succeeds(
+        lab, big, prefect_harness, no_retries, tmp_path):
+    from labkeeper.locallab.s3 import LocalS3
+
+    s3 = LocalS3(tmp_path / "s3", bucket="fault-bucket")
+    s3.start()
+    try:
+        inv = yaml.safe_load(big.read_text())
+        repo_entry = inv["repositories"][0]
+        sec = tmp_path / "secrets"
+        repo_entry.update({
+            "url": f"s3:{s3.endpoint}/{s3.bucket}/restic",
+            "cache_dir": str(tmp_path / "cache"),
+        })
+        repo_entry["s3"] = {
+            **repo_entry["s3"], "endpoint": s3.endpoint, "bucket": s3.bucket,
+            "access_key_id": f"file:{write_secret(sec / 'ak', s3.access_key_id)}",
+            "secret_access_key": f"file:{write_secret(sec / 'sk', s3.secret_access_key)}"}
+        path = tmp_path / "lab.yaml"
+        path.write_text(yaml.safe_dump(inv))
+        repo = _repo(path)
+        restic.init(repo)
+        assert s3.pid
+
+        frozen = threading.Event()
+
+        def freeze(restic_pid: int) -> None:
+            os.kill(s3.pid, signal.SIGSTOP)  # the S3 server stops answering mid-upload
+            frozen.set()
+
+        def thaw_when_restic_is_gone() -> None:
+            frozen.wait(60)
+            while killer.killed_pid and restic.pid_alive(killer.killed_pid):
+                time.sleep(0.05)
+            os.kill(s3.pid, signal.SIGCONT)  # ... and comes back
+
+        killer = Killer([b"restic", f"{BIG}.sql".encode()], delay=0.5, action=freeze)
+        thaw = threading.Thread(target=thaw_when_restic_is_gone, daemon=True)
+        thaw.start()
+        killer.start()
+        try:
+            state = pg_backup_flow(lab=str(path), databases=[BIG], return_state=True,
+                                   stall_timeout=3.0)
+        finally:
+            killer.stop.set()
+            frozen.set()
+            thaw.join(30)
+            os.kill(s3.pid, signal.SIGCONT)
+        assert killer.killed_pid and state.is_failed()
+        text = _message(state)
+        assert "restic accepted no data for 3 s" in text
+        assert "no snapshot was finalised" in text
+        assert _series(repo, BIG) == []
+        assert _locks(repo) == []
+        retry = pg_backup_flow(lab=str(path), databases=[BIG], return_state=True)
+        assert retry.is_completed(), retry.message
+        assert len(_series(repo, BIG)) == 1 and len(_series(repo, BIG, "pg_manifest")) == 1
+    finally:
+        s3.stop()
+
+
+# -- locks --------------------------------------------------------------------------------
+
+def _hold_lock(repo: restic.Repo, argv: tuple[str, ...]) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **repo.env()})
+    deadline = time.monotonic() + 30
+    while not [lk for lk in _locks(repo) if lk.pid == proc.pid]:
+        assert time.monotonic() < deadline, "restic took no lock"
+        time.sleep(0.2)
+    return proc
+
+
+def test_stale_lock_of_a_dead_run_is_removed_with_unlock_and_the_run_says_so(lab, big):
+    repo = _repo(big)
+    holder = _hold_lock(repo, (*repo.base_argv(), "backup", "--stdin", "--stdin-filename",
+                               "dead-run.sql", "--host", "local-lab"))
+    holder.kill()  # a run that died: its lock stays behind
+    holder.wait()
+    assert [lk for lk in _locks(repo) if lk.pid == holder.pid]
+    said: list[str] = []
+    result = pg_backup.backup_database(load_inventory(big), "photos", log=said.append)
+    assert any("removed stale" in m and str(holder.pid) in m for m in said), said
+    assert any(str(holder.pid) in n for n in result.notes)
+    assert not [lk for lk in _locks(repo) if lk.pid == holder.pid]
+
+
+def test_live_exclusive_lock_is_waited_for_then_the_backup_runs(lab, big):
+    repo = _repo(big)
+    holder = _hold_lock(repo, (*repo.base_argv(), "key", "passwd"))  # exclusive, waits
+    said: list[str] = []
+    released_at: list[float] = []
+
+    def release() -> None:
+        time.sleep(2.5)
+        released_at.append(time.monotonic())
+        holder.stdin.close()  # empty new password: restic refuses, releases its lock
+        holder.wait()
+
+    t = threading.Thread(target=release, daemon=True)
+    t.start()
+    result = pg_backup.backup_database(load_inventory(big), "photos", log=said.append)
+    t.join()
+    assert any("waiting for exclusive lock" in m for m in said), said
+    assert result.snapshot_id and released_at
+    assert holder.returncode == 1
