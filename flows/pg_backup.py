@@ -5,8 +5,8 @@ each database in turn (``tasks.pg_backup.backup_database``: manifest from the
 dump's own snapshot, pg_dump streamed into restic with end-of-stream under our
 control, verified). One failed database does not stop the others; the run fails
 at the end if any failed. Leaves a table artifact ``pg-backup``, emits
-``labkeeper.backup.succeeded`` / ``labkeeper.backup.failed`` per database, and
-pings the inventory's healthchecks URL for ``pg_backup`` (start / success / fail).
+``labkeeper.backup.succeeded`` / ``labkeeper.backup.failed`` per database; the flow
+hooks ping the inventory's healthchecks URL for ``pg_backup`` and notify on failure.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from labkeeper.errors import ConfigError
 from labkeeper.inventory import Inventory, load_inventory
 from labkeeper.secrets import redact
 from tasks import pg_backup as backup_tasks
-from tasks.common import failure_of
+from tasks.common import failure_of, lab_path
+from tasks.hooks import hooks
 
 ARTIFACT_KEY = "pg-backup"
 
@@ -70,16 +71,13 @@ def _failed_row(name: str, detail: str) -> dict[str, Any]:
             "tables": 0, "backup id": "", "notes": redact(detail)}
 
 
-@flow(name="pg_backup", log_prints=False, timeout_seconds=12 * 3600)
-def pg_backup_flow(lab: str = "lab.yaml", databases: list[str] | None = None,
+@flow(name="pg_backup", log_prints=False, timeout_seconds=12 * 3600, **hooks("pg_backup"))
+def pg_backup_flow(lab: str | None = None, databases: list[str] | None = None,
                    repository: str | None = None, stall_timeout: float = 300.0) -> list[dict]:
     """Back up the lab's PostgreSQL databases (default: all) into restic."""
     logger = get_run_logger()
-    inv = load_inventory(lab)
+    inv = load_inventory(lab_path(lab))
     names = select_databases(inv, databases, repository)
-    hc_url = pg_backup.healthcheck_url(inv, "pg_backup")
-    if problem := pg_backup.ping(hc_url, "start"):
-        logger.warning(problem)
     logger.info("pg_backup: %d database(s) of lab %s: %s", len(names), inv.lab.name,
                 ", ".join(names))
     started = time.monotonic()
@@ -127,9 +125,6 @@ def pg_backup_flow(lab: str = "lab.yaml", databases: list[str] | None = None,
                              markdown=_summary(rows, warnings, elapsed))
     for w in warnings:
         logger.warning(w)
-    summary_text = f"{ok} ok, {len(failed)} failed: {', '.join(failed) or '-'}"
-    if problem := pg_backup.ping(hc_url, "fail" if failed else "success", body=summary_text):
-        logger.warning(problem)
     if failed:
         raise BackupRunFailed(f"{len(failed)} of {len(names)} database backups failed: "
                               f"{', '.join(failed)}", rows)
@@ -165,15 +160,17 @@ def run_backup_cli(lab: Path, db: str | None) -> int:
         rows = getattr(exc, "rows", []) or []
         console.print(f"[red]backup failed:[/red] {redact(str(exc) if exc else state.name)}")
     if rows:
+        cols = ("database", "status", "snapshot", "bytes dumped", "duration s",
+                "throughput MB/s", "tables")
         table = Table(title="pg_backup")
-        for col in ("database", "status", "snapshot", "bytes dumped", "duration s",
-                    "throughput MB/s", "tables", "notes"):
-            table.add_column(col)
+        for col in cols:
+            table.add_column(col, overflow="fold")
         for r in rows:
-            table.add_row(*(str(r[c]) for c in ("database", "status", "snapshot",
-                                                 "bytes dumped", "duration s",
-                                                 "throughput MB/s", "tables", "notes")))
+            table.add_row(*(str(r[c]) for c in cols))
         console.print(table)
+        for r in rows:
+            if r.get("notes"):
+                console.print(f"{r['database']}: {r['notes']}", markup=False)
     return 0 if state.is_completed() else 1
 
 

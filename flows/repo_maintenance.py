@@ -15,16 +15,19 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from labkeeper.inventory import load_inventory
 from tasks import repo_maintenance as mt
+from tasks.common import lab_path
+from tasks.hooks import hooks
 
 
-@flow(name="repo_maintenance", log_prints=False, timeout_seconds=12 * 3600)
-def repo_maintenance_flow(lab: str = "lab.yaml", repository: str | None = None,
+@flow(name="repo_maintenance", log_prints=False, timeout_seconds=12 * 3600,
+      **hooks("repo_maintenance"))
+def repo_maintenance_flow(lab: str | None = None, repository: str | None = None,
                           dry_run: bool = False, prune: bool = True, check: bool = True,
                           read_data_subset: str | None = None) -> dict[str, Any]:
     """forget (per series) → prune → check → usage, for one or every repository.
     ``dry_run`` shows what forget/prune would remove and changes nothing."""
     logger = get_run_logger()
-    inv = load_inventory(lab)
+    inv = load_inventory(lab_path(lab))
     names = [repository] if repository else [r.name for r in inv.repositories]
     for n in names:
         inv.repository(n)

@@ -188,6 +188,39 @@ def vzdump_sync_jobs(lab: LabOption = Path("lab.yaml"),
     raise typer.Exit(sync_jobs_cli(lab, apply))
 
 
+backup_app = typer.Typer(no_args_is_help=True, help="PostgreSQL backups into restic.")
+app.add_typer(backup_app, name="backup")
+repo_app = typer.Typer(no_args_is_help=True, help="restic repository maintenance.")
+app.add_typer(repo_app, name="repo")
+
+
+@backup_app.command("run")
+def backup_run(lab: LabOption = Path("lab.yaml"),
+               db: Annotated[str | None, typer.Option("--db", help="Only this database.")]
+               = None) -> None:
+    """Dump the databases now, stream them into restic, verify; print the table."""
+    from flows.pg_backup import run_backup_cli
+
+    raise typer.Exit(run_backup_cli(lab, db))
+
+
+@repo_app.command("maintain")
+def repo_maintain(lab: LabOption = Path("lab.yaml"),
+                  repository: Annotated[str | None, typer.Option("--repository")] = None,
+                  dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what forget "
+                                                        "would remove; change nothing.")]
+                  = False) -> None:
+    """forget per series by the retention policy, prune, check, report bucket usage."""
+    from flows.repo_maintenance import repo_maintenance_flow
+
+    state = repo_maintenance_flow(lab=str(lab), repository=repository, dry_run=dry_run,
+                                  return_state=True)
+    if not state.is_completed():
+        print(f"repo maintenance: {state.name}: {state.message}", file=sys.stderr)
+        raise typer.Exit(1)
+    print(json.dumps(state.result(), indent=2, default=str))
+
+
 @app.command()
 def serve() -> None:
     """Serve every deployment in prefect.yaml from this process (single-machine mode)."""

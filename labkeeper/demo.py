@@ -99,4 +99,8 @@ def jobs(lab: LocalLab) -> list[tuple[str, tuple[str, ...]]]:
          (*cli, "provision", "plan", "--lab", inv)),
         ("vzdump: back up the demo guests, verify, prune, copy off-site",
          (*cli, "vzdump", "run", "demo", "--lab", inv)),
+        ("pg_backup: dump every database into restic on the S3 bucket, proven complete",
+         (*cli, "backup", "run", "--lab", inv)),
+        ("repo maintenance: forget by retention (dry run), prune, check, usage",
+         (*cli, "repo", "maintain", "--lab", inv, "--dry-run")),
     ]

@@ -544,30 +544,3 @@ def orphan_manifests(snapshots: list[restic.Snapshot]) -> list[restic.Snapshot]:
 
 # -- healthchecks-style pings ------------------------------------------------------------
 
-def healthcheck_url(inv: Inventory, flow: str) -> str | None:
-    hc = inv.notifications.healthchecks
-    if hc is None or flow not in hc.pings:
-        return None
-    value = resolve(hc.pings[flow]).get_secret_value()  # type: ignore[index]
-    if value.startswith(("http://", "https://")):
-        return value.rstrip("/")
-    if hc.base_url is None:
-        raise LabkeeperError(f"healthchecks ping for {flow} is not a URL and no base_url is set")
-    return f"{hc.base_url.rstrip('/')}/{value}"
-
-
-def ping(url: str | None, kind: str, *, timeout: float = 10, body: str = "") -> str | None:
-    """Ping ``url`` (``kind``: start | success | fail). Returns an error text or None;
-    a failed ping never fails a backup."""
-    if not url:
-        return None
-    import requests
-
-    target = url if kind == "success" else f"{url}/{kind}"
-    try:
-        resp = requests.post(target, data=body.encode()[:10000], timeout=timeout)
-        if resp.status_code >= 400:
-            return f"healthchecks {kind} ping answered HTTP {resp.status_code}"
-    except requests.RequestException as exc:
-        return redact(f"healthchecks {kind} ping failed: {type(exc).__name__}")
-    return None
