@@ -135,3 +135,19 @@ def test_a_failing_deployment_run_shows_failed_with_its_error_in_the_logs(
     assert "checks failed: database:photos" in text
     assert "password authentication failed" in text
     assert "wrong-password-for-e2e" not in text
+
+
+def test_nightly_pg_backup_deployment_run_backs_up_every_database(prefect_stack, lab):
+    from labkeeper import restic
+
+    before = {s.id for s in restic.snapshots(lab.repo)}
+    run = _run_deployment(prefect_stack, "pg_backup/nightly-pg-backup", timeout=300)
+    assert run.state.is_completed(), run.state.message
+    _logs, arts, tasks = _history(prefect_stack, run.id, expect_log="pg_backup:")
+    table = next(a for a in arts if a.key == "pg-backup")
+    data = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert {r["database"] for r in data} >= {"appdb", "photos"}
+    new = [s for s in restic.snapshots(lab.repo) if s.id not in before]
+    assert {t for s in new for t in s.tags if t.startswith("db:")} >= \
+        {"db:127.0.0.1/appdb", "db:127.0.0.1/photos"}
+    assert all(t.state.is_completed() for t in tasks)
