@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
-from labkeeper import pg_backup
+from labkeeper import metrics, pg_backup
 from labkeeper.errors import ConfigError
 from labkeeper.inventory import Inventory, load_inventory
 from labkeeper.secrets import redact
@@ -98,11 +98,24 @@ def pg_backup_flow(lab: str | None = None, databases: list[str] | None = None,
             warnings.append(f"globals {label}: {detail}")
             logger.warning("globals of %s: %s", label, detail)
             rows.append({**_failed_row(f"globals {label}", detail), "status": "warning"})
+    samples: list[metrics.Sample] = []
     for name in names:
         state = backup_tasks.backup_database(inv, name, stall_timeout=stall_timeout,
                                              return_state=True)
+        series = {"series": f"db:{inv.database_server(name)}/{name}", "kind": "pg_dump"}
+        samples.append(metrics.Sample("labkeeper_backup_last_run_timestamp_seconds", series,
+                                      time.time()))
+        samples.append(metrics.Sample("labkeeper_backup_success", series,
+                                      1 if state.is_completed() else 0))
         if state.is_completed():
             res: pg_backup.BackupResult = state.result()
+            samples += [
+                metrics.Sample("labkeeper_backup_last_success_timestamp_seconds", series,
+                               time.time()),
+                metrics.Sample("labkeeper_backup_duration_seconds", series, res.duration_s),
+                metrics.Sample("labkeeper_backup_dumped_bytes", series, res.bytes_dumped),
+                metrics.Sample("labkeeper_backup_added_bytes", series, res.data_added),
+            ]
             rows.append(res.row())
             _emit(inv, name, True, {"snapshot_id": res.snapshot_id,
                                     "backup_id": res.backup_id,
@@ -116,6 +129,10 @@ def pg_backup_flow(lab: str | None = None, databases: list[str] | None = None,
             failed.append(name)
             rows.append(_failed_row(name, detail))
             _emit(inv, name, False, {"error": redact(detail)[:2000]})
+    try:
+        metrics.record(inv.settings.state_dir, inv.settings.metrics.textfile, samples)
+    except OSError as exc:
+        logger.warning("metrics not recorded: %s", exc)
     elapsed = time.monotonic() - started
     ok = len(names) - len(failed)
     create_table_artifact(key=ARTIFACT_KEY, table=rows,

@@ -128,6 +128,14 @@ def test_backup_run_stores_dump_and_manifest_per_database_with_tags_artifact_and
     rows = {r["database"]: r for r in state.result()}
     assert rows["appdb"]["status"] == "ok" and rows["photos"]["status"] == "ok"
     assert rows["appdb"]["tables"] == 4 and rows["appdb"]["bytes dumped"] > 1_000_000
+    from labkeeper import metrics
+    from labkeeper.inventory import load_inventory
+
+    recorded = {(s.name, s.labels["series"]): s.value
+                for s in metrics.Store(load_inventory(big).settings.state_dir).samples()}
+    assert recorded[("labkeeper_backup_success", "db:127.0.0.1/appdb")] == 1
+    assert recorded[("labkeeper_backup_dumped_bytes", "db:127.0.0.1/appdb")] == \
+        rows["appdb"]["bytes dumped"]
 
     repo = _repo(big)
     for name in ("appdb", "photos"):
