@@ -222,6 +222,54 @@ def repo_maintain(lab: LabOption = Path("lab.yaml"),
 
 
 @app.command()
+def status(lab: LabOption = Path("lab.yaml"),
+           json_out: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,
+           days: Annotated[int, typer.Option(help="Failed runs of the last N days.")] = 7,
+           ) -> None:
+    """Is my lab safe? Last good backups against their objectives, drills, updates,
+    failed runs. Exits 1 when anything is late, missing or failed."""
+    from datetime import UTC, datetime
+
+    from labkeeper import status as st
+    from labkeeper.errors import ConfigError
+    from labkeeper.inventory import load_inventory
+
+    try:
+        inv = load_inventory(lab)
+    except ConfigError as exc:
+        print("\n".join([str(exc), *exc.problems]), file=sys.stderr)
+        raise typer.Exit(2) from None
+    errors: list[tuple[str, str]] = []
+    try:
+        from tasks.history import failed_runs
+
+        runs = failed_runs(days)
+    except Exception as exc:  # no Prefect server reachable: say so, still report
+        runs, errors = [], [("prefect", f"run history not readable: {exc}")]
+    facts = st.gather(inv, failed_runs=runs)
+    facts = st.Facts(**{**facts.__dict__, "errors": [*facts.errors, *errors]})
+    rows = st.evaluate(inv, facts)
+    now = datetime.now(UTC)
+    if json_out:
+        print(json.dumps([r.as_dict(now) for r in rows], indent=2))
+    else:
+        table = Table(title=f"labkeeper status: {inv.lab.name}")
+        for col in ("section", "target", "state", "age", "objective", "detail"):
+            table.add_column(col, overflow="fold")
+        style = {"ok": "green", "late": "bold red", "missing": "bold red",
+                 "failed": "bold red", "warn": "yellow", "info": "dim"}
+        for r in rows:
+            age = r.age(now)
+            table.add_row(r.section, r.target, f"[{style[r.state]}]{r.state}[/]",
+                          st.fmt_age(age) if age is not None else "-", r.objective, r.detail)
+        console.print(table)
+        bad = sum(r.state in st.BAD for r in rows)
+        console.print("[green]all within objectives[/]" if not bad else
+                      f"[bold red]{bad} out of objective[/]")
+    raise typer.Exit(st.exit_code(rows))
+
+
+@app.command()
 def serve() -> None:
     """Serve every deployment in prefect.yaml from this process (single-machine mode)."""
     from deployments.serve import serve_all

@@ -1,0 +1,239 @@
+"""`labkeeper status`: is my lab safe? One row per thing that must be recent enough.
+
+Sources: restic snapshots (database dumps and path sets), Proxmox storage content
+(vzdump archives), the metrics store (drills and updates, recorded by their flows)
+and the Prefect run history (failed runs; read by the caller and passed in).
+Evaluation is pure: :func:`evaluate` turns facts into rows; anything late,
+missing or failed makes :func:`exit_code` non-zero so the command can feed a monitor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from labkeeper.errors import ServiceError
+from labkeeper.inventory import Inventory
+
+State = Literal["ok", "late", "missing", "failed", "warn", "info"]
+BAD: frozenset[str] = frozenset({"late", "missing", "failed"})
+
+
+@dataclass(frozen=True)
+class Row:
+    section: str
+    target: str
+    state: State
+    last: datetime | None
+    objective: str
+    detail: str = ""
+
+    def age(self, now: datetime) -> timedelta | None:
+        return None if self.last is None else now - self.last
+
+    def as_dict(self, now: datetime) -> dict[str, Any]:
+        d = asdict(self)
+        d["last"] = self.last.isoformat(timespec="seconds") if self.last else None
+        age = self.age(now)
+        d["age_hours"] = round(age.total_seconds() / 3600, 2) if age is not None else None
+        return d
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What was read from the lab, keyed so :func:`evaluate` needs no I/O."""
+
+    now: datetime
+    snapshots: Mapping[str, Iterable[Any]] = field(default_factory=dict)
+    """repository name -> restic snapshots (objects with ``time`` and ``tags``)."""
+    archives: Mapping[int, datetime] = field(default_factory=dict)
+    """vmid -> ctime of its newest vzdump archive."""
+    metrics: Iterable[Any] = ()
+    """metrics samples (``name``, ``labels``, ``value``)."""
+    failed_runs: Iterable[Mapping[str, Any]] = ()
+    """failed/crashed flow runs of the last days: name, flow, state, start."""
+    errors: Iterable[tuple[str, str]] = ()
+    """(source, message) for sources that could not be read."""
+
+
+def cron_period(cron: str, tz: str, now: datetime) -> timedelta:
+    """The time between the last two fires of ``cron`` before ``now``."""
+    from cronsim import CronSim
+
+    local = now.astimezone(ZoneInfo(tz)).replace(microsecond=0)
+    it = CronSim(cron, local, reverse=True)
+    last, before = next(it), next(it)
+    return last - before
+
+
+def grace(period: timedelta) -> timedelta:
+    """How late a scheduled job may be before it counts as late: one period, plus
+    10% of it (at least an hour) for a slow run."""
+    return period + max(timedelta(hours=1), period / 10)
+
+
+def _newest(snaps: Iterable[Any], required: set[str]) -> datetime | None:
+    times = [s.time for s in snaps if required <= set(s.tags)]
+    return max(times) if times else None
+
+
+def fmt_age(td: timedelta) -> str:
+    hours = td.total_seconds() / 3600
+    return f"{hours / 24:.1f} d" if hours >= 48 else f"{hours:.1f} h"
+
+
+def evaluate(inv: Inventory, facts: Facts) -> list[Row]:
+    now = facts.now
+    rows: list[Row] = []
+    tz = inv.lab.timezone
+    for db in inv.databases:
+        repo = inv.repository_for(db)
+        series = f"db:{inv.database_server(db)}/{db.name}"
+        last = _newest(facts.snapshots.get(repo.name, ()),
+                       {"labkeeper", series, "kind:pg_dump"})
+        rpo = timedelta(hours=db.drill.rpo_hours)
+        rows.append(_judge("database", db.name, last, rpo, now,
+                           f"RPO {fmt_age(rpo)}", f"{series} in {repo.name}"))
+    for ps in inv.path_backups:
+        repo = inv.repository_for(ps)
+        series = f"paths:{ps.host}/{ps.name}"
+        last = _newest(facts.snapshots.get(repo.name, ()), {"labkeeper", series, "kind:paths"})
+        allowed = grace(cron_period(ps.schedule, tz, now))
+        rows.append(_judge("paths", f"{ps.host}/{ps.name}", last, allowed, now,
+                           f"every {fmt_age(cron_period(ps.schedule, tz, now))}", series))
+    for job in inv.vzdump_jobs:
+        if not job.enabled:
+            continue
+        period = cron_period(job.schedule, tz, now)
+        for vmid, name in _job_guests(inv, job):
+            last = facts.archives.get(vmid)
+            rows.append(_judge("guest", f"{name} ({vmid})", last, grace(period), now,
+                               f"{job.name}: every {fmt_age(period)}", f"vzdump job {job.name}"))
+    rows += _from_metrics(facts.metrics, now)
+    for run in facts.failed_runs:
+        start = run.get("start")
+        rows.append(Row("runs", f"{run.get('flow')}/{run.get('name')}", "warn",
+                        start if isinstance(start, datetime) else None, "last 7 days",
+                        str(run.get("state", "Failed"))))
+    for source, message in facts.errors:
+        rows.append(Row("source", source, "failed", None, "readable", message))
+    return rows
+
+
+def _judge(section: str, target: str, last: datetime | None, allowed: timedelta,
+           now: datetime, objective: str, detail: str) -> Row:
+    if last is None:
+        return Row(section, target, "missing", None, objective, f"no backup found: {detail}")
+    state: State = "ok" if now - last <= allowed else "late"
+    return Row(section, target, state, last, objective, detail)
+
+
+def _job_guests(inv: Inventory, job: Any) -> list[tuple[int, str]]:
+    """The inventory guests a job's selection names statically (vmids, guests, tags,
+    node, all), minus excludes. Guests only Proxmox knows about are not listed."""
+    sel = job.selection
+    out = []
+    for g in inv.guests:
+        if g.state == "absent":
+            continue
+        chosen = (sel.all or g.vmid in (sel.vmids or []) or g.name in (sel.guests or [])
+                  or bool(set(sel.tags or []) & set(g.tags)) or (sel.pool and g.pool == sel.pool))
+        if sel.node and g.node != sel.node:
+            chosen = False
+        if g.vmid in (sel.exclude or []) or set(sel.exclude_tags or []) & set(g.tags):
+            chosen = False
+        if chosen:
+            out.append((g.vmid, g.name))
+    return out
+
+
+def _from_metrics(samples: Iterable[Any], now: datetime) -> list[Row]:
+    """Drills and updates, as their flows recorded them in the metrics store."""
+    by: dict[tuple[str, str], dict[str, float]] = {}
+    for s in samples:
+        for prefix, section in (("labkeeper_drill_", "drill"), ("labkeeper_update_", "update")):
+            if s.name.startswith(prefix):
+                target = s.labels.get("target") or s.labels.get("app") or \
+                    ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                by.setdefault((section, target), {})[s.name.removeprefix(prefix)] = s.value
+    rows = []
+    for (section, target), vals in sorted(by.items()):
+        ts = vals.get("last_run_timestamp_seconds")
+        last = datetime.fromtimestamp(ts, UTC) if ts else None
+        if section == "drill":
+            ok = vals.get("success", 0) == 1
+            detail = ", ".join(f"{k.split('_')[0].upper()} {fmt_age(timedelta(seconds=v))}"
+                               for k, v in vals.items() if k in ("rto_seconds", "rpo_seconds"))
+            rows.append(Row("drill", target, "ok" if ok else "failed", last,
+                            "passes its objectives", detail))
+        else:
+            rolled = vals.get("rolled_back", 0) == 1
+            ok = vals.get("success", 0) == 1
+            state: State = "ok" if ok else ("warn" if rolled else "failed")
+            rows.append(Row("update", target, state, last, "last update healthy",
+                            "rolled back" if rolled else ("succeeded" if ok else "failed")))
+    return rows
+
+
+def exit_code(rows: Iterable[Row]) -> int:
+    return 1 if any(r.state in BAD for r in rows) else 0
+
+
+# -- gathering (I/O) -------------------------------------------------------------------
+
+def gather(inv: Inventory, *, failed_runs: Iterable[Mapping[str, Any]] = (),
+           now: datetime | None = None) -> Facts:
+    """Read restic snapshots, vzdump archives and the metrics store. A source that
+    cannot be read becomes an error row, never an exception."""
+    from labkeeper import metrics, restic
+    from labkeeper.doctor import repo_for
+
+    now = now or datetime.now(UTC)
+    errors: list[tuple[str, str]] = []
+    snapshots: dict[str, list[Any]] = {}
+    wanted = {inv.repository_for(d).name for d in inv.databases} | \
+        {inv.repository_for(p).name for p in inv.path_backups}
+    for name in sorted(wanted):
+        try:
+            snapshots[name] = restic.snapshots(repo_for(inv, name), tags=("labkeeper",),
+                                               timeout=120)
+        except Exception as exc:
+            errors.append((f"repository {name}", str(exc)))
+    archives: dict[int, datetime] = {}
+    if inv.vzdump_jobs and inv.proxmox is not None:
+        try:
+            archives = _newest_archives(inv)
+        except Exception as exc:
+            errors.append(("proxmox", str(exc)))
+    try:
+        samples = metrics.Store(inv.settings.state_dir).samples()
+    except OSError as exc:
+        samples, errors = [], [*errors, ("metrics", str(exc))]
+    return Facts(now=now, snapshots=snapshots, archives=archives, metrics=samples,
+                 failed_runs=list(failed_runs), errors=errors)
+
+
+def _newest_archives(inv: Inventory) -> dict[int, datetime]:
+    from labkeeper import proxmox as px
+
+    api = px.connect(inv.proxmox)  # type: ignore[arg-type]
+    out: dict[int, datetime] = {}
+    storages = {job.storage for job in inv.vzdump_jobs}
+    for node in px.node_names(api):
+        for storage in sorted(storages):
+            try:
+                vols = px.backups(api, node, storage)
+            except ServiceError as exc:
+                if exc.transient:
+                    raise
+                continue  # the storage is not on this node
+            for v in vols:
+                if v.vmid is None or not v.ctime:
+                    continue
+                when = datetime.fromtimestamp(v.ctime, UTC)
+                if v.vmid not in out or when > out[v.vmid]:
+                    out[v.vmid] = when
+    return out

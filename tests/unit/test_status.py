@@ -1,0 +1,98 @@
+"""`labkeeper status`: pure evaluation of facts against objectives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from labkeeper import status as st
+from labkeeper.inventory import parse_inventory
+from labkeeper.metrics import Sample
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
+
+INV = parse_inventory("""
+version: 1
+lab: {name: home, timezone: UTC}
+proxmox:
+  host: pve.lan
+  token_id: lk@pve!a
+  token_secret: env:T
+  nodes: [{name: pve1}]
+  storages:
+    - {name: local, type: dir, content: [backup, vztmpl]}
+    - {name: local-lvm, type: lvmthin, content: [images, rootdir], snapshots: true}
+guests:
+  - {name: web, vmid: 100, type: lxc, node: pve1, tags: [prod],
+     template: "local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst",
+     resources: {cores: 1, memory_mb: 512, disk_gb: 4, storage: local-lvm}}
+  - {name: scratch, vmid: 101, type: lxc, node: pve1, tags: [test],
+     template: "local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst",
+     resources: {cores: 1, memory_mb: 512, disk_gb: 4, storage: local-lvm}}
+repositories:
+  - {name: b2, url: /srv/restic, password: env:RP}
+databases:
+  - {name: app, host: db1, dbname: app, user: u, password: env:P,
+     drill: {enabled: false, rpo_hours: 26}}
+vzdump_jobs:
+  - {name: weekly, selection: {tags: [prod]}, storage: local, schedule: "0 1 * * 6",
+     retention: {keep_last: 2}}
+""", "t.yaml")
+
+
+@dataclass
+class Snap:
+    time: datetime
+    tags: list[str] = field(default_factory=list)
+
+
+def facts(**kw) -> st.Facts:
+    return st.Facts(now=NOW, **kw)
+
+
+def test_fresh_backups_are_ok_and_exit_code_is_zero():
+    snaps = {"b2": [Snap(NOW - timedelta(hours=10), ["labkeeper", "db:db1/app", "kind:pg_dump"])]}
+    rows = st.evaluate(INV, facts(snapshots=snaps, archives={100: NOW - timedelta(days=3)}))
+    by = {(r.section, r.target): r for r in rows}
+    assert by[("database", "app")].state == "ok"
+    assert by[("guest", "web (100)")].state == "ok"
+    assert ("guest", "scratch (101)") not in by
+    assert st.exit_code(rows) == 0
+
+
+def test_backup_older_than_the_rpo_is_late_and_fails_the_exit_code():
+    snaps = {"b2": [Snap(NOW - timedelta(hours=30), ["labkeeper", "db:db1/app", "kind:pg_dump"])]}
+    rows = st.evaluate(INV, facts(snapshots=snaps, archives={100: NOW - timedelta(days=1)}))
+    assert [r.state for r in rows if r.section == "database"] == ["late"]
+    assert st.exit_code(rows) == 1
+
+
+def test_no_backup_at_all_is_missing_and_other_series_do_not_count():
+    snaps = {"b2": [Snap(NOW, ["labkeeper", "db:db1/other", "kind:pg_dump"])]}
+    rows = st.evaluate(INV, facts(snapshots=snaps))
+    assert {r.state for r in rows if r.section in ("database", "guest")} == {"missing"}
+
+
+def test_weekly_vzdump_gets_one_period_plus_grace():
+    assert st.cron_period("0 1 * * 6", "UTC", NOW) == timedelta(days=7)
+    ok = st.evaluate(INV, facts(archives={100: NOW - timedelta(days=7, hours=12)}))
+    late = st.evaluate(INV, facts(archives={100: NOW - timedelta(days=8)}))
+    assert [r.state for r in ok if r.section == "guest"] == ["ok"]
+    assert [r.state for r in late if r.section == "guest"] == ["late"]
+
+
+def test_drills_updates_and_failed_runs_come_through():
+    samples = [Sample("labkeeper_drill_success", {"target": "db:app"}, 0),
+               Sample("labkeeper_drill_last_run_timestamp_seconds", {"target": "db:app"},
+                      NOW.timestamp()),
+               Sample("labkeeper_update_rolled_back", {"app": "immich"}, 1),
+               Sample("labkeeper_update_success", {"app": "immich"}, 0)]
+    runs = [{"name": "sassy-weasel", "flow": "pg_backup", "state": "Failed", "start": NOW}]
+    rows = st.evaluate(INV, facts(metrics=samples, failed_runs=runs,
+                                  errors=[("proxmox", "HTTP 401")]))
+    by = {(r.section, r.target): r for r in rows}
+    assert by[("drill", "db:app")].state == "failed"
+    assert by[("update", "immich")].state == "warn"
+    assert by[("update", "immich")].detail == "rolled back"
+    assert by[("runs", "pg_backup/sassy-weasel")].state == "warn"
+    assert by[("source", "proxmox")].state == "failed"
