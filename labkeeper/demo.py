@@ -103,4 +103,5 @@ def jobs(lab: LocalLab) -> list[tuple[str, tuple[str, ...]]]:
          (*cli, "backup", "run", "--lab", inv)),
         ("repo maintenance: forget by retention (dry run), prune, check, usage",
          (*cli, "repo", "maintain", "--lab", inv, "--dry-run")),
+        ("status: is my lab safe?", (*cli, "status", "--lab", inv)),
     ]
