@@ -7,19 +7,17 @@ separate arguments.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import os
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 
 from pydantic import SecretStr
 
 from labkeeper import process
-from labkeeper.errors import CommandError, CommandNotFound, CommandTimeout
+from labkeeper.errors import CommandError, CommandTimeout
 from labkeeper.process import ExitCode, ExitCodeTable
 
 PSQL_CODES = ExitCodeTable("psql", {
@@ -209,8 +207,7 @@ class PsqlSession:
         self.marker = _MARKER_PREFIX + pysecrets.token_hex(8)
         self.argv = ("psql", "-X", "-q", "-t", "--csv", "-v", "ON_ERROR_STOP=1",
                      "--no-password", *conn.conn_args())
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._stderr: process._Capture | None = None
+        self.proc: process.Coprocess | None = None
 
     def __enter__(self) -> PsqlSession:
         self.start()
@@ -220,14 +217,7 @@ class PsqlSession:
         self.close()
 
     def start(self) -> None:
-        try:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         env=process._child_env(self.conn.env(), None),
-                                         start_new_session=True, close_fds=True)
-        except FileNotFoundError:
-            raise CommandNotFound("psql: command not found", argv=self.argv) from None
-        self._stderr = process._Capture(self.proc.stderr, None, "psql-stderr")
+        self.proc = process.Coprocess(self.argv, env=self.conn.env())
 
     def query(self, sql: str, *, timeout: float | None = None) -> list[list[str]]:
         """Run SQL; the rows of the last statement that returns rows (CSV, as text)."""
@@ -278,15 +268,11 @@ class PsqlSession:
     def _failure(self) -> CommandError:
         proc = self.proc
         assert proc is not None
-        try:
-            rc = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process._kill_group(proc)
-            rc = proc.wait()
-        stderr = self._stderr.text() if self._stderr else ""
-        code = PSQL_CODES.classify(rc)
-        res = process.CommandResult(argv=self.argv, returncode=rc, stdout="", stderr=stderr,
-                                    duration=0.0, meaning=code.meaning, outcome=code.outcome)
+        if proc.wait(timeout=10) is None:
+            proc.kill()
+        res = proc.result(PSQL_CODES)
+        proc.close(kill=True)  # already ended: closes its pipes
+        rc = res.returncode
         err = process.make_error(res) if rc != 0 else CommandError(
             "psql ended the session unexpectedly", argv=self.argv, returncode=rc,
             stderr_tail=res.stderr_tail())
@@ -298,22 +284,8 @@ class PsqlSession:
         self.proc = None
         if proc is None:
             return
-        if not kill and proc.poll() is None:
-            with contextlib.suppress(OSError):
-                assert proc.stdin is not None
-                proc.stdin.close()  # psql ends the session (an open transaction rolls back)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                kill = True
-        if kill:
-            process._kill_group(proc)
-            proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            with contextlib.suppress(OSError, AttributeError, ValueError):
-                stream.close()  # type: ignore[union-attr]
-        if self._stderr is not None:
-            self._stderr.thread.join(timeout=5)
+        # Closing stdin ends the session (an open transaction rolls back).
+        proc.close(timeout=10, kill=kill)
 
 
 TABLES_SQL = """

@@ -9,6 +9,16 @@
   a consumer's stdin is closed only after its producer has **exited cleanly**.
   If a producer fails, every later stage is SIGKILLed before its stdin is
   closed, so a consumer (restic) never sees a clean EOF of a truncated stream.
+- A producer stage may carry an **end-of-stream gate** (``Stage.eof_gate``): after
+  it exited cleanly, ``gate(tail, nbytes)`` must accept its stream (e.g. a dump's
+  trailer is present) before the consumer gets EOF; a refusal SIGKILLs every later
+  stage instead. Gated relays copy through userspace (``os.read``/``os.write``) to
+  keep the last :data:`GATE_TAIL_BYTES`.
+- ``pipeline(..., stall_timeout=...)``: a consumer that accepts no data for that
+  long (a backend that went away) gets the whole pipeline killed, consumers first,
+  before any EOF; the failure is transient.
+- Long-lived children with pipes (a ``psql`` session) use :class:`Coprocess`, under
+  the same environment, redaction and process-group rules.
 - Exit codes are read through one :class:`ExitCodeTable` per tool; a code the
   table does not know is an error.
 """
@@ -18,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -25,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from labkeeper.errors import CommandError, CommandNotFound, CommandTimeout, PipelineError
 from labkeeper.secrets import REDACTOR
@@ -37,6 +48,11 @@ STDERR_TAIL_LINES = 20
 CAPTURE_LIMIT = 8 * 1024 * 1024  # bytes of stdout/stderr kept in a result
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL on timeout
 _SPLICE_CHUNK = 1 << 20
+GATE_TAIL_BYTES = 4096  # bytes of a gated stream's end handed to its gate
+_COPY_CHUNK = 1 << 20  # read size of a userspace (gated) relay
+_WRITE_SLICE = 1 << 18  # write size of a userspace relay: stall detection granularity
+_PIPE_SIZE = 1 << 20  # gated relays grow their pipes to this (F_SETPIPE_SZ)
+_F_SETPIPE_SZ = 1031
 _LINE_CAP = 1 << 16  # longest line handed to a callback in one piece
 LINGER_GRACE = 2.0  # seconds a finished command's leftover children may hold its pipes
 
@@ -96,11 +112,35 @@ class CommandResult:
         return "\n".join(self.stderr.splitlines()[-lines:])
 
 
+EofGate = Callable[[bytes, int], "str | None"]
+"""``gate(tail, nbytes)``: called after a producer exited cleanly, with the last
+:data:`GATE_TAIL_BYTES` of its stream and the stream's length; returns None when
+the stream is complete, otherwise why it is not (the consumer then never gets EOF)."""
+
+
 @dataclass(frozen=True)
 class PipelineResult:
+    """What a pipeline did. Tuples ``bytes_relayed``, ``eof_given`` and ``refused``
+    have one entry per relay (relay *i* connects stage *i* to stage *i+1*)."""
+
     stages: tuple[CommandResult, ...]
     duration: float
     bytes_relayed: tuple[int, ...] = ()
+    eof_given: tuple[bool, ...] = ()
+    """Whether stage *i+1* got a clean end-of-stream while it was alive."""
+    refused: tuple[str | None, ...] = ()
+    """Why relay *i* withheld EOF although its producer exited cleanly (the gate's
+    refusal, or a relay error); None when it did not."""
+    stalled: bool = False
+    """A consumer accepted no data for ``stall_timeout``: every stage was killed."""
+    timed_out: bool = False
+    cause: int | None = None
+    """Index of the stage whose failure made the pipeline fail (the earliest failed
+    stage that was not killed by us); None when every stage is ok."""
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.stages)
 
     @property
     def stdout(self) -> str:
@@ -119,6 +159,9 @@ class Stage:
     codes: ExitCodeTable = GENERIC
     env: Mapping[str, str] = field(default_factory=dict)
     on_stderr_line: Callable[[str], None] | None = None
+    eof_gate: EofGate | None = None
+    """On a producer (not the last stage): decides at its clean exit whether its
+    consumer may get EOF; see :data:`EofGate`."""
 
     def __post_init__(self) -> None:
         check_argv(self.argv)
@@ -201,6 +244,18 @@ def _child_env(extra: Mapping[str, str] | None, base: Mapping[str, str] | None) 
     return env
 
 
+def _alive(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether ``proc`` has not exited yet, without reaping it. (``Popen.poll`` answers
+    None while another thread holds its wait lock, which would make us count a child
+    that died on its own as one we killed.)"""
+    if proc.returncode is not None:
+        return False
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:  # reaped meanwhile by another thread
+        return False
+
+
 def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
     if proc.poll() is not None:
         return
@@ -208,27 +263,149 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> Non
         os.killpg(proc.pid, sig)
 
 
-class _Relay(threading.Thread):
-    """Moves bytes from a producer's stdout to a consumer's stdin; owns the EOF."""
+def _grow_pipe(fd: int) -> None:
+    import fcntl
 
-    def __init__(self, index: int, src: int, dst: int, run: _Run) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+
+
+class Coprocess:
+    """A long-lived child talking over pipes (e.g. a ``psql`` session), under the
+    runner's rules: an argv tuple (no shell), ``env`` added to the inherited
+    environment (``base_env`` replaces it), its own process group (:meth:`kill`
+    SIGKILLs the group), stderr read in a thread (capped, redacted).
+
+    :attr:`stdin` and :attr:`stdout` are the raw binary pipes; the caller owns the
+    protocol spoken over them and its deadlines. Use :func:`run`/:func:`pipeline`
+    for anything that runs to completion.
+    """
+
+    def __init__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                 base_env: Mapping[str, str] | None = None, cwd: str | None = None,
+                 on_stderr_line: LineCallback | None = None) -> None:
+        check_argv(argv)
+        self.argv = tuple(argv)
+        self.started = time.monotonic()
+        try:
+            self._proc = subprocess.Popen(
+                self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, env=_child_env(env, base_env), cwd=cwd,
+                start_new_session=True, close_fds=True)
+        except FileNotFoundError:
+            raise CommandNotFound(f"{self.argv[0]}: command not found",
+                                  argv=REDACTOR.redact_argv(self.argv)) from None
+        self._stderr = _Capture(self._proc.stderr, on_stderr_line, f"{self.argv[0]}-stderr")
+
+    @property
+    def stdin(self) -> Any:
+        """The child's stdin (binary, buffered: flush after writing)."""
+        return self._proc.stdin
+
+    @property
+    def stdout(self) -> Any:
+        """The child's stdout (binary); read its ``fileno()`` with select for deadlines."""
+        return self._proc.stdout
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit code, or None if the child is still running after ``timeout``."""
+        try:
+            return self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group (a no-op once it exited)."""
+        _kill_group(self._proc, signal.SIGKILL)
+
+    def result(self, codes: ExitCodeTable = GENERIC) -> CommandResult:
+        """The finished child as a result (stderr redacted); waits for it to exit."""
+        rc = self._proc.wait()
+        code = codes.classify(rc)
+        return CommandResult(argv=REDACTOR.redact_argv(self.argv), returncode=rc, stdout="",
+                             stderr=self._stderr.text(),
+                             duration=time.monotonic() - self.started, meaning=code.meaning,
+                             outcome=code.outcome, truncated=self._stderr.truncated)
+
+    def close(self, *, timeout: float = 10.0, kill: bool = False) -> int:
+        """End the child: close its stdin (a polite end) and wait up to ``timeout``,
+        then SIGKILL its group (at once with ``kill``). Returns the exit code."""
+        proc = self._proc
+        if not kill and proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                assert proc.stdin is not None
+                proc.stdin.close()
+            if self.wait(timeout) is None:
+                kill = True
+        if kill:
+            self.kill()
+        rc = proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                stream.close()  # type: ignore[union-attr]
+        self._stderr.thread.join(timeout=5)
+        return rc
+
+
+class _Relay(threading.Thread):
+    """Moves bytes from a producer's stdout to a consumer's stdin; owns the EOF.
+
+    Without a gate it splices (zero-copy); with one it copies through userspace and
+    keeps the stream's last :data:`GATE_TAIL_BYTES` for the gate. ``writing_since``
+    is set while data waits to be accepted by the consumer (for stall detection).
+    """
+
+    def __init__(self, index: int, src: int, dst: int, run: _Run, *,
+                 gate: EofGate | None, watch: bool) -> None:
         super().__init__(name=f"relay-{index}", daemon=True)
         self.index = index
         self.src = src
         self.dst = dst
         self.run_ = run
+        self.gate = gate
+        self.watch = watch
         self.bytes = 0
+        self.tail = b""
+        self.writing_since: float | None = None
         self.consumer_gone = False
+        self.refused: str | None = None
+        self.eof_given = False
 
     def run(self) -> None:
         try:
-            self._pump()
+            if self.gate is not None:
+                self._copy()
+            else:
+                self._pump()
+        except BaseException as exc:  # never hand out EOF of a stream we lost track of
+            log.exception("relay %d failed", self.index + 1)
+            self.refused = f"relay error: {exc}"
         finally:
+            self.writing_since = None
             self.run_.producer_done(self.index, self)
 
     def _pump(self) -> None:
         use_splice = hasattr(os, "splice")
+        poller = None
+        if self.watch:
+            # Wait for input outside the stall clock: splice blocks on either end.
+            poller = select.poll()
+            poller.register(self.src, select.POLLIN)
         while True:
+            if poller is not None:
+                poller.poll()
+                self.writing_since = time.monotonic()
             try:
                 if use_splice:
                     n = os.splice(self.src, self.dst, _SPLICE_CHUNK)
@@ -246,20 +423,54 @@ class _Relay(threading.Thread):
                     continue
                 self.consumer_gone = True
                 return
+            finally:
+                self.writing_since = None
             if n == 0:
                 return
             self.bytes += n
 
+    def _copy(self) -> None:
+        _grow_pipe(self.src)
+        _grow_pipe(self.dst)
+        buf = bytearray(_COPY_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = os.readv(self.src, [buf])
+            if n == 0:
+                return
+            off = 0
+            while off < n:
+                end = min(n, off + _WRITE_SLICE)
+                self.writing_since = time.monotonic()
+                try:
+                    off += os.write(self.dst, view[off:end])
+                except OSError:  # EPIPE: the consumer exited or was killed
+                    self.consumer_gone = True
+                    return
+                finally:
+                    self.writing_since = None
+            self.bytes += n
+            if n >= GATE_TAIL_BYTES:
+                self.tail = bytes(view[n - GATE_TAIL_BYTES:n])
+            else:
+                self.tail = (self.tail + bytes(view[:n]))[-GATE_TAIL_BYTES:]
+
+
+def _is_ok(outcome: Outcome) -> bool:
+    return outcome in ("ok", "warning")
+
 
 class _Run:
-    """Executes stages, applies the deadline, collects results."""
+    """Executes stages, applies the deadline and the stall timeout, collects results."""
 
     def __init__(self, stages: Sequence[Stage], *, timeout: float,
+                 stall_timeout: float | None,
                  env: Mapping[str, str] | None, cwd: str | None,
                  input_data: bytes | None, stdin_fd: int | None,
                  stdout_fd: int | None, on_stdout_line: LineCallback | None) -> None:
         self.stages = list(stages)
         self.timeout = timeout
+        self.stall_timeout = stall_timeout
         self.deadline = time.monotonic() + timeout
         self.env = env
         self.cwd = cwd
@@ -271,6 +482,7 @@ class _Run:
         self.exit_times: dict[int, float] = {}
         self.killed_because: dict[int, str] = {}
         self.timed_out = False
+        self.stalled = False
         self.lock = threading.Lock()
         self.relays: list[_Relay] = []
 
@@ -278,34 +490,67 @@ class _Run:
     def producer_done(self, index: int, relay: _Relay) -> None:
         """Stream from stage ``index`` ended: decide whether its consumer gets EOF."""
         producer = self.procs[index]
+        stage = self.stages[index]
         if relay.consumer_gone:
             # The consumer stopped reading: the producer cannot finish its stream.
             self._kill(index, f"stage {index + 2} ({self.stages[index + 1].argv[0]}) "
                               "stopped reading")
-        os.close(relay.src)
+        elif relay.refused is not None:
+            self._kill(index, f"relay to stage {index + 2} failed: {relay.refused}")
+        with contextlib.suppress(OSError):
+            os.close(relay.src)
         remaining = max(0.0, self.deadline - time.monotonic())
         try:
             rc = producer.wait(timeout=remaining)
         except subprocess.TimeoutExpired:
             rc = None
-        ok = rc is not None and self.stages[index].codes.classify(rc).outcome in (
-            "ok", "warning")
-        if not ok:
-            # Never hand the consumer a clean EOF of a failed stream.
+        # A producer we killed (timeout, stall, ...) did not finish its stream, even
+        # if it exited 0 on SIGTERM.
+        ok = (rc is not None and _is_ok(stage.codes.classify(rc).outcome)
+              and index not in self.killed_because)
+        if ok and not relay.consumer_gone and relay.refused is None \
+                and stage.eof_gate is not None:
+            try:
+                relay.refused = stage.eof_gate(relay.tail, relay.bytes)
+            except Exception as exc:
+                log.exception("end-of-stream gate of stage %d failed", index + 1)
+                relay.refused = f"gate error: {exc}"
+        if not ok or relay.refused is not None:
+            # Never hand the consumer a clean EOF of a failed or refused stream.
+            why = f"stage {index + 1} ({stage.argv[0]}) " + (
+                "failed" if not ok else f"refused at end of stream: {relay.refused}")
             for j in range(index + 1, len(self.stages)):
-                self._kill(j, f"stage {index + 1} ({self.stages[index].argv[0]}) failed")
-        with contextlib.suppress(OSError):
-            os.close(relay.dst)
+                self._kill(j, why)
+        consumer = self.procs[index + 1]
+        with self.lock:  # ordered against _kill/_kill_all: EOF xor kill-before-EOF
+            give = (ok and not relay.consumer_gone and relay.refused is None
+                    and index + 1 not in self.killed_because)
+            if give:
+                relay.eof_given = _alive(consumer)
+            else:
+                # A consumer we are stopping (e.g. SIGTERMed on timeout) never sees EOF.
+                _kill_group(consumer, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.close(relay.dst)
 
     def _kill(self, index: int, because: str) -> None:
         proc = self.procs[index]
         with self.lock:
-            if proc.poll() is None and index not in self.killed_because:
+            if _alive(proc) and index not in self.killed_because:
                 self.killed_because[index] = because
-        _kill_group(proc, signal.SIGKILL)
+            _kill_group(proc, signal.SIGKILL)
+
+    def _kill_all(self, because: str) -> None:
+        """SIGKILL every stage, consumers first, before any further EOF."""
+        with self.lock:
+            for i in reversed(range(len(self.procs))):
+                proc = self.procs[i]
+                if _alive(proc):
+                    self.killed_because.setdefault(i, because)
+                _kill_group(proc, signal.SIGKILL)
 
     # -- main ------------------------------------------------------------------------
-    def execute(self) -> tuple[list[CommandResult], float, list[int]]:
+    def execute(self) -> tuple[list[CommandResult], float]:
         started = time.monotonic()
         n = len(self.stages)
         captures_err: list[_Capture] = []
@@ -351,7 +596,8 @@ class _Run:
                     prev.stdout.close()
                     dst = os.dup(proc.stdin.fileno())
                     proc.stdin.close()
-                    relay = _Relay(i - 1, src, dst, self)
+                    relay = _Relay(i - 1, src, dst, self, gate=self.stages[i - 1].eof_gate,
+                                   watch=self.stall_timeout is not None)
                     self.relays.append(relay)
                     relay.start()
             last = self.procs[-1]
@@ -365,8 +611,10 @@ class _Run:
             self._wait_all()
             self._reap_lingering([*captures_err, *([capture_out] if capture_out else [])])
         except BaseException:
-            for i in range(len(self.procs)):
-                self._kill(i, "aborted")
+            self._kill_all("aborted")
+            for proc in self.procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=KILL_GRACE)
             raise
         finally:
             for relay in self.relays:
@@ -383,11 +631,14 @@ class _Run:
             code = st.codes.classify(rc)
             meaning, outcome = code.meaning, code.outcome
             because = self.killed_because.get(i, "")
-            if because.startswith("timeout"):
-                # A timed-out command fails even if it exited 0 on SIGTERM.
+            refused = self.relays[i].refused if i < len(self.relays) else None
+            if because.startswith(("timeout", "stalled")):
+                # Killed by a deadline: fails even if it exited 0 on SIGTERM; transient.
                 meaning, outcome = f"killed: {because}", "transient"
-            elif because and outcome not in ("ok", "warning"):
+            elif because and not _is_ok(outcome):
                 meaning = f"killed: {because}"
+            elif refused is not None and _is_ok(outcome):
+                meaning, outcome = f"refused at end of stream: {refused}", "permanent"
             results.append(CommandResult(
                 argv=REDACTOR.redact_argv(st.argv),
                 returncode=rc,
@@ -399,32 +650,47 @@ class _Run:
                 truncated=cap.truncated or (i == n - 1 and bool(capture_out
                                                                 and capture_out.truncated)),
             ))
-        return results, duration, [r.bytes for r in self.relays]
+        return results, duration
 
     def _wait_all(self) -> None:
         pending = set(range(len(self.procs)))
         kill_at = float("inf")
         while pending:
             now = time.monotonic()
-            if now >= self.deadline and not self.timed_out:
+            if now >= self.deadline and not self.timed_out and not self.stalled:
                 self.timed_out = True
-                for i in pending:
-                    with self.lock:
+                with self.lock:
+                    for i in sorted(pending, reverse=True):  # consumers first
                         self.killed_because.setdefault(i, f"timeout after {self.timeout:g}s")
-                    _kill_group(self.procs[i], signal.SIGTERM)
+                        _kill_group(self.procs[i], signal.SIGTERM)
                 kill_at = now + KILL_GRACE
             if self.timed_out and now >= kill_at:
                 for i in pending:
                     _kill_group(self.procs[i], signal.SIGKILL)
+            if self.stall_timeout is not None and not self.stalled and not self.timed_out:
+                self._check_stall(now)
             for i in list(pending):
                 rc = self.procs[i].poll()
                 if rc is not None:
                     self.exit_times[i] = time.monotonic()
                     pending.discard(i)
-                    if self.stages[i].codes.classify(rc).outcome not in ("ok", "warning"):
+                    if not _is_ok(self.stages[i].codes.classify(rc).outcome):
                         self._fail_others(i)
             if pending:
                 time.sleep(0.01)
+
+    def _check_stall(self, now: float) -> None:
+        assert self.stall_timeout is not None
+        for relay in self.relays:
+            since = relay.writing_since
+            if since is not None and now - since > self.stall_timeout:
+                consumer = self.stages[relay.index + 1].argv[0]
+                self.stalled = True
+                log.debug("stage %d (%s) accepted no data for %gs: killing the pipeline",
+                          relay.index + 2, consumer, self.stall_timeout)
+                self._kill_all(f"stalled: stage {relay.index + 2} ({consumer}) accepted "
+                               f"no data for {self.stall_timeout:g}s")
+                return
 
     def _reap_lingering(self, captures: list[_Capture]) -> None:
         """Children a command left behind may hold its pipes open; after a short
@@ -441,7 +707,7 @@ class _Run:
         """pipefail: one stage failed, so the pipeline cannot succeed; stop the rest."""
         name = self.stages[failed].argv[0]
         for j in range(len(self.procs)):
-            if j != failed and self.procs[j].poll() is None:
+            if j != failed and _alive(self.procs[j]):
                 self._kill(j, f"stage {failed + 1} ({name}) failed")
 
 
@@ -507,6 +773,7 @@ def pipeline(
     stages: Sequence[Stage | Sequence[str]],
     *,
     timeout: float,
+    stall_timeout: float | None = None,
     base_env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     input: bytes | str | None = None,
@@ -519,37 +786,55 @@ def pipeline(
 
     Succeeds only if every stage's exit code is ok (or a warning) per its table.
     On the first failure every other stage is killed; a consumer never receives
-    EOF from a producer that did not exit cleanly. Raises :class:`PipelineError`
-    (with every failed stage's error) when ``check`` is set.
+    EOF from a producer that did not exit cleanly, nor from one whose
+    :attr:`Stage.eof_gate` refused its stream (that producer's result then reads
+    ``refused at end of stream: <why>``, permanent). With ``stall_timeout``, a
+    consumer that accepts no data for that many seconds gets every stage killed,
+    consumers first (``killed: stalled ...``, transient). Raises
+    :class:`PipelineError` (with every failed stage's error) when ``check`` is set.
     """
     _check_timeout(timeout)
+    if stall_timeout is not None:
+        _check_timeout(stall_timeout)
     if input is not None and stdin_fd is not None:
         raise ValueError("give either input or stdin_fd, not both")
     norm = [s if isinstance(s, Stage) else Stage(tuple(s)) for s in stages]
     if not norm:
         raise ValueError("a pipeline needs at least one stage")
+    if norm[-1].eof_gate is not None:
+        raise ValueError("eof_gate belongs on a producer; the last stage has no consumer")
     data = input.encode() if isinstance(input, str) else input
     shown = " | ".join(" ".join(REDACTOR.redact_argv(s.argv)) for s in norm)
     log.debug("running: %s (timeout %gs)", shown, timeout)
-    runner = _Run(norm, timeout=timeout, env=base_env, cwd=cwd, input_data=data,
-                  stdin_fd=stdin_fd, stdout_fd=stdout_fd, on_stdout_line=on_stdout_line)
-    results, duration, relayed = runner.execute()
-    out = PipelineResult(stages=tuple(results), duration=duration, bytes_relayed=tuple(relayed))
-    failed = [i for i, r in enumerate(results) if r.outcome not in ("ok", "warning")]
-    for i in failed:
-        log.debug("stage %d %s: exit %s (%s)", i + 1, results[i].argv[0],
-                  results[i].returncode, results[i].meaning)
-    if check and failed:
-        errors = [_error_for(results[i], timeout=timeout) for i in failed]
+    runner = _Run(norm, timeout=timeout, stall_timeout=stall_timeout, env=base_env, cwd=cwd,
+                  input_data=data, stdin_fd=stdin_fd, stdout_fd=stdout_fd,
+                  on_stdout_line=on_stdout_line)
+    results, duration = runner.execute()
+    failed = [i for i, r in enumerate(results) if not _is_ok(r.outcome)]
+    cause: int | None = None
+    if failed:
         # The cause is the failed stage that was not killed by us, earliest first.
         not_killed = [i for i in failed if i not in runner.killed_because]
         candidates = not_killed or failed
-        first_i = min(candidates, key=lambda i: runner.exit_times.get(i, float("inf")))
-        first = errors[failed.index(first_i)]
+        cause = min(candidates, key=lambda i: runner.exit_times.get(i, float("inf")))
+    relays = runner.relays
+    out = PipelineResult(
+        stages=tuple(results), duration=duration,
+        bytes_relayed=tuple(r.bytes for r in relays),
+        eof_given=tuple(r.eof_given for r in relays),
+        refused=tuple(r.refused for r in relays),
+        stalled=runner.stalled, timed_out=runner.timed_out, cause=cause,
+    )
+    for i in failed:
+        log.debug("stage %d %s: exit %s (%s)", i + 1, results[i].argv[0],
+                  results[i].returncode, results[i].meaning)
+    if check and cause is not None:
+        errors = [_error_for(results[i], timeout=timeout) for i in failed]
+        first = errors[failed.index(cause)]
         if len(norm) == 1:
             raise first
         raise PipelineError(
-            f"pipeline failed at stage {first_i + 1} ({norm[first_i].argv[0]}): {first}",
+            f"pipeline failed at stage {cause + 1} ({norm[cause].argv[0]}): {first}",
             failures=errors, first=first,
         )
     return out

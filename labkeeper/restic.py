@@ -10,14 +10,9 @@ older versions, so both map onto the same typed meaning.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
-import os
 import re
-import signal
-import subprocess
-import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,9 +21,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from labkeeper import process
-from labkeeper.errors import CommandError, CommandNotFound, LabkeeperError
+from labkeeper.errors import CommandError, LabkeeperError
 from labkeeper.process import ExitCode, ExitCodeTable
-from labkeeper.secrets import REDACTOR
 
 RESTIC = "restic"
 
@@ -534,14 +528,11 @@ def backup_bytes(repo: Repo, data: bytes, *, filename: str, host: str, tags: Seq
 
 # -- streaming a producer into `restic backup --stdin`, owning end-of-stream ----------------
 
-Gate = Callable[[bytes, int], "str | None"]
+Gate = process.EofGate
 """Decides at the producer's clean exit whether the stream is complete:
 ``gate(tail_bytes, total_bytes)`` returns None (complete) or why it is not."""
 
-TAIL_BYTES = 4096
-_PIPE_SIZE = 1 << 20
-_SLICE = 1 << 18
-_F_SETPIPE_SZ = 1031
+TAIL_BYTES = process.GATE_TAIL_BYTES
 
 
 class StreamFailed(LabkeeperError):
@@ -580,117 +571,14 @@ class StreamResult:
     consumer: process.CommandResult
 
 
-def _grow_pipe(fd: int) -> None:
-    import fcntl
-
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
-
-
-class _GatedRelay(threading.Thread):
-    """Copies producer stdout → restic stdin, keeps the last bytes, and decides the EOF.
-
-    restic gets its end-of-stream (our write end closed while it is alive) only when
-    the producer exited cleanly *and* ``gate`` accepts the stream's tail. Otherwise
-    restic is SIGKILLed first, so it can never finalise a snapshot of a truncated
-    stream.
-    """
-
-    def __init__(self, src: int, dst: int, producer: subprocess.Popen[bytes],
-                 consumer: subprocess.Popen[bytes], codes: process.ExitCodeTable,
-                 gate: Gate, deadline: float) -> None:
-        super().__init__(name="restic-stdin-relay", daemon=True)
-        self.src, self.dst = src, dst
-        self.producer, self.consumer = producer, consumer
-        self.codes, self.gate, self.deadline = codes, gate, deadline
-        self.bytes = 0
-        self.tail = b""
-        self.writing_since: float | None = None
-        self.consumer_gone = False
-        self.refused: str | None = None
-        self.eof_given = False
-        self.lock = threading.Lock()
-
-    def run(self) -> None:
-        try:
-            self._pump()
-        except BaseException as exc:  # never leave restic with an open-ended stream
-            self.refused = f"relay error: {exc}"
-            self.kill_consumer()
-        finally:
-            self._finish()
-
-    def _pump(self) -> None:
-        buf = bytearray(_PIPE_SIZE)
-        view = memoryview(buf)
-        while True:
-            n = os.readv(self.src, [buf])
-            if n == 0:
-                return
-            off = 0
-            while off < n:
-                end = min(n, off + _SLICE)
-                self.writing_since = time.monotonic()
-                try:
-                    off += os.write(self.dst, view[off:end])
-                except OSError:  # EPIPE: restic exited or was killed
-                    self.consumer_gone = True
-                    self.writing_since = None
-                    return
-                self.writing_since = None
-            self.bytes += n
-            if n >= TAIL_BYTES:
-                self.tail = bytes(view[n - TAIL_BYTES:n])
-            else:
-                self.tail = (self.tail + bytes(view[:n]))[-TAIL_BYTES:]
-
-    def kill_consumer(self) -> None:
-        with self.lock:
-            if self.consumer.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.consumer.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.consumer.wait(timeout=30)
-
-    def _finish(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.src)
-        if self.consumer_gone:
-            # restic stopped reading: the producer cannot finish its stream.
-            if self.producer.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.producer.pid, signal.SIGKILL)
-        elif self.refused is None:
-            try:
-                rc: int | None = self.producer.wait(
-                    timeout=max(0.0, self.deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                rc = None
-            if rc is None:
-                self.refused = "the producer did not exit before the deadline"
-            else:
-                code = self.codes.classify(rc)
-                if code.outcome not in ("ok", "warning"):
-                    self.refused = f"{self.codes.tool} exited {rc} ({code.meaning})"
-                else:
-                    self.refused = self.gate(self.tail, self.bytes)
-            if self.refused is not None:
-                self.kill_consumer()
-        with self.lock:
-            # EOF reaches restic only if it is alive and nothing was refused.
-            self.eof_given = (not self.consumer_gone and self.refused is None
-                              and self.consumer.poll() is None)
-            with contextlib.suppress(OSError):
-                os.close(self.dst)
-
-
 def stream_backup(repo: Repo, producer: process.Stage, *, filename: str, host: str,
                   tags: Sequence[str], gate: Gate, timeout: float,
                   compression: str | None = "auto", stall_timeout: float = 300.0,
                   ) -> StreamResult:
     """Stream ``producer``'s stdout into ``restic backup --stdin`` with no temporary file.
 
-    End-of-stream is ours: restic's stdin is closed while restic lives only after the
+    A two-stage :func:`labkeeper.process.pipeline` whose producer carries ``gate`` as
+    its end-of-stream gate: restic's stdin is closed while restic lives only after the
     producer exited with an ok code *and* ``gate(tail, nbytes)`` accepted the stream.
     On any failure restic is SIGKILLed before EOF (it then leaves a stale lock and
     maybe unreferenced packs, never a snapshot). If restic accepts no data for
@@ -699,109 +587,62 @@ def stream_backup(repo: Repo, producer: process.Stage, *, filename: str, host: s
     """
     consumer_argv = backup_stdin_argv(repo, filename=filename, host=host, tags=tags,
                                       compression=compression)
-    started = time.monotonic()
-    deadline = started + timeout
-    try:
-        prod = subprocess.Popen(producer.argv, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=process._child_env(producer.env, None),
-                                start_new_session=True, close_fds=True)
-    except FileNotFoundError:
-        raise CommandNotFound(f"{producer.argv[0]}: command not found",
-                              argv=REDACTOR.redact_argv(producer.argv)) from None
-    try:
-        cons = subprocess.Popen(consumer_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE,
-                                env=process._child_env(repo.env(), None),
-                                start_new_session=True, close_fds=True)
-    except BaseException:
-        process._kill_group(prod)
-        prod.wait()
-        raise
-    assert prod.stdout is not None and cons.stdin is not None
-    src = os.dup(prod.stdout.fileno())
-    prod.stdout.close()
-    dst = os.dup(cons.stdin.fileno())
-    cons.stdin.close()
-    _grow_pipe(src)
-    _grow_pipe(dst)
-    err_p = process._Capture(prod.stderr, producer.on_stderr_line, "producer-stderr")
-    err_c = process._Capture(cons.stderr, None, "restic-stderr")
-    out_c = process._Capture(cons.stdout, None, "restic-stdout")
-    relay = _GatedRelay(src, dst, prod, cons, producer.codes, gate, deadline)
-    relay.start()
-    killed: str | None = None
-    try:
-        while prod.poll() is None or cons.poll() is None or relay.is_alive():
-            now = time.monotonic()
-            since = relay.writing_since
-            if killed is None and now >= deadline:
-                killed = "timeout"
-            elif killed is None and since is not None and now - since > stall_timeout:
-                killed = "stall"
-            if killed:
-                relay.kill_consumer()  # restic first: it must never see EOF
-                process._kill_group(prod)
-            relay.join(timeout=0.05)
-    except BaseException:
-        relay.kill_consumer()
-        process._kill_group(prod)
-        raise
-    finally:
-        relay.join(timeout=30)
-        prod.wait()
-        cons.wait()
-    duration = time.monotonic() - started
-    p_res = _result(producer.argv, prod.returncode, "", err_p, producer.codes, duration)
-    c_res = _result(consumer_argv, cons.returncode, out_c.text(), err_c, EXIT_CODES, duration)
+    res = process.pipeline(
+        [dataclasses.replace(producer, eof_gate=gate),
+         process.Stage(consumer_argv, codes=EXIT_CODES, env=repo.env())],
+        timeout=timeout, stall_timeout=stall_timeout, check=False)
+    p_res, c_res = res.stages
+    nbytes = res.bytes_relayed[0]
+    eof_given = res.eof_given[0]
+    refused = res.refused[0]
     restic_said = c_res.stderr_tail(3).replace("\n", " | ")
     what = producer.argv[0]
-    if killed == "stall":
+    if res.stalled:
         raise StreamFailed(
             f"restic accepted no data for {stall_timeout:g} s (repository backend "
             f"unreachable?); stopped it before end-of-stream, no snapshot was finalised"
             + (f". restic: {restic_said}" if restic_said else ""),
             transient=True, cause="stall", producer=p_res, consumer=c_res,
-            bytes_relayed=relay.bytes)
-    if killed == "timeout":
+            eof_given=eof_given, bytes_relayed=nbytes)
+    if res.timed_out:
         raise StreamFailed(
             f"{what} | restic backup timed out after {timeout:g} s; restic was stopped "
             "before end-of-stream, no snapshot was finalised",
             transient=True, cause="timeout", producer=p_res, consumer=c_res,
-            bytes_relayed=relay.bytes)
-    if not relay.consumer_gone and relay.refused is not None:
-        if p_res.ok:
-            raise StreamFailed(
-                f"{what} exited 0 but its output is incomplete ({relay.refused}); restic "
-                "was stopped before end-of-stream, no snapshot was finalised",
-                transient=False, cause="incomplete", producer=p_res, consumer=c_res,
-                bytes_relayed=relay.bytes)
+            eof_given=eof_given, bytes_relayed=nbytes)
+    if refused is not None:
+        raise StreamFailed(
+            f"{what} exited {p_res.returncode} but its output is incomplete ({refused}); "
+            "restic was stopped before end-of-stream, no snapshot was finalised",
+            transient=False, cause="incomplete", producer=p_res, consumer=c_res,
+            bytes_relayed=nbytes)
+    if res.cause == 0:
         err = process.make_error(p_res)
         transient = any(s in p_res.stderr for s in _PRODUCER_TRANSIENT)
         raise StreamFailed(
-            f"{err} — restic was stopped before end-of-stream after {relay.bytes} bytes, "
+            f"{err} — restic was stopped before end-of-stream after {nbytes} bytes, "
             "no snapshot was finalised",
             transient=transient, cause="producer", producer=p_res, consumer=c_res,
-            bytes_relayed=relay.bytes)
-    if c_res.returncode != 0 or not relay.eof_given:
+            bytes_relayed=nbytes)
+    if c_res.returncode != 0 or not eof_given:
         err = classify_failure(process.make_error(c_res)) if c_res.returncode else None
         why = str(err) if err else f"restic exited {c_res.returncode}"
         raise StreamFailed(
-            f"{why} (after {relay.bytes} bytes of {what}'s output"
-            + ("" if relay.eof_given else "; it never received end-of-stream") + ")",
+            f"{why} (after {nbytes} bytes of {what}'s output"
+            + ("" if eof_given else "; it never received end-of-stream") + ")",
             transient=bool(err and err.transient), cause="consumer", producer=p_res,
-            consumer=c_res, eof_given=relay.eof_given, bytes_relayed=relay.bytes)
+            consumer=c_res, eof_given=eof_given, bytes_relayed=nbytes)
     try:
         summary = parse_backup_summary(c_res.stdout)
     except ValueError as exc:
         raise StreamFailed(str(exc), transient=False, cause="consumer", producer=p_res,
-                           consumer=c_res, eof_given=True, bytes_relayed=relay.bytes) from None
-    if summary.total_bytes_processed != relay.bytes:
+                           consumer=c_res, eof_given=True, bytes_relayed=nbytes) from None
+    if summary.total_bytes_processed != nbytes:
         raise StreamFailed(
-            f"restic stored {summary.total_bytes_processed} bytes but {relay.bytes} were "
+            f"restic stored {summary.total_bytes_processed} bytes but {nbytes} were "
             f"sent (snapshot {summary.snapshot_id})", transient=False, cause="consumer",
-            producer=p_res, consumer=c_res, eof_given=True, bytes_relayed=relay.bytes)
-    return StreamResult(summary=summary, bytes=relay.bytes, duration=duration,
+            producer=p_res, consumer=c_res, eof_given=True, bytes_relayed=nbytes)
+    return StreamResult(summary=summary, bytes=nbytes, duration=res.duration,
                         producer=p_res, consumer=c_res)
 
 
@@ -809,16 +650,6 @@ _PRODUCER_TRANSIENT = ("could not connect", "Connection refused", "server closed
                        "timeout expired", "the database system is starting up",
                        "the database system is shutting down", "too many clients",
                        "connection to server", "terminating connection")
-
-
-def _result(argv: Sequence[str], rc: int | None, stdout: str, cap: process._Capture,
-            codes: process.ExitCodeTable, duration: float) -> process.CommandResult:
-    assert rc is not None
-    code = codes.classify(rc)
-    return process.CommandResult(argv=REDACTOR.redact_argv(tuple(argv)), returncode=rc,
-                                 stdout=stdout, stderr=cap.text(), duration=duration,
-                                 meaning=code.meaning, outcome=code.outcome,
-                                 truncated=cap.truncated)
 
 
 def forget_policy(repo: Repo, *, keep: Sequence[str], host: str, tags: Sequence[str],

@@ -257,3 +257,132 @@ def test_children_left_holding_the_pipes_do_not_hang_the_runner():
 def test_input_and_stdin_fd_together_are_refused():
     with pytest.raises(ValueError, match="either"):
         process.run(("cat",), timeout=5, input=b"x", stdin_fd=0)
+
+
+# -- end-of-stream gate, stall timeout, coprocess ------------------------------------------
+
+TRAILER = b"-- stream complete\n"
+
+
+def _trailer_gate(tail: bytes, nbytes: int) -> str | None:
+    return None if tail.endswith(TRAILER) else f"no trailer in the last {len(tail)} bytes"
+
+
+def test_gate_refusing_a_cleanly_exited_producer_withholds_eof_and_reports_the_refusal(
+        tmp_path: Path):
+    marker = tmp_path / "consumer-saw-eof"
+    producer = Stage(("sh", "-c", "head -c 200000 /dev/zero; exit 0"), eof_gate=_trailer_gate)
+    stages = [producer, Stage((PY, "-c", _consumer_script(marker)))]
+    res = process.pipeline(stages, timeout=20, check=False)
+    assert not marker.exists(), "the consumer saw EOF of a stream the gate refused"
+    assert res.refused == ("no trailer in the last 4096 bytes",)
+    assert res.eof_given == (False,) and res.bytes_relayed == (200000,)
+    assert res.cause == 0 and not res.ok
+    prod, cons = res.stages
+    assert prod.returncode == 0 and prod.outcome == "permanent"
+    assert prod.meaning == "refused at end of stream: no trailer in the last 4096 bytes"
+    assert cons.returncode == -9 and "refused at end of stream" in cons.meaning
+    with pytest.raises(PipelineError) as info:
+        process.pipeline(stages, timeout=20)
+    assert info.value.first.argv[0] == "sh" and not is_transient(info.value)
+    assert "refused at end of stream: no trailer" in str(info.value)
+
+
+def test_gate_accepting_the_stream_gives_eof_and_sees_its_tail_and_length(tmp_path: Path):
+    data = os.urandom(3 * 1024 * 1024) + TRAILER
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    seen: list[tuple[bytes, int]] = []
+
+    def gate(tail: bytes, nbytes: int) -> str | None:
+        seen.append((tail, nbytes))
+        return _trailer_gate(tail, nbytes)
+
+    res = process.pipeline([Stage(("cat", str(src)), eof_gate=gate), ("sha256sum",)],
+                           timeout=20)
+    # sha256sum prints only after EOF: the consumer got its end-of-stream.
+    assert res.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+    assert seen == [(data[-process.GATE_TAIL_BYTES:], len(data))]
+    assert res.eof_given == (True,) and res.refused == (None,)
+    assert res.bytes_relayed == (len(data),) and res.cause is None and res.ok
+
+
+def test_gate_is_not_consulted_when_the_producer_fails(tmp_path: Path):
+    marker = tmp_path / "consumer-saw-eof"
+    called: list[int] = []
+
+    def gate(tail: bytes, nbytes: int) -> str | None:
+        called.append(nbytes)
+        return None
+
+    producer = Stage(("sh", "-c", "printf partial; exit 1"), eof_gate=gate)
+    with pytest.raises(PipelineError) as info:
+        process.pipeline([producer, (PY, "-c", _consumer_script(marker))], timeout=20)
+    assert called == [] and not marker.exists()
+    assert info.value.first.returncode == 1
+
+
+def test_gate_raising_counts_as_a_refusal(tmp_path: Path):
+    marker = tmp_path / "consumer-saw-eof"
+
+    def gate(tail: bytes, nbytes: int) -> str | None:
+        raise RuntimeError("gate broke")
+
+    res = process.pipeline([Stage(("echo", "x"), eof_gate=gate),
+                            (PY, "-c", _consumer_script(marker))], timeout=20, check=False)
+    assert res.refused == ("gate error: gate broke",) and not marker.exists()
+
+
+def test_gate_on_the_last_stage_is_refused():
+    with pytest.raises(ValueError, match="eof_gate"):
+        process.pipeline([("true",), Stage(("cat",), eof_gate=_trailer_gate)], timeout=5)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["splice", "gated"])
+def test_consumer_that_stops_reading_is_killed_after_the_stall_timeout_as_transient(
+        tmp_path: Path, gated: bool):
+    marker = tmp_path / "consumer-saw-eof"
+    # Reads a little, then hangs without reading (a backend that went away).
+    consumer = (PY, "-c", f"import sys,time\nsys.stdin.buffer.read(1000)\n"
+                          f"time.sleep(60)\nopen({str(marker)!r}, 'w').write('eof')\n")
+    producer = Stage(("head", "-c", "50000000", "/dev/zero"),
+                     eof_gate=_trailer_gate if gated else None)
+    started = time.monotonic()
+    res = process.pipeline([producer, consumer], timeout=30, stall_timeout=1.0, check=False)
+    assert time.monotonic() - started < 8
+    assert res.stalled and not res.timed_out and res.eof_given == (False,)
+    prod, cons = res.stages
+    assert cons.returncode == -9 and cons.outcome == "transient"
+    assert cons.meaning == f"killed: stalled: stage 2 ({PY}) accepted no data for 1s"
+    assert prod.outcome == "transient" and prod.meaning.startswith("killed: stalled")
+    assert not marker.exists()
+    with pytest.raises(PipelineError) as info:
+        process.pipeline([producer, consumer], timeout=30, stall_timeout=1.0)
+    assert is_transient(info.value) and "stalled" in str(info.value)
+
+
+def test_a_slow_producer_is_not_a_stall():
+    # No byte moves for longer than stall_timeout, but the consumer is not to blame.
+    res = process.pipeline([("sh", "-c", "sleep 1.5; echo done"), ("cat",)], timeout=20,
+                           stall_timeout=0.5)
+    assert res.stdout == "done\n" and not res.stalled and res.eof_given == (True,)
+
+
+def test_coprocess_talks_over_pipes_and_closes_cleanly():
+    cp = process.Coprocess((PY, "-u", "-c",
+                            "import sys\nfor line in sys.stdin: print(line.strip().upper())\n"
+                            "print('bye', file=sys.stderr)"))
+    cp.stdin.write(b"hello\n")
+    cp.stdin.flush()
+    assert cp.stdout.readline() == b"HELLO\n"
+    assert cp.close(timeout=10) == 0
+    res = cp.result()
+    assert res.ok and res.stderr == "bye\n"
+
+
+def test_coprocess_kill_stops_its_process_group_and_missing_program_is_not_found():
+    cp = process.Coprocess(("sh", "-c", "sleep 60 & sleep 60"))
+    assert cp.wait(timeout=0.2) is None
+    assert cp.close(kill=True) == -9
+    with pytest.raises(CommandNotFound):
+        process.Coprocess(("labkeeper-no-such-program",))

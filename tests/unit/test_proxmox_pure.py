@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from labkeeper import proxmox as px
 from labkeeper.errors import ConfigError, is_transient
 from labkeeper.pvesim.schema import load_structure
+from tests.recorded import PVE
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "pve"
+FIXTURES = PVE
 
 
 # ------------------------------------------------------------------------------- UPIDs

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -13,8 +12,9 @@ from labkeeper import proxmox as px
 from labkeeper import vzdump as vz
 from labkeeper.inventory import PruneRetention, Selection, VzdumpJob
 from labkeeper.pvesim.calendar import parse_calendar_event
+from tests.recorded import PVE
 
-FIXTURES = Path("/work/shared/fixtures/pve")
+FIXTURES = PVE
 
 
 def g(vmid: int, node: str = "pve1", tags: str = "", pool: str | None = None,
