@@ -412,7 +412,8 @@ _SKIP_XREF_KEY = "labkeeper.skip_xref"
 class _Model(BaseModel):
     """Base of every inventory model: strict (unknown keys are errors) and frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True,
+                              use_attribute_docstrings=True)
 
     @model_validator(mode="before")
     @classmethod
