@@ -221,6 +221,37 @@ def repo_maintain(lab: LabOption = Path("lab.yaml"),
     print(json.dumps(state.result(), indent=2, default=str))
 
 
+paths_app = typer.Typer(no_args_is_help=True,
+                        help="File trees backed up by restic on the hosts that hold them.")
+app.add_typer(paths_app, name="paths")
+
+
+@paths_app.command("run")
+def paths_run(lab: LabOption = Path("lab.yaml"),
+              host: Annotated[str | None, typer.Option("--host")] = None,
+              name: Annotated[str | None, typer.Option("--name", help="One path set.")] = None,
+              ) -> None:
+    """Back up the inventory's path sets now (restic on each host, over SSH)."""
+    from flows.path_backup import run_path_backup_cli
+
+    raise typer.Exit(run_path_backup_cli(lab, host, name))
+
+
+@app.command()
+def update(apps: Annotated[list[str] | None, typer.Argument(help="Apps (default: all).")]
+           = None,
+           lab: LabOption = Path("lab.yaml"),
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would happen; "
+                                                 "change nothing.")] = False,
+           force: Annotated[bool, typer.Option("--force", help="Update even when unhealthy "
+                                               "or outside the window.")] = False) -> None:
+    """Update apps: protect, update, prove health, roll back automatically.
+    Exit 0 updated/skipped, 2 rolled back (healthy on the old version), 1 failed."""
+    from flows.update import run_update_cli
+
+    raise typer.Exit(run_update_cli(lab, list(apps or []), dry_run=dry_run, force=force))
+
+
 @app.command()
 def status(lab: LabOption = Path("lab.yaml"),
            json_out: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,

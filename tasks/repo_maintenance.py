@@ -7,7 +7,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from labkeeper import b2, pg_backup, restic
+from labkeeper import b2, path_backup, pg_backup, restic
 from labkeeper.doctor import s3_target_for
 from labkeeper.inventory import Inventory
 from tasks.common import RETRY
@@ -34,7 +34,13 @@ def forget(inv: Inventory, repo_name: str, dry_run: bool = False) -> list[dict[s
     keep = inv.repository(repo_name).retention.restic_args()
     verb = "would remove" if dry_run else "removed"
     rows: list[dict[str, Any]] = []
-    for series in pg_backup.retention_series(inv, repo_name):
+    plan = [(series, keep) for series in pg_backup.retention_series(inv, repo_name)]
+    plan += [(series, inv.retention_for(pb).restic_args())
+             for series, pb in zip(path_backup.retention_series(inv, repo_name),
+                                   [pb for pb in inv.path_backups
+                                    if inv.repository_for(pb).name == repo_name],
+                                   strict=True)]
+    for series, keep in plan:
         groups = restic.forget_policy(repo, keep=keep, host=series.host, tags=series.tags,
                                       dry_run=dry_run)
         kept = [s for g in groups for s in (g.keep or [])]

@@ -1,0 +1,362 @@
+"""Docker Compose: argv builders and tolerant parsers for its JSON output.
+
+Nothing here runs anything: the update code runs these argv over SSH on the app's
+guest (``SshClient.run``) and hands the output to the parsers.
+
+The parsers accept every shape real ``docker compose`` releases print
+(see ``../shared/fixtures/README.md``):
+
+- ``ps --format json``: one JSON **array** up to 2.20.x; **one object per line**
+  (NDJSON) from 2.21.0; empty output when nothing runs.
+- ``images --format json``: a list (≤2.36, ≥2.37.1, ≥2.38 with ContainerName and
+  Platform, ≥5.0 with Created), a **map keyed by container** in 2.37.0 only, and
+  ``null`` when there are no images.
+- container health: ``""`` (no healthcheck), ``starting``, ``healthy``, ``unhealthy``;
+  older outputs only show it inside ``Status`` (``(health: starting)``, ``(healthy)``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from labkeeper.inventory import AppCompose
+
+COMPOSE = ("docker", "compose")
+ROLLBACK_OVERRIDE = ".labkeeper-rollback.yaml"
+"""The override file (in the compose dir) that pins services to their old images."""
+
+Health = Literal["", "starting", "healthy", "unhealthy"]
+
+
+# --------------------------------------------------------------------------- argv
+
+
+def base_argv(cfg: AppCompose, *, extra_files: Sequence[str] = ()) -> tuple[str, ...]:
+    """``docker compose --project-directory DIR -f DIR/FILE [-f X...] [-p PROJECT]``."""
+    argv: list[str] = [*COMPOSE, "--project-directory", str(cfg.dir),
+                       "-f", f"{cfg.dir}/{cfg.file}"]
+    for extra in extra_files:
+        argv += ["-f", extra if extra.startswith("/") else f"{cfg.dir}/{extra}"]
+    if cfg.project:
+        argv += ["-p", cfg.project]
+    return tuple(argv)
+
+
+def pull_argv(cfg: AppCompose) -> tuple[str, ...]:
+    return (*base_argv(cfg), "pull", "--quiet")
+
+
+def up_argv(cfg: AppCompose, *, extra_files: Sequence[str] = (),
+            pull: Literal["missing", "never", "always"] | None = None) -> tuple[str, ...]:
+    """``up -d --wait``-less start; ``--remove-orphans`` when the app asks for it."""
+    argv = [*base_argv(cfg, extra_files=extra_files), "up", "-d"]
+    if cfg.remove_orphans:
+        argv.append("--remove-orphans")
+    if pull is not None:
+        argv += ["--pull", pull]
+    return tuple(argv)
+
+
+def ps_argv(cfg: AppCompose) -> tuple[str, ...]:
+    """Every container of the project (also stopped ones), as JSON."""
+    return (*base_argv(cfg), "ps", "--all", "--format", "json")
+
+
+def images_argv(cfg: AppCompose) -> tuple[str, ...]:
+    return (*base_argv(cfg), "images", "--format", "json")
+
+
+def git_pull_argv(cfg: AppCompose) -> tuple[str, ...]:
+    """Fast-forward the stack's git checkout (only for apps with ``git_url``)."""
+    return ("git", "-C", str(cfg.dir), "pull", "--ff-only")
+
+
+def update_steps(cfg: AppCompose) -> list[tuple[str, ...]]:
+    """The compose update: (git pull), pull, up -d (--remove-orphans)."""
+    steps: list[tuple[str, ...]] = []
+    if cfg.git_url:
+        steps.append(git_pull_argv(cfg))
+    if cfg.pull:
+        steps.append(pull_argv(cfg))
+    steps.append(up_argv(cfg))
+    return steps
+
+
+def rollback_up_argv(cfg: AppCompose) -> tuple[str, ...]:
+    """``up -d`` with the pinning override and no pulling (the old images are local)."""
+    return up_argv(cfg, extra_files=(ROLLBACK_OVERRIDE,), pull="never")
+
+
+def pin_override(image_ids: Mapping[str, str]) -> str:
+    """An override file pinning each service to an image ID (``sha256:...``).
+
+    Image IDs are content addresses on the guest; the images an update replaced stay
+    on disk (dangling) until pruned, so ``up --pull never`` with this override brings
+    back exactly what ran before the update."""
+    if not image_ids:
+        raise ValueError("no services to pin")
+    services = {svc: {"image": image_ids[svc]} for svc in sorted(image_ids)}
+    return json.dumps({"services": services}, indent=2) + "\n"  # JSON is valid YAML
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Tolerant(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+def _none_to_empty(value: Any) -> Any:
+    return "" if value is None else value
+
+
+class Container(_Tolerant):
+    """One container from ``docker compose ps --format json`` (any version)."""
+
+    id: str = Field("", alias="ID")
+    name: str = Field("", alias="Name")
+    service: str = Field("", alias="Service")
+    project: str = Field("", alias="Project")
+    image: str = Field("", alias="Image")
+    state: str = Field("", alias="State")
+    status: str = Field("", alias="Status")
+    health: str = Field("", alias="Health")
+    exit_code: int = Field(0, alias="ExitCode")
+    labels: dict[str, str] = Field(default_factory=dict, alias="Labels")
+
+    @field_validator("id", "name", "service", "project", "image", "state", "status",
+                     "health", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return _none_to_empty(value)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, value: Any) -> Any:
+        return parse_labels(value)
+
+    @property
+    def health_state(self) -> Health:
+        """Health from the ``Health`` field, else from ``Status`` text."""
+        h = self.health.strip().lower()
+        if h in ("starting", "healthy", "unhealthy"):
+            return h  # type: ignore[return-value]
+        status = self.status.lower()
+        if "(health: starting)" in status:
+            return "starting"
+        if "(unhealthy)" in status:
+            return "unhealthy"
+        if "(healthy)" in status:
+            return "healthy"
+        return ""
+
+    @property
+    def image_id(self) -> str | None:
+        """The image ID compose recorded on the container (≥2.21 labels)."""
+        return self.labels.get("com.docker.compose.image") or None
+
+    @property
+    def service_name(self) -> str:
+        return self.service or self.labels.get("com.docker.compose.service", "")
+
+
+class ImageRow(_Tolerant):
+    """One row of ``docker compose images --format json`` (any version)."""
+
+    id: str = Field("", alias="ID")
+    container: str = Field("", alias="ContainerName")
+    repository: str = Field("", alias="Repository")
+    tag: str = Field("", alias="Tag")
+    platform: str = Field("", alias="Platform")
+    size: int = Field(0, alias="Size")
+
+    @field_validator("id", "container", "repository", "tag", "platform", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return _none_to_empty(value)
+
+    @property
+    def reference(self) -> str:
+        if not self.repository or self.repository == "<none>":
+            return self.id
+        return f"{self.repository}:{self.tag}" if self.tag and self.tag != "<none>" \
+            else self.repository
+
+
+def parse_labels(value: Any) -> dict[str, str]:
+    """Labels as docker prints them: ``k=v,k2=v2`` (values may contain ``,``) or a map."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    text = str(value)
+    out: dict[str, str] = {}
+    # A new label starts at ",key=" where key looks like a label name; anything else
+    # (a comma inside a value, e.g. depends_on=a:x:false,b:y:false) stays in the value.
+    parts = re.split(r",(?=[A-Za-z0-9_.\-/]+=)", text)
+    for part in parts:
+        key, sep, val = part.partition("=")
+        if sep:
+            out[key] = val
+    return out
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+class ComposeOutputError(ValueError):
+    """Output that no known compose version prints."""
+
+
+def _json_documents(text: str) -> list[Any]:
+    """One JSON document, or NDJSON (one per line)."""
+    stripped = text.strip()
+    if not stripped:
+        return []
+    try:
+        return [json.loads(stripped)]
+    except json.JSONDecodeError:
+        pass
+    docs = []
+    for n, line in enumerate(stripped.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            docs.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ComposeOutputError(f"line {n} is not JSON: {exc.msg}") from None
+    return docs
+
+
+def _flatten(docs: Iterable[Any], what: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for doc in docs:
+        if doc is None:
+            continue
+        if isinstance(doc, list):
+            for item in doc:
+                if not isinstance(item, dict):
+                    raise ComposeOutputError(f"{what}: array item is not an object")
+                rows.append(item)
+        elif isinstance(doc, dict):
+            rows.append(doc)
+        else:
+            raise ComposeOutputError(f"{what}: unexpected JSON {type(doc).__name__}")
+    return rows
+
+
+def parse_ps(text: str) -> list[Container]:
+    """``docker compose ps --format json`` of any version: array, NDJSON, empty."""
+    return [Container.model_validate(row) for row in _flatten(_json_documents(text), "ps")]
+
+
+def parse_images(text: str) -> list[ImageRow]:
+    """``docker compose images --format json``: list, 2.37.0's map, ``null``, empty."""
+    rows: list[ImageRow] = []
+    for doc in _json_documents(text):
+        if isinstance(doc, dict) and not _looks_like_image(doc):
+            # 2.37.0: {"<container>": {...image...}, ...}
+            for container, item in doc.items():
+                if not isinstance(item, dict):
+                    raise ComposeOutputError("images: map value is not an object")
+                row = ImageRow.model_validate(item)
+                if not row.container:
+                    row = row.model_copy(update={"container": str(container)})
+                rows.append(row)
+            continue
+        rows.extend(ImageRow.model_validate(r) for r in _flatten([doc], "images"))
+    return rows
+
+
+def _looks_like_image(doc: Mapping[str, Any]) -> bool:
+    return "ID" in doc or "Repository" in doc
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class ServiceImage:
+    service: str
+    container: str
+    image: str
+    """What the service runs: ``repo:tag`` as compose shows it."""
+    image_id: str
+    """The content address (``sha256:...``), or "" when unknown."""
+
+    def text(self) -> str:
+        short = self.image_id.removeprefix("sha256:")[:12]
+        return f"{self.image}@{short}" if short else self.image
+
+
+def service_images(containers: Sequence[Container],
+                   images: Sequence[ImageRow] = ()) -> dict[str, ServiceImage]:
+    """Per service: the image it runs and its ID (labels first, then the images list)."""
+    by_container = {i.container: i for i in images if i.container}
+    by_ref = {i.reference: i for i in images}
+    out: dict[str, ServiceImage] = {}
+    for c in sorted(containers, key=lambda c: c.name):
+        svc = c.service_name
+        if not svc or svc in out:
+            continue
+        image_id = c.image_id or ""
+        row = by_container.get(c.name) or by_ref.get(c.image)
+        if not image_id and row is not None:
+            image_id = row.id
+        out[svc] = ServiceImage(svc, c.name, c.image or (row.reference if row else ""),
+                                image_id)
+    if not containers:  # images alone (ContainerName is <project>-<service>-<n>)
+        for row in images:
+            key = re.sub(r"-\d+$", "", row.container) or row.reference
+            out.setdefault(key, ServiceImage(key, row.container, row.reference, row.id))
+    return out
+
+
+@dataclass(frozen=True)
+class ContainerVerdict:
+    ok: bool
+    detail: str
+    waiting: bool = False
+    """True when a container is still ``starting`` (worth waiting for)."""
+
+
+def container_health(containers: Sequence[Container],
+                     services: Sequence[str] = ()) -> ContainerVerdict:
+    """Are the services healthy? Named services must each have a running container
+    that is ``healthy`` (or has no healthcheck); with no names, every container with
+    a healthcheck must be healthy and none may be exited or restarting."""
+    problems: list[str] = []
+    waiting = False
+    by_service: dict[str, list[Container]] = {}
+    for c in containers:
+        by_service.setdefault(c.service_name, []).append(c)
+    wanted = list(services) or sorted(by_service)
+    if not wanted:
+        return ContainerVerdict(False, "no containers")
+    for svc in wanted:
+        cs = by_service.get(svc, [])
+        if not cs:
+            problems.append(f"{svc}: no container")
+            continue
+        for c in cs:
+            state = c.state.lower()
+            health = c.health_state
+            if state != "running":
+                if not services and state == "exited" and c.exit_code == 0 and not health:
+                    continue  # a one-shot init container that finished fine
+                problems.append(f"{c.name or svc}: {state or 'unknown state'}")
+            elif health == "unhealthy":
+                problems.append(f"{c.name or svc}: unhealthy")
+            elif health == "starting":
+                waiting = True
+                problems.append(f"{c.name or svc}: health starting")
+    if problems:
+        return ContainerVerdict(False, "; ".join(problems), waiting)
+    return ContainerVerdict(True, f"{len(wanted)} service(s) up")

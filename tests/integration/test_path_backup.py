@@ -1,0 +1,323 @@
+"""File backups with restic running on the "host" over SSH, against the real local lab:
+the lab's sshd (root on this machine) is the host, moto's S3 holds the repository.
+
+Source trees are generated under pytest's tmp dirs only. The unreadable file: root
+reads ``chmod 000`` files anyway, so the tree holds a directory chain deeper than
+PATH_MAX (4096 bytes): restic lstat()s entries by full path and gets ENAMETOOLONG,
+reports a JSON ``error`` message and exits 3 (see labkeeper/path_backup.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.path_backup import path_backup_flow
+from labkeeper import b2, path_backup, restic
+from labkeeper.inventory import load_inventory
+from tasks import path_backup as path_tasks
+from tests.integration.test_doctor_flow import ArgvWatcher, _flow_run_record
+
+SMALL_FILES = 2000
+SMALL_DIRS = 24
+LARGE = (3 << 20, 4 << 20, 6 << 20)  # a few large files of random (incompressible) data
+DROP_FILES = (32 << 20, 32 << 20)  # the SSH-drop tree: big enough to take a few seconds
+
+
+# -- the generated trees -------------------------------------------------------------------
+
+def make_unreadable(parent: Path) -> Path:
+    """A file below a directory chain longer than PATH_MAX: unreadable even for root.
+    Returns the first path restic cannot lstat."""
+    base = parent / "too-deep"
+    base.mkdir()
+    fd = os.open(base, os.O_RDONLY)
+    name = "d" * 200
+    path = str(base)
+    try:
+        while len(path) + 1 + len(name) <= 4096:
+            os.mkdir(name, dir_fd=fd)
+            nfd = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            path += "/" + name
+        os.mkdir(name, dir_fd=fd)  # its full path is > 4096 bytes
+        nfd = os.open(name, os.O_RDONLY, dir_fd=fd)
+        f = os.open("leaf.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=nfd)
+        os.write(f, b"you cannot back me up\n")
+        os.close(f)
+        os.close(nfd)
+    finally:
+        os.close(fd)
+    return Path(path + "/" + name)
+
+
+def make_tree(root: Path, *, seed: int = 1) -> dict[str, int]:
+    """Thousands of small files, a few large ones, a symlink loop, an unreadable path."""
+    rnd = __import__("random").Random(seed)
+    root.mkdir(parents=True)
+    total = 0
+    for d in range(SMALL_DIRS):
+        sub = root / "small" / f"dir{d:02d}"
+        sub.mkdir(parents=True)
+        for i in range(SMALL_FILES // SMALL_DIRS):
+            data = rnd.randbytes(rnd.randint(200, 3000))
+            (sub / f"f{i:04d}.bin").write_bytes(data)
+            total += len(data)
+    (root / "large").mkdir()
+    for i, size in enumerate(LARGE):
+        (root / "large" / f"big{i}.bin").write_bytes(os.urandom(size))
+        total += size
+    (root / "loop").mkdir()
+    os.symlink("b", root / "loop" / "a")
+    os.symlink("a", root / "loop" / "b")
+    os.symlink(".", root / "loop" / "self")
+    (root / "cache").mkdir()  # --exclude-caches drops it
+    (root / "cache" / "CACHEDIR.TAG").write_text(
+        "Signature: 8a477f597d28d172789f06886806bc55\n")
+    (root / "cache" / "junk.bin").write_bytes(os.urandom(100_000))
+    return {"files": SMALL_FILES // SMALL_DIRS * SMALL_DIRS + len(LARGE), "bytes": total}
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pathsrc")
+    files = base / "files"
+    info = make_tree(files)
+    unreadable = make_unreadable(files)
+    clean = base / "clean"
+    clean.mkdir()
+    (clean / "a.txt").write_text("hello\n")
+    drop = base / "drop"
+    drop.mkdir()
+    for i, size in enumerate(DROP_FILES):
+        (drop / f"blob{i}.bin").write_bytes(os.urandom(size))
+    return {"files": files, "info": info, "unreadable": unreadable, "clean": clean,
+            "drop": drop, "base": base}
+
+
+@pytest.fixture(scope="module")
+def inv_path(lab, trees, tmp_path_factory) -> Path:
+    inv = yaml.safe_load(lab.inventory_path.read_text())
+    common = {"host": "labhost", "progress_interval": 1}
+    inv["path_backups"] = [
+        {"name": "files", "paths": [str(trees["files"])], "excludes": ["*.tmp"], **common},
+        {"name": "clean", "paths": [str(trees["clean"])], **common},
+        {"name": "drop", "paths": [str(trees["drop"])], **common},
+        {"name": "missing", "paths": [str(trees["base"] / "does-not-exist")], **common},
+        {"name": "norestic", "paths": [str(trees["clean"])],
+         "restic_binary": "/opt/nowhere/restic", **common},
+    ]
+    path = tmp_path_factory.mktemp("pathinv") / "lab.yaml"
+    path.write_text(yaml.safe_dump(inv, sort_keys=False))
+    return path
+
+
+def _repo(path: Path) -> restic.Repo:
+    inv = load_inventory(path)
+    return path_backup.open_repo(inv, inv.path_backup("files"))
+
+
+def _series(repo: restic.Repo, name: str) -> list[restic.Snapshot]:
+    return restic.find_snapshots(repo, tags=path_backup.series_tags("labhost", name),
+                                 host="local-lab")
+
+
+def _bucket_bytes(lab) -> int:
+    return b2.bucket_usage(lab.s3.target(), prefix="restic/")[1]
+
+
+def _secrets(lab) -> list[str]:
+    values = [lab.secrets_dir.joinpath(n).read_text().strip()
+              for n in ("restic-password", "s3-access-key-id", "s3-secret-access-key")]
+    assert all(values)
+    return values
+
+
+# -- first backup through the flow: tags, summary, progress, warning, no secret in argv ------
+
+def test_first_backup_runs_restic_on_the_host_and_reports_unreadable_paths_as_a_warning(
+        lab, inv_path, trees, prefect_harness):
+    repo = _repo(inv_path)
+    secrets = _secrets(lab)
+    with ArgvWatcher() as watcher:
+        state = path_backup_flow(lab=str(inv_path), names=["files"], return_state=True)
+    assert state.is_completed(), state.message
+    (row,) = state.result()
+    assert row["status"] == "warning" and row["unreadable"] == 1
+    # every generated file + CACHEDIR.TAG (kept; the rest of its dir is excluded); not
+    # the unreadable leaf
+    assert row["files"] == trees["info"]["files"] + 1, row
+
+    snaps = _series(repo, "files")
+    assert len(snaps) == 1
+    snap = snaps[0]
+    assert snap.hostname == "local-lab" and snap.paths == [str(trees["files"])]
+    assert {"labkeeper", "paths:labhost/files", "kind:paths"} <= set(snap.tags)
+    assert f"backup:{row['backup id']}" in snap.tags
+    nodes = {n.path: n for n in restic.ls(repo, snap.id)}
+    root = str(trees["files"])
+    assert nodes[f"{root}/loop/a"].type == "symlink"  # the loop is stored, not followed
+    assert f"{root}/large/big2.bin" in nodes and nodes[f"{root}/large/big2.bin"].size == LARGE[2]
+    assert f"{root}/cache/junk.bin" not in nodes  # CACHEDIR.TAG honoured
+
+    run, logs, arts = _flow_run_record(state)
+    text = "\n".join(log.message for log in logs)
+    assert "files@labhost: 0.0%" in text and "files@labhost: 100.0%" in text  # progress
+    assert f"{row['files']} of {row['files']} files" in text
+    assert "restic 0.14" in text and "INCOMPLETE" in text
+    summary = next(a for a in arts if a.key == "path-backup-summary")
+    assert '"total_files_processed"' in summary.data and '"snapshot_id"' in summary.data
+    assert "File name too long" in summary.data and "too-deep" in summary.data
+    table = next(a for a in arts if a.key == "path-backup")
+    data = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert data[0]["path set"] == "labhost/files" and data[0]["status"] == "warning"
+
+    # the remote restic really ran through the SSH preamble, with no secret in any argv
+    restics = [c for c in watcher.seen if b"kind:paths" in c and b"restic" in c]
+    assert restics, "the watcher missed the remote restic"
+    assert any(b"labkeeper-env" in c for c in restics)
+    haystacks = {"parameters": repr(run.parameters), "logs": text,
+                 "artifacts": "\n".join(f"{a.key} {a.data} {a.description}" for a in arts)}
+    for secret in secrets:
+        for where, hay in haystacks.items():
+            assert secret not in hay, f"a lab secret leaked into the {where}"
+        for cmdline in watcher.seen:
+            assert secret.encode() not in cmdline, "a lab secret leaked into a process's argv"
+
+
+def test_second_backup_with_a_few_changes_adds_about_the_changed_bytes(lab, inv_path, trees):
+    inv = load_inventory(inv_path)
+    files = trees["files"]
+    if not _series(_repo(inv_path), "files"):  # baseline (when run alone)
+        path_backup.backup_path_set(inv, "files", log=lambda _m: None)
+    changed = os.urandom(2 << 20)
+    (files / "large" / "new.bin").write_bytes(changed)
+    small = sorted((files / "small" / "dir03").iterdir())[:5]
+    for p in small:
+        p.write_bytes(os.urandom(1500))
+    small[-1].unlink()
+    changed_bytes = len(changed) + 4 * 1500
+    before = _bucket_bytes(lab)
+    res = path_backup.backup_path_set(inv, "files", log=lambda _m: None)
+    grown = _bucket_bytes(lab) - before
+    assert res.files_new == 1 and res.files_changed == 4
+    # dedup: only the changed data (+ a tree, index and snapshot file) was uploaded
+    assert changed_bytes <= grown <= changed_bytes + 256 * 1024, (grown, changed_bytes)
+
+
+def test_restic_missing_on_the_host_is_a_clear_error_naming_host_and_install(inv_path):
+    with pytest.raises(path_backup.ResticMissing) as err:
+        path_backup.backup_path_set(load_inventory(inv_path), "norestic", log=lambda _m: None)
+    msg = str(err.value)
+    assert "not installed on labhost" in msg and "apt-get install restic" in msg
+    assert not err.value.transient
+
+
+def test_paths_missing_on_the_host_fail_permanently_and_leave_no_snapshot(inv_path):
+    repo = _repo(inv_path)
+    with pytest.raises(path_backup.PathBackupFailed) as err:
+        path_backup.backup_path_set(load_inventory(inv_path), "missing", log=lambda _m: None)
+    assert not err.value.transient and "do not exist" in str(err.value)
+    assert _series(repo, "missing") == []
+
+
+# -- stale lock, SSH dropped mid-backup ---------------------------------------------------------
+
+def test_stale_lock_of_a_killed_restic_is_removed_and_a_clean_tree_backs_up_ok(inv_path):
+    repo = _repo(inv_path)
+    proc = subprocess.Popen((*repo.base_argv(), "backup", "--stdin", "--host", "x"),
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **repo.env()})
+    deadline = time.monotonic() + 30
+    while not [lk for lk in restic.list_locks(repo) if lk.pid == proc.pid]:
+        assert time.monotonic() < deadline, "the lock never appeared"
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    notes: list[str] = []
+    res = path_backup.backup_path_set(load_inventory(inv_path), "clean", log=notes.append)
+    assert res.status == "ok" and res.files == 1 and res.unreadable_count == 0  # exit 0
+    assert any("removed stale" in n and str(proc.pid) in n for n in notes), notes
+    assert not [lk for lk in restic.list_locks(repo) if lk.pid == proc.pid]
+
+
+def _ppid_comm(pid: int) -> tuple[int, str]:
+    """(parent pid, own command name) of ``pid``."""
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    comm = text[text.index("(") + 1:text.rindex(")")]
+    return int(text.rsplit(")", 1)[1].split()[1]), comm
+
+
+class SessionKiller(threading.Thread):
+    """Waits for the remote restic of path set ``drop``, lets it run ``delay`` s, then
+    SIGKILLs the sshd session process above it: the SSH connection drops mid-backup."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(daemon=True)
+        self.delay = delay
+        self.restic_pid = 0
+        self.killed_sshd = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and not self.restic_pid:
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                        argv = f.read().split(b"\0")
+                except OSError:
+                    continue
+                if (argv[0].endswith(b"restic") and b"paths:labhost/drop" in argv):
+                    self.restic_pid = int(entry.name)
+                    break
+            time.sleep(0.02)
+        if not self.restic_pid:
+            return
+        time.sleep(self.delay)
+        pid = self.restic_pid
+        while pid > 1:
+            parent, comm = _ppid_comm(pid)
+            if comm == "sshd":  # the session's "sshd: root@notty", not the listener
+                os.kill(pid, signal.SIGKILL)
+                self.killed_sshd = pid
+                return
+            pid = parent
+
+
+def test_ssh_dropped_mid_backup_fails_cleans_up_then_the_retry_succeeds(
+        lab, inv_path, prefect_harness, monkeypatch):
+    monkeypatch.setattr(path_tasks, "backup_path_set",
+                        path_tasks.backup_path_set.with_options(retries=1,
+                                                                retry_delay_seconds=0))
+    repo = _repo(inv_path)
+    killer = SessionKiller(delay=0.7)
+    killer.start()
+    state = path_backup_flow(lab=str(inv_path), names=["drop"], return_state=True)
+    killer.stop.set()
+    killer.join(5)
+    assert killer.killed_sshd, "the SSH session was never killed"
+    assert state.is_completed(), state.message
+    (row,) = state.result()
+    assert row["status"] == "ok" and row["bytes"] == sum(DROP_FILES)
+
+    _run, logs, _arts = _flow_run_record(state)
+    text = "\n".join(log.message for log in logs)
+    assert "SSH connection to labhost was lost" in text, text[-3000:]
+    assert "ran `restic unlock` on labhost" in text
+    # the dropped attempt's restic is gone (SIGPIPE or our SIGTERM), nothing of it kept
+    assert not os.path.exists(f"/proc/{killer.restic_pid}")
+    snaps = _series(repo, "drop")
+    assert len(snaps) == 1 and f"backup:{row['backup id']}" in snaps[0].tags
+    assert [lk for lk in restic.list_locks(repo)] == []
