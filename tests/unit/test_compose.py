@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from labkeeper import compose
 from labkeeper.inventory import AppCompose
+from tests.recorded import COMPOSE
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "compose"
-if not FIXTURES.is_dir():  # the repository may sit elsewhere; the fixtures live in /work/shared
-    FIXTURES = Path("/work/shared/fixtures/compose")
+FIXTURES = COMPOSE
 
 
 def fixture(name: str) -> str:
