@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets as pysecrets
+import sys
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -20,14 +21,18 @@ import yaml
 from pydantic import SecretStr
 
 from labkeeper import restic
+from labkeeper.locallab.ports import free_port, wait_for_port
 from labkeeper.locallab.postgres import LocalPostgres
 from labkeeper.locallab.s3 import LocalS3
+from labkeeper.locallab.services import Service
 from labkeeper.secrets import register
 
 log = logging.getLogger("labkeeper.locallab")
 
 PVE_TOKEN_ID = "labkeeper@pve!lab"  # noqa: S105 - an id, not a secret
 PVE_NODES = ("pve1", "pve2", "pve3")
+DEMO_APPS = {"good": 120, "bad": 121}
+"""Demo apps (name -> vmid of their guest ``web-<name>``)."""
 
 
 def write_secret(path: Path, value: str) -> Path:
@@ -58,6 +63,8 @@ class LocalLab:
         self.pvesim: Any = None
         self.repo: restic.Repo | None = None
         self.pve_token_secret = ""
+        self.app_ports: dict[str, int] = {}
+        self.app_services: list[Service] = []
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> LocalLab:
@@ -86,12 +93,21 @@ class LocalLab:
                                         tokens={PVE_TOKEN_ID: self.pve_token_secret},
                                         host_paths=True)
                 self.pvesim.start(host="127.0.0.1", port=0)
+            self._sample_files()
             self.write_inventory()
             self._write_pids()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _sample_files(self) -> None:
+        """A small file tree for the demo's path backup."""
+        root = self.workdir / "files"
+        for i in range(20):
+            sub = root / f"album-{i % 4}"
+            sub.mkdir(parents=True, exist_ok=True)
+            (sub / f"photo-{i:03d}.txt").write_text(f"picture {i}\n" * (50 + i * 10))
 
     def _init_repository(self) -> None:
         assert self.s3 is not None
@@ -122,6 +138,9 @@ class LocalLab:
         (self.workdir / "pids.json").write_text(json.dumps(self.pids(), indent=2))
 
     def stop(self) -> None:
+        for svc in self.app_services:
+            svc.stop()
+        self.app_services = []
         for name in ("pvesim", "sshd", "s3", "postgres"):
             part = getattr(self, name)
             if part is None:
@@ -222,10 +241,14 @@ class LocalLab:
                     "ssh": ssh, **extra}
 
         files = self.workdir / "guest-files"
+        for name in DEMO_APPS:
+            self.app_ports.setdefault(name, free_port())
         out: dict[str, Any] = {
             "guests": [
                 lxc("proxy", 100, "pve1"),
                 lxc("app", 101, "pve2", roles=["demo-base"]),
+                *(lxc(f"web-{name}", vmid, "pve1", tags=["labkeeper", "apps"])
+                  for name, vmid in DEMO_APPS.items()),
                 {"name": "vm1", "vmid": 110, "type": "qemu", "node": "pve1",
                  "template": "9000", "tags": ["labkeeper", "demo"],
                  "resources": {"cores": 2, "memory_mb": 1024, "disk_gb": 8,
@@ -239,13 +262,56 @@ class LocalLab:
                            "mode": "0644"}],
             }},
         }
+        out["apps"] = [self._demo_app(name) for name in DEMO_APPS]
         if self.repo is not None:
+            out["path_backups"] = [{"name": "demo-files", "host": "labhost",
+                                    "paths": [str(self.workdir / "files")],
+                                    "repository": "lab-repo", "progress_interval": 5}]
             out["vzdump_jobs"] = [{
                 "name": "demo", "selection": {"tags": ["demo"]}, "storage": "local",
                 "retention": {"keep_last": 2}, "schedule": "30 1 * * 6",
                 "offsite": {"repository": "lab-repo", "prefix": "vzdump/", "keep_last": 2},
             }]
         return out
+
+    def _demo_app(self, name: str) -> dict[str, Any]:
+        """An app whose update is a command over SSH: ``good`` writes version 2.0;
+        ``bad`` also breaks its health page, so the health gate fails and the
+        update is rolled back from the pre-update snapshot."""
+        www = self.app_root(name) / "www"
+        update = f"printf %s 2.0 > {www}/VERSION"
+        if name == "bad":
+            update += f" && printf %s fail > {www}/health"
+        return {
+            "name": name, "guest": f"web-{name}", "strategy": "commands",
+            "commands": {"update": [["sh", "-c", update]],
+                         "version": ["cat", str(www / "VERSION")]},
+            "health": [{"name": "health page",
+                        "http": {"url": f"http://127.0.0.1:{self.app_ports[name]}/health",
+                                 "body_contains": "ok"}, "timeout": 2}],
+            "gate": {"initial_delay": 0, "interval": 0.2, "deadline": 2, "successes": 2},
+        }
+
+    def app_root(self, name: str) -> Path:
+        return self.workdir / "rootfs" / f"web-{name}"
+
+    def prepare_apps(self) -> None:
+        """After provisioning: give each app guest a real root filesystem in the
+        simulator (snapshots copy it, rollbacks restore it) and serve its web page."""
+        assert self.pvesim is not None
+        for name, vmid in DEMO_APPS.items():
+            www = self.app_root(name) / "www"
+            www.mkdir(parents=True, exist_ok=True)
+            (www / "VERSION").write_text("1.0")
+            (www / "health").write_text("ok")
+            self.pvesim.set_rootfs_dir(vmid, self.app_root(name))
+            svc = Service(f"web-{name}",
+                          (sys.executable, "-m", "http.server", str(self.app_ports[name]),
+                           "--bind", "127.0.0.1", "--directory", str(www)),
+                          log_path=self.workdir / f"web-{name}.log")
+            svc.start()
+            self.app_services.append(svc)
+            wait_for_port("127.0.0.1", self.app_ports[name], timeout=15)
 
     def write_inventory(self) -> Path:
         text = "# Written by labkeeper's local lab; secrets live in ./secrets (0600).\n"
