@@ -252,6 +252,21 @@ def update(apps: Annotated[list[str] | None, typer.Argument(help="Apps (default:
     raise typer.Exit(run_update_cli(lab, list(apps or []), dry_run=dry_run, force=force))
 
 
+drill_app = typer.Typer(no_args_is_help=True,
+                        help="Disaster-recovery drills: restore for real, verify, time it.")
+app.add_typer(drill_app, name="drill")
+
+
+@drill_app.command("run")
+def drill_run(target: Annotated[str | None, typer.Argument(
+                  help="all (default), db:NAME, guest:NAME|VMID, repository[:NAME]")] = None,
+              lab: LabOption = Path("lab.yaml")) -> None:
+    """Run restore drills now; exit 1 when a drill failed or breached an objective."""
+    from flows.dr_drill import run_drill_cli
+
+    raise typer.Exit(run_drill_cli(lab, target))
+
+
 @app.command()
 def status(lab: LabOption = Path("lab.yaml"),
            json_out: Annotated[bool, typer.Option("--json", help="Print JSON rows.")] = False,

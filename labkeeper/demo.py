@@ -124,6 +124,10 @@ def jobs(lab: LocalLab) -> list[Job]:
             expect=frozenset({2}), why="`bad` was rolled back from its pre-update snapshot "
                                        "and is healthy on 1.0 again",
             before=lab.prepare_apps),
+        Job("drill: restore appdb for real into a scratch database, verify, time it",
+            (*cli, "drill", "run", "db:appdb", "--lab", inv)),
+        Job("drill: restore the proxy guest's latest vzdump into a scratch VMID, boot it",
+            (*cli, "drill", "run", "guest:proxy", "--lab", inv)),
         Job("repo maintenance: forget by retention (dry run), prune, check, usage",
             (*cli, "repo", "maintain", "--lab", inv, "--dry-run")),
         Job("status: is my lab safe?", (*cli, "status", "--lab", inv)),

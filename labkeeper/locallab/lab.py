@@ -31,6 +31,12 @@ log = logging.getLogger("labkeeper.locallab")
 
 PVE_TOKEN_ID = "labkeeper@pve!lab"  # noqa: S105 - an id, not a secret
 PVE_NODES = ("pve1", "pve2", "pve3")
+SMOKE_QUERIES: dict[str, list[dict[str, Any]]] = {
+    "appdb": [{"name": "users exist", "sql": "SELECT count(*) FROM users", "min": 1},
+              {"name": "first user", "sql": "SELECT email FROM users WHERE id = 1",
+               "equals": "user1@example.org"}],
+    "photos": [{"name": "assets exist", "sql": "SELECT count(*) FROM assets", "min": 1}],
+}
 DEMO_APPS = {"good": 120, "bad": 121}
 """Demo apps (name -> vmid of their guest ``web-<name>``)."""
 
@@ -219,9 +225,17 @@ class LocalLab:
                 {"name": db, "host": self.postgres.host, "port": self.postgres.port,
                  "dbname": db, "user": self.postgres.app_user,
                  "password": f"file:{sec / 'pg-password'}",
-                 **({"repository": "lab-repo"} if self.repo else {})}
+                 **({"repository": "lab-repo"} if self.repo else {}),
+                 "drill": {"enabled": True, "server": "lab-pg", "rpo_hours": 26,
+                           "rto_minutes": 30, "smoke_queries": SMOKE_QUERIES.get(db, [])}}
                 for db in self.postgres.database_names
             ]
+            # Drills restore into scratch databases named labkeeper_drill_* on the same
+            # server (the lab role may create databases).
+            inv["drills"] = {"servers": [{
+                "name": "lab-pg", "host": self.postgres.host, "port": self.postgres.port,
+                "user": self.postgres.app_user, "password": f"file:{sec / 'pg-password'}"}],
+                "repository": {"read_data_period": 1}}
         return inv
 
     def _demo_guests(self) -> dict[str, Any]:
@@ -245,7 +259,7 @@ class LocalLab:
             self.app_ports.setdefault(name, free_port())
         out: dict[str, Any] = {
             "guests": [
-                lxc("proxy", 100, "pve1"),
+                lxc("proxy", 100, "pve1", drill={"rto_minutes": 30, "rpo_hours": 192}),
                 lxc("app", 101, "pve2", roles=["demo-base"]),
                 *(lxc(f"web-{name}", vmid, "pve1", tags=["labkeeper", "apps"])
                   for name, vmid in DEMO_APPS.items()),

@@ -1,0 +1,50 @@
+"""DR drill steps as Prefect tasks (thin wrappers over labkeeper.drill).
+
+A drill that *failed* (verification, objective, a fault) is returned as a failed
+:class:`~labkeeper.drill.DrillResult`, not raised: the flow reports it. Only a
+failure that may go away (a repository backend or the Proxmox API unreachable) is
+raised as :class:`~labkeeper.drill.DrillFailed` (transient), so Prefect retries it.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from labkeeper import drill
+from labkeeper.inventory import Inventory
+from tasks.common import RETRY
+
+DATABASE_TASK_TIMEOUT = 6 * 3600
+GUEST_TASK_TIMEOUT = 3 * 3600
+REPOSITORY_TASK_TIMEOUT = 12 * 3600
+
+
+def _settle(result: drill.DrillResult) -> drill.DrillResult:
+    if not result.passed and result.transient:
+        raise drill.DrillFailed(result)
+    return result
+
+
+@task(name="dr-drill-database", task_run_name="drill-db-{name}",
+      timeout_seconds=DATABASE_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
+def database_drill(inv: Inventory, name: str) -> drill.DrillResult:
+    """Restore the latest dump into a scratch database and verify it against its manifest."""
+    return _settle(drill.database_drill(inv, name, log=get_run_logger().info))
+
+
+@task(name="dr-drill-guest", task_run_name="drill-guest-{name}",
+      timeout_seconds=GUEST_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
+def guest_drill(inv: Inventory, name: str, poll: float = 0.5) -> drill.DrillResult:
+    """Restore the latest vzdump archive to a scratch VMID, isolated; boot; destroy."""
+    return _settle(drill.guest_drill(inv, name, log=get_run_logger().info, poll=poll))
+
+
+@task(name="dr-drill-repository", task_run_name="drill-repo-{name}",
+      timeout_seconds=REPOSITORY_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
+def repository_drill(inv: Inventory, name: str) -> drill.DrillResult:
+    """restic check of a rotating pack subset and a random snapshot restored byte for byte."""
+    return _settle(drill.repository_drill(inv, name, log=get_run_logger().info))
+
+
+BY_KIND = {"database": database_drill, "guest": guest_drill, "repository": repository_drill}
