@@ -45,8 +45,10 @@ def _inventory(env, vmid: int, **drill_kw):
         "resources": {"cores": 1, "memory_mb": 512, "disk_gb": 4, "storage": "local-lvm"},
         "network": [{"name": "eth0", "bridge": "vmbr0", "ip": "dhcp"}],
         "drill": {"rto_minutes": 30, "rpo_hours": 26, **drill_kw}}]
-    inv["drills"] = {"guests": {"scratch_vmids": {"first": 9900, "last": 9910}}}
-    inv.pop("roles", None)
+    inv["drills"] = {**inv.get("drills", {}),
+                     "guests": {"scratch_vmids": {"first": 9900, "last": 9910}}}
+    for demo_only in ("roles", "apps", "path_backups"):
+        inv.pop(demo_only, None)
     path.write_text(yaml.safe_dump(inv, sort_keys=False))
     return load_inventory(path)
 

@@ -68,6 +68,9 @@ class DrillEnv:
         """A copy of the lab inventory using our bucket's repository and a drill server
         on the lab's PostgreSQL (as the lab's app role, which may CREATEDB)."""
         inv = yaml.safe_load(self.lab.inventory_path.read_text())
+        # Only the databases are drilled here: drop the demo's guests, apps and jobs.
+        for demo_only in ("guests", "roles", "apps", "vzdump_jobs", "path_backups"):
+            inv.pop(demo_only, None)
         pg = self.lab.postgres
         repo = inv["repositories"][0]
         repo["url"] = f"s3:{self.s3.endpoint}/{bucket}/restic"

@@ -15,7 +15,8 @@ from labkeeper.inventory import load_inventory
 
 def _inventory(lab, tmp_path: Path, rpo_hours: float) -> Path:
     inv = yaml.safe_load(lab.inventory_path.read_text())
-    inv.pop("vzdump_jobs", None)
+    for not_backed_up_here in ("vzdump_jobs", "path_backups"):
+        inv.pop(not_backed_up_here, None)
     for db in inv["databases"]:
         db["drill"] = {"enabled": False, "rpo_hours": rpo_hours}
     tmp_path.mkdir(parents=True, exist_ok=True)
