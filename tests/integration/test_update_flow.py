@@ -489,3 +489,27 @@ def test_cli_entry_exit_codes_dry_run_zero_rollback_two(upd: UpdLab, prefect_har
     assert run_update_cli(path, ["web"], dry_run=False, force=False) == 2
     out = capsys.readouterr().out
     assert "RolledBack" in out and "rolled-back" in out
+
+
+def test_linked_databases_are_backed_up_before_the_update(upd: UpdLab, lab, prefect_harness):
+    from labkeeper import restic
+
+    web = upd.guest("web", 309)
+    path = upd.write([upd.app(web, [web.set_command("2.0")], databases=["appdb"])])
+    inv = yaml.safe_load(path.read_text())
+    base = yaml.safe_load(lab.inventory_path.read_text())
+    inv["repositories"] = base["repositories"]
+    inv["databases"] = [{**d, "drill": {"enabled": False}}
+                        for d in base["databases"] if d["name"] == "appdb"]
+    path.write_text(yaml.safe_dump(inv, sort_keys=False))
+
+    def appdb_dumps() -> set[str]:
+        return {s.id for s in restic.find_snapshots(
+            lab.repo, tags=["labkeeper", "db:127.0.0.1/appdb", "kind:pg_dump"],
+            host="update-test")}
+
+    before = appdb_dumps()
+    state = update_app_flow(apps=["web"], lab=str(path), return_state=True)
+    assert state.is_completed(), state.message
+    assert web.version() == "2.0"
+    assert len(appdb_dumps() - before) == 1, "no pre-update dump of the linked database"
