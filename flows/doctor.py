@@ -10,20 +10,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from labkeeper import doctor
 from labkeeper.inventory import load_inventory
 from labkeeper.secrets import redact
-from tasks.common import failure_of, lab_path
+from tasks.common import RunFailed, failure_of, lab_path
 from tasks.doctor import run_check
 from tasks.hooks import hooks
 
 
-class DoctorFailed(Exception):
-    """At least one doctor check failed; ``rows`` holds the whole table."""
-
-    def __init__(self, message: str, rows: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.rows = rows or []
-
-    def __reduce__(self) -> tuple:
-        return (DoctorFailed, (str(self), self.rows))
+class DoctorFailed(RunFailed):
+    """At least one doctor check failed."""
 
 
 @flow(name="doctor", log_prints=False, timeout_seconds=900, **hooks("doctor"))

@@ -37,21 +37,14 @@ from labkeeper import metrics, notify
 from labkeeper.inventory import Inventory, load_inventory
 from labkeeper.secrets import redact
 from tasks import drill as drill_tasks
-from tasks.common import failure_of, lab_path
+from tasks.common import RunFailed, failure_of, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "dr-drill"
 
 
-class DrillRunFailed(Exception):
-    """At least one drill failed or breached an objective; ``rows`` holds them all."""
-
-    def __init__(self, message: str, rows: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.rows = rows or []
-
-    def __reduce__(self) -> tuple:
-        return (DrillRunFailed, (str(self), self.rows))
+class DrillRunFailed(RunFailed):
+    """At least one drill failed or breached an objective."""
 
 
 def artifact_key(kind: str, name: str) -> str:

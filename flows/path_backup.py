@@ -21,25 +21,19 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
+from flows.report import print_run
 from labkeeper import metrics, path_backup
 from labkeeper.inventory import Inventory, load_inventory
 from labkeeper.secrets import redact
 from tasks import path_backup as path_tasks
-from tasks.common import failure_of, lab_path
+from tasks.common import RunFailed, failure_of, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "path-backup"
 
 
-class PathBackupRunFailed(Exception):
-    """At least one path set failed; ``rows`` holds the whole table."""
-
-    def __init__(self, message: str, rows: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.rows = rows or []
-
-    def __reduce__(self) -> tuple:
-        return (PathBackupRunFailed, (str(self), self.rows))
+class PathBackupRunFailed(RunFailed):
+    """At least one path set failed."""
 
 
 def _emit(inv: Inventory, name: str, ok: bool, payload: dict[str, Any]) -> None:
@@ -155,32 +149,11 @@ def _json(data: dict[str, Any]) -> str:
 def run_path_backup_cli(lab: Path, host: str | None, name: str | None) -> int:
     """``labkeeper paths run [--host H] [--name SET]``: run the flow, print the table,
     return the exit code (0 ok or warnings only, 1 when a set failed)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
     state = path_backup_flow(lab=str(lab), host=host, names=[name] if name else None,
                              return_state=True)
-    rows: list[dict[str, Any]] = []
-    if state.is_completed():
-        rows = state.result()
-    else:
-        exc = failure_of(state)
-        rows = getattr(exc, "rows", []) or []
-        console.print(f"[red]path backup failed:[/red] {redact(str(exc) if exc else state.name)}")
-    if rows:
-        cols = ("path set", "status", "snapshot", "files", "bytes", "duration s",
-                "throughput MB/s", "unreadable")
-        table = Table(title="path_backup")
-        for col in cols:
-            table.add_column(col, overflow="fold")
-        for r in rows:
-            table.add_row(*(str(r[c]) for c in cols))
-        console.print(table)
-        for r in rows:
-            if r.get("notes"):
-                console.print(f"{r['path set']}: {r['notes']}", markup=False)
-    return 0 if state.is_completed() else 1
+    return print_run(state, title="path_backup", name_col="path set", what="path backup",
+                     cols=("path set", "status", "snapshot", "files", "bytes", "duration s",
+                           "throughput MB/s", "unreadable"))
 
 
 if __name__ == "__main__":

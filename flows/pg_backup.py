@@ -19,26 +19,20 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 
+from flows.report import print_run
 from labkeeper import metrics, pg_backup
 from labkeeper.errors import ConfigError
 from labkeeper.inventory import Inventory, load_inventory
 from labkeeper.secrets import redact
 from tasks import pg_backup as backup_tasks
-from tasks.common import failure_of, lab_path
+from tasks.common import RunFailed, failure_of, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "pg-backup"
 
 
-class BackupRunFailed(Exception):
-    """At least one database (of several) failed; ``rows`` holds the whole table."""
-
-    def __init__(self, message: str, rows: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.rows = rows or []
-
-    def __reduce__(self) -> tuple:
-        return (BackupRunFailed, (str(self), self.rows))
+class BackupRunFailed(RunFailed):
+    """At least one database (of several) failed."""
 
 
 def select_databases(inv: Inventory, databases: list[str] | None,
@@ -164,31 +158,10 @@ def _summary(rows: list[dict[str, Any]], warnings: list[str], elapsed: float) ->
 
 def run_backup_cli(lab: Path, db: str | None) -> int:
     """``labkeeper backup run [--db NAME]``: run the flow, print the table, exit code."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
     state = pg_backup_flow(lab=str(lab), databases=[db] if db else None, return_state=True)
-    rows: list[dict[str, Any]] = []
-    if state.is_completed():
-        rows = state.result()
-    else:
-        exc = failure_of(state)
-        rows = getattr(exc, "rows", []) or []
-        console.print(f"[red]backup failed:[/red] {redact(str(exc) if exc else state.name)}")
-    if rows:
-        cols = ("database", "status", "snapshot", "bytes dumped", "duration s",
-                "throughput MB/s", "tables")
-        table = Table(title="pg_backup")
-        for col in cols:
-            table.add_column(col, overflow="fold")
-        for r in rows:
-            table.add_row(*(str(r[c]) for c in cols))
-        console.print(table)
-        for r in rows:
-            if r.get("notes"):
-                console.print(f"{r['database']}: {r['notes']}", markup=False)
-    return 0 if state.is_completed() else 1
+    return print_run(state, title="pg_backup", name_col="database", what="backup",
+                     cols=("database", "status", "snapshot", "bytes dumped", "duration s",
+                           "throughput MB/s", "tables"))
 
 
 if __name__ == "__main__":

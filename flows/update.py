@@ -46,21 +46,14 @@ from labkeeper.inventory import App, Inventory, load_inventory
 from labkeeper.secrets import redact
 from tasks import pg_backup as pg_tasks
 from tasks import update as tu
-from tasks.common import failure_of, lab_path
+from tasks.common import RunFailed, failure_of, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "update"
 
 
-class UpdateRunFailed(Exception):
-    """An app's update failed or was rolled back; ``rows`` holds every app's result."""
-
-    def __init__(self, message: str, rows: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.rows = rows or []
-
-    def __reduce__(self) -> tuple:
-        return (UpdateRunFailed, (str(self), self.rows))
+class UpdateRunFailed(RunFailed):
+    """An app's update failed or was rolled back."""
 
 
 def limit_name(app: str) -> str:

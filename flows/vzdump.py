@@ -42,21 +42,14 @@ from labkeeper.errors import ConfigError
 from labkeeper.inventory import Inventory, PruneRetention, Selection, VzdumpJob, load_inventory
 from labkeeper.secrets import redact
 from tasks import vzdump as vt
-from tasks.common import failure_of, lab_path
+from tasks.common import RunFailed, failure_of, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "vzdump"
 
 
-class VzdumpRunFailed(Exception):
-    """At least one guest failed; ``rows`` holds the whole table."""
-
-    def __init__(self, message: str, rows: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.rows = rows or []
-
-    def __reduce__(self) -> tuple:
-        return (VzdumpRunFailed, (str(self), self.rows))
+class VzdumpRunFailed(RunFailed):
+    """At least one guest failed."""
 
 
 def job_for(inv: Inventory, job: str | None, selection: dict[str, Any] | None,

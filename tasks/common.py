@@ -59,3 +59,15 @@ def lab_path(lab: str | None) -> str:
     """The inventory a flow run uses: its ``lab`` parameter, else ``$LABKEEPER_LAB``,
     else ``lab.yaml`` in the working directory. (A path, never a secret.)"""
     return lab or os.environ.get("LABKEEPER_LAB") or "lab.yaml"
+
+
+class RunFailed(Exception):
+    """A flow run failed after trying everything; ``rows`` holds its whole result table
+    (so the CLI and the UI can still show what succeeded). Picklable with its rows."""
+
+    def __init__(self, message: str, rows: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.rows = rows or []
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.rows))
