@@ -15,9 +15,17 @@ def test_backup_run_of_one_database_prints_its_row_and_exits_zero(lab, prefect_h
 
 
 def test_paths_run_backs_up_the_lab_tree_and_exits_zero(lab, prefect_harness):
+    from labkeeper import restic
+
+    def series() -> set[str]:
+        return {s.id for s in restic.find_snapshots(
+            lab.repo, tags=["kind:paths", "paths:labhost/demo-files"], host="local-lab")}
+
+    before = series()
     res = CliRunner().invoke(app, ["paths", "run", "--lab", str(lab.inventory_path)])
     assert res.exit_code == 0, res.output
-    assert "demo-files" in res.output
+    assert "path_backup" in res.output
+    assert len(series() - before) == 1
 
 
 def test_backup_run_of_an_unknown_database_fails_with_exit_one(lab, prefect_harness):
