@@ -34,6 +34,15 @@ def _mount_pvesim() -> None:
 _mount_pvesim()
 
 
+def _mount_runbook() -> None:
+    from labkeeper.cli_runbook import runbook_app
+
+    app.add_typer(runbook_app, name="runbook", help="Runbooks: list, show, run, approve.")
+
+
+_mount_runbook()
+
+
 @app.command()
 def validate(path: Annotated[Path, typer.Argument(help="Inventory file to check.")]) -> None:
     """Check an inventory; print every problem (file:line field: message) at once."""
