@@ -1,14 +1,347 @@
-"""The runbook flow: run one runbook from runbooks/ with its parameters."""
+"""The runbook flow: run one runbook from runbooks/ with its parameters.
+
+Each step is its own task (or, for ``flow`` steps, its own subflow run) with its own
+log and state. Approval steps pause the run (``pause_flow_run`` with
+``wait_for_input``) until an operator approves or rejects it in the Prefect UI or with
+``labkeeper runbook approve RUN_ID``; a rejection ends the run as Cancelled (by the
+operator), a timeout fails it. ``dry_run`` changes nothing: it renders every step,
+checks every reference and says what would happen.
+"""
 
 from __future__ import annotations
 
+import inspect
+import time
+from collections.abc import Mapping
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.states import Cancelled
+
+from labkeeper import restore
+from labkeeper import runbook as rb
+from labkeeper import runbook_ops as ops
+from labkeeper.errors import ConfigError, LabkeeperError
+from labkeeper.inventory import Inventory, load_inventory
+from labkeeper.secrets import redact
+from tasks.common import RunFailed, failure_of, lab_path
+from tasks.hooks import hooks
+
+DEFAULT_STEP_TIMEOUT = 3600.0
 
 
-@flow(name="runbook", timeout_seconds=6 * 3600)
+class Approval(RunInput):
+    """The operator's answer to an approval step."""
+
+    approve: bool
+    comment: str = ""
+
+
+class RunbookFailed(RunFailed):
+    """A runbook step failed (the message says which, and what was already done)."""
+
+
+def flow_function(name: str) -> Any:
+    """The labkeeper flow a ``flow`` step names."""
+    if name == "pg_backup":
+        from flows.pg_backup import pg_backup_flow as fn
+    elif name == "path_backup":
+        from flows.path_backup import path_backup_flow as fn
+    elif name == "vzdump":
+        from flows.vzdump import vzdump_flow as fn
+    elif name == "update":
+        from flows.update import update_app_flow as fn
+    elif name == "provision":
+        from flows.provision import provision_flow as fn
+    elif name == "drill":
+        from flows.dr_drill import dr_drill_flow as fn
+    elif name == "restore_database":
+        from flows.restore import restore_database_flow as fn
+    elif name == "restore_guest":
+        from flows.restore import restore_guest_flow as fn
+    else:
+        raise ConfigError(f"flow: unknown flow {name!r} (known: {', '.join(rb.FLOWS)})")
+    return fn
+
+
+def flow_arguments(step_id: str, name: str, args: Mapping[str, Any], lab: str
+                   ) -> dict[str, Any]:
+    """The subflow's arguments: every key must be one of its parameters; ``lab`` is
+    passed through."""
+    params = inspect.signature(flow_function(name).fn).parameters
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        raise ConfigError(f"step {step_id}: flow {name} has no parameter "
+                          f"{', '.join(unknown)} (it takes: {', '.join(params)})")
+    out = dict(args)
+    if "lab" in params:
+        out.setdefault("lab", lab)
+    return out
+
+
+class _Placeholder(dict):  # type: ignore[type-arg]
+    """Outputs of a step that a dry run did not run: ``<step.key>``."""
+
+    def __init__(self, step_id: str) -> None:
+        super().__init__()
+        self.step_id = step_id
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __getitem__(self, key: str) -> str:
+        return f"<{self.step_id}.{key}>"
+
+
+@task(name="runbook-step", timeout_seconds=DEFAULT_STEP_TIMEOUT)
+def run_step(lab_file: str, kind: str, spec: dict[str, Any], step_id: str, stamp: str,
+             timeout: float) -> dict[str, Any]:
+    """Do one ssh / proxmox / database / check step of a runbook."""
+    logger = get_run_logger()
+    inv = load_inventory(lab_file)
+    lab = ops.Lab(inv, log=logger.info)
+    try:
+        if kind == "ssh":
+            detail, outputs = ops.run_ssh(lab, spec, tuple(spec["argv"]), timeout)
+        elif kind == "proxmox":
+            detail, outputs = ops.run_proxmox(lab, spec)
+        elif kind == "database":
+            detail, outputs = ops.run_database(lab, spec, stamp=stamp)
+        elif kind == "check":
+            detail, outputs = ops.run_check(lab, spec)
+        else:
+            raise ConfigError(f"step {step_id}: kind {kind} does not run as a task")
+    finally:
+        lab.close()
+    logger.info("%s: %s", step_id, detail)
+    return {"detail": detail, "outputs": outputs}
+
+
+def _plan(lab: ops.Lab, step: rb.Step, spec: Any, lab_file: str) -> tuple[str, list[str]]:
+    kind = step.kind
+    if kind == "flow":
+        try:
+            args = flow_arguments(step.id, spec["name"], spec.get("with") or {}, lab_file)
+        except ConfigError as exc:
+            return f"run flow {spec['name']}", [str(exc)]
+        args.pop("lab", None)
+        return ops.plan_flow(lab, spec["name"], args)
+    if kind == "ssh":
+        return ops.plan_ssh(lab, spec, tuple(spec["argv"]))
+    if kind == "proxmox":
+        return ops.plan_proxmox(lab, spec)
+    if kind == "database":
+        return ops.plan_database(lab, spec)
+    if kind == "check":
+        return ops.plan_check(lab, spec)
+    if kind == "note":
+        return f"note: {spec}", []
+    return f"pause for approval: {spec['message']}", []
+
+
+def _flow_outputs(result: Any) -> dict[str, Any]:
+    if isinstance(result, dict):
+        return result
+    return {"rows": result}
+
+
+@flow(name="runbook", log_prints=False, timeout_seconds=24 * 3600, **hooks("runbook"))
 def runbook_flow(name: str, params: dict[str, Any] | None = None, dry_run: bool = False,
-                 yes: bool = False, lab: str | None = None) -> dict[str, Any]:
-    """Run the runbook NAME (placeholder until the engine lands)."""
-    raise NotImplementedError(name)
+                 yes: bool = False, lab: str | None = None,
+                 approval_poll: int = 10) -> Any:
+    """Run the runbook ``name`` (a file in runbooks/) with ``params``.
+
+    ``dry_run`` checks every step's references and says what would happen, changing
+    nothing. ``yes`` approves every approval step up front (unattended use).
+    """
+    logger = get_run_logger()
+    lab_file = lab_path(lab)
+    inv = load_inventory(lab_file)
+    book = rb.find_runbook(name)
+    values = rb.bind_params(book, params or {}, inv)
+    ctx_run = get_run_context()
+    run_id = str(ctx_run.flow_run.id) if getattr(ctx_run, "flow_run", None) else "local"
+    stamp = restore.stamp()
+    ctx = rb.context(book, values, inv, run_id=run_id, stamp=stamp)
+    logger.info("runbook %s%s with %s", name, " (dry run)" if dry_run else "",
+                ", ".join(f"{k}={v!r}" for k, v in values.items()) or "no parameters")
+    runner = _Runner(book, inv, lab_file, ctx, stamp=stamp, dry_run=dry_run, yes=yes,
+                     poll=approval_poll)
+    started = time.monotonic()
+    outcome, error = runner.run()
+    elapsed = time.monotonic() - started
+    create_markdown_artifact(
+        key=f"runbook-{name}", description=f"runbook {name}: {outcome}",
+        markdown=rb.record_markdown(book, values, runner.records, outcome=outcome,
+                                    dry_run=dry_run, elapsed=elapsed))
+    create_table_artifact(key=f"runbook-{name}-steps", table=[r.row() for r in runner.records],
+                          description=f"runbook {name}: {outcome}")
+    rows = [r.row() for r in runner.records]
+    if outcome == "rejected":
+        return Cancelled(message=f"cancelled by operator: {error}", data=rows)
+    if error is not None:
+        raise RunbookFailed(error, rows)
+    return rows
+
+
+class _Runner:
+    def __init__(self, book: rb.Runbook, inv: Inventory, lab_file: str, ctx: dict[str, Any],
+                 *, stamp: str, dry_run: bool, yes: bool, poll: int) -> None:
+        self.book, self.inv, self.lab_file, self.ctx = book, inv, lab_file, ctx
+        self.stamp, self.dry_run, self.yes, self.poll = stamp, dry_run, yes, poll
+        self.records: list[rb.StepRecord] = []
+        self.logger = get_run_logger()
+        self.lab = ops.Lab(inv, log=self.logger.info) if dry_run else None
+
+    def run(self) -> tuple[str, str | None]:
+        failures: list[str] = []
+        try:
+            for step in self.book.steps:
+                rec = self._step(step)
+                if rec.status == "rejected":
+                    if isinstance(step.on_failure, rb.Compensate):
+                        for c in step.on_failure.compensate:
+                            self._step(self.book.compensation(c), compensation=True)
+                    return "rejected", rec.detail
+                if rec.status != "failed":
+                    continue
+                if self.dry_run:
+                    failures.append(f"{step.id}: {rec.detail}")
+                    continue
+                policy = step.on_failure
+                if policy == "continue":
+                    self.logger.warning("step %s failed; continuing (on_failure: continue)",
+                                        step.id)
+                    continue
+                done = [r.id for r in self.records if r.status == "ok" and not r.compensation]
+                comp = ""
+                if isinstance(policy, rb.Compensate):
+                    results = [self._step(self.book.compensation(c), compensation=True)
+                               for c in policy.compensate]
+                    comp = "; compensation: " + ", ".join(f"{r.id} {r.status}" for r in results)
+                return "failed", (f"step {step.id} failed: {rec.detail}; already done: "
+                                  f"{', '.join(done) or 'nothing'}{comp}")
+        finally:
+            if self.lab is not None:
+                self.lab.close()
+        if failures:
+            return "dry run found problems", (f"dry run of {self.book.name}: "
+                                              f"{len(failures)} step(s) would fail: "
+                                              + " | ".join(failures))
+        failed = [r.id for r in self.records if r.status == "failed"]
+        if failed:
+            return f"completed; {', '.join(failed)} failed (on_failure: continue)", None
+        return "planned" if self.dry_run else "completed", None
+
+    # -- one step
+    def _step(self, step: rb.Step, *, compensation: bool = False) -> rb.StepRecord:
+        rec = rb.StepRecord(step.id, step.kind, "", compensation=compensation)
+        self.records.append(rec)
+        started = time.monotonic()
+        try:
+            rec.title = str(rb.render(step.title, self.ctx)) if step.title else \
+                rb.default_title(step)
+            skip = None
+            if step.when is not None and not rb.truthy(rb.render(step.when, self.ctx)):
+                skip = f"when {step.when} is false"
+            elif step.unless is not None and rb.truthy(rb.render(step.unless, self.ctx)):
+                skip = f"unless {step.unless} is true"
+            if skip:
+                rec.status, rec.detail = "skipped", skip
+                self.ctx["steps"][step.id] = {}
+                return rec
+            spec = self._spec(step)
+            if self.dry_run:
+                assert self.lab is not None
+                what, problems = _plan(self.lab, step, spec, self.lab_file)
+                rec.status = "failed" if problems else "planned"
+                rec.detail = "; ".join(problems) if problems else what
+                self.ctx["steps"][step.id] = _Placeholder(step.id)
+                log = self.logger.error if problems else self.logger.info
+                log("[dry run] %s: %s", step.id, redact(rec.detail))
+                return rec
+            self._execute(step, spec, rec)
+        except LabkeeperError as exc:
+            rec.status, rec.detail = "failed", redact(str(exc))
+        finally:
+            rec.seconds = time.monotonic() - started
+        if rec.status == "failed":
+            self.logger.error("step %s failed: %s", step.id, rec.detail)
+        self.ctx["steps"][step.id] = rec.outputs
+        return rec
+
+    def _spec(self, step: rb.Step) -> Any:
+        if step.kind == "note":
+            return rb.render(step.note, self.ctx)
+        raw = step.spec.model_dump(by_alias=True)
+        if step.kind == "ssh":
+            raw["argv"] = list(rb.render_argv(step.ssh.argv, self.ctx))
+            raw["host"] = rb.render(raw["host"], self.ctx)
+            return raw
+        return rb.render(raw, self.ctx)
+
+    def _execute(self, step: rb.Step, spec: Any, rec: rb.StepRecord) -> None:
+        kind = step.kind
+        if kind == "note":
+            self.logger.info("NOTE (%s): %s", step.id, spec)
+            rec.status, rec.detail = "ok", str(spec)
+            return
+        if kind == "approval":
+            self._approval(spec, rec)
+            return
+        if kind == "flow":
+            args = flow_arguments(step.id, spec["name"], spec.get("with") or {}, self.lab_file)
+            fn = flow_function(spec["name"])
+            state = fn(**args, return_state=True)
+            if state.is_completed():
+                rec.outputs = _flow_outputs(state.result())
+                rec.status = "ok"
+                rec.detail = f"flow {spec['name']} completed"
+            else:
+                exc = failure_of(state)
+                rec.status = "failed"
+                rec.detail = redact(f"flow {spec['name']} {state.name.lower()}: "
+                                    f"{exc if exc else state.message}")
+            return
+        timeout = float(step.timeout or DEFAULT_STEP_TIMEOUT)
+        task_fn = run_step.with_options(name=f"runbook-{step.kind}", timeout_seconds=timeout,
+                                        task_run_name=step.id)
+        state = task_fn(self.lab_file, kind, spec, step.id, self.stamp, timeout,
+                        return_state=True)
+        if state.is_completed():
+            out = state.result()
+            rec.status, rec.detail, rec.outputs = "ok", out["detail"], out["outputs"]
+        else:
+            exc = failure_of(state)
+            rec.status = "failed"
+            rec.detail = redact(str(exc) if exc else (state.message or state.name))
+
+    def _approval(self, spec: Mapping[str, Any], rec: rb.StepRecord) -> None:
+        message = str(spec["message"])
+        if self.yes:
+            rec.status, rec.detail = "ok", f"approved up front (--yes): {message}"
+            self.logger.info("approval %s: approved up front (yes): %s", rec.id, message)
+            return
+        run_id = self.ctx["run"]["id"]
+        self.logger.warning("WAITING FOR APPROVAL (%s): %s — approve or reject in the Prefect "
+                            "UI, or: labkeeper runbook approve %s [--reject]",
+                            rec.id, message, run_id)
+        try:
+            answer = pause_flow_run(wait_for_input=Approval.with_initial_data(
+                description=f"**{self.book.name}** — {message}", approve=False),
+                timeout=int(spec.get("timeout") or 3600), poll_interval=self.poll,
+                key=f"approval-{rec.id}")
+        except FlowPauseTimeout:
+            rec.status = "failed"
+            rec.detail = f"no approval within {spec.get('timeout')} s: {message}"
+            return
+        who = f" ({answer.comment})" if answer.comment else ""
+        if answer.approve:
+            rec.status, rec.detail = "ok", f"approved{who}: {message}"
+        else:
+            rec.status, rec.detail = "rejected", f"rejected by the operator{who}: {message}"

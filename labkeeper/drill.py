@@ -192,7 +192,7 @@ class DrillResult:
         }
 
 
-def _objective_checks(result: DrillResult) -> None:
+def objective_checks(result: DrillResult) -> None:
     if result.rto_s is not None:
         result.check("rto", not result.rto_breached,
                      f"{_dur(result.rto_s)} (objective {_dur(result.rto_objective_s)})")
@@ -570,7 +570,7 @@ def _database_drill(inv: Inventory, db: Database, result: DrillResult, *, keep: 
                     result.notes.append(f"scratch database {scratch} dropped")
                 except LabkeeperError as exc:
                     result.fail(f"could not drop scratch database {where}: {exc}")
-    _objective_checks(result)
+    objective_checks(result)
 
 
 # =====================================================================================
@@ -715,7 +715,7 @@ def _guest_drill(px: Any, api: Any, inv: Inventory, guest: Guest, spec: GuestDri
                                     f"{target_node}")
             else:
                 _destroy_scratch(px, api, inv, vmid, result, poll=poll)
-    _objective_checks(result)
+    objective_checks(result)
 
 
 def _destroy_scratch(px: Any, api: Any, inv: Inventory, vmid: int, result: DrillResult, *,

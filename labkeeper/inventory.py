@@ -821,15 +821,29 @@ class GuestDrill(_Model):
     rto_minutes: Minutes = 60
     rpo_hours: Hours = 24 * 8
     check: Literal["status", "ssh", "probe"] = "status"
-    """How to prove the restored guest came up: running status, SSH login
-    (needs the guest's ssh section; its network is isolated, so through the
-    drill bridge), or ``probe``."""
+    """How to prove the restored copy came up. ``status``: PVE says it runs.
+    ``ssh``: it runs *and* an SSH login to ``address`` succeeds (user, key and
+    host key from the guest's ssh section and the ssh defaults; the copy has the
+    original's host keys, so pin ``ssh.host_key`` or add ``address`` to
+    known_hosts). ``probe``: it runs *and* ``probe`` passes. Both are retried
+    until ``drills.guests.boot_timeout``, and need ``drills.guests.bridge`` (a
+    detached copy cannot be reached): otherwise the check fails the drill."""
     probe: Probe | None = None
+    """For ``check: probe``: http, tcp (host default: ``address``) or command
+    (run over SSH on ``address``)."""
+    address: HostAddr | None = None
+    """Where the worker reaches the restored copy on the isolated drill bridge.
+    Needed by ``ssh``, tcp probes without a host, and command probes. Never
+    defaults to the guest's own address: that would reach the original guest,
+    not the copy, and pass a drill that proved nothing."""
 
     @model_validator(mode="after")
     def _probe(self) -> GuestDrill:
         if self.check == "probe" and self.probe is None:
             raise ValueError("check: probe needs a probe")
+        if self.probe is not None and self.probe.container is not None:
+            raise ValueError("a guest drill cannot use a container probe (no compose "
+                             "app): use http, tcp or command")
         return self
 
 
@@ -1106,6 +1120,13 @@ class GuestDrillSettings(_Model):
     """Node to restore on; default: the guest's node."""
     boot_timeout: Seconds = 300
     keep_on_failure: bool = False
+    """Keep a failed drill's copy for inspection (tagged ``labkeeper-drill-kept``;
+    never swept, reported by every guest drill until you destroy it)."""
+    stale_scratch_hours: Hours = 6
+    """Scratch copies are tagged ``labkeeper-drill`` and marked in their
+    description when restored. A guest drill first destroys marked copies in
+    ``scratch_vmids`` older than this (left by a drill that died); younger ones
+    may belong to a drill still running. Unmarked guests are never touched."""
 
 
 class RepositoryDrillSettings(_Model):
@@ -1118,12 +1139,35 @@ class RepositoryDrillSettings(_Model):
     """Empty: every repository."""
 
 
+class PathDrillSettings(_Model):
+    """Path-set drills (target ``paths:<host>/<set>``): a random sample of files of
+    the set's latest snapshot is restored (``restic dump``) and its SHA-256
+    compared with the file on the host (``sha256sum`` over SSH). A file changed
+    since the backup (size or mtime not as restic recorded it, or mtime newer
+    than the snapshot) or deleted is reported, not failed; a different content
+    in an unchanged file fails the drill."""
+
+    enabled: bool = True
+    """Include every path set (or ``path_sets``) in ``all``."""
+    schedule: Cron | None = None
+    """Default: ``drills.schedule``."""
+    sample_files: PositiveInt = 20
+    """Files compared per path set (all of them when the snapshot has fewer)."""
+    max_file_mb: Annotated[float, Field(gt=0)] = 1024
+    """Larger files are left out of the sample (their count is reported)."""
+    rpo_hours: Hours = 26
+    """Objective for the age of the latest snapshot."""
+    path_sets: list[Name] = []
+    """Empty: every path set."""
+
+
 class Drills(_Model):
     schedule: Cron = "0 5 * * 0"
     """Default schedule of every drill."""
     servers: list[DrillServer] = []
     guests: GuestDrillSettings = GuestDrillSettings()
     repository: RepositoryDrillSettings = RepositoryDrillSettings()
+    paths: PathDrillSettings = PathDrillSettings()
 
 
 # --------------------------------------------------------------------------------------

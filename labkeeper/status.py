@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from labkeeper.errors import ServiceError
 from labkeeper.inventory import Inventory
+from labkeeper.notify import Alert
 
 State = Literal["ok", "late", "missing", "failed", "warn", "info"]
 BAD: frozenset[str] = frozenset({"late", "missing", "failed"})
@@ -30,15 +31,26 @@ class Row:
     last: datetime | None
     objective: str
     detail: str = ""
+    allowed: timedelta | None = None
+    """How old the last good backup may be (the RPO, or a schedule period plus grace)."""
 
     def age(self, now: datetime) -> timedelta | None:
         return None if self.last is None else now - self.last
+
+    def overdue(self, now: datetime) -> timedelta | None:
+        """By how much the last backup is older than allowed (None: not late)."""
+        age = self.age(now)
+        if age is None or self.allowed is None or age <= self.allowed:
+            return None
+        return age - self.allowed
 
     def as_dict(self, now: datetime) -> dict[str, Any]:
         d = asdict(self)
         d["last"] = self.last.isoformat(timespec="seconds") if self.last else None
         age = self.age(now)
         d["age_hours"] = round(age.total_seconds() / 3600, 2) if age is not None else None
+        allowed = d.pop("allowed")
+        d["allowed_hours"] = round(allowed.total_seconds() / 3600, 2) if allowed else None
         return d
 
 
@@ -85,33 +97,51 @@ def fmt_age(td: timedelta) -> str:
     return f"{hours / 24:.1f} d" if hours >= 48 else f"{hours:.1f} h"
 
 
+BACKUP_SECTIONS: frozenset[str] = frozenset({"database", "paths", "guest"})
+"""The sections that are backup series (what the dead-man's check watches)."""
+
+
 def evaluate(inv: Inventory, facts: Facts) -> list[Row]:
     now = facts.now
     rows: list[Row] = []
     tz = inv.lab.timezone
+    unread = {source for source, _ in facts.errors}
     for db in inv.databases:
         repo = inv.repository_for(db)
         series = f"db:{inv.database_server(db)}/{db.name}"
+        rpo = timedelta(hours=db.drill.rpo_hours)
+        if f"repository {repo.name}" in unread:
+            rows.append(_unchecked("database", db.name, f"RPO {fmt_age(rpo)}",
+                                   f"repository {repo.name}", rpo))
+            continue
         last = _newest(facts.snapshots.get(repo.name, ()),
                        {"labkeeper", series, "kind:pg_dump"})
-        rpo = timedelta(hours=db.drill.rpo_hours)
         rows.append(_judge("database", db.name, last, rpo, now,
                            f"RPO {fmt_age(rpo)}", f"{series} in {repo.name}"))
     for ps in inv.path_backups:
         repo = inv.repository_for(ps)
         series = f"paths:{ps.host}/{ps.name}"
+        period = cron_period(ps.schedule, tz, now)
+        if f"repository {repo.name}" in unread:
+            rows.append(_unchecked("paths", f"{ps.host}/{ps.name}", f"every {fmt_age(period)}",
+                                   f"repository {repo.name}", grace(period)))
+            continue
         last = _newest(facts.snapshots.get(repo.name, ()), {"labkeeper", series, "kind:paths"})
-        allowed = grace(cron_period(ps.schedule, tz, now))
-        rows.append(_judge("paths", f"{ps.host}/{ps.name}", last, allowed, now,
-                           f"every {fmt_age(cron_period(ps.schedule, tz, now))}", series))
+        rows.append(_judge("paths", f"{ps.host}/{ps.name}", last, grace(period), now,
+                           f"every {fmt_age(period)}", series))
     for job in inv.vzdump_jobs:
         if not job.enabled:
             continue
         period = cron_period(job.schedule, tz, now)
         for vmid, name in _job_guests(inv, job):
+            objective = f"{job.name}: every {fmt_age(period)}"
+            if "proxmox" in unread:
+                rows.append(_unchecked("guest", f"{name} ({vmid})", objective, "proxmox",
+                                       grace(period)))
+                continue
             last = facts.archives.get(vmid)
             rows.append(_judge("guest", f"{name} ({vmid})", last, grace(period), now,
-                               f"{job.name}: every {fmt_age(period)}", f"vzdump job {job.name}"))
+                               objective, f"vzdump job {job.name}"))
     rows += _from_metrics(facts.metrics, now)
     for run in facts.failed_runs:
         start = run.get("start")
@@ -126,9 +156,18 @@ def evaluate(inv: Inventory, facts: Facts) -> list[Row]:
 def _judge(section: str, target: str, last: datetime | None, allowed: timedelta,
            now: datetime, objective: str, detail: str) -> Row:
     if last is None:
-        return Row(section, target, "missing", None, objective, f"no backup found: {detail}")
+        return Row(section, target, "missing", None, objective, f"no backup found: {detail}",
+                   allowed)
     state: State = "ok" if now - last <= allowed else "late"
-    return Row(section, target, state, last, objective, detail)
+    return Row(section, target, state, last, objective, detail, allowed)
+
+
+def _unchecked(section: str, target: str, objective: str, source: str,
+               allowed: timedelta) -> Row:
+    """A series whose source could not be read: not known to be safe, so not ok — but
+    not reported as missing either (the source row says what went wrong)."""
+    return Row(section, target, "failed", None, objective, f"not checked: {source} not readable",
+               allowed)
 
 
 def _job_guests(inv: Inventory, job: Any) -> list[tuple[int, str]]:
@@ -180,6 +219,76 @@ def _from_metrics(samples: Iterable[Any], now: datetime) -> list[Row]:
 
 def exit_code(rows: Iterable[Row]) -> int:
     return 1 if any(r.state in BAD for r in rows) else 0
+
+
+# -- the dead-man's check: which rows make a message ----------------------------------
+
+_WHAT = {"database": "database", "paths": "path set", "guest": "guest"}
+WATCHED_SOURCES = ("repository ", "proxmox")
+
+
+def watched(rows: Iterable[Row]) -> list[Row]:
+    """The rows the dead-man's check judges: backup series, and the sources they are
+    read from (a repository or Proxmox that cannot be read)."""
+    return [r for r in rows if r.section in BACKUP_SECTIONS or
+            (r.section == "source" and r.target.startswith(WATCHED_SOURCES))]
+
+
+def alert_key(row: Row) -> str:
+    return f"{row.section}:{row.target}"
+
+
+def _when(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def late_summary(row: Row, now: datetime) -> str:
+    """One line saying what is late and by how much (or missing, or unreadable)."""
+    what = f"{_WHAT.get(row.section, row.section)} {row.target}"
+    if row.section == "source":
+        return f"{row.target} could not be read: {row.detail}"
+    if row.state == "missing":
+        return f"{what}: no backup found (objective: {row.objective})"
+    overdue, age = row.overdue(now), row.age(now)
+    if row.state == "late" and overdue is not None and age is not None and row.last:
+        return (f"{what}: last good backup {fmt_age(age)} ago ({_when(row.last)}), "
+                f"{fmt_age(overdue)} past its objective ({row.objective})")
+    return f"{what}: {row.state} ({row.detail})"
+
+
+@dataclass(frozen=True)
+class WatchMessages:
+    alerts: list[Alert]
+    """One per late/missing series or unreadable source."""
+    recoveries: dict[str, tuple[str, str]]
+    """alert key -> (title, body) for every series that is fine now."""
+    unknown: frozenset[str]
+    """Keys of series that could not be checked: neither late nor recovered."""
+
+
+def watch_alerts(rows: Iterable[Row], now: datetime, lab: str) -> WatchMessages:
+    """What the dead-man's check may say about ``rows``."""
+    alerts: list[Alert] = []
+    recoveries: dict[str, tuple[str, str]] = {}
+    unknown: set[str] = set()
+    for r in watched(rows):
+        key = alert_key(r)
+        what = f"{_WHAT.get(r.section, r.section)} {r.target}"
+        if r.section == "source":
+            title = f"labkeeper: cannot check backups: {r.target} not readable"
+            alerts.append(Alert(key, r.state, title, f"{late_summary(r, now)}\nlab: {lab}"))
+        elif r.state in ("late", "missing"):
+            alerts.append(Alert(key, r.state, f"labkeeper: backup of {what} is {r.state}",
+                                f"{late_summary(r, now)}\n{r.detail}\nlab: {lab}"))
+        elif r.state == "ok":
+            age = r.age(now)
+            recoveries[key] = (f"labkeeper: backup of {what} is within its objective again",
+                               f"{what}: last good backup "
+                               f"{fmt_age(age) if age is not None else '?'} ago "
+                               f"({r.objective})\nlab: {lab}")
+        else:
+            unknown.add(key)
+    return WatchMessages(alerts, recoveries, frozenset(unknown))
 
 
 # -- gathering (I/O) -------------------------------------------------------------------

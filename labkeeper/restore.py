@@ -1,0 +1,313 @@
+"""Restores for real (the runbooks' restore-database and restore-guest).
+
+A database is restored from a chosen snapshot (default: the latest complete
+backup) into a *new* database ``<dbname>_restored_<stamp>`` on the database's own
+server, streamed from restic (no temporary file), and verified against the
+backup's manifest: every table with exactly its recorded row count. Swapping it
+in place of the original is a separate, explicit step (two renames in one
+transaction; the original is kept as ``<dbname>_before_<stamp>``). labkeeper only
+ever drops databases with those two shapes of name.
+
+A guest is restored from a chosen vzdump archive (default: its newest) to a new
+VMID, or over the original (stopped first; ``force``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from labkeeper import drill, pg_backup, postgres, restic
+from labkeeper import proxmox as px
+from labkeeper.errors import ConfigError, LabkeeperError, PermanentError
+from labkeeper.inventory import Database, Inventory
+
+Log = Callable[[str], None]
+
+_PG_IDENT_MAX = 63
+_LABKEEPER_NAME = re.compile(r"^[a-z0-9_]+_(restored|before)_[0-9]{14}$")
+
+
+class RestoreFailed(PermanentError):
+    """A restore that did not produce a verified copy."""
+
+
+def _nolog(_: str) -> None:
+    pass
+
+
+def stamp(now: datetime | None = None) -> str:
+    return (now or datetime.now(tz=UTC)).strftime("%Y%m%d%H%M%S")
+
+
+def _derived_name(dbname: str, kind: str, when: str) -> str:
+    if not re.fullmatch(r"[0-9]{14}", when):
+        raise ValueError("stamp must be 14 digits (YYYYmmddHHMMSS)")
+    clean = re.sub(r"[^a-z0-9_]", "_", dbname.lower()).strip("_") or "db"
+    suffix = f"_{kind}_{when}"
+    return clean[:_PG_IDENT_MAX - len(suffix)].rstrip("_") + suffix
+
+
+def restored_name(dbname: str, when: str) -> str:
+    """``<dbname>_restored_<stamp>`` (at most 63 bytes, a plain identifier)."""
+    return _derived_name(dbname, "restored", when)
+
+
+def aside_name(dbname: str, when: str) -> str:
+    """``<dbname>_before_<stamp>``: where swap keeps the original."""
+    return _derived_name(dbname, "before", when)
+
+
+def is_labkeeper_copy(name: str) -> bool:
+    return _LABKEEPER_NAME.fullmatch(name) is not None
+
+
+def create_sql(name: str) -> str:
+    if not is_labkeeper_copy(name):
+        raise ValueError(f"refusing to create {name!r}: not a *_restored_<stamp> name")
+    return f"CREATE DATABASE {postgres.quote_ident(name)} TEMPLATE template0;"
+
+
+def drop_sql(name: str) -> str:
+    """The only DROP DATABASE a runbook issues: restored copies and set-aside originals."""
+    if not is_labkeeper_copy(name):
+        raise ValueError(f"refusing to drop {name!r}: labkeeper drops only databases it "
+                         "restored (*_restored_<stamp>) or set aside (*_before_<stamp>)")
+    return f"DROP DATABASE IF EXISTS {postgres.quote_ident(name)} WITH (FORCE);"
+
+
+def swap_sql(original: str, restored: str, aside: str) -> str:
+    """Both renames in one transaction, after ending other sessions on the two databases
+    (a rename needs them gone)."""
+    q, lit = postgres.quote_ident, postgres.quote_literal
+    return (
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname IN "  # noqa: S608 - quoted
+        f"({lit(original)}, {lit(restored)}) AND pid <> pg_backend_pid();\n"
+        "BEGIN;\n"
+        f"ALTER DATABASE {q(original)} RENAME TO {q(aside)};\n"
+        f"ALTER DATABASE {q(restored)} RENAME TO {q(original)};\n"
+        "COMMIT;"
+    )
+
+
+def database_exists_sql(name: str) -> str:
+    return f"SELECT count(*) FROM pg_database WHERE datname = {postgres.quote_literal(name)};"  # noqa: S608
+
+
+# ----------------------------------------------------------------------------- database
+
+
+@dataclass
+class DatabaseRestore:
+    database: str
+    snapshot: str
+    backup_id: str
+    restored: str
+    bytes: int = 0
+    seconds: float = 0.0
+    tables: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        return not self.problems
+
+
+def admin_conn(inv: Inventory, db: Database) -> postgres.Conn:
+    """The database's own server, maintenance database ``postgres``."""
+    return pg_backup.conn_for(inv, db, dbname="postgres")
+
+
+def exists(inv: Inventory, db: Database, name: str) -> bool:
+    rows = postgres.query(admin_conn(inv, db), database_exists_sql(name), timeout=60)
+    return bool(rows) and rows[0][0].strip() == "1"
+
+
+def pick_backup(inv: Inventory, db: Database, snapshot: str = "latest"
+                ) -> tuple[restic.Repo, pg_backup.StoredBackup]:
+    """The complete backup (dump + manifest) to restore: ``latest`` or the one whose dump
+    or manifest snapshot id starts with ``snapshot``."""
+    repo = pg_backup.open_repo(inv, inv.repository_for(db).name)
+    server = inv.database_server(db)
+    backups = [b for b in pg_backup.find_backups(repo, lab=inv.lab.name, server=server,
+                                                 name=db.name) if b.manifest]
+    if not backups:
+        raise RestoreFailed(f"no complete backup (dump + manifest) of db:{server}/{db.name}")
+    if snapshot == "latest":
+        return repo, backups[-1]
+    for b in backups:
+        ids = (b.dump.id, b.manifest.id if b.manifest else "")
+        if any(i.startswith(snapshot) for i in ids):
+            return repo, b
+    raise RestoreFailed(f"snapshot {snapshot!r} is not a complete backup of "
+                        f"db:{server}/{db.name} (known: "
+                        + ", ".join(b.dump.short_id or b.dump.id[:8] for b in backups) + ")")
+
+
+def restore_database(inv: Inventory, name: str, *, snapshot: str = "latest",
+                     into: str | None = None, log: Log = _nolog) -> DatabaseRestore:
+    """Restore ``snapshot`` of database ``name`` into a new database and verify it against
+    the manifest. A failed or unverified restore drops the new database again and raises
+    :class:`RestoreFailed` (nothing half-done is left behind)."""
+    db = inv.database(name)
+    into = into or restored_name(db.effective_dbname, stamp())
+    if not is_labkeeper_copy(into):
+        raise ConfigError(f"into: {into!r} is not a *_restored_<stamp> name")
+    repo, backup = pick_backup(inv, db, snapshot)
+    manifest = pg_backup.read_manifest(repo, backup)
+    if manifest.dump is None:
+        raise RestoreFailed(f"manifest of backup {backup.backup_id} does not describe its dump")
+    result = DatabaseRestore(db.name, backup.dump.short_id or backup.dump.id[:8],
+                             backup.backup_id, into)
+    admin = admin_conn(inv, db)
+    if exists(inv, db, into):
+        raise RestoreFailed(f"database {into} already exists; refusing to restore over it")
+    log(f"{name}: restoring backup {backup.backup_id} (snapshot {result.snapshot}, "
+        f"{manifest.dump.bytes} bytes) into new database {into}")
+    postgres.query(admin, create_sql(into), timeout=120)
+    started = time.monotonic()
+    try:
+        target = pg_backup.conn_for(inv, db, dbname=into)
+        outcome = drill.stream_restore(repo, backup.dump.id, manifest.dump.path, target,
+                                       fmt=manifest.dump_format,
+                                       timeout=db.timeout_minutes * 60)
+        result.bytes = outcome.bytes
+        if outcome.bytes != manifest.dump.bytes:
+            result.problems.append(f"{outcome.bytes} bytes streamed, manifest says "
+                                   f"{manifest.dump.bytes}")
+        result.problems += [f"restore error: {e}" for e in outcome.unexpected_errors[:5]]
+        counts = drill.restored_counts(target)
+        for check in drill.compare_tables(manifest.tables, counts):
+            if not check.ok:
+                result.problems.append(f"{check.name}: {check.detail}")
+        result.tables = len(manifest.tables)
+        result.seconds = time.monotonic() - started
+    except BaseException:
+        _drop_quietly(admin, into, log)
+        raise
+    if not result.verified:
+        _drop_quietly(admin, into, log)
+        raise RestoreFailed(f"restore of {name} from {result.snapshot} does not match its "
+                            f"manifest ({len(result.problems)} problem(s)): "
+                            + "; ".join(result.problems[:5]) + f"; {into} dropped")
+    log(f"{name}: {into} verified: {result.tables} tables with their manifest row counts, "
+        f"{result.bytes} bytes in {result.seconds:.1f} s")
+    return result
+
+
+def _drop_quietly(admin: postgres.Conn, name: str, log: Log) -> None:
+    try:
+        postgres.query(admin, drop_sql(name), timeout=300)
+        log(f"dropped {name}")
+    except LabkeeperError as exc:  # reported, the original failure wins
+        log(f"could not drop {name}: {exc}")
+
+
+def swap_database(inv: Inventory, name: str, restored: str, *, when: str | None = None,
+                  log: Log = _nolog) -> str:
+    """Put ``restored`` in place of database ``name``; return where the original went."""
+    db = inv.database(name)
+    original = db.effective_dbname
+    if not is_labkeeper_copy(restored) or "_restored_" not in restored:
+        raise ConfigError(f"restored: {restored!r} is not a database labkeeper restored")
+    aside = aside_name(original, when or stamp())
+    if not exists(inv, db, restored):
+        raise RestoreFailed(f"database {restored} does not exist")
+    if exists(inv, db, aside):
+        raise RestoreFailed(f"database {aside} already exists; refusing to swap")
+    postgres.query(admin_conn(inv, db), swap_sql(original, restored, aside), timeout=120)
+    log(f"{name}: {restored} is now {original}; the previous {original} is kept as {aside}")
+    return aside
+
+
+def drop_database(inv: Inventory, name: str, target: str, *, log: Log = _nolog) -> bool:
+    """Drop a restored copy or set-aside original of database ``name``."""
+    db = inv.database(name)
+    sql = drop_sql(target)  # refuses anything else
+    present = exists(inv, db, target)
+    postgres.query(admin_conn(inv, db), sql, timeout=300)
+    log(f"{name}: dropped {target}" if present else f"{name}: {target} was not there")
+    return present
+
+
+# ----------------------------------------------------------------------------- guest
+
+
+@dataclass(frozen=True)
+class GuestRestore:
+    guest: str
+    archive: str
+    vmid: int
+    node: str
+    over_original: bool
+    seconds: float
+
+
+def guest_archives(api: Any, inv: Inventory, vmid: int, node: str) -> list[px.StorageVolume]:
+    assert inv.proxmox is not None
+    out: list[px.StorageVolume] = []
+    for storage in inv.proxmox.storages:
+        if "backup" in storage.content:
+            out += px.backups(api, node, storage.name, vmid=vmid)
+    return sorted(out, key=lambda v: (v.ctime or 0, v.volid))
+
+
+def pick_archive(api: Any, inv: Inventory, guest_name: str, archive: str = "latest"
+                 ) -> px.StorageVolume:
+    guest = inv.guest(guest_name)
+    where = px.find_guest(api, guest.vmid)
+    node = where.node if where is not None else guest.node
+    volumes = guest_archives(api, inv, guest.vmid, node)
+    if not volumes:
+        raise RestoreFailed(f"no vzdump archive of guest {guest.name} ({guest.vmid}) on "
+                            f"node {node}")
+    if archive == "latest":
+        return volumes[-1]
+    for v in volumes:
+        if v.volid == archive:
+            return v
+    raise RestoreFailed(f"archive {archive!r} is not a backup of guest {guest.name} "
+                        f"(known: {', '.join(v.volid for v in volumes)})")
+
+
+def restore_guest(inv: Inventory, name: str, *, archive: str = "latest", vmid: int = 0,
+                  over_original: bool = False, start: bool = True, api: Any = None,
+                  log: Log = _nolog) -> GuestRestore:
+    """Restore guest ``name`` from ``archive`` to ``vmid`` (0: the next free VMID), or
+    over the original (stopped first)."""
+    if inv.proxmox is None:
+        raise ConfigError("the inventory has no proxmox section")
+    api = api if api is not None else px.connect(inv.proxmox)
+    guest = inv.guest(name)
+    timeout = float(inv.proxmox.task_timeout)
+    vol = pick_archive(api, inv, name, archive)
+    started = time.monotonic()
+    current = px.find_guest(api, guest.vmid)
+    node = current.node if current is not None else guest.node
+    if over_original:
+        target = guest.vmid
+        if current is not None and current.status == "running":
+            log(f"{name}: stopping VMID {target} before restoring over it")
+            px.wait_for_task(api, px.stop_guest(api, node, target, guest.type), timeout=timeout)
+    else:
+        if vmid and vmid == guest.vmid:
+            raise ConfigError(f"vmid: {vmid} is the original's; restoring over it needs "
+                              "over_original (and its approval)")
+        if vmid and px.find_guest(api, vmid) is not None:
+            raise ConfigError(f"vmid: {vmid} is already in use")
+        target = px.next_vmid(api, vmid or None)
+    log(f"{name}: restoring {vol.volid} to VMID {target} on {node}"
+        + (" (over the original)" if over_original else ""))
+    restore = px.restore_lxc if guest.type == "lxc" else px.restore_qemu
+    upid = restore(api, node, target, vol.volid, storage=guest.resources.storage,
+                   force=True if over_original else None,
+                   unique=None if over_original else True)
+    px.wait_for_task(api, upid, timeout=timeout)
+    if start:
+        px.wait_for_task(api, px.start_guest(api, node, target, guest.type), timeout=timeout)
+    return GuestRestore(guest.name, vol.volid, target, node, over_original,
+                        time.monotonic() - started)
