@@ -40,6 +40,7 @@ and ``<param>_storage`` for a vzdump job).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -290,10 +291,11 @@ def parse_runbook(text: str, filename: str = "<runbook>") -> Runbook:
             problems.append(Problem(filename, 1, "", "a runbook is a mapping (version: 1, "
                                                      "name: ..., steps: [...])"))
         else:
+            ctx: dict[str, Any] = {}
             try:
-                book = Runbook.model_validate(doc.data, context={})
+                book = Runbook.model_validate(doc.data, context=ctx)
             except ValidationError as exc:
-                problems += _schema_problems(exc, doc, {})
+                problems += _schema_problems(exc, doc, ctx)
     if book is not None:
         problems += _template_problems(book, doc)
     if problems or book is None:
@@ -315,11 +317,19 @@ def load_runbook(path: str | Path) -> Runbook:
     return book
 
 
-def runbook_files(directory: Path = RUNBOOK_DIR) -> dict[str, Path]:
+def runbook_dir() -> Path:
+    """``$LABKEEPER_RUNBOOKS`` (your own runbooks), else the repository's ``runbooks/``."""
+    env = os.environ.get("LABKEEPER_RUNBOOKS")
+    return Path(env) if env else RUNBOOK_DIR
+
+
+def runbook_files(directory: Path | None = None) -> dict[str, Path]:
+    directory = directory or runbook_dir()
     return {p.stem: p for p in sorted(directory.glob("*.yaml"))}
 
 
-def find_runbook(name: str, directory: Path = RUNBOOK_DIR) -> Runbook:
+def find_runbook(name: str, directory: Path | None = None) -> Runbook:
+    directory = directory or runbook_dir()
     files = runbook_files(directory)
     if name not in files:
         raise ConfigError(f"no runbook {name!r} in {directory} (known: "
