@@ -7,10 +7,16 @@ The runbook a person would follow, per drill target (``all``: every enabled dril
    verify every table's row count against the manifest, the smoke queries and the
    globals dump; measure RPO (age of the backup) and RTO (restore → verified);
    drop the scratch database (kept only on failure with ``keep_on_failure``).
-2. **Guest**: restore the newest vzdump archive to a scratch VMID with its network
-   detached, start it, check it runs, measure, destroy it.
+2. **Guest**: first destroy the marked scratch copies that drills which died left
+   behind; restore the newest vzdump archive to a scratch VMID with its network
+   detached (or on the isolated drill bridge), start it, check it runs (and, where
+   the inventory says so, log in over SSH or run a probe against the copy),
+   measure, destroy it.
 3. **Repository**: ``restic check --read-data-subset n/N`` (rotating) and one
    random snapshot restored and compared byte for byte.
+4. **Path set** (``paths:<host>/<set>``): a random sample of files of the latest
+   snapshot restored and compared by SHA-256 with the files on the host (SSH);
+   files changed since the backup are reported, not failed.
 
 Leaves a markdown artifact ``dr-drill`` (every drill, RPO/RTO against objectives,
 what was verified) and one table artifact per target (``drill-<kind>-<name>``, so
@@ -28,19 +34,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from labkeeper import drill as core
-from labkeeper import metrics, notify
+from labkeeper import drill_paths, metrics, notify
 from labkeeper.inventory import Inventory, load_inventory
 from labkeeper.secrets import redact
 from tasks import drill as drill_tasks
-from tasks.common import RunFailed, failure_of, lab_path
+from tasks.common import RETRY, RunFailed, failure_of, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "dr-drill"
+PATHS_TASK_TIMEOUT = 6 * 3600
+
+
+@task(name="dr-drill-paths", task_run_name="drill-paths-{name}",
+      timeout_seconds=PATHS_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
+def paths_drill_task(inv: Inventory, name: str) -> core.DrillResult:
+    """A random sample of a path set's latest snapshot compared with its host by SHA-256."""
+    result = drill_paths.paths_drill(inv, name, log=get_run_logger().info)
+    if not result.passed and result.transient:
+        raise core.DrillFailed(result)
+    return result
+
+
+def task_for(kind: str) -> Any:
+    """The Prefect task of a drill kind (``tasks.drill.BY_KIND``; the path-set drill's
+    task lives here until it moves there)."""
+    return drill_tasks.BY_KIND.get(kind) or {"paths": paths_drill_task}[kind]
 
 
 class DrillRunFailed(RunFailed):
@@ -50,7 +74,7 @@ class DrillRunFailed(RunFailed):
 def artifact_key(kind: str, name: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes."""
     slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "x"
-    short = {"database": "db", "guest": "guest", "repository": "repo"}[kind]
+    short = {"database": "db", "guest": "guest", "repository": "repo", "paths": "paths"}[kind]
     return f"drill-{short}-{slug}"[:100]
 
 
@@ -59,6 +83,8 @@ def _resource(inv: Inventory, result: core.DrillResult) -> dict[str, str]:
         rid = f"labkeeper.database.{inv.database_server(result.target)}/{result.target}"
     elif result.kind == "guest":
         rid = f"labkeeper.guest.{inv.guest(result.target).vmid}"
+    elif result.kind == "paths":
+        rid = f"labkeeper.paths.{result.target}"
     else:
         rid = f"labkeeper.repository.{result.target}"
     return {"prefect.resource.id": rid, "prefect.resource.name": result.target,
@@ -112,7 +138,8 @@ def _result_of(kind: str, name: str, state: Any) -> core.DrillResult:
 def dr_drill_flow(target: str = "all", lab: str | None = None,
                   guest_poll: float = 0.5) -> list[dict]:
     """Run the disaster-recovery drills of ``target``: ``all`` (every enabled drill),
-    ``db:NAME``, ``guest:NAME``, ``repository[:NAME]`` or a bare name."""
+    ``db:NAME``, ``guest:NAME``, ``repository[:NAME]``, ``paths[:HOST/SET]`` or a bare
+    name."""
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
     plan = core.plan_targets(inv, target)
@@ -121,7 +148,7 @@ def dr_drill_flow(target: str = "all", lab: str | None = None,
     started = time.monotonic()
     results: list[core.DrillResult] = []
     for kind, name in plan:
-        task = drill_tasks.BY_KIND[kind]
+        task = task_for(kind)
         extra = {"poll": guest_poll} if kind == "guest" else {}
         state = task(inv, name, return_state=True, **extra)
         result = _result_of(kind, name, state)

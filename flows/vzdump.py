@@ -9,10 +9,13 @@ The runbook a person would follow, per run of a vzdump job:
    migrating guest goes to the back of its node's queue and is tried again later
    in the run (``lock_retries`` times), then reported;
 3. each backup waits on its UPID, reads the log and verifies the new archive
-   (``WARNINGS: n`` is success with warnings);
-4. retention per guest (PVE's prunebackups; ``dry_run`` lists only) and, for a
-   job with ``offsite``, the SFTP → S3 multipart copy and off-site retention,
-   off the node's critical path;
+   (``WARNINGS: n`` is success with warnings). The node's slot is held only while
+   the PVE task runs: the next guest's task run is already prepared and starts
+   its vzdump the moment the previous one ends, while that one is verified;
+4. retention per guest (PVE's prunebackups; ``dry_run`` lists only; an ad-hoc
+   run without a job prunes nothing and says so) and, for a job with
+   ``offsite``, the copy (SFTP → S3 multipart, or SFTP → SFTP to an SSH host)
+   and off-site retention — task runs of their own, off the node's critical path;
 5. a table artifact, an event per guest, metrics (pings and notifications come
    from the flow hooks); the
    run fails at the end if any guest failed.
@@ -25,6 +28,7 @@ still completes their retention and off-site copy.
 from __future__ import annotations
 
 import contextvars
+import queue
 import threading
 import time
 from collections import deque
@@ -46,6 +50,8 @@ from tasks.common import RunFailed, failure_of, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "vzdump"
+ADHOC_RETENTION = ("ad-hoc run (no job): retention is not applied — no archive is pruned; "
+                   "run a job to apply its retention policy")
 
 
 class VzdumpRunFailed(RunFailed):
@@ -79,17 +85,26 @@ def _state_error(state: Any) -> str:
 
 @dataclass
 class _NodeQueue:
-    """One node's pending guests; ``lanes`` worker threads take from it."""
+    """One node's guests to back up, its vzdump slots and the guests still in flight.
+
+    A feeder thread per node takes guests in order and submits one task run per
+    guest; the next is submitted as soon as the previous one holds a slot (or
+    ended without needing one), so it is ready — Prefect task run created, lock
+    and "already done" checks made — and starts its vzdump the moment a slot
+    frees. ``active`` counts guests taken and not yet judged by the flow (a
+    locked one may still come back via :meth:`defer`).
+    """
 
     node: str
     pending: deque[tuple[core.Target, int]]
+    slots: threading.Semaphore
     deferred: list[tuple[float, core.Target, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     active: int = 0
 
     def take(self) -> tuple[core.Target, int] | float | None:
-        """The next guest, seconds to wait (a deferred guest is not due yet, or another
-        lane may still defer one), or None when the node is done."""
+        """The next guest, seconds to wait (a deferred guest is not due yet, or a
+        guest in flight may still be deferred), or None when the node is done."""
         with self.lock:
             if self.pending:
                 self.active += 1
@@ -126,11 +141,13 @@ def vzdump_flow(job: str | None = None, lab: str | None = None,
     ``force`` backs up guests that already have an archive from this schedule
     period; ``lock_retries``/``lock_retry_delay`` govern locked guests;
     ``poll_max`` caps the seconds between task-status polls; ``task_timeout``
-    overrides the job's ``timeout_minutes`` (seconds) for this run.
+    overrides the job's ``timeout_minutes`` (seconds) for this run. An ad-hoc
+    run (no ``job``) has no retention policy: it prunes nothing, and says so.
     """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
     spec = job_for(inv, job, selection, storage)
+    adhoc = job is None
     started = time.monotonic()
     resolved: core.Resolved = vt.select_guests(inv, spec)
     since = None
@@ -142,35 +159,49 @@ def vzdump_flow(job: str | None = None, lab: str | None = None,
     for vmid in resolved.missing:
         rows[vmid] = core.Row(str(vmid), vmid, "-", status="failed",
                               detail="selected but not in the cluster")
-    for w in resolved.warnings:
+    warnings = list(resolved.warnings)
+    if adhoc:
+        warnings.append(ADHOC_RETENTION)
+    for w in warnings:
         logger.warning("vzdump %s: %s", spec.name, w)
+    queues = core.node_queues(resolved.targets)
     logger.info("vzdump %s: %d guest(s) on %d node(s), max %d per node, storage %s",
-                spec.name, len(resolved.targets), len(core.node_queues(resolved.targets)),
-                spec.max_per_node, spec.storage)
+                spec.name, len(resolved.targets), len(queues), spec.max_per_node, spec.storage)
 
-    post: list[tuple[int, str, Any]] = []
-    post_lock = threading.Lock()
     vz_timeout = task_timeout if task_timeout is not None else core.timeout_seconds(spec)
-    backup_task = vt.backup_guest.with_options(timeout_seconds=vz_timeout + 300)
+    # a task run waits for a slot at most as long as the vzdump before it may take
+    backup_task = vt.backup_guest.with_options(timeout_seconds=2 * vz_timeout + 900)
+    finished: queue.Queue[tuple[_NodeQueue, core.Target, int, Any]] = queue.Queue()
 
-    def lane(queue: _NodeQueue) -> None:
+    def feeder(nq: _NodeQueue) -> None:
         while True:
-            item = queue.take()
+            item = nq.take()
             if item is None:
                 return
             if isinstance(item, float):
                 time.sleep(item)
                 continue
             target, attempt = item
-            try:
-                _one(queue, target, attempt)
-            finally:
-                queue.done()
+            slot = core.NodeSlot(nq.node, nq.slots, wait_timeout=vz_timeout + 600)
+            fut = backup_task.submit(inv, spec, target, attempt, since, poll_max, vz_timeout,
+                                     slot)
 
-    def _one(queue: _NodeQueue, target: core.Target, attempt: int) -> None:
+            def _finished(f: Any, nq: _NodeQueue = nq, target: core.Target = target,
+                          attempt: int = attempt, slot: core.NodeSlot = slot) -> None:
+                slot.give_up()
+                finished.put((nq, target, attempt, f))
+
+            fut.add_done_callback(_finished)
+            slot.handoff.wait()
+
+    post: list[tuple[int, str, Any]] = []
+
+    def judge(nq: _NodeQueue, target: core.Target, attempt: int, fut: Any) -> None:
+        """A guest's backup task run ended: record it; locked → later; good → retention
+        and off-site copy as task runs of their own."""
         row = rows[target.vmid]
-        state = backup_task(inv, spec, target, attempt, since, poll_max, vz_timeout,
-                            return_state=True)
+        fut.wait()  # done already; this records its final state on the future
+        state = fut.state
         if not state.is_completed():
             row.status, row.detail = "failed", _state_error(state)
             return
@@ -179,31 +210,40 @@ def vzdump_flow(job: str | None = None, lab: str | None = None,
         if res.status == "locked":
             if attempt <= lock_retries:
                 row.status, row.detail = "pending", f"try {attempt}: {res.detail}"
-                queue.defer(target, attempt + 1, lock_retry_delay)
+                nq.defer(target, attempt + 1, lock_retry_delay)
             else:
                 row.status = "failed"
                 row.detail = f"still {res.detail} after {attempt} tries"
             return
         row.status, row.archive, row.size = res.status, res.volid, res.size
         row.duration_s, row.detail = res.duration, res.detail
-        futs = [("retention", vt.apply_retention.submit(inv, spec, res.node, res.vmid,
-                                                        res.type, dry_run_retention))]
+        if adhoc:
+            row.pruned = "skipped (ad-hoc run)"
+        else:
+            post.append((res.vmid, "retention", vt.apply_retention.submit(
+                inv, spec, res.node, res.vmid, res.type, dry_run_retention)))
         if spec.offsite is not None:
-            futs.append(("offsite", vt.copy_offsite.submit(inv, spec, res, dry_run_retention)))
-        with post_lock:
-            post.extend((res.vmid, kind, f) for kind, f in futs)
+            post.append((res.vmid, "offsite", vt.copy_offsite.submit(inv, spec, res,
+                                                                     dry_run_retention)))
 
-    threads: list[threading.Thread] = []
-    for node, targets in core.node_queues(resolved.targets).items():
-        queue = _NodeQueue(node, deque((t, 1) for t in targets))
-        for i in range(min(spec.max_per_node, len(targets))):
-            ctx = contextvars.copy_context()
-            th = threading.Thread(target=ctx.run, args=(lane, queue),
-                                  name=f"vzdump-{node}-{i}", daemon=True)
-            th.start()
-            threads.append(th)
-    for th in threads:
-        th.join()
+    feeders: list[threading.Thread] = []
+    for node, targets in queues.items():
+        nq = _NodeQueue(node, deque((t, 1) for t in targets),
+                        threading.BoundedSemaphore(spec.max_per_node))
+        ctx = contextvars.copy_context()
+        th = threading.Thread(target=ctx.run, args=(feeder, nq), name=f"vzdump-{node}",
+                              daemon=True)
+        th.start()
+        feeders.append(th)
+    while any(th.is_alive() for th in feeders) or not finished.empty():
+        try:
+            nq, target, attempt, fut = finished.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        try:
+            judge(nq, target, attempt, fut)
+        finally:
+            nq.done()
 
     for vmid, kind, fut in post:
         fut.wait()
@@ -235,13 +275,16 @@ def vzdump_flow(job: str | None = None, lab: str | None = None,
               for s in ("ok", "warning", "skipped")}
     description = (f"vzdump {spec.name}: {counts['ok']} ok / {counts['warning']} with "
                    f"warnings / {counts['skipped']} already done / {len(failed)} failed")
+    if adhoc:
+        description += "; retention not applied (ad-hoc run)"
     if not table:
         table = [{"guest": "-", "vmid": 0, "node": "-", "archive": "", "size": 0,
                   "duration s": 0, "status": "warning", "pruned": "", "offsite": "",
                   "detail": "; ".join(resolved.warnings)}]
     create_table_artifact(key=ARTIFACT_KEY, table=table, description=description)
     create_markdown_artifact(key=f"{ARTIFACT_KEY}-summary",
-                             markdown=_summary(spec, table, resolved.warnings, elapsed))
+                             markdown=_summary(spec, table, tuple(warnings), elapsed,
+                                               adhoc=adhoc))
     for r in rows.values():
         _emit(inv, spec, r)
     _record_metrics(inv, spec, rows.values())
@@ -286,11 +329,13 @@ def _record_metrics(inv: Inventory, job: VzdumpJob, rows: Any) -> None:
 
 
 def _summary(job: VzdumpJob, table: list[dict], warnings: tuple[str, ...],
-             elapsed: float) -> str:
+             elapsed: float, *, adhoc: bool = False) -> str:
     icon = {"ok": "✅", "warning": "⚠️", "skipped": "↩️", "failed": "❌"}
+    retention = ("**not applied** (ad-hoc run)" if adhoc
+                 else f"`{job.retention.as_pve()}`")
     lines = [f"# vzdump {job.name}", "",
              f"{len(table)} guest(s) in {elapsed:.1f} s — storage `{job.storage}`, mode "
-             f"{job.mode}, retention `{job.retention.as_pve()}`", "",
+             f"{job.mode}, retention {retention}", "",
              "| | guest | vmid | node | archive | size | s | pruned | offsite | detail |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:

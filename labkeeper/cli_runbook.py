@@ -37,8 +37,9 @@ def list_runbooks() -> None:
             book = rb.load_runbook(path)
         except ConfigError as exc:
             bad += 1
-            why = exc.problems[0] if exc.problems else str(exc)
-            console.print(f"[red]{name}[/red]: INVALID — {why}", highlight=False)
+            console.print(f"[red]{name}[/red]: INVALID", highlight=False)
+            for why in exc.problems or [str(exc)]:
+                console.print(f"  {why}", markup=False, highlight=False)
             continue
         console.print(f"[bold]{name}[/bold]  {book.description.strip()}", highlight=False)
     raise typer.Exit(1 if bad else 0)
