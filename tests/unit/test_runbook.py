@@ -98,7 +98,7 @@ def test_a_template_naming_nothing_is_reported_with_its_line():
 
 def test_a_template_naming_a_later_step_is_rejected():
     text = SIMPLE + '  - id: two\n    note: "{{ steps.three.x }}"\n  - id: three\n    note: hi\n'
-    with pytest.raises(ConfigError, match="steps.three.x"):
+    with pytest.raises(ConfigError, match=r"steps\.three\.x"):
         book(text)
 
 
