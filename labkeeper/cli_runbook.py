@@ -85,7 +85,7 @@ def report(state: object) -> int:
     from flows.report import print_run
     from tasks.common import failure_of
 
-    cols = ("step", "kind", "status", "seconds", "title", "detail")
+    cols = ("step", "kind", "status", "seconds", "detail")
     if state.is_cancelled():  # type: ignore[attr-defined]
         console.print(f"[yellow]cancelled by the operator:[/yellow] "
                       f"{state.message}", highlight=False)  # type: ignore[attr-defined]

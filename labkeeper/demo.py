@@ -16,11 +16,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from deployments.serve import declared
 from labkeeper import process
 from labkeeper.locallab.lab import LocalLab
 from labkeeper.locallab.ports import free_port
 from labkeeper.locallab.prefect_server import LocalPrefectServer, prefect_env
-from labkeeper.locallab.services import wait_for_interrupt
+from labkeeper.locallab.services import Service, wait_for_interrupt
 
 
 def _port_free(port: int) -> bool:
@@ -47,6 +48,7 @@ def run_demo(workdir: Path, *, wait: bool, port: int, console: Console) -> int:
     server = LocalPrefectServer(workdir / "prefect",
                                 port=port if _port_free(port) else free_port())
     failures = 0
+    served: Service | None = None
     try:
         console.rule("labkeeper demo")
         console.print("starting the local lab (PostgreSQL, S3, sshd, Proxmox simulator)…")
@@ -70,10 +72,14 @@ def run_demo(workdir: Path, *, wait: bool, port: int, console: Console) -> int:
                               f"(expected {sorted(job.expect)})")
             elif res.returncode:
                 console.print(f"[yellow]exit {res.returncode}, as expected:[/] {job.why}")
+        console.rule("serve: every deployment, with its schedule and Run button")
+        served = serve_deployments(lab, server, env, workdir, console)
         console.rule("done")
         console.print(f"demo jobs finished in {time.monotonic() - started:.0f} s, "
                       f"{failures} failed")
         console.print(f"Run history: {server.url}/runs  (flow runs, logs, artifacts)")
+        console.print(f"Deployments: {server.url}/deployments  (Run buttons; runbooks via "
+                      "`runbook`, with its name and params)")
         if wait:
             console.print("Everything stays up until Ctrl-C; then it is all stopped.")
             wait_for_interrupt()
@@ -81,9 +87,51 @@ def run_demo(workdir: Path, *, wait: bool, port: int, console: Console) -> int:
             console.print("Stopping the lab and the Prefect server. The run history is kept "
                           f"in {server.home}; browse it with `make ui`.")
     finally:
+        if served is not None:
+            served.stop(grace=10)
         server.stop()
         lab.stop()
     return 1 if failures else 0
+
+
+def serve_deployments(lab: LocalLab, server: LocalPrefectServer, env: dict[str, str],
+                      workdir: Path, console: Console, *, timeout: float = 120
+                      ) -> Service | None:
+    """``labkeeper serve`` in a child process against the demo's server: registers every
+    deployment of prefect.yaml (schedules, Run buttons) and runs what is started from the
+    UI while the demo stays up. Stopped by PID with the rest."""
+    svc = Service("labkeeper-serve", (sys.executable, "-m", "labkeeper.cli", "serve"),
+                  log_path=workdir / "serve.log",
+                  env={**env, "LABKEEPER_LAB": str(lab.inventory_path),
+                       "LABKEEPER_HOME": str(Path(__file__).resolve().parents[1])})
+    svc.start()
+    want = len(declared())
+    deadline = time.monotonic() + timeout
+    count = 0
+    while time.monotonic() < deadline:
+        svc.check_alive()
+        count = _deployment_count(server.api_url)
+        if count >= want:
+            console.print(f"  {count} deployments served (pid {svc.pid}); log: "
+                          f"{workdir / 'serve.log'}")
+            return svc
+        time.sleep(1)
+    console.print(f"[yellow]only {count} of {want} deployments registered after "
+                  f"{timeout:g} s; see {workdir / 'serve.log'}[/]")
+    return svc
+
+
+def _deployment_count(api_url: str) -> int:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{api_url}/deployments/count", data=b"{}",  # noqa: S310
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 - the demo's own server
+            return int(json.loads(r.read()))
+    except (OSError, ValueError):
+        return 0
 
 
 def _echo(line: str) -> None:
@@ -128,6 +176,12 @@ def jobs(lab: LocalLab) -> list[Job]:
             (*cli, "drill", "run", "db:appdb", "--lab", inv)),
         Job("drill: restore the proxy guest's latest vzdump into a scratch VMID, boot it",
             (*cli, "drill", "run", "guest:proxy", "--lab", inv)),
+        Job("runbook (dry run): restore-database checks every reference, changes nothing",
+            (*cli, "runbook", "run", "restore-database", "--param", "database=appdb",
+             "--dry-run", "--lab", inv)),
+        Job("runbook (dry run): pre-maintenance for proxy and app",
+            (*cli, "runbook", "run", "pre-maintenance", "--param", "guests=proxy,app",
+             "--dry-run", "--lab", inv)),
         Job("repo maintenance: forget by retention (dry run), prune, check, usage",
             (*cli, "repo", "maintain", "--lab", inv, "--dry-run")),
         Job("status: is my lab safe?", (*cli, "status", "--lab", inv)),
