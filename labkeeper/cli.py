@@ -324,12 +324,145 @@ def status(lab: LabOption = Path("lab.yaml"),
     raise typer.Exit(st.exit_code(rows))
 
 
-@app.command()
-def serve() -> None:
-    """Serve every deployment in prefect.yaml from this process (single-machine mode)."""
-    from deployments.serve import serve_all
+def _serve_inventory(lab: Path, explicit: bool) -> Any:
+    """The inventory `serve` schedules from: ``--lab``/``$LABKEEPER_LAB`` must load; the
+    default ``lab.yaml`` may be absent (then prefect.yaml's schedules are served)."""
+    from labkeeper.errors import ConfigError
+    from labkeeper.inventory import load_inventory
 
-    serve_all()
+    if not explicit and not lab.exists():
+        err_console.print(f"serve: no inventory at {lab}: serving prefect.yaml's schedules "
+                          "(give --lab or set LABKEEPER_LAB to use the inventory's)",
+                          markup=False)
+        return None
+    try:
+        return load_inventory(lab)
+    except ConfigError as exc:
+        print("\n".join([str(exc), *exc.problems]), file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    lab: Annotated[Path | None, typer.Option(
+        "--lab", "-l", envvar="LABKEEPER_LAB",
+        help="Inventory: its schedules replace prefect.yaml's for the shipped deployments, "
+             "and flow runs read it. Default: lab.yaml, if present.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Also serve Prometheus /metrics on this port (default: "
+             "settings.metrics.listen_port of the inventory, if set).")] = None,
+    metrics_address: Annotated[str | None, typer.Option(
+        help="Address for /metrics (default: settings.metrics.listen_address, "
+             "else 127.0.0.1).")] = None,
+    show_schedules: Annotated[bool, typer.Option(
+        "--schedules", help="Print every deployment's schedules and where they come "
+                            "from, then exit.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="With --schedules: print "
+                                                       "JSON rows.")] = False,
+    sync_schedules: Annotated[bool, typer.Option(
+        "--sync-schedules", help="Several machines: put the inventory's schedules on the "
+                                 "deployments `prefect deploy --all` created on the Prefect "
+                                 "server (PREFECT_API_URL), then exit.")] = False,
+) -> None:
+    """Serve every deployment in prefect.yaml from this process (single-machine mode),
+    on the inventory's schedules; optionally /metrics alongside."""
+    from deployments import serve as srv
+
+    inv = _serve_inventory(lab or Path("lab.yaml"), explicit=lab is not None)
+    if show_schedules:
+        rows = srv.schedule_table(inv)
+        if json_out:
+            print(json.dumps(rows, indent=2))
+            return
+        from rich.markup import escape
+
+        table = Table(title="labkeeper deployments and their schedules")
+        for col in ("deployment", "cron", "timezone", "parameters", "source"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(r["deployment"], r["cron"], r["timezone"],
+                          escape(json.dumps(r["parameters"])) if r["parameters"] else "",
+                          escape(r["source"]))
+        console.print(table)
+        return
+    if sync_schedules:
+        if inv is None:
+            err_console.print("serve --sync-schedules needs the inventory (--lab)")
+            raise typer.Exit(2)
+        for line in srv.sync_schedules(inv):
+            console.print(line, markup=False)
+        return
+    if inv is not None:
+        # Flow runs are child processes: they must read the inventory the schedules came from.
+        os.environ["LABKEEPER_LAB"] = str((lab or Path("lab.yaml")).resolve())
+        cfg = inv.settings.metrics
+        metrics_port = metrics_port if metrics_port is not None else cfg.listen_port
+        metrics_address = metrics_address or (str(cfg.listen_address)
+                                              if cfg.listen_address else None)
+    if metrics_port is not None:
+        console.print(f"metrics: http://{metrics_address or '127.0.0.1'}:{metrics_port}/metrics")
+    srv.serve_all(inv, metrics_address=metrics_address, metrics_port=metrics_port)
+
+
+metrics_app = typer.Typer(no_args_is_help=True,
+                          help="Prometheus metrics the flows record (textfile and /metrics).")
+app.add_typer(metrics_app, name="metrics")
+
+
+def _metrics_inventory(lab: Path) -> Any:
+    from labkeeper.errors import ConfigError
+    from labkeeper.inventory import load_inventory
+
+    try:
+        return load_inventory(lab)
+    except ConfigError as exc:
+        print("\n".join([str(exc), *exc.problems]), file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+@metrics_app.command("serve")
+def metrics_serve(
+    lab: LabOption = Path("lab.yaml"),
+    port: Annotated[int | None, typer.Option(
+        help="Default: settings.metrics.listen_port.")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Default: settings.metrics.listen_address, else 127.0.0.1.")] = None,
+) -> None:
+    """Serve /metrics (Prometheus text format) from the metrics store until Ctrl-C
+    (or SIGTERM)."""
+    import signal
+    import threading
+
+    from labkeeper import metrics
+
+    inv = _metrics_inventory(lab)
+    cfg = inv.settings.metrics
+    port = port if port is not None else cfg.listen_port
+    if port is None:
+        err_console.print("metrics serve: give --port or settings.metrics.listen_port")
+        raise typer.Exit(2)
+    address = address or (str(cfg.listen_address) if cfg.listen_address else "127.0.0.1")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the port opens: no early-signal race
+        signal.signal(sig, lambda signum, frame: stop.set())
+    server: Any = metrics.serve(inv.settings.state_dir, address, port)
+    console.print(f"serving http://{address}:{port}/metrics from "
+                  f"{inv.settings.state_dir}/metrics.json (Ctrl-C stops)", markup=False)
+    try:
+        while not stop.wait(0.2):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@metrics_app.command("show")
+def metrics_show(lab: LabOption = Path("lab.yaml")) -> None:
+    """Print the metrics as Prometheus text (what /metrics and the textfile hold)."""
+    from labkeeper import metrics
+
+    inv = _metrics_inventory(lab)
+    print(metrics.render(metrics.Store(inv.settings.state_dir)), end="")
 
 
 def main() -> None:  # pragma: no cover

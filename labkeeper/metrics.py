@@ -9,6 +9,7 @@ value per series: gauges, as node_exporter's textfile collector expects.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -72,11 +73,12 @@ class Store:
             return {}
         return {k: float(v) for k, v in data.items()}
 
-    def update(self, samples: list[Sample]) -> None:
+    def update(self, samples: list[Sample], *, locked: bool = False) -> None:
+        """Set the samples' values (``locked``: the caller holds :meth:`_locked`)."""
         for s in samples:
             if s.name not in METRICS:
                 raise ValueError(f"unknown metric {s.name!r} (add it to METRICS with help)")
-        with self._locked():
+        with contextlib.nullcontext() if locked else self._locked():
             data = self._read()
             for s in samples:
                 data[_key(s.name, s.labels)] = float(s.value)
@@ -144,9 +146,10 @@ def _atomic_write(path: Path, text: str) -> None:
 def record(state_dir: Path, textfile: Path | None, samples: list[Sample]) -> None:
     """Update the store and re-render the textfile-collector file (if configured)."""
     store = Store(state_dir)
-    store.update(samples)
-    if textfile is not None:
-        _atomic_write(textfile, render(store))
+    with store._locked():  # the textfile is rendered and replaced under the same lock,
+        store.update(samples, locked=True)  # so a slower writer never puts back stale text
+        if textfile is not None:
+            _atomic_write(textfile, render(store))
 
 
 def serve(state_dir: Path, address: str, port: int) -> object:

@@ -38,6 +38,8 @@ def _backup(repo: restic.Repo, db: str, when: datetime) -> None:
 
 def _inventory(tmp: Path, repo_dir: Path, secret: Path, dbs: list[str], apprise: str) -> Path:
     apprise_file = write_secret(tmp / "apprise-url", apprise)
+    check = write_secret(tmp / "hc-check", "watch-check")
+    base = apprise.replace("json://", "http://").rsplit("/", 1)[0]
     databases = "\n".join(
         f"  - {{name: {db}, host: {HOST}, user: u, drill: {{enabled: false, rpo_hours: 26}}}}"
         for db in dbs)
@@ -53,12 +55,17 @@ databases:
 notifications:
   apprise: ["file:{apprise_file}"]
   on: [failure, missing_backup]
+  healthchecks: {{base_url: "{base}/ping", pings: {{missing_backup: "file:{check}"}}}}
 """)
     return path
 
 
 def _messages(receiver) -> list[dict]:
-    return [json.loads(r.body) for r in receiver.requests]
+    return [json.loads(r.body) for r in receiver.requests if r.path == "/hook"]
+
+
+def _pings(receiver) -> list[str]:
+    return [r.path for r in receiver.requests if r.path.startswith("/ping/")]
 
 
 def test_stale_database_backup_is_notified_once_naming_it_and_the_run_fails(
@@ -79,13 +86,14 @@ def test_stale_database_backup_is_notified_once_naming_it_and_the_run_fails(
     assert "fresh_db" not in msgs[0]["title"] + msgs[0]["message"]
     # how late: 50 h old against an RPO of 26 h is 24 h past the objective
     assert "past its objective (RPO 26.0 h)" in msgs[0]["message"]
-    assert "24.0 h past" in msgs[0]["message"] or "23.9 h past" in msgs[0]["message"]
+    assert "24.0 h past its objective" in msgs[0]["message"]
+    assert _pings(receiver) == ["/ping/watch-check/start", "/ping/watch-check/fail"]
     log = json.loads((tmp_path / "state" / "backup-watch.json").read_text())
     assert set(log["alerts"]) == {"database:stale_db"}
 
     again = backup_watch_flow(lab=str(lab), return_state=True)
     assert again.is_failed()
-    assert len(receiver.requests) == 1  # same late series: no second message
+    assert len(_messages(receiver)) == 1  # same late series: no second message
 
     _backup(r, "stale_db", datetime.now())
     fixed = backup_watch_flow(lab=str(lab), return_state=True)
@@ -106,7 +114,8 @@ def test_all_fresh_backups_send_no_notification_and_the_run_completes(
     assert state.is_completed(), state.message
     rows = state.result()
     assert [(row["target"], row["state"]) for row in rows] == [("always_fresh", "ok")]
-    assert receiver.requests == []
+    assert _messages(receiver) == []
+    assert _pings(receiver) == ["/ping/watch-check/start", "/ping/watch-check"]
 
 
 def test_a_database_never_backed_up_is_reported_missing(

@@ -45,3 +45,32 @@ def test_status_is_green_after_fresh_backups_and_red_when_they_are_older_than_th
     assert late.exit_code == 1
     assert {r["state"] for r in json.loads(late.stdout) if r["section"] == "database"} == \
         {"late"}
+
+
+def test_status_lists_failed_runs_read_from_the_prefect_api(prefect_harness, tmp_path: Path):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.deadman import backup_watch_flow
+
+    path = tmp_path / "lab.yaml"
+    path.write_text(f"""
+version: 1
+lab: {{name: history}}
+settings: {{state_dir: {tmp_path / "state"}}}
+repositories: [{{name: gone, url: {tmp_path / "no-repo"}, password: env:LK_UNSET_RP}}]
+databases: [{{name: ghost, host: 127.0.0.1}}]
+""")
+    state = backup_watch_flow(lab=str(path), return_state=True)
+    assert state.is_failed()
+
+    async def run_name() -> str:
+        async with get_client() as client:
+            return (await client.read_flow_run(state.state_details.flow_run_id)).name
+
+    name = asyncio.run(run_name())
+    res = CliRunner().invoke(app, ["status", "--lab", str(path), "--json"])
+    assert res.exit_code == 1
+    runs = {r["target"]: r for r in json.loads(res.stdout) if r["section"] == "runs"}
+    assert runs[f"backup-watch/{name}"]["detail"] == "Failed"

@@ -78,3 +78,27 @@ def test_metrics_endpoint_serves_the_store(tmp_path: Path):
     finally:
         server.shutdown()  # type: ignore[attr-defined]
     assert _families(text)["labkeeper_drill_rto_seconds"].samples[0].value == 42
+
+
+def test_metric_names_follow_prometheus_conventions():
+    import re
+
+    for name, help_text in metrics.METRICS.items():
+        assert re.fullmatch(r"labkeeper_[a-z][a-z0-9_]*", name), name
+        assert help_text.strip(), name
+        assert not name.endswith("_total"), f"{name}: gauges carry no _total suffix"
+        if "timestamp" in name:
+            assert name.endswith("_timestamp_seconds"), name
+        if "duration" in name or name.endswith(("_rto_seconds", "_rpo_seconds")):
+            assert name.endswith("_seconds"), name
+        if "bytes" in name:
+            assert name.endswith("_bytes"), name
+
+
+def test_every_family_is_a_gauge_with_its_help_in_the_exposition(tmp_path: Path):
+    samples = [Sample(name, {"target": "x"}, 1) for name in metrics.METRICS]
+    metrics.record(tmp_path, None, samples)
+    fams = _families(metrics.render(metrics.Store(tmp_path)))
+    assert set(fams) == set(metrics.METRICS)
+    assert {f.type for f in fams.values()} == {"gauge"}
+    assert all(fams[n].documentation == h for n, h in metrics.METRICS.items())

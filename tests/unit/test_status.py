@@ -96,3 +96,39 @@ def test_drills_updates_and_failed_runs_come_through():
     assert by[("update", "immich")].detail == "rolled back"
     assert by[("runs", "pg_backup/sassy-weasel")].state == "warn"
     assert by[("source", "proxmox")].state == "failed"
+
+
+def test_series_of_an_unreadable_repository_are_not_checked_rather_than_missing():
+    rows = st.evaluate(INV, facts(errors=[("repository b2", "wrong password")],
+                                  archives={100: NOW}))
+    by = {(r.section, r.target): r for r in rows}
+    assert by[("database", "app")].state == "failed"
+    assert "not checked: repository b2" in by[("database", "app")].detail
+    assert by[("source", "repository b2")].state == "failed"
+    assert by[("guest", "web (100)")].state == "ok"
+    assert st.exit_code(rows) == 1
+
+
+def test_guests_are_not_checked_when_proxmox_cannot_be_read():
+    rows = st.evaluate(INV, facts(errors=[("proxmox", "HTTP 401")]))
+    assert [r.state for r in rows if r.section == "guest"] == ["failed"]
+
+
+def test_rows_carry_their_allowance_and_how_far_past_it_they_are():
+    snaps = {"b2": [Snap(NOW - timedelta(hours=30), ["labkeeper", "db:db1/app", "kind:pg_dump"])]}
+    (row,) = [r for r in st.evaluate(INV, facts(snapshots=snaps)) if r.section == "database"]
+    assert row.allowed == timedelta(hours=26)
+    assert row.overdue(NOW) == timedelta(hours=4)
+    d = row.as_dict(NOW)
+    assert d["allowed_hours"] == 26 and d["age_hours"] == 30
+
+
+def test_drill_rows_show_the_measured_rto_and_rpo():
+    labels = {"target": "db:app"}
+    samples = [Sample("labkeeper_drill_success", labels, 1),
+               Sample("labkeeper_drill_rto_seconds", labels, 90 * 60),
+               Sample("labkeeper_drill_rpo_seconds", labels, 5 * 3600),
+               Sample("labkeeper_drill_last_run_timestamp_seconds", labels, NOW.timestamp())]
+    (row,) = [r for r in st.evaluate(INV, facts(metrics=samples)) if r.section == "drill"]
+    assert row.state == "ok" and row.last == NOW
+    assert row.detail == "RTO 1.5 h, RPO 5.0 h"
