@@ -34,41 +34,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from labkeeper import drill as core
-from labkeeper import drill_paths, metrics, notify
+from labkeeper import metrics, notify
 from labkeeper.inventory import Inventory, load_inventory
 from labkeeper.secrets import redact
 from tasks import drill as drill_tasks
-from tasks.common import RETRY, RunFailed, failure_of, lab_path
+from tasks.common import RunFailed, failure_of, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "dr-drill"
-PATHS_TASK_TIMEOUT = 6 * 3600
-
-
-@task(name="dr-drill-paths", task_run_name="drill-paths-{name}",
-      timeout_seconds=PATHS_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
-def paths_drill_task(inv: Inventory, name: str) -> core.DrillResult:
-    """A random sample of a path set's latest snapshot compared with its host by SHA-256."""
-    result = drill_paths.paths_drill(inv, name, log=get_run_logger().info)
-    if not result.passed and result.transient:
-        raise core.DrillFailed(result)
-    return result
 
 
 def task_for(kind: str) -> Any:
-    """The Prefect task of a drill kind (``tasks.drill.BY_KIND``; the path-set drill's
-    task lives here until it moves there)."""
-    return drill_tasks.BY_KIND.get(kind) or {"paths": paths_drill_task}[kind]
+    """The Prefect task of a drill kind."""
+    return drill_tasks.BY_KIND[kind]
 
 
 class DrillRunFailed(RunFailed):
     """At least one drill failed or breached an objective."""
+
+    notify_event = "drill"
+    """The flow sent the "drill" message itself (tasks/hooks.py skips "run failed")."""
 
 
 def artifact_key(kind: str, name: str) -> str:

@@ -28,11 +28,37 @@ may go away on retry — a repository backend that is down — is marked ``trans
    only ever a ``labkeeper_drill_*`` name), unless the drill failed and
    ``keep_on_failure`` is set: then the result says where it is.
 
-**Guest drill** (:func:`guest_drill`): the guest's newest vzdump archive restored
-to a free VMID of ``drills.guests.scratch_vmids`` (checked against the cluster and
-the inventory; never ``force``), every NIC detached (or moved to the isolated
-``drills.guests.bridge``), ``onboot=0``, started, status checked within
-``boot_timeout``, RTO measured, destroyed (unless it failed and keep_on_failure).
+**Guest drill** (:func:`guest_drill`):
+
+1. **Sweep** (:func:`sweep_scratch`): a drill that died leaves its scratch copy
+   behind. Every copy is *marked in the restore call itself* — tag
+   ``labkeeper-drill`` and a description ending in ``labkeeper-drill-scratch
+   created=<UTC time>`` — so even a drill killed mid-restore leaves a marked guest.
+   Guests of ``drills.guests.scratch_vmids`` (never an inventory guest) with the tag
+   *and* the marker, older than ``stale_scratch_hours`` (younger ones may belong
+   to a drill still running) are stopped and destroyed, and the result says so.
+   Copies tagged ``labkeeper-drill-kept`` (keep_on_failure) are reported, never
+   destroyed; a tagged guest without the marker is reported and left alone; an
+   unmarked guest is never touched.
+2. The guest's newest vzdump archive restored to a free VMID of the scratch range
+   (checked against the cluster and the inventory; never ``force``) with the
+   marker, only the drill's tag (the original's tags could let tag-selected jobs
+   pick the copy up), ``onboot=0`` and ``protection=0``; every NIC detached (or
+   moved to the isolated ``drills.guests.bridge``); started.
+3. **Up?** ``check: status``: PVE says it runs within ``boot_timeout``. ``ssh``: it
+   runs and an SSH login (the guest's ssh settings) to ``drill.address`` — the
+   copy's address on the drill bridge — succeeds. ``probe``: it runs and the
+   drill's http / tcp / command probe passes against the copy. SSH and probes are
+   retried until ``boot_timeout`` (an authentication or host-key refusal is not
+   retried). Without a bridge, or without ``address`` where one is needed, the
+   check *fails*: it is never silently downgraded to ``status``, and the guest's
+   own address is never used (it would reach the original, not the copy).
+   (In the local lab the simulator has no guest OS: the lab's sshd stands in for
+   the copy's sshd, as it does for every simulated guest, and a command probe can
+   read the copy's restored root filesystem, which the simulator unpacks from
+   the archive on this machine.)
+4. RTO = restore → checked; destroyed unless it failed and keep_on_failure (then
+   tagged ``labkeeper-drill-kept``).
 
 **Repository drill** (:func:`repository_drill`): ``restic check
 --read-data-subset=n/N`` with ``n`` rotating over ``read_data_period`` drills (the
@@ -40,6 +66,10 @@ position is kept under ``settings.state_dir``; it advances only after a clean
 check), and one random snapshot: every file's ``restic dump`` hashed (sha256) and
 sized against ``restic ls``, then restored again by ``restic restore --verify``
 and hashed: both must agree byte for byte.
+
+**Path-set drill** (:mod:`labkeeper.drill_paths`, target ``paths:<host>/<set>``): a
+random sample of the set's latest snapshot restored and compared by SHA-256 with
+the files on the host over SSH; changed-since-backup files reported, not failed.
 """
 
 from __future__ import annotations
@@ -56,9 +86,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from labkeeper import pg_backup, postgres, process, restic
+from labkeeper import health, pg_backup, postgres, process, restic
 from labkeeper.errors import (
     CommandError,
     ConfigError,
@@ -71,15 +101,22 @@ from labkeeper.inventory import (
     DrillServer,
     Guest,
     GuestDrill,
+    GuestSsh,
     Inventory,
+    PathBackup,
     SmokeQuery,
+    SshTargetSpec,
 )
 from labkeeper.process import ExitCode, ExitCodeTable
 from labkeeper.secrets import redact, resolve
+from labkeeper.ssh import SshTarget, connect
 
 Log = Callable[[str], None]
 
 SCRATCH_TAG = "labkeeper-drill"
+"""Tag of every scratch copy a guest drill restores (set in the restore call)."""
+KEPT_TAG = "labkeeper-drill-kept"
+"""Added to a failed drill's copy kept for inspection: never swept."""
 STALL_TIMEOUT = 300.0
 
 
@@ -106,7 +143,7 @@ class DrillResult:
     """What one drill did. ``status`` is ``passed`` only when every check passed, no
     error happened and no objective was breached."""
 
-    kind: str  # database | guest | repository
+    kind: str  # database | guest | repository | paths
     target: str
     started_at: datetime = field(default_factory=lambda: datetime.now(tz=UTC))
     checks: list[Check] = field(default_factory=list)
@@ -612,11 +649,180 @@ def newest_archive(volumes: Sequence[Any], vmid: int) -> Any | None:
     return max(mine, key=lambda v: (v.ctime or 0, v.volid)) if mine else None
 
 
+# -- scratch guests: marked at creation, swept when a drill died (pure parts) ----------
+
+_MARKER = "labkeeper-drill-scratch"
+_MARKER_RE = re.compile(_MARKER + r" created=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
+
+
+def scratch_description(guest: Guest, volid: str, created: datetime) -> str:
+    """The description a scratch copy gets *in the restore call itself* (so even a
+    drill that dies during the restore leaves a marked guest); the last line is the
+    marker :func:`marker_created` reads."""
+    return (f"labkeeper DR drill of {guest.name} ({guest.vmid}) from {volid}: scratch "
+            f"copy, safe to destroy.\n"
+            f"{_MARKER} created={created.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}")
+
+
+def marker_created(description: str) -> datetime | None:
+    """When labkeeper created this scratch copy, or None when it carries no marker."""
+    found = _MARKER_RE.search(description or "")
+    if found is None:
+        return None
+    return datetime.strptime(found.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def scratch_restore_options(guest: Guest, volid: str, created: datetime) -> dict[str, Any]:
+    """Config given with the restore: the marker (tag + description), never started
+    on boot, no protection (inherited from the original, it would block the
+    cleanup), and only the drill's tag (the original's tags would let tag-selected
+    backup jobs or updates pick the copy up)."""
+    return {"tags": SCRATCH_TAG, "description": scratch_description(guest, volid, created),
+            "onboot": 0, "protection": 0}
+
+
+def scratch_restore_request(px: Any, gtype: str, node: str, vmid: int, volid: str, *,
+                            storage: str, options: dict[str, Any]) -> Any:
+    """``POST /nodes/{node}/lxc`` (restore) or ``/qemu`` (archive) with ``options``
+    (PVE ≥ 7.2 applies extra parameters of a QEMU restore over the archived config)."""
+    if gtype == "lxc":
+        return px.restore_lxc_request(node, vmid, volid, storage=storage, unique=True,
+                                      start=False, options=options)
+    base = px.restore_qemu_request(node, vmid, volid, storage=storage, unique=True,
+                                   start=False)
+    return px.api_request("POST", base.template, {**base.params, **options}, node=node)
+
+
+SweepDecision = Literal["destroy", "young", "kept", "unmarked"]
+
+
+def sweep_decision(description: str, tags: Sequence[str], *, now: datetime,
+                   stale_after_s: float) -> tuple[SweepDecision, datetime | None]:
+    """What to do with a ``labkeeper-drill``-tagged guest of the scratch range."""
+    created = marker_created(description)
+    if created is None:
+        return "unmarked", None
+    if KEPT_TAG in tags:
+        return "kept", created
+    if (now - created).total_seconds() < stale_after_s:
+        return "young", created
+    return "destroy", created
+
+
+# -- SSH / probe checks of the restored copy (pure parts) ----------------------------
+
+
+def check_label(spec: GuestDrill) -> str:
+    if spec.check == "probe" and spec.probe is not None:
+        return f"probe {health.probe_name(spec.probe)}"
+    return spec.check
+
+
+def reach_problem(spec: GuestDrill, bridge: str | None) -> str | None:
+    """Why an ``ssh`` / ``probe`` check cannot reach the restored copy, or None."""
+    if spec.check == "status":
+        return None
+    probe = spec.probe
+    if probe is not None and probe.http is not None:
+        needs_address = False
+    elif probe is not None and probe.tcp is not None:
+        needs_address = probe.tcp.host is None
+    else:
+        needs_address = True  # ssh, command probe
+    if bridge is None:
+        return ("the restored copy's network is detached (drills.guests.bridge is not "
+                "set), so nothing can reach it: set an isolated bridge the worker can "
+                "reach and guests[].drill.address, or use check: status")
+    if needs_address and spec.address is None:
+        return ("guests[].drill.address is not set: it is the copy's address on the drill "
+                "bridge (the guest's own address would reach the original guest, not the "
+                "copy)")
+    return None
+
+
+def copy_ssh_target(inv: Inventory, guest: Guest, address: str) -> SshTarget:
+    """The SSH target of the restored copy: the guest's ssh settings (merged with the
+    defaults) at the drill ``address``."""
+    d = inv.ssh
+    s = guest.ssh or GuestSsh()
+    spec = SshTargetSpec(
+        name=f"{guest.name} (drill copy)", kind="guest", address=address,
+        port=s.port or d.port, user=s.user or d.user, key=s.key or d.key,
+        known_hosts=inv.known_hosts_path(),
+        trust_on_first_use=(d.trust_on_first_use if s.trust_on_first_use is None
+                            else s.trust_on_first_use),
+        host_key=s.host_key, connect_timeout=s.connect_timeout or d.connect_timeout,
+        command_timeout=d.command_timeout)
+    return SshTarget.from_spec(spec)
+
+
+def _ssh_attempt(inv: Inventory, guest: Guest, spec: GuestDrill) -> tuple[bool, str, bool]:
+    """One SSH login to the copy: (ok, detail, worth retrying)."""
+    assert spec.address is not None
+    target = copy_ssh_target(inv, guest, spec.address)
+    where = f"{target.user}@{target.host}:{target.port}"
+    try:
+        with connect(target) as client:
+            res = client.run(("uname", "-n"), timeout=target.connect_timeout + 20,
+                             check=False)
+    except LabkeeperError as exc:
+        return False, f"SSH login {where} failed: {exc}", exc.transient
+    if res.returncode != 0:
+        return False, f"SSH login {where} ok but `uname -n` exited {res.returncode}", True
+    return True, f"SSH login {where} ok (uname -n: {res.stdout.strip()[:64]})", False
+
+
+def _probe_attempt(inv: Inventory, guest: Guest, spec: GuestDrill) -> tuple[bool, str, bool]:
+    """One run of the drill's probe against the copy: (ok, detail, worth retrying)."""
+    probe = spec.probe
+    assert probe is not None
+    if probe.http is not None:
+        ok, detail = health.http_check(probe.http, probe.timeout)
+        return ok, detail, True
+    if probe.tcp is not None:
+        host = probe.tcp.host or spec.address
+        assert host is not None
+        ok, detail = health.tcp_check(host, probe.tcp.port, probe.timeout)
+        return ok, detail, True
+    assert probe.command is not None and spec.address is not None
+    target = copy_ssh_target(inv, guest, spec.address)
+    try:
+        with connect(target) as client:
+            ok, detail = health.command_check(lambda: client, probe.command, probe.timeout)
+    except LabkeeperError as exc:
+        return False, f"SSH to {target.host}:{target.port} failed: {exc}", exc.transient
+    return ok, f"{detail} on {target.host}:{target.port}", True
+
+
+def _reach_copy(inv: Inventory, guest: Guest, spec: GuestDrill, result: DrillResult, *,
+                deadline: float, poll: float, log: Log) -> None:
+    """The ``ssh`` / ``probe`` check, retried until the boot deadline."""
+    label = check_label(spec)
+    why = reach_problem(spec, inv.drills.guests.bridge)
+    if why is not None:
+        result.check(label, False, why)
+        return
+    attempt = _ssh_attempt if spec.check == "ssh" else _probe_attempt
+    tries = 0
+    while True:
+        tries += 1
+        ok, detail, again = attempt(inv, guest, spec)
+        if ok or not again or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    result.check(label, ok, f"{detail} (attempt {tries})")
+    log(f"{guest.name}: {label}: {'ok' if ok else 'FAILED'} — {detail}")
+
+
+# -- the guest drill ---------------------------------------------------------------------
+
+
 def guest_drill(inv: Inventory, name: str, *, api: Any = None, log: Log = _nolog,
                 now: Callable[[], datetime] | None = None, poll: float = 0.5,
                 keep_on_failure: bool | None = None) -> DrillResult:
-    """Restore guest ``name``'s latest vzdump archive to a scratch VMID, isolated, and
-    prove it boots (see the module docstring)."""
+    """Sweep scratch copies left by dead drills, restore guest ``name``'s latest vzdump
+    archive to a scratch VMID, isolated, and prove it comes up (see the module
+    docstring)."""
     from labkeeper import proxmox as px
 
     clock = now or (lambda: datetime.now(tz=UTC))
@@ -631,6 +837,7 @@ def guest_drill(inv: Inventory, name: str, *, api: Any = None, log: Log = _nolog
         if inv.proxmox is None:
             raise ConfigError("the inventory has no proxmox section")
         api = api if api is not None else px.connect(inv.proxmox)
+        sweep_scratch(px, api, inv, result, now=clock(), poll=poll, log=log)
         _guest_drill(px, api, inv, guest, spec, result, keep=keep, log=log, clock=clock,
                      poll=poll)
     except LabkeeperError as exc:
@@ -638,6 +845,62 @@ def guest_drill(inv: Inventory, name: str, *, api: Any = None, log: Log = _nolog
     result.duration_s = time.monotonic() - started
     log(f"guest drill {name}: {result.status.upper()} — {result.summary()}")
     return result
+
+
+def sweep_scratch(px: Any, api: Any, inv: Inventory, result: DrillResult, *, now: datetime,
+                  poll: float, log: Log) -> list[int]:
+    """Destroy the scratch copies dead drills left behind: guests of the scratch range
+    (never an inventory guest) tagged ``labkeeper-drill`` *and* carrying labkeeper's
+    description marker, older than ``stale_scratch_hours``, not kept on purpose.
+    Returns the VMIDs destroyed; reports everything it saw."""
+    settings = inv.drills.guests
+    rng = settings.scratch_vmids
+    mine = {g.vmid for g in inv.guests}
+    destroyed: list[int] = []
+    failed: list[str] = []
+    for g in px.list_guests(api):
+        if g.vmid not in rng or g.vmid in mine or SCRATCH_TAG not in g.tags:
+            continue
+        config = px.guest_config(api, g.node, g.vmid, g.type)
+        decision, created = sweep_decision(str(config.values.get("description", "")),
+                                           [*g.tags, *config.tags], now=now,
+                                           stale_after_s=settings.stale_scratch_hours * 3600)
+        when = created.isoformat(timespec="seconds") if created else ""
+        if decision == "unmarked":
+            result.notes.append(f"VMID {g.vmid} is tagged {SCRATCH_TAG} but has no labkeeper "
+                                "marker in its description: left alone")
+        elif decision == "kept":
+            result.notes.append(f"scratch copy VMID {g.vmid} on {g.node} was kept from a "
+                                f"failed drill ({when}): destroy it when you are done")
+        elif decision == "young":
+            result.notes.append(f"scratch copy VMID {g.vmid} on {g.node} was created {when}, "
+                                "maybe by a drill still running: left alone")
+        else:
+            try:
+                _destroy_guest(px, api, g.node, g.vmid, g.type, running=g.status == "running",
+                               poll=poll)
+            except LabkeeperError as exc:
+                failed.append(f"VMID {g.vmid} on {g.node}: {exc}")
+                continue
+            destroyed.append(g.vmid)
+            log(f"destroyed scratch copy VMID {g.vmid} on {g.node} left by a drill that "
+                f"died ({when})")
+    if destroyed or failed:
+        detail = "; ".join(
+            ([f"destroyed VMID {', '.join(map(str, destroyed))} (left by drills that died)"]
+             if destroyed else [])
+            + [f"could not destroy {f}" for f in failed])
+        result.check("leftover scratch guests", not failed, detail)
+    return destroyed
+
+
+def _destroy_guest(px: Any, api: Any, node: str, vmid: int, gtype: str, *, running: bool,
+                   poll: float) -> None:
+    if running:
+        px.wait_for_task(api, px.stop_guest(api, node, vmid, gtype), timeout=300,
+                         max_poll=poll)
+    px.wait_for_task(api, px.destroy_guest(api, node, vmid, gtype, purge=True), timeout=600,
+                     max_poll=poll)
 
 
 def _guest_drill(px: Any, api: Any, inv: Inventory, guest: Guest, spec: GuestDrill,
@@ -671,12 +934,10 @@ def _guest_drill(px: Any, api: Any, inv: Inventory, guest: Guest, spec: GuestDri
     restore_started = time.monotonic()
     created = False
     try:
-        if gtype == "lxc":
-            upid = px.restore_lxc(api, target_node, vmid, archive.volid, storage=storage,
-                                  unique=True, start=False)
-        else:
-            upid = px.restore_qemu(api, target_node, vmid, archive.volid, storage=storage,
-                                   unique=True, start=False)
+        req = scratch_restore_request(
+            px, gtype, target_node, vmid, archive.volid, storage=storage,
+            options=scratch_restore_options(guest, archive.volid, clock()))
+        upid = px.send(api, req)
         created = True
         task_timeout = max(settings.boot_timeout, spec.rto_minutes * 60 * 4)
         px.wait_for_task(api, upid, timeout=task_timeout, max_poll=poll)
@@ -684,10 +945,8 @@ def _guest_drill(px: Any, api: Any, inv: Inventory, guest: Guest, spec: GuestDri
         result.check("restore", True, f"{archive.volid} → VMID {vmid}")
         config = px.guest_config(api, target_node, vmid, gtype)
         options, delete = isolate_network(config.values, settings.bridge)
-        options["onboot"] = 0
-        options["description"] = (f"labkeeper DR drill of {guest.name} ({guest.vmid}) from "
-                                  f"{archive.volid}; safe to destroy")
-        px.configure(api, target_node, vmid, gtype, options, delete=delete)
+        if options or delete:
+            px.configure(api, target_node, vmid, gtype, options, delete=delete)
         isolation = (f"NICs on isolated bridge {settings.bridge}" if settings.bridge
                      else f"{len(delete)} NIC(s) detached" if delete else "no NIC")
         result.check("network isolated", True, isolation)
@@ -698,12 +957,14 @@ def _guest_drill(px: Any, api: Any, inv: Inventory, guest: Guest, spec: GuestDri
         while status.status != "running" and time.monotonic() < deadline:
             time.sleep(poll)
             status = px.guest_status(api, target_node, vmid, gtype)
-        result.check("running", status.status == "running",
-                     f"status {status.status}" + (f", qmp {status.qmpstatus}"
-                                                  if status.qmpstatus else ""))
+        running = result.check("running", status.status == "running",
+                               f"status {status.status}" + (f", qmp {status.qmpstatus}"
+                                                            if status.qmpstatus else ""))
         if spec.check != "status":
-            result.notes.append(f"check {spec.check!r} not run: the restored guest's network "
-                                "is isolated from the worker; status checked instead")
+            if running:
+                _reach_copy(inv, guest, spec, result, deadline=deadline, poll=poll, log=log)
+            else:
+                result.check(check_label(spec), False, "not tried: the copy is not running")
         result.rto_s = time.monotonic() - restore_started
     except LabkeeperError as exc:
         result.fail(str(exc), transient=exc.transient)
@@ -713,6 +974,12 @@ def _guest_drill(px: Any, api: Any, inv: Inventory, guest: Guest, spec: GuestDri
                 result.kept = f"VMID {vmid} on {target_node}"
                 result.notes.append(f"scratch guest kept for inspection: VMID {vmid} on "
                                     f"{target_node}")
+                try:  # never swept: the next drills report it instead
+                    px.configure(api, target_node, vmid, gtype,
+                                 {"tags": [SCRATCH_TAG, KEPT_TAG]})
+                except LabkeeperError as exc:
+                    result.notes.append(f"could not tag VMID {vmid} {KEPT_TAG} ({exc}): the "
+                                        "next guest drill may destroy it once it is stale")
             else:
                 _destroy_scratch(px, api, inv, vmid, result, poll=poll)
     objective_checks(result)
@@ -728,11 +995,8 @@ def _destroy_scratch(px: Any, api: Any, inv: Inventory, vmid: int, result: Drill
         if found is None:
             result.notes.append(f"scratch VMID {vmid} does not exist (restore cleaned up)")
             return
-        if found.status == "running":
-            px.wait_for_task(api, px.stop_guest(api, found.node, vmid, found.type),
-                             timeout=300, max_poll=poll)
-        px.wait_for_task(api, px.destroy_guest(api, found.node, vmid, found.type, purge=True),
-                         timeout=600, max_poll=poll)
+        _destroy_guest(px, api, found.node, vmid, found.type,
+                       running=found.status == "running", poll=poll)
         result.notes.append(f"scratch guest {vmid} destroyed")
     except LabkeeperError as exc:
         result.fail(f"could not destroy scratch guest {vmid}: {exc}")
@@ -892,19 +1156,41 @@ def _random_restore(inv: Inventory, repo: restic.Repo, result: DrillResult,
 # which drills a target means (pure)
 # =====================================================================================
 
-KINDS = ("database", "guest", "repository")
+KINDS = ("database", "guest", "repository", "paths")
 _ALIASES = {"db": "database", "database": "database", "guest": "guest", "vm": "guest",
-            "ct": "guest", "repo": "repository", "repository": "repository"}
+            "ct": "guest", "repo": "repository", "repository": "repository",
+            "paths": "paths", "path": "paths"}
+
+
+def path_set_target(pb: PathBackup) -> str:
+    """The drill target of a path set: ``<host>/<set>`` (label ``paths:<host>/<set>``,
+    the series tag of its snapshots)."""
+    return f"{pb.host}/{pb.name}"
+
+
+def find_path_set(inv: Inventory, target: str) -> PathBackup:
+    """``<host>/<set>`` or ``<set>`` → the path set."""
+    host, slash, name = target.rpartition("/")
+    if not slash:
+        return inv.path_backup(target)
+    pb = inv.path_backup(name)
+    if pb.host != host:
+        raise ConfigError(f"path set {name!r} is on host {pb.host!r}, not {host!r} "
+                          f"(target paths:{path_set_target(pb)})")
+    return pb
 
 
 def plan_targets(inv: Inventory, target: str | None = "all") -> list[tuple[str, str]]:
     """``(kind, name)`` of the drills a target asks for.
 
     ``all`` (or nothing): every enabled database drill, every present guest with an
-    enabled ``drill``, and (when ``drills.repository.enabled``) each repository of
-    ``drills.repository.repositories`` (default: all). ``db:NAME``, ``guest:NAME``,
-    ``repository:NAME`` (or ``repository`` for all): that drill, enabled or not (a
-    manual run). A bare ``NAME`` is looked up among databases, guests, repositories.
+    enabled ``drill``, (when ``drills.repository.enabled``) each repository of
+    ``drills.repository.repositories`` (default: all), and (when
+    ``drills.paths.enabled``) each path set of ``drills.paths.path_sets`` (default:
+    all). ``db:NAME``, ``guest:NAME``, ``repository:NAME`` (or ``repository`` for
+    all), ``paths:HOST/SET`` or ``paths:SET`` (or ``paths`` for all): that drill,
+    enabled or not (a manual run). A bare ``NAME`` is looked up among databases,
+    guests, repositories and path sets. Path sets are named ``HOST/SET``.
     """
     text = (target or "all").strip()
     if text == "all":
@@ -914,23 +1200,29 @@ def plan_targets(inv: Inventory, target: str | None = "all") -> list[tuple[str, 
         if inv.drills.repository.enabled:
             repos = inv.drills.repository.repositories or [r.name for r in inv.repositories]
             out += [("repository", r) for r in repos]
+        if inv.drills.paths.enabled:
+            out += _all_path_sets(inv)
         return out
     kind, colon, name = text.partition(":")
     if colon:
         if kind not in _ALIASES:
             raise ConfigError(f"unknown drill kind {kind!r} in target {text!r} "
-                              "(use db:, guest: or repository:)")
+                              "(use db:, guest:, repository: or paths:)")
         kind = _ALIASES[kind]
         if kind == "database":
             inv.database(name)
         elif kind == "guest":
             name = inv.guest(name).name
+        elif kind == "paths":
+            name = path_set_target(find_path_set(inv, name))
         else:
             inv.repository(name)
         return [(kind, name)]
     if text in ("repository", "repositories", "repo"):
         repos = inv.drills.repository.repositories or [r.name for r in inv.repositories]
         return [("repository", r) for r in repos]
+    if text in ("paths", "path"):
+        return _all_path_sets(inv)
     found: list[tuple[str, str]] = []
     if any(d.name == text for d in inv.databases):
         found.append(("database", text))
@@ -938,12 +1230,20 @@ def plan_targets(inv: Inventory, target: str | None = "all") -> list[tuple[str, 
         found.append(("guest", inv.guest(text).name))
     if any(r.name == text for r in inv.repositories):
         found.append(("repository", text))
+    if any(pb.name == text or path_set_target(pb) == text for pb in inv.path_backups):
+        found.append(("paths", path_set_target(find_path_set(inv, text))))
     if not found:
         known = ([f"db:{d.name}" for d in inv.databases] + [f"guest:{g.name}" for g in inv.guests]
-                 + [f"repository:{r.name}" for r in inv.repositories])
-        raise ConfigError(f"no database, guest or repository called {text!r} "
+                 + [f"repository:{r.name}" for r in inv.repositories]
+                 + [f"paths:{path_set_target(pb)}" for pb in inv.path_backups])
+        raise ConfigError(f"no database, guest, repository or path set called {text!r} "
                           f"(known: {', '.join(known) or 'none'}, or all)")
     if len(found) > 1:
         raise ConfigError(f"{text!r} names several things ({', '.join(k for k, _ in found)}): "
                           f"say which, e.g. {found[0][0]}:{text}")
     return found
+
+
+def _all_path_sets(inv: Inventory) -> list[tuple[str, str]]:
+    names = inv.drills.paths.path_sets or [pb.name for pb in inv.path_backups]
+    return [("paths", path_set_target(inv.path_backup(n))) for n in names]

@@ -51,7 +51,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from labkeeper import drill, path_backup, restic
-from labkeeper.errors import ConfigError, LabkeeperError
+from labkeeper.errors import LabkeeperError
 from labkeeper.inventory import Inventory, PathBackup
 from labkeeper.ssh import SshClient, SshTarget, connect
 
@@ -254,28 +254,6 @@ def judge_file(node: SnapNode, restored_sha: str, restored_size: int, source: So
 
 
 # =====================================================================================
-# targets
-# =====================================================================================
-
-
-def target_name(pb: PathBackup) -> str:
-    """The drill target of a path set: ``<host>/<set>`` (label ``paths:<host>/<set>``)."""
-    return f"{pb.host}/{pb.name}"
-
-
-def find_path_set(inv: Inventory, target: str) -> PathBackup:
-    """``<host>/<set>`` or ``<set>`` → the path set."""
-    host, slash, name = target.rpartition("/")
-    if not slash:
-        return inv.path_backup(target)
-    pb = inv.path_backup(name)
-    if pb.host != host:
-        raise ConfigError(f"path set {name!r} is on host {pb.host!r}, not {host!r} "
-                          f"(target paths:{target_name(pb)})")
-    return pb
-
-
-# =====================================================================================
 # the drill
 # =====================================================================================
 
@@ -291,8 +269,8 @@ def paths_drill(inv: Inventory, target: str, *, log: Log = _nolog,
     settings = inv.drills.paths
     result = drill.DrillResult("paths", target, rpo_objective_s=settings.rpo_hours * 3600)
     try:
-        pb = find_path_set(inv, target)
-        result.target = target_name(pb)
+        pb = drill.find_path_set(inv, target)
+        result.target = drill.path_set_target(pb)
         _paths_drill(inv, pb, result, log=log, rng=rng or pysecrets.SystemRandom(),
                      clock=clock, connector=connector)
     except LabkeeperError as exc:

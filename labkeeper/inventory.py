@@ -453,8 +453,10 @@ class Metrics(_Model):
     """Prometheus metrics: a textfile-collector file and/or a /metrics listener."""
 
     textfile: AbsPath | None = None
+    """Rewritten after every job, for node_exporter's textfile collector."""
     listen_address: IPAddr | None = None
     listen_port: Port | None = None
+    """/metrics, served by ``labkeeper serve`` and ``labkeeper metrics serve``."""
 
     @model_validator(mode="after")
     def _pair(self) -> Metrics:

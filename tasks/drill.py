@@ -11,7 +11,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from labkeeper import drill
+from labkeeper import drill, drill_paths
 from labkeeper.inventory import Inventory
 from tasks.common import RETRY
 
@@ -47,4 +47,15 @@ def repository_drill(inv: Inventory, name: str) -> drill.DrillResult:
     return _settle(drill.repository_drill(inv, name, log=get_run_logger().info))
 
 
-BY_KIND = {"database": database_drill, "guest": guest_drill, "repository": repository_drill}
+PATHS_TASK_TIMEOUT = 6 * 3600
+
+
+@task(name="dr-drill-paths", task_run_name="drill-paths-{name}",
+      timeout_seconds=PATHS_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
+def paths_drill(inv: Inventory, name: str) -> drill.DrillResult:
+    """A random sample of a path set's latest snapshot compared with its host by SHA-256."""
+    return _settle(drill_paths.paths_drill(inv, name, log=get_run_logger().info))
+
+
+BY_KIND = {"database": database_drill, "guest": guest_drill, "repository": repository_drill,
+           "paths": paths_drill}

@@ -28,6 +28,17 @@ def _inventory(flow_run: Any) -> Any:
         return None
 
 
+def _already_told(inv: Any, state: Any) -> bool:
+    """The flow already sent the specific message for this failure (a rollback, failed
+    drills) to the same subscribers: the generic "run failed" would say it twice."""
+    from tasks.common import failure_of
+
+    event = "rollback" if state.name == "RolledBack" else \
+        getattr(failure_of(state), "notify_event", None)
+    on = getattr(getattr(inv, "notifications", None), "on", ())
+    return event is not None and event in on
+
+
 def hooks(name: str) -> dict[str, list[Any]]:
     """Hook keyword arguments for ``@flow`` for the flow called ``name`` (the key of
     ``notifications.healthchecks.pings``)."""
@@ -48,6 +59,8 @@ def hooks(name: str) -> dict[str, list[Any]]:
             return
         message = redact(state.message or state.name)
         notify.ping(inv, name, "fail", body=message)
+        if _already_told(inv, state):
+            return
         notify.notify(inv, "failure", f"labkeeper: {name} run {flow_run.name} failed",
                       f"{message}\nlab: {inv.lab.name}")
 

@@ -13,6 +13,7 @@ from tests.integration.test_drill_support import (  # noqa: F401 - drill_env is 
     DrillEnv,
     backed_up_fixture,
     drill_env_fixture,
+    drill_spec,
     forge_backup,
     load,
     scratch_databases,
@@ -135,3 +136,49 @@ def test_a_database_without_any_backup_fails_loudly(env, no_leftovers):
     result = drill.database_drill(inv, "never-backed-up")
     assert not result.passed
     assert "no complete backup" in result.error and not result.scratch
+
+
+# -- custom-format dumps (pg_dump -Fc) restore through pg_restore ---------------------------
+
+@pytest.fixture(scope="module")
+def custom(backed_up) -> Inventory:
+    """The same bucket with ``appdb-custom``: the lab's appdb dumped with -Fc, backed up
+    once; ``custom-trunc`` is a series for a forged truncated -Fc dump."""
+    e, _path, pw = backed_up
+    dbs = [{"name": "appdb-custom", "format": "custom", "globals": False,
+            "drill": drill_spec()},
+           {"name": "custom-trunc", "format": "custom", "globals": False,
+            "drill": drill_spec(enabled=False)}]
+    inv = load(e.inventory("drill-db", pw, databases=dbs,
+                           drills={"repository": {"enabled": False}}))
+    pg_backup.backup_database(inv, "appdb-custom", log=lambda _: None)
+    return inv
+
+
+def test_custom_format_backup_restores_through_pg_restore_and_passes(custom, no_leftovers):
+    result = drill.database_drill(custom, "appdb-custom")
+    assert result.passed, result.summary()
+    checks = {c.name: c for c in result.checks}
+    assert checks["table public.users"].detail == "500 rows"
+    assert checks["table public.audit_log"].detail == "20000 rows"
+    assert checks["smoke first user"].ok and checks["restore errors"].ok
+    assert checks["dump size"].ok
+    repo = pg_backup.open_repo(custom, "lab-repo")
+    backup = pg_backup.find_latest_backup(repo, lab="local-lab", server="127.0.0.1",
+                                          name="appdb-custom")
+    manifest = pg_backup.read_manifest(repo, backup)
+    assert manifest.dump_format == "custom" and manifest.dump.path == "/appdb-custom.dump"
+    assert "globals not taken for this server (globals: false)" in result.notes
+
+
+def test_a_truncated_custom_format_dump_fails_the_drill_through_pg_restore(
+        custom, tmp_path, no_leftovers):
+    forged = forge_backup(custom, "custom-trunc", tmp_path, source="appdb-custom",
+                          truncate_to=200_000)
+    assert forged.dump_format == "custom" and forged.dump.path == "/custom-trunc.dump"
+    result = drill.database_drill(custom, "custom-trunc")
+    assert not result.passed
+    failed = {c.name: c.detail for c in result.failed_checks}
+    assert "unexpected" in failed["restore errors"]
+    assert "pg_restore" in failed["restore errors"]
+    assert any(name.startswith("table ") for name in failed), failed

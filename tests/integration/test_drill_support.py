@@ -133,7 +133,7 @@ def forge_backup(inv: Inventory, name: str, workdir: Path, *, source: str = "app
     size = dump.stat().st_size if truncate_to is None else truncate_to
     bid = pg_backup.new_backup_id()
     tags = [*pg_backup.series_tags(SERVER, name), pg_backup.backup_tag(bid)]
-    filename = pg_backup.dump_filename(name)
+    filename = pg_backup.dump_filename(name, manifest.dump_format)
     res = process.pipeline(
         [("head", "-c", str(size), str(dump)),
          process.Stage(restic.backup_stdin_argv(repo, filename=filename, host=LAB, tags=tags),

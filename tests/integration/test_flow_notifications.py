@@ -29,7 +29,7 @@ def _messages(receiver) -> list[dict]:
     return [json.loads(r.body) for r in receiver.requests if r.path == "/hook"]
 
 
-def test_a_failed_drill_is_notified_naming_the_target(prefect_harness, receiver,
+def test_a_failed_drill_is_notified_once_naming_the_target(prefect_harness, receiver,
                                                       tmp_path: Path):
     secret = write_secret(tmp_path / "restic-pw", "drill-notify-repo-pw")
     repo = restic.Repo(url=str(tmp_path / "repo"), password=SecretStr("drill-notify-repo-pw"))
@@ -41,7 +41,8 @@ def test_a_failed_drill_is_notified_naming_the_target(prefect_harness, receiver,
            "databases": [{"name": "appdb", "host": "127.0.0.1",
                           "drill": {"enabled": True, "rpo_hours": 26}}],
            "drills": {"repository": {"enabled": False}},
-           "notifications": _notifications(receiver, ["drill"], tmp_path)}
+           # "failure" too: the drill message is the only one (not also "run failed")
+           "notifications": _notifications(receiver, ["drill", "failure"], tmp_path)}
     path = tmp_path / "lab.yaml"
     path.write_text(yaml.safe_dump(inv))
     state = dr_drill_flow(target="all", lab=str(path), return_state=True)
@@ -51,12 +52,13 @@ def test_a_failed_drill_is_notified_naming_the_target(prefect_harness, receiver,
     assert "appdb" in msg["message"]
 
 
-def test_a_rolled_back_update_is_notified_naming_the_app_and_recorded_as_a_metric(
+def test_a_rolled_back_update_is_notified_once_naming_the_app_and_recorded_as_a_metric(
         upd: UpdLab, prefect_harness, receiver, tmp_path: Path):  # noqa: F811
     web = upd.guest("web", 320)
     path = upd.write([upd.app(web, [web.set_command("2.0-broken", health="fail")])])
     inv = yaml.safe_load(path.read_text())
-    inv["notifications"] = _notifications(receiver, ["rollback"], tmp_path)
+    # "failure" too: the rollback message is the only one (not also "run failed")
+    inv["notifications"] = _notifications(receiver, ["rollback", "failure"], tmp_path)
     textfile = tmp_path / "metrics" / "labkeeper.prom"
     inv["settings"]["metrics"] = {"textfile": str(textfile)}
     path.write_text(yaml.safe_dump(inv, sort_keys=False))

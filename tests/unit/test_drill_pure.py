@@ -1,17 +1,23 @@
-"""Pure parts of the DR drills: names, classification, comparison, plans, results."""
+"""Pure parts of the DR drills: names, classification, comparison, plans, results,
+path-set verdicts, scratch-guest markers."""
 
 from __future__ import annotations
 
+import random
+import shlex
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from flows.dr_drill import artifact_key
-from labkeeper import drill
+from labkeeper import drill, drill_paths
+from labkeeper import proxmox as px
 from labkeeper.errors import ConfigError
-from labkeeper.inventory import SmokeQuery, load_inventory
+from labkeeper.inventory import GuestDrill, Probe, SmokeQuery, load_inventory
 from labkeeper.pg_backup import TableCount
+from labkeeper.ssh import remote_command
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "lab.example.yaml"
 
@@ -110,7 +116,8 @@ def test_plan_targets_all_and_named_targets():
     inv = load_inventory(EXAMPLE)
     assert drill.plan_targets(inv, "all") == [
         ("database", "immich"), ("database", "nextcloud"), ("guest", "db1"),
-        ("guest", "vaultwarden"), ("repository", "b2-main")]
+        ("guest", "vaultwarden"), ("repository", "b2-main"), ("paths", "nas/photos"),
+        ("paths", "nextcloud/nextcloud-data"), ("paths", "immich/compose-stacks")]
     assert drill.plan_targets(inv, "db:immich") == [("database", "immich")]
     assert drill.plan_targets(inv, "guest:110") == [("guest", "db1")]
     assert drill.plan_targets(inv, "repository") == [("repository", "b2-main")]
@@ -119,7 +126,9 @@ def test_plan_targets_all_and_named_targets():
 
 @pytest.mark.parametrize(("target", "message"), [
     ("immich", "names several things"),
-    ("nope", "no database, guest or repository called 'nope'"),
+    ("nope", "no database, guest, repository or path set called 'nope'"),
+    ("paths:immich/photos", "path set 'photos' is on host 'nas', not 'immich'"),
+    ("paths:nope", "no path backup 'nope'"),
     ("disk:immich", "unknown drill kind"),
     ("db:nope", "no database 'nope'"),
 ])
@@ -147,3 +156,195 @@ def test_a_result_fails_on_a_failed_check_an_error_or_a_breached_objective():
 def test_artifact_keys_are_lowercase_dashes_only():
     assert artifact_key("database", "Web_App.v2") == "drill-db-web-app-v2"
     assert artifact_key("repository", "b2-main") == "drill-repo-b2-main"
+    assert artifact_key("paths", "nas/photos") == "drill-paths-nas-photos"
+
+
+# -- path-set drills ------------------------------------------------------------------------
+
+def test_path_set_targets_are_host_slash_set_and_follow_the_drill_settings():
+    inv = load_inventory(EXAMPLE)
+    assert drill.plan_targets(inv, "paths:photos") == [("paths", "nas/photos")]
+    assert drill.plan_targets(inv, "paths:nas/photos") == [("paths", "nas/photos")]
+    assert drill.plan_targets(inv, "photos") == [("paths", "nas/photos")]
+    assert [n for _k, n in drill.plan_targets(inv, "paths")] == [
+        "nas/photos", "nextcloud/nextcloud-data", "immich/compose-stacks"]
+    only = inv.model_copy(update={"drills": inv.drills.model_copy(update={
+        "paths": inv.drills.paths.model_copy(update={"path_sets": ["photos"]})})})
+    assert [t for t in drill.plan_targets(only, "all") if t[0] == "paths"] == [
+        ("paths", "nas/photos")]
+    off = inv.model_copy(update={"drills": inv.drills.model_copy(update={
+        "paths": inv.drills.paths.model_copy(update={"enabled": False})})})
+    assert not [t for t in drill.plan_targets(off, "all") if t[0] == "paths"]
+    assert drill.plan_targets(off, "paths:photos") == [("paths", "nas/photos")]  # manual run
+
+
+@pytest.mark.parametrize("path", ["/srv/a b/it's \"$HOME\" *;rm -rf ~", "/srv/-n", "/x/\nnl"])
+def test_the_source_hash_argv_passes_the_path_as_one_argument_to_a_fixed_script(path):
+    argv = drill_paths.source_hash_argv(path)
+    assert argv[:4] == ("sh", "-c", drill_paths.SOURCE_SCRIPT, "labkeeper-drill")
+    assert argv[4] == path and len(argv) == 5
+    assert shlex.split(remote_command(argv)) == list(argv)  # what the remote shell sees
+    assert '"$1"' in drill_paths.SOURCE_SCRIPT and "$2" not in drill_paths.SOURCE_SCRIPT
+    assert drill_paths.source_hash_argv(path, sudo=True)[:3] == ("sudo", "-n", "--")
+
+
+@pytest.mark.parametrize("bad", ["relative/path", "/with\x00nul"])
+def test_the_source_hash_argv_refuses_relative_paths_and_nul(bad):
+    with pytest.raises(ValueError):
+        drill_paths.source_hash_argv(bad)
+
+
+HASH_A = "a" * 64
+HASH_B = "b" * 64
+
+
+@pytest.mark.parametrize(("rc", "stdout", "expected"), [
+    (0, f"12 1700000000 1700000001\n{HASH_A} */srv/f\n12 1700000000 1700000001\n",
+     drill_paths.SourceFile("ok", HASH_A, 12, 1700000000, 1700000001, False)),
+    (0, f"12 1700000000 1700000001\n\\{HASH_A} */srv/new\\nline\n13 1700000009 1700000009\n",
+     drill_paths.SourceFile("ok", HASH_A, 12, 1700000000, 1700000001, True)),
+    (66, "", drill_paths.SourceFile("gone")),
+])
+def test_the_hosts_answer_is_parsed_with_escaped_names_and_changes_while_hashing(
+        rc, stdout, expected):
+    assert drill_paths.parse_source(rc, stdout, "") == expected
+
+
+def test_an_unreadable_or_garbled_answer_is_an_error_naming_why():
+    e = drill_paths.parse_source(68, "12 1 1\n", "sha256sum: /srv/f: Permission denied\n")
+    assert e.state == "error" and e.error == "sha256sum failed: sha256sum: /srv/f: " \
+                                             "Permission denied"
+    assert drill_paths.parse_source(0, "hello\n", "").state == "error"
+
+
+def test_ls_lines_give_regular_files_with_what_restic_recorded():
+    line = ('{"name":"f","type":"file","path":"/srv/f","uid":0,"gid":0,"size":12,'
+            '"mode":420,"mtime":"2023-11-14T22:13:20.123456789+01:00",'
+            '"atime":"2023-11-14T22:13:20+01:00","ctime":"2023-11-14T22:13:20+01:00",'
+            '"struct_type":"node"}')
+    node = drill_paths.parse_ls_line(line)
+    assert node is not None and node.path == "/srv/f" and node.size == 12
+    assert int(node.mtime.timestamp()) == 1699996400
+    assert drill_paths.parse_ls_line(line.replace('"type":"file"', '"type":"dir"')) is None
+    assert drill_paths.parse_ls_line('{"time":"2023-11-14T22:13:20Z","struct_type":'
+                                     '"snapshot","paths":["/srv"]}') is None
+    assert drill_paths.parse_ls_line("not json") is None
+
+
+def test_the_reservoir_keeps_k_distinct_items_and_samples_uniformly():
+    hits = [0] * 20
+    for seed in range(2000):
+        r = drill_paths.Reservoir(5, random.Random(seed))
+        for i in range(20):
+            r.offer(i)
+        assert r.seen == 20 and len(set(r.items)) == 5
+        for i in r.items:
+            hits[i] += 1
+    assert all(400 < h < 600 for h in hits), hits  # each item: 5/20 of 2000 = 500
+    small = drill_paths.Reservoir(5, random.Random(1))
+    for i in range(3):
+        small.offer(i)
+    assert small.items == [0, 1, 2]
+
+
+SNAP_TIME = datetime(2023, 11, 15, tzinfo=UTC)
+RECORDED = drill_paths.SnapNode(type="file", path="/srv/f", size=12, struct_type="node",
+                                mtime=datetime(2023, 11, 14, 21, 13, 20, 500000, tzinfo=UTC))
+MTIME = 1699996400  # RECORDED.mtime in whole seconds, before SNAP_TIME
+CTIME_OLD = MTIME
+
+
+def _src(sha=HASH_A, size=12, mtime=MTIME, ctime=CTIME_OLD, **kw):
+    return drill_paths.SourceFile("ok", sha, size, mtime, ctime, **kw)
+
+
+@pytest.mark.parametrize(("source", "restored_size", "status", "ok", "says"), [
+    (_src(), 12, "identical", True, "identical on the host (12 bytes"),
+    (_src(sha=HASH_B), 12, "mismatch", False, "CONTENT DIFFERS from the host although size"),
+    (_src(sha=HASH_B, ctime=int(SNAP_TIME.timestamp()) + 5), 12, "mismatch", False,
+     "rewritten with its mtime kept?"),
+    (_src(sha=HASH_B, mtime=MTIME + 90), 12, "changed", True,
+     "changed on the host since the backup: mtime 2023-11-14T21:14:50+00:00 (recorded "
+     "2023-11-14T21:13:20+00:00)"),
+    (_src(sha=HASH_B, size=40), 12, "changed", True, "size 40 (recorded 12)"),
+    (_src(sha=HASH_B, changed_during=True), 12, "changed-during", True, "while the drill"),
+    (drill_paths.SourceFile("gone"), 12, "deleted", True, "deleted on the host"),
+    (drill_paths.SourceFile("error", error="stat failed: denied"), 12, "unreadable", False,
+     "not verified: cannot hash it on the host (stat failed: denied)"),
+    (_src(), 11, "size-mismatch", False, "restic dump gave 11 bytes, the snapshot records 12"),
+])
+def test_a_restored_file_is_judged_against_the_host_and_what_restic_recorded(
+        source, restored_size, status, ok, says):
+    verdict = drill_paths.judge_file(RECORDED, HASH_A, restored_size, source, SNAP_TIME)
+    assert (verdict.status, verdict.ok) == (status, ok)
+    assert says in verdict.detail
+
+
+def test_an_mtime_newer_than_the_snapshot_means_changed_even_without_a_recorded_mtime():
+    node = RECORDED.model_copy(update={"mtime": None})
+    later = int(SNAP_TIME.timestamp()) + 60
+    verdict = drill_paths.judge_file(node, HASH_A, 12, _src(sha=HASH_B, mtime=later), SNAP_TIME)
+    assert verdict.status == "changed" and "newer than the snapshot" in verdict.detail
+
+
+# -- guest drills: marker, sweep, reachability ------------------------------------------------
+
+def _example_guest(name="db1"):
+    return load_inventory(EXAMPLE).guest(name)
+
+
+def test_scratch_copies_are_marked_in_the_restore_call_itself():
+    created = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    options = drill.scratch_restore_options(_example_guest(), "local:backup/x.tar.zst", created)
+    assert options["tags"] == drill.SCRATCH_TAG
+    assert options["onboot"] == 0 and options["protection"] == 0
+    assert drill.marker_created(options["description"]) == created
+    for gtype, path in (("lxc", "/nodes/{node}/lxc"), ("qemu", "/nodes/{node}/qemu")):
+        req = drill.scratch_restore_request(px, gtype, "pve3", 9900, "local:backup/x",
+                                            storage="local-lvm", options=options)
+        assert req.method == "POST" and req.template == path
+        assert req.params["tags"] == "labkeeper-drill" and req.params["unique"] == 1
+        assert req.params["description"] == options["description"]
+        assert req.params["start"] == 0 and req.params["vmid"] == 9900
+
+
+@pytest.mark.parametrize(("description", "tags", "decision"), [
+    ("my own test VM", ["labkeeper-drill"], "unmarked"),
+    ("x\nlabkeeper-drill-scratch created=2026-01-01T00:00:00Z", ["labkeeper-drill"], "destroy"),
+    ("x\nlabkeeper-drill-scratch created=2026-01-01T11:00:00Z", ["labkeeper-drill"], "young"),
+    ("x\nlabkeeper-drill-scratch created=2026-01-01T00:00:00Z",
+     ["labkeeper-drill", "labkeeper-drill-kept"], "kept"),
+])
+def test_only_marked_stale_unkept_scratch_copies_are_swept(description, tags, decision):
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    assert drill.sweep_decision(description, tags, now=now, stale_after_s=6 * 3600)[0] == \
+        decision
+
+
+def test_ssh_and_probe_checks_need_a_bridge_and_the_copys_own_address():
+    spec = GuestDrill(check="ssh")
+    assert "drills.guests.bridge is not set" in drill.reach_problem(spec, None)
+    assert "drill.address is not set" in drill.reach_problem(spec, "vmbr99")
+    assert drill.reach_problem(spec.model_copy(update={"address": "10.99.0.30"}),
+                               "vmbr99") is None
+    http = GuestDrill(check="probe", probe=Probe(http={"url": "http://10.99.0.30/"}))
+    assert drill.reach_problem(http, "vmbr99") is None
+    tcp = GuestDrill(check="probe", probe=Probe(tcp={"port": 443}))
+    assert "drill.address is not set" in drill.reach_problem(tcp, "vmbr99")
+    tcp_host = GuestDrill(check="probe", probe=Probe(tcp={"host": "10.99.0.30", "port": 443}))
+    assert drill.reach_problem(tcp_host, "vmbr99") is None
+    assert drill.reach_problem(GuestDrill(), None) is None  # status needs nothing
+    assert drill.check_label(tcp_host) == "probe tcp 10.99.0.30:443"
+
+
+def test_a_guest_drill_refuses_a_container_probe():
+    with pytest.raises(ValidationError, match="container probe"):
+        GuestDrill(check="probe", probe=Probe(container={}))
+
+
+def test_the_copys_ssh_target_is_the_guests_settings_at_the_drill_address():
+    inv = load_inventory(EXAMPLE)
+    target = drill.copy_ssh_target(inv, inv.guest("db1"), "10.99.0.30")
+    assert target.host == "10.99.0.30" and target.name == "db1 (drill copy)"
+    assert (target.user, target.port) == (inv.ssh_target("db1").user,
+                                          inv.ssh_target("db1").port)
