@@ -270,6 +270,7 @@ class _Runner:
             rec.status, rec.detail = "failed", redact(str(exc))
         finally:
             rec.seconds = time.monotonic() - started
+            rec.detail = redact(rec.detail)
         if rec.status == "failed":
             self.logger.error("step %s failed: %s", step.id, rec.detail)
         self.ctx["steps"][step.id] = rec.outputs

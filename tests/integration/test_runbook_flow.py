@@ -316,3 +316,44 @@ def test_an_invalid_runbook_file_is_listed_with_file_line_and_field(own_runbooks
     assert f"{bad}:6 steps[0].approval.mesage: unknown key 'mesage'" in flat
     assert f"{bad}:6 steps[0].approval.message: required field is missing" in flat
     assert "fine" in res.output and d is not None
+
+
+def test_a_runbook_run_leaks_no_secret_into_logs_parameters_artifacts_or_argv(rb_lab, lab):
+    from datetime import UTC, datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        LogFilter,
+        LogFilterTimestamp,
+    )
+
+    from tests.integration.test_doctor_flow import ArgvWatcher, _lab_secret_values
+
+    secrets = _lab_secret_values(lab)
+    since = datetime.now(tz=UTC)
+    with ArgvWatcher() as watcher:
+        state = runbook_flow(name="restore-database", params={"database": DB}, yes=True,
+                             lab=str(rb_lab), return_state=True)
+    assert state.is_completed(), state.message
+    run, _logs, _arts = _flow_run_record(state)
+
+    async def everything() -> tuple[list[Any], list[Any]]:
+        async with get_client() as client:  # the run and its subflow runs
+            logs = await client.read_logs(log_filter=LogFilter(
+                timestamp=LogFilterTimestamp(after_=since)))
+            arts = await client.read_artifacts(artifact_filter=ArtifactFilter())
+            return logs, arts
+
+    logs, arts = asyncio.run(everything())
+    assert any("restore" in log.message for log in logs)
+    assert any(b"restic" in c for c in watcher.seen), "the watcher saw no child process"
+    haystacks = {"parameters": repr(run.parameters),
+                 "logs": "\n".join(log.message for log in logs),
+                 "artifacts": "\n".join(f"{a.key} {a.data} {a.description}" for a in arts)}
+    for secret in secrets:
+        for where, text in haystacks.items():
+            assert secret not in text, f"a lab secret leaked into the {where}"
+        for cmdline in watcher.seen:
+            assert secret.encode() not in cmdline, "a lab secret leaked into a child's argv"
+    drop(lab, databases_like(lab, f"{DB}\\_before\\_%"))
