@@ -3,8 +3,11 @@
 Per run: the selected path sets (default: all; ``host=`` limits to one host) in turn
 (``tasks.path_backup.backup_path_set``: restic checked on the host, locks handled,
 ``restic backup --json`` over SSH with the secrets on stdin, progress in the log,
-the snapshot proven by its attempt tag). A set whose files were partly unreadable
-(restic exit 3) is a *warning* with the paths in the artifact; one failed set does
+the snapshot proven by its attempt tag). Earlier failed attempts whose cleanup could
+not finish (host unreachable) are swept first, and what was done is in the set's notes
+(see ``labkeeper.path_backup.sweep_pending``). A set whose files were partly unreadable
+(restic exit 3), or whose pending cleanup is still incomplete, is a *warning* with the
+reason in the artifact; one failed set does
 not stop the others; the run fails at the end if any failed. Leaves a table artifact
 ``path-backup`` and a markdown ``path-backup-summary``, emits
 ``labkeeper.backup.succeeded`` / ``labkeeper.backup.failed`` per set, records the

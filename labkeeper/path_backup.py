@@ -34,6 +34,20 @@ One path set (:func:`backup_path_set`), e.g. ``photos`` on ``nas``:
    restic whose SSH session died is killed by SIGPIPE at its next progress line)
    and then terminated, ``restic unlock`` runs on the host, and every snapshot
    carrying the attempt's tag is forgotten. A retry then starts a new attempt.
+8. **Cleanup that could not finish is remembered.** When that cleanup is incomplete
+   (the host cannot be reached again, a process survives SIGKILL, the repository
+   refuses the ``forget``), a restic of the attempt may still finish on the host
+   later and leave a snapshot carrying the *series* tags. The attempt is recorded as
+   pending in ``<settings.state_dir>/path_backup/pending-<host>.<set>.json``
+   (:class:`PendingCleanups`, written atomically under a lock). Every later backup
+   of that path set sweeps it first (:func:`sweep_pending`, after connecting and
+   handling locks): stop any restic of it on the host, ``restic unlock`` there,
+   forget every snapshot carrying its tag; only when all of that succeeded is it
+   removed from the file. If the host part fails (it cannot be made sure that no
+   restic of the attempt still runs) the new backup is **not** started: the run
+   fails, naming the attempt. If only the repository part fails (typically another
+   run's lock blocks ``forget``) the state is known (nothing of the attempt runs any
+   more) and the backup goes on, as a *warning*; the attempt stays pending.
 
 Snapshots: ``--host <lab name>`` and the stable tags ``labkeeper``,
 ``paths:<host>/<set>``, ``kind:paths`` (a *series*, like a database's
@@ -55,13 +69,17 @@ status/summary go to stdout; :func:`parse_message` reads both.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import secrets as pysecrets
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -117,6 +135,96 @@ def new_backup_id(now: datetime | None = None) -> str:
 
 def backup_tag(backup_id: str) -> str:
     return f"backup:{backup_id}"
+
+
+# -- pending cleanups (pure: where, what) ---------------------------------------------------
+
+PENDING_DIR = "path_backup"
+PENDING_FORMAT = 1
+_FILE_PART = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+def pending_path(state_dir: Path, host: str, name: str) -> Path:
+    """``<state_dir>/path_backup/pending-<host>.<set>.json``: neither an inventory host
+    nor a set name can hold a ``.`` (or a ``/``), so the file is one path set's alone."""
+    for part, what in ((host, "host"), (name, "path set")):
+        if not _FILE_PART.fullmatch(part):
+            raise ValueError(f"{what} {part!r} cannot name a state file")
+    return Path(state_dir) / PENDING_DIR / f"pending-{host}.{name}.json"
+
+
+@dataclass(frozen=True)
+class PendingAttempt:
+    """A failed attempt whose cleanup did not finish."""
+
+    backup_id: str
+    snapshot_host: str
+    """restic's ``--host`` of its snapshots (the lab's name when it ran)."""
+    since: str
+    """When it was recorded (ISO 8601, UTC)."""
+    reason: str = ""
+    """Why the cleanup did not finish (redacted)."""
+
+    @property
+    def tag(self) -> str:
+        return backup_tag(self.backup_id)
+
+
+def new_pending(backup_id: str, *, snapshot_host: str, reason: str,
+                now: datetime | None = None) -> PendingAttempt:
+    now = now or datetime.now(tz=UTC)
+    return PendingAttempt(backup_id=backup_id, snapshot_host=snapshot_host,
+                          since=now.isoformat(timespec="seconds"), reason=redact(reason)[:1000])
+
+
+def dump_pending(host: str, name: str, attempts: Sequence[PendingAttempt]) -> str:
+    return json.dumps({"format": PENDING_FORMAT, "host": host, "path_set": name,
+                       "series": series_label(host, name),
+                       "attempts": [asdict(a) for a in attempts]}, indent=1) + "\n"
+
+
+def load_pending(text: str, *, host: str, name: str) -> list[PendingAttempt]:
+    """The attempts in a pending file of ``host``/``name``; ValueError when the text is
+    not such a file (any other JSON, another set's, an id restic could not match)."""
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("format") != PENDING_FORMAT:
+        raise ValueError(f"not a pending-cleanup file of format {PENDING_FORMAT}")
+    if (data.get("host"), data.get("path_set")) != (host, name):
+        raise ValueError(f"it belongs to {data.get('host')}/{data.get('path_set')}, "
+                         f"not {host}/{name}")
+    attempts = data.get("attempts")
+    if not isinstance(attempts, list):
+        raise ValueError("no list of attempts")
+    out: list[PendingAttempt] = []
+    for item in attempts:
+        if not isinstance(item, dict):
+            raise ValueError(f"attempt {item!r} is not an object")
+        try:
+            attempt = PendingAttempt(backup_id=str(item["backup_id"]),
+                                     snapshot_host=str(item["snapshot_host"]),
+                                     since=str(item.get("since", "")),
+                                     reason=str(item.get("reason", "")))
+        except KeyError as exc:
+            raise ValueError(f"attempt {item!r} has no {exc.args[0]}") from None
+        if not attempt.backup_id or not attempt.snapshot_host:
+            raise ValueError(f"attempt {item!r} has an empty id or host")
+        restic.check_tag(attempt.tag)
+        out.append(attempt)
+    return out
+
+
+def with_pending(attempts: Sequence[PendingAttempt], new: PendingAttempt
+                 ) -> list[PendingAttempt]:
+    """``attempts`` plus ``new`` (an attempt recorded twice keeps its first record)."""
+    if any(a.backup_id == new.backup_id for a in attempts):
+        return list(attempts)
+    return [*attempts, new]
+
+
+def without_pending(attempts: Sequence[PendingAttempt], ids: Sequence[str]
+                    ) -> list[PendingAttempt]:
+    gone = set(ids)
+    return [a for a in attempts if a.backup_id not in gone]
 
 
 # -- argv builders (pure) ------------------------------------------------------------------
@@ -480,6 +588,10 @@ def _rebuild_failed(message: str, transient: bool, path_set: str, backup_id: str
                             backup_id=backup_id)
 
 
+class AttemptStillRunning(TransientError):
+    """A process of a failed attempt still runs on the host after SIGKILL."""
+
+
 # -- remote processes of one attempt ---------------------------------------------------------
 
 ATTEMPT_PIDS_SCRIPT = (
@@ -509,7 +621,8 @@ def stop_attempt(client: SshClient, tag: str, *, grace: float = STOP_GRACE,
                  sleep: Callable[[float], None] = time.sleep) -> list[str]:
     """Make sure no process of this attempt still runs on the host: wait ``grace``
     seconds (a restic whose SSH session died gets SIGPIPE at its next status line),
-    then SIGTERM (restic removes its lock), then SIGKILL."""
+    then SIGTERM (restic removes its lock), then SIGKILL. Returns what was done;
+    raises :class:`AttemptStillRunning` when a process survived all of that."""
     notes: list[str] = []
     deadline = time.monotonic() + grace
     pids = attempt_pids(client, tag)
@@ -527,8 +640,10 @@ def stop_attempt(client: SshClient, tag: str, *, grace: float = STOP_GRACE,
             sleep(0.25)
             pids = attempt_pids(client, tag)
     if pids:
-        notes.append(f"remote process(es) {', '.join(map(str, pids))} of the attempt "
-                     "survived SIGKILL")
+        raise AttemptStillRunning(f"remote process(es) {', '.join(map(str, pids))} of "
+                                  f"{tag} on {client.target.name} survived SIGKILL "
+                                  "(stuck in the kernel, e.g. on a hung mount?)"
+                                  + (f" after: {'; '.join(notes)}" if notes else ""))
     return notes
 
 
@@ -637,15 +752,88 @@ def handle_locks(remote: Remote, repo: restic.Repo, *, wait: float, stale_after:
         delay = min(delay * 2, 30.0)
 
 
+class PendingCleanups:
+    """The pending-cleanup file of one path set (see :func:`pending_path`). Every
+    change is a read-modify-write under an exclusive ``flock`` of the directory and
+    lands with ``os.replace`` (never half-written); the file is removed when nothing
+    is pending. It holds attempt ids and times only, no secret."""
+
+    def __init__(self, state_dir: Path, host: str, name: str) -> None:
+        self.host = host
+        self.name = name
+        self.path = pending_path(state_dir, host, name)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def read(self) -> list[PendingAttempt]:
+        """The pending attempts; a file that cannot be read or understood is a
+        :class:`PermanentError` (guessing "nothing pending" could hide a snapshot)."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise PermanentError(f"cannot read the pending-cleanup file {self.path}: "
+                                 f"{exc}") from None
+        try:
+            return load_pending(text, host=self.host, name=self.name)
+        except ValueError as exc:
+            raise PermanentError(
+                f"the pending-cleanup file {self.path} is not usable ({exc}); attempts it "
+                f"listed may have left snapshots in the series "
+                f"{series_label(self.host, self.name)}: look at `restic snapshots --tag "
+                f"{series_label(self.host, self.name)}`, forget those of failed attempts "
+                "(their backup:<id> tag is not in a successful run), then remove the "
+                "file") from None
+
+    def _write(self, attempts: Sequence[PendingAttempt]) -> None:
+        if not attempts:
+            self.path.unlink(missing_ok=True)
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(dump_pending(self.host, self.name, attempts))
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def add(self, attempt: PendingAttempt) -> None:
+        with self._locked():
+            self._write(with_pending(self.read(), attempt))
+
+    def remove(self, ids: Sequence[str]) -> None:
+        if not ids or not self.path.exists():
+            return
+        with self._locked():
+            self._write(without_pending(self.read(), ids))
+
+
 def discard_attempt(target: SshTarget, repo: restic.Repo, *, binary: str, env: dict[str, str],
                     sudo: bool, lab: str, backup_id: str, log: Log,
                     connector: Callable[[SshTarget], SshClient] = connect,
-                    grace: float = STOP_GRACE) -> list[str]:
+                    grace: float = STOP_GRACE,
+                    pending: PendingCleanups | None = None) -> list[str]:
     """After a failed attempt: no restic of it still running on the host, its lock
     removed (on the host), every snapshot carrying its tag forgotten. Uses a fresh
-    SSH connection (the old one may be what failed). Returns what was done."""
+    SSH connection (the old one may be what failed). When any of that could not be
+    done the attempt is recorded in ``pending`` for the next backup to sweep
+    (:func:`sweep_pending`). Returns what was done."""
     tag = backup_tag(backup_id)
     notes: list[str] = []
+    problems: list[str] = []
     client: SshClient | None = None
     try:
         client = connector(target)
@@ -653,9 +841,9 @@ def discard_attempt(target: SshTarget, repo: restic.Repo, *, binary: str, env: d
         Remote(client, binary, env, sudo).unlock(repo, timeout=CLEANUP_TIMEOUT)
         notes.append(f"ran `restic unlock` on {target.name} (stale locks only)")
     except LabkeeperError as exc:
-        notes.append(f"could not reach {target.name} to stop the attempt / unlock: {exc} "
-                     "(a restic of the attempt may still finish on the host; such a "
-                     f"snapshot carries {tag}: forget it with `restic forget --tag {tag}`)")
+        problems.append(f"could not reach {target.name} to stop the attempt / unlock: {exc}")
+        notes.append(problems[-1] + " (a restic of the attempt may still finish on the "
+                     f"host and leave a snapshot tagged {tag})")
     finally:
         if client is not None:
             client.close()
@@ -669,10 +857,104 @@ def discard_attempt(target: SshTarget, repo: restic.Repo, *, binary: str, env: d
         else:
             notes.append(f"no snapshot of attempt {backup_id} exists")
     except LabkeeperError as exc:
-        notes.append(f"could not list/forget snapshots of attempt {backup_id}: {exc}")
+        problems.append(f"could not list/forget snapshots of attempt {backup_id}: {exc}")
+        notes.append(problems[-1])
+    if problems:
+        notes.append(_record_pending(pending, backup_id, lab=lab, host=target.name,
+                                     reason="; ".join(problems)))
     for n in notes:
         log(n)
     return notes
+
+
+def _record_pending(pending: PendingCleanups | None, backup_id: str, *, lab: str, host: str,
+                    reason: str) -> str:
+    tag = backup_tag(backup_id)
+    by_hand = (f"once no restic of it runs on {host} any more, forget its snapshots with "
+               f"`restic forget --tag {tag}` (and `restic unlock` on {host})")
+    if pending is None:
+        return f"attempt {backup_id} is not cleaned up: {by_hand}"
+    try:
+        pending.add(new_pending(backup_id, snapshot_host=lab, reason=reason))
+    except (OSError, LabkeeperError) as exc:
+        return (f"attempt {backup_id} is not cleaned up and could not be recorded as pending "
+                f"in {pending.path} ({exc}): {by_hand}")
+    return (f"recorded attempt {backup_id} as pending cleanup in {pending.path}: the next "
+            f"backup of {pending.name} first stops any restic of it on {host}, unlocks and "
+            f"forgets every snapshot tagged {tag}")
+
+
+def sweep_pending(remote: Remote, repo: restic.Repo, store: PendingCleanups, *, label: str,
+                  grace: float, log: Log) -> tuple[list[str], list[PendingAttempt]]:
+    """Finish the cleanup of every pending attempt of this path set, on the connection
+    of the new backup: stop any restic of it on the host (:func:`stop_attempt`), run
+    ``restic unlock`` there, forget every snapshot carrying its tag; an attempt leaves
+    the pending file only when all three succeeded.
+
+    Returns (what was done, the attempts still pending because the *repository* part
+    failed: nothing of them runs any more, the backup may go on). Raises
+    :class:`PathBackupFailed` when it cannot be made sure that no restic of an attempt
+    still runs on the host: backing up beside a restic that may still add a snapshot
+    to the series is not done (the attempt stays pending)."""
+    attempts = store.read()
+    host = remote.client.target.name
+    notes: list[str] = []
+    left: list[PendingAttempt] = []
+    done: list[str] = []
+    try:
+        for attempt in attempts:
+            tag = attempt.tag
+            try:
+                steps = stop_attempt(remote.client, tag, grace=grace) or [
+                    f"no process of it runs on {host}"]
+            except LabkeeperError as exc:
+                log(f"{label}: cleanup of attempt {attempt.backup_id} failed on {host}: {exc}")
+                raise PathBackupFailed(
+                    f"backup of {label} not started: earlier failed attempt "
+                    f"{attempt.backup_id} (pending cleanup since {attempt.since}) could not be "
+                    f"cleaned up — it cannot be made sure that no restic of it still runs on "
+                    f"{host} ({exc}); such a restic may still add a snapshot tagged {tag} "
+                    f"to the series {series_label(store.host, store.name)}. It stays pending "
+                    f"in {store.path} and is swept again before the next backup",
+                    transient=exc.transient, path_set=label) from None
+            problems: list[str] = []
+            try:
+                remote.unlock(repo, timeout=CLEANUP_TIMEOUT)
+                steps.append(f"ran `restic unlock` on {host}")
+            except LabkeeperError as exc:
+                problems.append(f"`restic unlock` on {host} failed: {exc}")
+            try:
+                leftovers = restic.find_snapshots(repo, tags=[tag], host=attempt.snapshot_host,
+                                                  timeout=CLEANUP_TIMEOUT)
+                if leftovers:
+                    restic.forget_ids(repo, [s.id for s in leftovers], timeout=CLEANUP_TIMEOUT)
+                    steps.append("forgot snapshot(s) " + ", ".join(s.short_id or s.id[:8]
+                                                                   for s in leftovers))
+                else:
+                    steps.append("no snapshot of it exists")
+            except LabkeeperError as exc:
+                problems.append(f"could not list/forget its snapshots: {exc}")
+            if problems:
+                left.append(attempt)
+                note = (f"{label}: cleanup of earlier failed attempt {attempt.backup_id} "
+                        f"(pending since {attempt.since}) is still incomplete: "
+                        f"{'; '.join(problems)} (done: {'; '.join(steps)}); nothing of it "
+                        f"runs any more, but a snapshot tagged {tag} may remain in the "
+                        f"series; it stays pending in {store.path}")
+            else:
+                done.append(attempt.backup_id)
+                note = (f"{label}: swept earlier failed attempt {attempt.backup_id} (pending "
+                        f"cleanup since {attempt.since}): {'; '.join(steps)}")
+            notes.append(note)
+            log(note)
+    finally:
+        try:
+            store.remove(done)
+        except (OSError, LabkeeperError) as exc:  # swept again next time: harmless
+            note = f"could not update the pending-cleanup file {store.path}: {exc}"
+            notes.append(note)
+            log(note)
+    return notes, left
 
 
 # -- where things are (inventory → resolved targets) -------------------------------------------
@@ -725,6 +1007,11 @@ def backup_path_set(inv: Inventory, name: str, *, log: Log = print,
     progress = progress or log
     warn = warn or log
     env = remote_env(repo, progress_interval=pb.progress_interval)
+    pending = PendingCleanups(inv.settings.state_dir, pb.host, name)
+    waiting = pending.read()  # an unusable file fails here, before anything runs
+    if waiting:
+        log(f"{label}: {len(waiting)} earlier failed attempt(s) await cleanup: "
+            + ", ".join(f"{a.backup_id} (since {a.since})" for a in waiting))
     started = time.monotonic()
 
     with contextlib.closing(connector(target)) as client:
@@ -734,11 +1021,17 @@ def backup_path_set(inv: Inventory, name: str, *, log: Log = print,
             f"{', '.join(map(str, pb.paths))} into {repo_cfg.name}")
         notes = handle_locks(remote, repo, wait=repo_cfg.lock_wait_minutes * 60,
                              stale_after=repo_cfg.stale_lock_minutes * 60, log=log)
+        still_pending: list[PendingAttempt] = []
+        if waiting:
+            swept, still_pending = sweep_pending(remote, repo, pending, label=label,
+                                                 grace=stop_grace, log=log)
+            notes += swept
 
         def fail(message: str, *, transient: bool) -> PathBackupFailed:
             cleanup = discard_attempt(target, repo, binary=pb.restic_binary, env=env,
                                       sudo=pb.sudo, lab=lab, backup_id=backup_id, log=log,
-                                      connector=connector, grace=stop_grace)
+                                      connector=connector, grace=stop_grace,
+                                      pending=pending)
             return PathBackupFailed(f"backup of {label} failed: {message} "
                                     f"[{'; '.join(cleanup)}]", transient=transient,
                                     path_set=label, backup_id=backup_id)
@@ -805,6 +1098,15 @@ def backup_path_set(inv: Inventory, name: str, *, log: Log = print,
         more = f" (and {errors.count - 10} more)" if errors.count > 10 else ""
         warning = (f"{label}: snapshot {snapshot.id[:8]} is INCOMPLETE: restic could not "
                    f"read {errors.count} path(s): {shown}{more}")
+        notes.append(warning)
+        warn(warning)
+    if still_pending:
+        status = "warning"
+        warning = (f"{label}: {len(still_pending)} earlier failed attempt(s) still await "
+                   "cleanup (" + ", ".join(a.backup_id for a in still_pending)
+                   + f"): a snapshot of theirs may be counted in {series_label(pb.host, name)}"
+                   f" until a later backup forgets it (or `restic forget --tag "
+                   f"{still_pending[0].tag}`)")
         notes.append(warning)
         warn(warning)
     duration = time.monotonic() - started

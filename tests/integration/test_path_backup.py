@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ import yaml
 
 from flows.path_backup import path_backup_flow
 from labkeeper import b2, path_backup, restic
+from labkeeper.errors import SSHConnectError
 from labkeeper.inventory import load_inventory
+from labkeeper.ssh import connect
 from tasks import path_backup as path_tasks
 from tests.integration.test_doctor_flow import ArgvWatcher, _flow_run_record
 
@@ -115,6 +118,10 @@ def inv_path(lab, trees, tmp_path_factory) -> Path:
         {"name": "missing", "paths": [str(trees["base"] / "does-not-exist")], **common},
         {"name": "norestic", "paths": [str(trees["clean"])],
          "restic_binary": "/opt/nowhere/restic", **common},
+        # pending cleanups: "late" does not exist until its first attempt has failed
+        {"name": "late", "paths": [str(trees["base"] / "late")], **common},
+        {"name": "stuck", "paths": [str(trees["clean"])], **common},
+        {"name": "contended", "paths": [str(trees["clean"])], **common},
     ]
     path = tmp_path_factory.mktemp("pathinv") / "lab.yaml"
     path.write_text(yaml.safe_dump(inv, sort_keys=False))
@@ -258,42 +265,56 @@ def _ppid_comm(pid: int) -> tuple[int, str]:
     return int(text.rsplit(")", 1)[1].split()[1]), comm
 
 
-class SessionKiller(threading.Thread):
-    """Waits for the remote restic of path set ``drop``, lets it run ``delay`` s, then
-    SIGKILLs the sshd session process above it: the SSH connection drops mid-backup."""
+def _is_drop_restic(argv: list[bytes]) -> bool:
+    return argv[0].endswith(b"restic") and b"paths:labhost/drop" in argv
 
-    def __init__(self, delay: float) -> None:
+
+class SessionKiller(threading.Thread):
+    """Waits for a remote command whose argv ``match`` matches (default: the restic of path
+    set ``drop``), lets it run ``delay`` s, then SIGKILLs the sshd session process above
+    it: the SSH connection drops mid-command. (If the command ended meanwhile it looks
+    for the next one.)"""
+
+    def __init__(self, delay: float,
+                 match: Callable[[list[bytes]], bool] = _is_drop_restic) -> None:
         super().__init__(daemon=True)
         self.delay = delay
-        self.restic_pid = 0
+        self.match = match
+        self.found_pid = 0
         self.killed_sshd = 0
         self.stop = threading.Event()
 
+    def _find(self) -> int:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if self.match(argv):
+                return int(entry.name)
+        return 0
+
     def run(self) -> None:
-        while not self.stop.is_set() and not self.restic_pid:
-            for entry in os.scandir("/proc"):
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                        argv = f.read().split(b"\0")
-                except OSError:
-                    continue
-                if (argv[0].endswith(b"restic") and b"paths:labhost/drop" in argv):
-                    self.restic_pid = int(entry.name)
-                    break
-            time.sleep(0.02)
-        if not self.restic_pid:
-            return
-        time.sleep(self.delay)
-        pid = self.restic_pid
-        while pid > 1:
-            parent, comm = _ppid_comm(pid)
-            if comm == "sshd":  # the session's "sshd: root@notty", not the listener
-                os.kill(pid, signal.SIGKILL)
-                self.killed_sshd = pid
-                return
-            pid = parent
+        while not self.stop.is_set() and not self.killed_sshd:
+            pid = self._find()
+            if not pid:
+                time.sleep(0.02)
+                continue
+            self.found_pid = pid
+            time.sleep(self.delay)
+            try:
+                while pid > 1:
+                    parent, comm = _ppid_comm(pid)
+                    if comm == "sshd":  # the session's "sshd: root@notty", not the listener
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed_sshd = pid
+                        return
+                    pid = parent
+            except OSError:
+                continue  # it ended before we got there: wait for the next one
 
 
 def test_ssh_dropped_mid_backup_fails_cleans_up_then_the_retry_succeeds(
@@ -317,7 +338,185 @@ def test_ssh_dropped_mid_backup_fails_cleans_up_then_the_retry_succeeds(
     assert "SSH connection to labhost was lost" in text, text[-3000:]
     assert "ran `restic unlock` on labhost" in text
     # the dropped attempt's restic is gone (SIGPIPE or our SIGTERM), nothing of it kept
-    assert not os.path.exists(f"/proc/{killer.restic_pid}")
+    assert not os.path.exists(f"/proc/{killer.found_pid}")
     snaps = _series(repo, "drop")
     assert len(snaps) == 1 and f"backup:{row['backup id']}" in snaps[0].tags
     assert [lk for lk in restic.list_locks(repo)] == []
+
+
+# -- cleanup that could not finish: recorded, swept by the next backup ----------------------------
+
+def _pending(inv, name: str) -> path_backup.PendingCleanups:
+    return path_backup.PendingCleanups(inv.settings.state_dir, inv.path_backup(name).host, name)
+
+
+def _pending_ids(store: path_backup.PendingCleanups) -> list[str]:
+    return [a.backup_id for a in store.read()]
+
+
+def _tag_args(tags: list[str]) -> list[str]:
+    return [arg for t in tags for arg in ("--tag", t)]
+
+
+def _plant_snapshot(repo: restic.Repo, src: Path, *, host: str, tags: list[str]) -> str:
+    """What a restic of a lost attempt leaves when it finishes on the host after all:
+    a complete snapshot with the series tags and the attempt's tag."""
+    subprocess.run((*repo.base_argv(), "backup", "--host", host, *_tag_args(tags), str(src)),
+                   env={**os.environ, **repo.env()}, check=True, capture_output=True,
+                   timeout=120)
+    (snap,) = restic.find_snapshots(repo, tags=tags, host=host)
+    return snap.id
+
+
+def _running_restic(repo: restic.Repo, *, host: str, tags: list[str]) -> subprocess.Popen:
+    """A restic that holds its (non-exclusive) lock until stdin closes or it is killed;
+    reaped at once when it ends (a zombie would still count as alive for restic's
+    stale-lock check)."""
+    proc = subprocess.Popen((*repo.base_argv(), "backup", "--stdin", "--host", host,
+                             *_tag_args(tags)),
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **repo.env()})
+    threading.Thread(target=proc.wait, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not [lk for lk in restic.list_locks(repo) if lk.pid == proc.pid]:
+        assert time.monotonic() < deadline, "the lock never appeared"
+        time.sleep(0.2)
+    return proc
+
+
+def _end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def test_unreachable_cleanup_is_recorded_and_the_next_backup_stops_and_forgets_the_attempt(
+        inv_path, trees):
+    inv = load_inventory(inv_path)
+    repo = _repo(inv_path)
+    store = _pending(inv, "late")
+    connections: list[str] = []
+
+    def host_goes_away(target):
+        """The backup's own connection works; the cleanup's fresh one finds the host gone."""
+        connections.append(target.name)
+        if len(connections) > 1:
+            raise SSHConnectError(f"ssh {target.name}: connection refused (test: host gone)")
+        return connect(target)
+
+    # 1. the attempt fails (its paths are not there yet) and its cleanup cannot reach the host
+    with pytest.raises(path_backup.PathBackupFailed) as err:
+        path_backup.backup_path_set(inv, "late", log=lambda _m: None, connector=host_goes_away)
+    backup_id = err.value.backup_id
+    tag = path_backup.backup_tag(backup_id)
+    assert len(connections) == 2
+    assert "could not reach labhost" in str(err.value)
+    assert f"recorded attempt {backup_id} as pending cleanup in {store.path}" in str(err.value)
+    assert _pending_ids(store) == [backup_id]
+    assert store.read()[0].snapshot_host == inv.lab.name
+
+    # 2. meanwhile on the host: one restic of that attempt finished after all (a complete
+    # snapshot counted in the series), another one still runs and holds its lock
+    src = trees["base"] / "late"
+    src.mkdir()
+    (src / "photo.jpg").write_bytes(os.urandom(50_000))
+    tags = [*path_backup.series_tags("labhost", "late"), tag]
+    late = _plant_snapshot(repo, src, host=inv.lab.name, tags=tags)
+    still = _running_restic(repo, host=inv.lab.name, tags=tags)
+    try:
+        assert [s.id for s in _series(repo, "late")] == [late]
+
+        # 3. the next backup sweeps the attempt first, then backs up
+        logged: list[str] = []
+        res = path_backup.backup_path_set(inv, "late", log=logged.append, stop_grace=1)
+    finally:
+        _end(still)
+    assert res.status == "ok" and res.files == 1
+    assert still.returncode == -signal.SIGTERM  # stopped by the sweep, not by us
+    assert [s.id for s in _series(repo, "late")] == [res.snapshot_id]  # the late one forgotten
+    assert restic.find_snapshots(repo, tags=[tag]) == []
+    assert not [lk for lk in restic.list_locks(repo) if lk.pid == still.pid]
+    assert not store.path.exists()
+    notes = res.row()["notes"]  # what reaches the artifact
+    assert f"swept earlier failed attempt {backup_id}" in notes
+    assert f"sent SIGTERM to the attempt's remote process(es) {still.pid}" in notes
+    assert "ran `restic unlock` on labhost" in notes and f"forgot snapshot(s) {late[:8]}" in notes
+    text = "\n".join(logged)
+    assert "1 earlier failed attempt(s) await cleanup" in text
+    assert f"swept earlier failed attempt {backup_id}" in text
+
+
+def test_a_pending_attempt_that_cannot_be_swept_stays_pending_and_no_backup_starts(
+        inv_path):
+    inv = load_inventory(inv_path)
+    repo = _repo(inv_path)
+    store = _pending(inv, "stuck")
+    backup_id = path_backup.new_backup_id()
+    tag = path_backup.backup_tag(backup_id)
+    store.add(path_backup.new_pending(backup_id, snapshot_host=inv.lab.name,
+                                      reason="test: labhost unreachable"))
+
+    def unreachable(target):
+        raise SSHConnectError(f"ssh {target.name}: connection timed out (test)")
+
+    # the host is still unreachable: nothing can be swept, the attempt stays pending
+    with pytest.raises(SSHConnectError):
+        path_backup.backup_path_set(inv, "stuck", log=lambda _m: None, connector=unreachable)
+    assert _pending_ids(store) == [backup_id]
+
+    # it answers again, but the connection drops while the sweep looks for the attempt's
+    # restic (one still "runs": a process holding the tag as an argument)
+    holder = subprocess.Popen(("sh", "-c", "sleep 60; :", "lost-restic", tag))
+    killer = SessionKiller(0, match=lambda argv: b"labkeeper-pids" in argv
+                           and tag.encode() in argv)
+    killer.start()
+    try:
+        with pytest.raises(path_backup.PathBackupFailed) as err:
+            path_backup.backup_path_set(inv, "stuck", log=lambda _m: None, stop_grace=60)
+        assert holder.poll() is None  # never signalled: the sweep did not get that far
+    finally:
+        killer.stop.set()
+        killer.join(5)
+        _end(holder)
+    assert killer.killed_sshd, "the sweep's SSH session was never killed"
+    msg = str(err.value)
+    assert msg.startswith("backup of stuck@labhost not started: earlier failed attempt "
+                          f"{backup_id}"), msg
+    assert "no restic of it still runs on labhost" in msg
+    assert f"may still add a snapshot tagged {tag}" in msg and str(store.path) in msg
+    assert err.value.transient  # a dropped connection: Prefect retries (and sweeps again)
+    assert _pending_ids(store) == [backup_id]
+    assert _series(repo, "stuck") == []
+    store.remove([backup_id])
+
+
+def test_a_sweep_whose_forget_is_blocked_by_another_runs_lock_backs_up_as_a_warning(
+        inv_path, trees):
+    inv = load_inventory(inv_path)
+    repo = _repo(inv_path)
+    store = _pending(inv, "contended")
+    backup_id = path_backup.new_backup_id()
+    tags = [*path_backup.series_tags("labhost", "contended"), path_backup.backup_tag(backup_id)]
+    store.add(path_backup.new_pending(backup_id, snapshot_host=inv.lab.name,
+                                      reason="test: labhost unreachable"))
+    late = _plant_snapshot(repo, trees["clean"], host=inv.lab.name, tags=tags)
+
+    other = _running_restic(repo, host="another-run", tags=["other"])  # e.g. a pg_backup
+    try:
+        res = path_backup.backup_path_set(inv, "contended", log=lambda _m: None, stop_grace=1)
+    finally:
+        _end(other)  # killed: its lock is left stale, for the next run to remove
+    # nothing of the attempt runs any more: the backup went on, loudly
+    assert res.status == "warning"
+    notes = res.row()["notes"]
+    assert f"cleanup of earlier failed attempt {backup_id}" in notes
+    assert "failed to lock repository" in notes and "still await cleanup" in notes
+    assert _pending_ids(store) == [backup_id]
+    assert {s.id for s in _series(repo, "contended")} == {late, res.snapshot_id}
+
+    # the other run is gone: the next backup finishes the sweep
+    again = path_backup.backup_path_set(inv, "contended", log=lambda _m: None, stop_grace=1)
+    assert again.status == "ok"
+    assert {s.id for s in _series(repo, "contended")} == {res.snapshot_id, again.snapshot_id}
+    assert not store.path.exists()
+    assert f"forgot snapshot(s) {late[:8]}" in again.row()["notes"]

@@ -3,7 +3,9 @@ version check, remote process matching, selection and retention series."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from labkeeper import path_backup as pb_mod
 from labkeeper.inventory import PathBackup, load_inventory
 from labkeeper.process import CommandResult
 from labkeeper.restic import Repo
+from labkeeper.secrets import register
 from labkeeper.ssh import ENV_PREAMBLE
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "lab.example.yaml"
@@ -192,3 +195,96 @@ def test_long_unreadable_paths_are_shortened_for_the_artifact():
     short = pb_mod.shorten_path(path, 120)
     assert len(short) <= 120 and short.startswith("/t/ddd") and "/…/" in short
     assert pb_mod.shorten_path("/short") == "/short"
+
+
+# -- pending cleanups: where, what ---------------------------------------------------------------
+
+def _attempt(backup_id: str = "20260101T020000Z-abcdef", reason: str = "ssh down"
+             ) -> pb_mod.PendingAttempt:
+    return pb_mod.new_pending(backup_id, snapshot_host="home", reason=reason,
+                              now=datetime(2026, 1, 1, 2, 5, tzinfo=UTC))
+
+
+def test_pending_file_is_one_per_host_and_set_under_the_state_dir():
+    path = pb_mod.pending_path(Path("/var/lib/labkeeper"), "nas-1", "photos_raw")
+    assert path == Path("/var/lib/labkeeper/path_backup/pending-nas-1.photos_raw.json")
+    # "-" may be in both names: the "." keeps host "nas" + set "1-photos" apart from it
+    assert pb_mod.pending_path(Path("/s"), "nas", "1-photos") != pb_mod.pending_path(
+        Path("/s"), "nas-1", "photos")
+
+
+@pytest.mark.parametrize("host,name", [("nas", "../etc"), ("a/b", "x"), ("nas", "a.b"),
+                                       ("", "x"), ("Nas", "x")])
+def test_pending_file_refuses_names_that_could_leave_its_directory_or_collide(host, name):
+    with pytest.raises(ValueError, match="cannot name a state file"):
+        pb_mod.pending_path(Path("/s"), host, name)
+
+
+def test_pending_attempts_round_trip_through_the_file_text():
+    first = _attempt("20260101T020000Z-abcdef")
+    second = _attempt("20260102T020000Z-012345", reason="forget: repository is already locked")
+    text = pb_mod.dump_pending("nas", "photos", [first, second])
+    data = json.loads(text)
+    assert data["series"] == "paths:nas/photos" and data["format"] == 1
+    assert pb_mod.load_pending(text, host="nas", name="photos") == [first, second]
+    assert first.tag == "backup:20260101T020000Z-abcdef"
+    assert first.since == "2026-01-01T02:05:00+00:00" and first.snapshot_host == "home"
+
+
+def test_pending_reason_is_redacted_and_bounded():
+    register("hunter2-Secret-value")
+    att = pb_mod.new_pending("x1", snapshot_host="home",
+                             reason="ssh said hunter2-Secret-value " + "y" * 5000)
+    assert "hunter2-Secret-value" not in att.reason and len(att.reason) <= 1000
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{broken", "Expecting"),
+    ("[]", "not a pending-cleanup file"),
+    ('{"format": 2, "host": "nas", "path_set": "photos", "attempts": []}', "format 1"),
+    ('{"format": 1, "host": "nas", "path_set": "docs", "attempts": []}',
+     "nas/docs, not nas/photos"),
+    ('{"format": 1, "host": "nas", "path_set": "photos"}', "no list"),
+    ('{"format": 1, "host": "nas", "path_set": "photos", "attempts": [{"backup_id": "x"}]}',
+     "no snapshot_host"),
+    ('{"format": 1, "host": "nas", "path_set": "photos", "attempts": '
+     '[{"backup_id": "", "snapshot_host": "home"}]}', "empty id"),
+    ('{"format": 1, "host": "nas", "path_set": "photos", "attempts": '
+     '[{"backup_id": "a,b", "snapshot_host": "home"}]}', "not a usable restic tag"),
+])
+def test_a_pending_file_that_is_not_this_sets_is_refused_not_read_as_empty(text, match):
+    with pytest.raises(ValueError, match=match):
+        pb_mod.load_pending(text, host="nas", name="photos")
+
+
+def test_recording_an_attempt_twice_keeps_one_and_removal_is_by_id():
+    a, b = _attempt("a1"), _attempt("b2")
+    attempts = pb_mod.with_pending(pb_mod.with_pending([], a), b)
+    assert pb_mod.with_pending(attempts, _attempt("a1", reason="later")) == [a, b]
+    assert pb_mod.without_pending(attempts, ["a1", "zz"]) == [b]
+    assert pb_mod.without_pending(attempts, []) == [a, b]
+
+
+def test_pending_store_writes_atomically_and_removes_the_file_when_nothing_is_left(tmp_path):
+    store = pb_mod.PendingCleanups(tmp_path, "nas", "photos")
+    assert store.read() == []
+    store.remove(["nothing"])  # nothing pending: no directory, no file
+    assert not (tmp_path / "path_backup").exists()
+    store.add(_attempt("a1"))
+    store.add(_attempt("b2"))
+    assert [a.backup_id for a in store.read()] == ["a1", "b2"]
+    assert sorted(p.name for p in store.path.parent.iterdir()) == ["pending-nas.photos.json"]
+    store.remove(["a1"])
+    assert [a.backup_id for a in store.read()] == ["b2"]
+    store.remove(["b2"])
+    assert not store.path.exists() and list(store.path.parent.iterdir()) == []
+
+
+def test_pending_store_refuses_an_unusable_file_with_what_to_do(tmp_path):
+    store = pb_mod.PendingCleanups(tmp_path, "nas", "photos")
+    store.path.parent.mkdir(parents=True)
+    store.path.write_text("{half")
+    with pytest.raises(pb_mod.PermanentError) as err:
+        store.read()
+    assert str(store.path) in str(err.value) and "restic snapshots --tag paths:nas/photos" in \
+        str(err.value)
