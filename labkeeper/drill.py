@@ -834,9 +834,7 @@ def guest_drill(inv: Inventory, name: str, *, api: Any = None, log: Log = _nolog
     result = DrillResult("guest", guest.name, rpo_objective_s=spec.rpo_hours * 3600,
                          rto_objective_s=spec.rto_minutes * 60)
     try:
-        if inv.proxmox is None:
-            raise ConfigError("the inventory has no proxmox section")
-        api = api if api is not None else px.connect(inv.proxmox)
+        api = api if api is not None else px.connect_lab(inv.proxmox)
         sweep_scratch(px, api, inv, result, now=clock(), poll=poll, log=log)
         _guest_drill(px, api, inv, guest, spec, result, keep=keep, log=log, clock=clock,
                      poll=poll)

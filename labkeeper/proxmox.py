@@ -152,6 +152,13 @@ def _tls_verify(tls: Any) -> tuple[bool | str, str | None]:
     return (str(ca_file) if ca_file else True), None
 
 
+def connect_lab(spec: ProxmoxSpec | None) -> Any:
+    """:func:`connect` to the inventory's ``proxmox`` section, which must be there."""
+    if spec is None:
+        raise ConfigError("the inventory has no proxmox section")
+    return connect(spec)
+
+
 def connect(spec: ProxmoxSpec) -> Any:
     """A ``ProxmoxAPI`` for the inventory's Proxmox, TLS verified, token auth."""
     from proxmoxer import ProxmoxAPI

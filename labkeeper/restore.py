@@ -279,9 +279,8 @@ def restore_guest(inv: Inventory, name: str, *, archive: str = "latest", vmid: i
                   log: Log = _nolog) -> GuestRestore:
     """Restore guest ``name`` from ``archive`` to ``vmid`` (0: the next free VMID), or
     over the original (stopped first)."""
-    if inv.proxmox is None:
-        raise ConfigError("the inventory has no proxmox section")
-    api = api if api is not None else px.connect(inv.proxmox)
+    api = api if api is not None else px.connect_lab(inv.proxmox)
+    assert inv.proxmox is not None
     guest = inv.guest(name)
     timeout = float(inv.proxmox.task_timeout)
     vol = pick_archive(api, inv, name, archive)

@@ -309,9 +309,7 @@ class Session:
     @property
     def api(self) -> Any:
         if self._api is None:
-            if self.inv.proxmox is None:
-                raise ConfigError("the inventory has no proxmox section")
-            self._api = px.connect(self.inv.proxmox)
+            self._api = px.connect_lab(self.inv.proxmox)
         return self._api
 
     def ssh(self) -> SshClient:
