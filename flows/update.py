@@ -27,6 +27,7 @@ after); events ``labkeeper.update.{succeeded,rolled_back,failed,skipped}``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -141,16 +142,17 @@ def _guarded(inv: Inventory, app: App, *, dry_run: bool, force: bool,
     """One app under its concurrency limit (a dry run changes nothing: no lock)."""
     if dry_run:
         return _update_one(inv, app, dry_run=True, force=force)
-    from prefect.concurrency._asyncio import AcquireConcurrencySlotTimeoutError
-
     name = limit_name(app.name)
     ensure_limit(name)
-    try:
-        with concurrency(name, occupy=1, timeout_seconds=lock_timeout, strict=True):
-            return _update_one(inv, app, dry_run=False, force=force)
-    except AcquireConcurrencySlotTimeoutError:
+    slot = contextlib.ExitStack()
+    try:  # only taking the slot may time out here (Prefect raises a TimeoutError subclass)
+        slot.enter_context(concurrency(name, occupy=1, timeout_seconds=lock_timeout,
+                                       strict=True))
+    except TimeoutError:
         return core.AppResult(app.name, "skipped",
                               f"another update of {app.name} is running (limit {name})")
+    with slot:
+        return _update_one(inv, app, dry_run=False, force=force)
 
 
 def _update_one(inv: Inventory, app: App, *, dry_run: bool, force: bool) -> core.AppResult:
