@@ -39,6 +39,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
+from prefect.utilities.annotations import quote
 
 from labkeeper import metrics
 from labkeeper import vzdump as core
@@ -149,7 +150,10 @@ def vzdump_flow(job: str | None = None, lab: str | None = None,
     spec = job_for(inv, job, selection, storage)
     adhoc = job is None
     started = time.monotonic()
-    resolved: core.Resolved = vt.select_guests(inv, spec)
+    # the inventory and the job go to every task run as they are: quote() keeps Prefect
+    # from walking the whole inventory model for each of them (tens of ms per task run)
+    qinv, qspec = quote(inv), quote(spec)
+    resolved: core.Resolved = vt.select_guests(qinv, qspec)
     since = None
     if not force and job is not None:
         since = core.period_start(spec.schedule, inv.lab.timezone).timestamp()
@@ -183,8 +187,12 @@ def vzdump_flow(job: str | None = None, lab: str | None = None,
                 continue
             target, attempt = item
             slot = core.NodeSlot(nq.node, nq.slots, wait_timeout=vz_timeout + 600)
-            fut = backup_task.submit(inv, spec, target, attempt, since, poll_max, vz_timeout,
-                                     slot)
+            try:
+                fut = backup_task.submit(qinv, qspec, target, attempt, since, poll_max,
+                                         vz_timeout, slot)
+            except Exception as exc:  # Prefect could not even start it: that guest failed
+                finished.put((nq, target, attempt, exc))
+                continue
 
             def _finished(f: Any, nq: _NodeQueue = nq, target: core.Target = target,
                           attempt: int = attempt, slot: core.NodeSlot = slot) -> None:
@@ -200,6 +208,9 @@ def vzdump_flow(job: str | None = None, lab: str | None = None,
         """A guest's backup task run ended: record it; locked → later; good → retention
         and off-site copy as task runs of their own."""
         row = rows[target.vmid]
+        if isinstance(fut, Exception):
+            row.status, row.detail = "failed", redact(f"{type(fut).__name__}: {fut}")
+            return
         fut.wait()  # done already; this records its final state on the future
         state = fut.state
         if not state.is_completed():
@@ -221,9 +232,9 @@ def vzdump_flow(job: str | None = None, lab: str | None = None,
             row.pruned = "skipped (ad-hoc run)"
         else:
             post.append((res.vmid, "retention", vt.apply_retention.submit(
-                inv, spec, res.node, res.vmid, res.type, dry_run_retention)))
+                qinv, qspec, res.node, res.vmid, res.type, dry_run_retention)))
         if spec.offsite is not None:
-            post.append((res.vmid, "offsite", vt.copy_offsite.submit(inv, spec, res,
+            post.append((res.vmid, "offsite", vt.copy_offsite.submit(qinv, qspec, res,
                                                                      dry_run_retention)))
 
     feeders: list[threading.Thread] = []

@@ -1365,8 +1365,13 @@ class Offsite(_Model):
     node over SFTP into a multipart upload) or to a path on an SSH host."""
 
     repository: Name | None = None
+    """A repository with an ``s3`` section: copies go to its bucket."""
     host: GuestName | None = None
+    """An SSH host (from ``hosts``, or a guest with ``ssh``) that only needs SFTP;
+    copies go to ``path`` on it."""
     path: AbsPath | None = None
+    """Directory on ``host``: each guest's copies in ``<path>/<vmid>/``, each with a
+    ``<archive>.sha256`` sidecar (``sha256sum -c`` format)."""
     prefix: str = "vzdump/"
     """Object key prefix in the bucket (repository target)."""
     keep_last: PositiveInt = 2
@@ -1379,6 +1384,8 @@ class Offsite(_Model):
             raise ValueError("an offsite host needs a path")
         if self.repository is not None and self.path is not None:
             raise ValueError("path is for an offsite host; use prefix for a repository")
+        if self.host is not None and "prefix" in self.model_fields_set:
+            raise ValueError("prefix is for a repository; an offsite host uses path")
         return self
 
 

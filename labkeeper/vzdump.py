@@ -8,6 +8,9 @@ thin functions act through :mod:`labkeeper.proxmox` (the one adapter):
   against ``/cluster/resources`` *at run time* (a guest tagged yesterday is in);
 * :func:`node_queues` — per-node queues (the flow runs at most ``max_per_node``
   vzdumps per node at a time, nodes in parallel);
+* :class:`NodeSlot` — one of a node's ``max_per_node`` slots, held only while
+  the PVE task runs (checks before it and verification after it run outside,
+  so a node's next vzdump starts the moment the previous one ends);
 * :func:`backup_guest` — one guest: lock check, adopt a vzdump already running
   for it (a rerun after a crash), start ``vzdump`` (``remove=0``: nothing is
   pruned before the new archive is verified), wait with
@@ -25,9 +28,11 @@ right vmid, a plausible size, the expected format and the notes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import posixpath
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,7 +41,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from labkeeper import proxmox as px
-from labkeeper.errors import LabkeeperError, PermanentError, ServiceError
+from labkeeper.errors import LabkeeperError, PermanentError, ServiceError, TaskTimeout
 from labkeeper.inventory import Inventory, PruneRetention, Selection, VzdumpJob
 from labkeeper.secrets import redact
 
@@ -163,6 +168,65 @@ def ideal_makespan(targets: Iterable[Target], duration: float, max_per_node: int
 
 def timeout_seconds(job: VzdumpJob) -> float:
     return float(job.timeout_minutes) * 60
+
+
+POLL_FRACTION = 0.03
+POLL_FLOOR = 0.03
+
+
+def proportional_sleep(*, fraction: float = POLL_FRACTION, floor: float = POLL_FLOOR,
+                       clock: Callable[[], float] = time.monotonic,
+                       sleep: Callable[[float], None] = time.sleep) -> Callable[[float], None]:
+    """A ``sleep`` for :func:`labkeeper.proxmox.wait_for_task`: between two status polls
+    wait at most ``fraction`` of the time the task has been watched so far (and at
+    least ``floor``); the adapter's backoff, capped by ``poll_max``, still bounds it
+    from above. A task that runs T seconds is noticed within about ``fraction * T``
+    of its end — a node's next vzdump then starts without a poll interval's delay,
+    while a long backup is polled no more often than the cap allows."""
+    started = clock()
+
+    def _sleep(delay: float) -> None:
+        sleep(max(0.0, min(delay, max(floor, fraction * (clock() - started)))))
+
+    return _sleep
+
+
+class NodeSlot:
+    """A claim on one of a node's vzdump slots (``threading.Semaphore(max_per_node)``),
+    for one guest. :func:`backup_guest` holds it (``with slot:``) only from starting
+    the vzdump (or adopting a running one) until the PVE task has ended — the
+    node's next guest can start while this one is verified, pruned and copied.
+
+    ``handoff`` is set once the slot was taken (or :meth:`give_up` is called when
+    the guest ends without needing it): the node's feeder then prepares the next
+    guest, which waits here for the slot. Entering again (a retried attempt)
+    waits for a slot again, so the limit holds for retries too.
+    """
+
+    def __init__(self, node: str, slots: threading.Semaphore, *,
+                 wait_timeout: float | None = None) -> None:
+        self.node = node
+        self.slots = slots
+        self.wait_timeout = wait_timeout
+        self.handoff = threading.Event()
+
+    def __enter__(self) -> NodeSlot:
+        if not self.slots.acquire(timeout=self.wait_timeout):
+            self.handoff.set()
+            raise TaskTimeout(f"no vzdump slot free on node {self.node} after "
+                              f"{self.wait_timeout:g}s")
+        self.handoff.set()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.slots.release()
+
+    def give_up(self) -> None:
+        """This guest will not take the slot (locked, already done, failed early)."""
+        self.handoff.set()
+
+    def __repr__(self) -> str:  # shown in Prefect's task parameters
+        return f"NodeSlot({self.node})"
 
 
 # ====================================================================== names, notes, formats
@@ -418,6 +482,7 @@ def find_archive_path(api: Any, node: str, vmid: int, volid: str,
 
 def backup_guest(api: Any, job: VzdumpJob, target: Target, *, timeout: float | None = None,
                  poll_max: float = 5.0, since: float | None = None,
+                 resume_since: float | None = None, slot: NodeSlot | None = None,
                  clock: Callable[[], float] = time.monotonic) -> GuestBackup:
     """Back up one guest and verify the archive.
 
@@ -425,12 +490,28 @@ def backup_guest(api: Any, job: VzdumpJob, target: Target, *, timeout: float | N
     when the guest holds a lock (the flow retries it later in the run), or
     ``skipped`` when ``since`` (epoch) is given and the guest already has an
     archive from then on (a rerun in the same schedule period: no duplicate).
+    ``resume_since`` is for a retried attempt: a good archive made since then
+    (by the earlier attempt, which failed after the vzdump) is this backup.
+    ``slot`` is held only while the PVE task runs (see :class:`NodeSlot`).
     Raises :class:`VerificationFailed`, :class:`VzdumpTimedOut`,
     :class:`~labkeeper.proxmox.ProxmoxTaskError` (vzdump failed) or a
     :class:`~labkeeper.errors.ServiceError` (transient ones are retried).
     """
     started = clock()
     timeout = timeout if timeout is not None else timeout_seconds(job)
+    try:
+        return _backup_guest(api, job, target, timeout=timeout, poll_max=poll_max, since=since,
+                             resume_since=resume_since, slot=slot, clock=clock,
+                             started=started)
+    finally:
+        if slot is not None:
+            slot.give_up()  # no-op when the slot was taken
+
+
+def _backup_guest(api: Any, job: VzdumpJob, target: Target, *, timeout: float,
+                  poll_max: float, since: float | None, resume_since: float | None,
+                  slot: NodeSlot | None, clock: Callable[[], float],
+                  started: float) -> GuestBackup:
     now = px.find_guest(api, target.vmid)
     if now is None:
         raise PermanentError(f"guest {target.vmid} is no longer in the cluster")
@@ -439,9 +520,9 @@ def backup_guest(api: Any, job: VzdumpJob, target: Target, *, timeout: float | N
         return replace(base, detail=f"locked ({now.lock})")
     node = now.node
     before = px.backups(api, node, job.storage, vmid=target.vmid)
-    previous = before[0] if before else None
     upid = running_vzdump(api, node, target.vmid)
-    done = backed_up_since(before, target.vmid, since) if since is not None else None
+    found = [t for t in (since, resume_since) if t is not None]
+    done = backed_up_since(before, target.vmid, min(found)) if found else None
     if done is not None:
         older = [b for b in before if (b.ctime or 0) < (done.ctime or 0)]
         if verify_archive(done, vmid=target.vmid, gtype=now.type, compress=job.compress,
@@ -450,34 +531,43 @@ def backup_guest(api: Any, job: VzdumpJob, target: Target, *, timeout: float | N
                           guestname=base.name or f"{target.vmid}", node=node):
             done = None  # not a good one: back up again
     if upid is None and done is not None:
+        if resume_since is not None and (done.ctime or 0) >= resume_since:
+            return replace(base, status="ok", volid=done.volid, size=done.size,
+                           ctime=done.ctime or 0, duration=clock() - started,
+                           detail="the archive an earlier attempt of this task made")
         when = datetime.fromtimestamp(done.ctime or 0).strftime("%Y-%m-%d %H:%M")
         return replace(base, status="skipped", volid=done.volid, size=done.size,
                        ctime=done.ctime or 0,
                        detail=f"already backed up this schedule period ({when})")
+    previous = before[0] if before else None
     adopted = upid is not None
-    if upid is None:
+    with slot if slot is not None else contextlib.nullcontext():
+        started = clock()  # the duration shown is the backup's, not the wait for a slot
+        if upid is None:
+            try:
+                upid = px.vzdump(api, node, vmids=[target.vmid], mode=job.mode,
+                                 compress=job.compress, storage=job.storage,  # type: ignore[arg-type]
+                                 notes_template=job.notes_template or None, remove=False)
+            except px.GuestLocked as exc:
+                return replace(base, detail=f"locked ({exc.lock})")
         try:
-            upid = px.vzdump(api, node, vmids=[target.vmid], mode=job.mode,
-                             compress=job.compress, storage=job.storage,  # type: ignore[arg-type]
-                             notes_template=job.notes_template or None, remove=False)
-        except px.GuestLocked as exc:
-            return replace(base, detail=f"locked ({exc.lock})")
-    try:
-        result = px.wait_for_task(api, upid, timeout=timeout, max_poll=poll_max)
-    except px.ProxmoxTaskTimeout as exc:
-        try:
-            px.stop_task(api, upid)
-            stopped = "stopped it"
-        except LabkeeperError as stop_exc:
-            stopped = f"could not stop it: {stop_exc}"
-        raise VzdumpTimedOut(f"vzdump of {target.vmid} on {node} ran past {timeout:g}s; "
-                             f"{stopped} (UPID {upid})") from exc
-    except px.ProxmoxTaskError as exc:
-        lock = px.lock_name("\n".join([exc.exitstatus, *exc.log_tail]))
-        if lock is not None:
-            return replace(base, detail=f"locked ({lock})", upid=str(upid),
-                           log_tail=exc.log_tail[-10:])
-        raise
+            result = px.wait_for_task(api, upid, timeout=timeout, max_poll=poll_max,
+                                      sleep=proportional_sleep())
+        except px.ProxmoxTaskTimeout as exc:
+            try:
+                px.stop_task(api, upid)
+                stopped = "stopped it"
+            except LabkeeperError as stop_exc:
+                stopped = f"could not stop it: {stop_exc}"
+            raise VzdumpTimedOut(f"vzdump of {target.vmid} on {node} ran past {timeout:g}s; "
+                                 f"{stopped} (UPID {upid})") from exc
+        except px.ProxmoxTaskError as exc:
+            lock = px.lock_name("\n".join([exc.exitstatus, *exc.log_tail]))
+            if lock is not None:
+                return replace(base, detail=f"locked ({lock})", upid=str(upid),
+                               log_tail=exc.log_tail[-10:])
+            raise
+    # the PVE task has ended and the node's slot is free: verify off the critical path
     log = parse_log(result.log)
     after = px.backups(api, node, job.storage, vmid=target.vmid)
     new = pick_new_archive((b.volid for b in before), after, target.vmid, log.archive_path)
@@ -519,7 +609,8 @@ def apply_retention(api: Any, node: str, storage: str, vmid: int, gtype: px.Gues
     if dry_run or not remove:
         return result
     upid = px.prune_backups(api, node, storage, vmid=vmid, prune_backups=policy, gtype=gtype)
-    px.wait_for_task(api, upid, timeout=timeout, max_poll=poll_max)
+    px.wait_for_task(api, upid, timeout=timeout, max_poll=poll_max,
+                     sleep=proportional_sleep())
     left = {b.volid for b in px.backups(api, node, storage, vmid=vmid)}
     still = [v for v in remove if v in left]
     if still:

@@ -15,12 +15,12 @@ import pytest
 
 from flows.vzdump import vzdump_flow
 from labkeeper import b2, offsite
-from labkeeper.errors import ServiceError, is_transient
+from labkeeper.errors import LabkeeperError, ServiceError, is_transient
 from labkeeper.locallab.ports import wait_for_port
 from labkeeper.locallab.s3 import LocalS3, moto_server_path
 from labkeeper.locallab.services import Service
 from labkeeper.pvesim.api import set_rootfs_dir
-from labkeeper.ssh import SshPool
+from labkeeper.ssh import SshPool, SshTarget
 from tests.integration.test_vzdump_support import VzEnv, archives, job
 
 pytestmark = pytest.mark.integration
@@ -180,3 +180,104 @@ def test_a_rerun_after_the_flow_was_killed_mid_run_converges(env: VzEnv, tmp_pat
         offsite.object_key(prefix, v, rows[v]["archive"]) for v in vmids)
     assert all(offsite.is_verified(o) for o in objs)
     assert offsite.incomplete_uploads(b2.client(target), target.bucket, prefix) == []
+
+
+def _host_files(root: Path, vmid: int) -> list[str]:
+    folder = root / str(vmid)
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_offsite_copy_to_an_ssh_host_has_a_sha256_sidecar_and_keeps_the_last_n(
+        env: VzEnv, tmp_path: Path, prefect_harness):
+    vmid = _big_guest(env, "offh", "pve3", tmp_path, mib=3)
+    dest = tmp_path / "nas"
+    path = env.inventory([job("offh", "offh", offsite={"host": "labhost", "path": str(dest),
+                                                        "keep_last": 1})])
+    first = vzdump_flow(job="offh", lab=str(path), return_state=True, **FAST)
+    assert first.is_completed(), first.message
+    row = first.result()[0]
+    assert row["offsite"] == "copied"
+    name = row["archive"].split("/")[-1]
+    assert _host_files(dest, vmid) == [name, name + ".sha256"]
+    node_file = env.workdir / "pvesim" / "storage" / "pve3" / "local" / row["archive"].split(":")[1]
+    copy = dest / str(vmid) / name
+    assert copy.read_bytes() == node_file.read_bytes()
+    assert copy.stat().st_mode & 0o077 == 0
+    check = subprocess.run(("sha256sum", "-c", name + ".sha256"), cwd=copy.parent,
+                           capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    again = vzdump_flow(job="offh", lab=str(path), return_state=True, **FAST)
+    assert again.is_completed(), again.message
+    assert again.result()[0]["status"] == "skipped"
+    assert again.result()[0]["offsite"] == "present"
+    forced = vzdump_flow(job="offh", lab=str(path), return_state=True, force=True, **FAST)
+    assert forced.is_completed(), forced.message
+    assert forced.result()[0]["offsite"] == "copied, 1 old removed"
+    newest = forced.result()[0]["archive"].split("/")[-1]
+    assert newest != name
+    assert _host_files(dest, vmid) == [newest, newest + ".sha256"]
+
+
+def test_an_ssh_host_copy_cut_off_half_way_counts_as_nothing_and_the_next_one_completes(
+        env: VzEnv, tmp_path: Path, prefect_harness):
+    from labkeeper.inventory import load_inventory
+
+    vmid = _big_guest(env, "offc", "pve2", tmp_path, mib=6)
+    path = env.inventory([job("offc", "offc")])
+    state = vzdump_flow(job="offc", lab=str(path), return_state=True, **FAST)
+    assert state.is_completed(), state.message
+    row = state.result()[0]
+    src = env.workdir / "pvesim" / "storage" / "pve2" / "local" / row["archive"].split(":")[1]
+    dest = tmp_path / "nas"
+    folder = str(dest / str(vmid))
+    inv = load_inventory(str(path))
+    host_target = SshTarget.from_spec(inv.ssh_target("labhost"))
+    with SshPool() as pool:
+        node = pool.get(offsite.node_ssh_target(inv, "pve2"))
+        host = pool.get(host_target)
+
+        def drop_connection(sent: int) -> None:
+            if sent >= 2 * 1024 * 1024:
+                host.close()  # the link to the NAS goes down mid-copy
+
+        with pytest.raises(LabkeeperError) as err:
+            offsite.copy_archive_to_host(node, host, path=str(src), dest_dir=folder,
+                                         size=row["size"], on_progress=drop_connection)
+        assert is_transient(err.value), err.value
+        # nothing counts as a copy: no archive under its name, no sidecar
+        assert not (dest / str(vmid) / src.name).exists()
+        assert not (dest / str(vmid) / (src.name + ".sha256")).exists()
+        host = pool.get(host_target)  # reconnects
+        done = offsite.copy_archive_to_host(node, host, path=str(src), dest_dir=folder,
+                                            size=row["size"])
+        again = offsite.copy_archive_to_host(node, host, path=str(src), dest_dir=folder,
+                                             size=row["size"])
+        assert (done.status, again.status) == ("copied", "present")
+        assert _host_files(dest, vmid) == [src.name, src.name + ".sha256"]  # no partial left
+        assert (dest / str(vmid) / src.name).read_bytes() == src.read_bytes()
+        # an old copy without a sidecar (a crash between rename and sidecar) is not
+        # counted and retention removes it; a file that is not ours stays
+        older = dest / str(vmid) / "vzdump-lxc-1-2020_01_01-00_00_00.tar.zst"
+        older.write_bytes(b"half")
+        (dest / str(vmid) / "README").write_text("keep me")
+        kept, deleted = offsite.apply_host_retention(host, folder, keep_last=2,
+                                                     max_age_days=None)
+        assert kept == [src.name] and deleted == [older.name]
+    assert _host_files(dest, vmid) == ["README", src.name, src.name + ".sha256"]
+
+
+def test_an_unusable_offsite_host_path_fails_the_guest_loudly_without_retrying(
+        env: VzEnv, tmp_path: Path, prefect_harness):
+    (vmid,) = env.guests("offbad", {"pve1": 1})
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the off-site directory should be")
+    path = env.inventory([job("offbad", "offbad", offsite={
+        "host": "labhost", "path": str(blocker / "offsite")})])
+    started = time.monotonic()
+    state = vzdump_flow(job="offbad", lab=str(path), return_state=True, **FAST)
+    assert time.monotonic() - started < 30  # a permanent error: no 2+4+8 s of retries
+    assert state.is_failed()
+    (row,) = state.result(raise_on_failure=False).rows
+    assert row["offsite"] == "failed" and row["status"] == "failed"
+    assert "offsite host labhost: cannot prepare" in row["detail"]
+    assert row["archive"] and len(archives(env.sim, vmid)) == 1  # the backup itself is kept

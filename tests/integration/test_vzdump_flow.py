@@ -156,8 +156,11 @@ def test_api_503s_for_a_while_during_the_wait_are_ridden_out(clean: VzEnv, prefe
     state = vzdump_flow(job="flaky", lab=str(path), return_state=True, **FAST)
     t.join()
     assert state.is_completed(), state.message
-    assert state.result()[0]["status"] == "ok"
+    row = state.result()[0]
+    assert row["status"] == "ok"
+    assert "earlier attempt" not in row["detail"]  # ridden out in the wait, not by a retry
     assert env.sim.faults.snapshot()["api_errors"] == []  # every 503 was served
+    assert len(vzdump_tasks(env.sim, vmids)) == 1 and len(archives(env.sim, vmids[0])) == 1
 
 
 def test_a_locked_guest_is_retried_later_in_the_run_then_reported(clean: VzEnv,
@@ -232,3 +235,75 @@ def test_dry_run_retention_lists_but_removes_nothing(clean: VzEnv, prefect_harne
     assert state.is_completed(), state.message
     assert state.result()[0]["pruned"] == "3 (dry run)"
     assert len(archives(env.sim, vmid)) == 4
+
+
+def test_an_adhoc_run_prunes_nothing_and_says_so_in_the_logs_and_the_artifact(
+        clean: VzEnv, prefect_harness):
+    env = clean
+    (vmid,) = env.guests("adhoc", {"pve2": 1})
+    old = int(time.time()) - 40 * 86400
+    for i in range(3):
+        add_backup(env.sim, vmid, old + i * 86400, node="pve2", notes="x", size=100)
+    path = env.inventory([job("adhoc-job", "adhoc", retention={"keep_last": 1})])
+    state = vzdump_flow(lab=str(path), selection={"tags": ["adhoc"]}, storage="local",
+                        return_state=True, **FAST)
+    assert state.is_completed(), state.message
+    (row,) = state.result()
+    assert row["status"] == "ok"
+    assert row["pruned"] == "skipped (ad-hoc run)"
+    assert len(archives(env.sim, vmid)) == 4  # the job's keep_last=1 was not applied
+    _run, logs, arts = _flow_run_record(state)
+    assert any("retention is not applied" in lg.message and lg.level >= 30 for lg in logs)
+    table = next(a for a in arts if a.key == "vzdump")
+    assert "retention not applied (ad-hoc run)" in (table.description or "")
+    summary = next(a for a in arts if a.key == "vzdump-summary")
+    assert "retention **not applied** (ad-hoc run)" in str(summary.data)
+    assert "retention is not applied" in str(summary.data)
+
+
+def test_at_most_max_per_node_vzdumps_run_at_once_on_a_node(clean: VzEnv, prefect_harness):
+    env = clean
+    vmids = env.guests("pairs", {"pve1": 5})
+    running: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            tasks = vzdump_tasks(env.sim, vmids)
+            running.append(sum(1 for t in tasks if t["status"] == "running"))
+            time.sleep(0.005)
+
+    path = env.inventory([job("pairs", "pairs", max_per_node=2)])
+    watcher = threading.Thread(target=watch)
+    env.sim.task_duration = 0.4
+    watcher.start()
+    try:
+        state = vzdump_flow(job="pairs", lab=str(path), return_state=True, force=True, **FAST)
+    finally:
+        stop.set()
+        watcher.join()
+        env.sim.task_duration = 0.05
+    assert state.is_completed(), state.message
+    assert {r["status"] for r in state.result()} == {"ok"}
+    assert max(running) == 2  # two at a time: the limit, and used
+    assert len(vzdump_tasks(env.sim, vmids)) == 5
+
+
+def test_a_retried_attempt_adopts_the_archive_its_first_attempt_made(clean: VzEnv):
+    """A backup task that fails after its vzdump (say, the storage listing answers 503
+    while verifying) is retried by Prefect; the retry must not back up again."""
+    from labkeeper import vzdump as core
+    from labkeeper.inventory import load_inventory
+    from tasks.vzdump import api_for
+
+    env = clean
+    (vmid,) = env.guests("resume", {"pve3": 1})
+    inv = load_inventory(str(env.inventory([job("resume", "resume")])))
+    spec, api = inv.vzdump_job("resume"), api_for(inv)
+    target = core.resolve(api, inv, spec).targets[0]
+    first_try = float(int(time.time()))
+    made = core.backup_guest(api, spec, target, poll_max=0.1)
+    retried = core.backup_guest(api, spec, target, poll_max=0.1, resume_since=first_try)
+    assert (retried.status, retried.volid) == ("ok", made.volid)
+    assert "earlier attempt" in retried.detail
+    assert len(vzdump_tasks(env.sim, [vmid])) == 1 and len(archives(env.sim, vmid)) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -10,6 +11,7 @@ import pytest
 
 from labkeeper import proxmox as px
 from labkeeper import vzdump as vz
+from labkeeper.errors import TaskTimeout
 from labkeeper.inventory import PruneRetention, Selection, VzdumpJob
 from labkeeper.pvesim.calendar import parse_calendar_event
 from tests.recorded import PVE
@@ -248,3 +250,72 @@ def test_the_fixture_backup_jobs_parse_as_backup_jobs():
 
 def test_retention_string_comes_from_the_inventory_policy():
     assert PruneRetention(keep_last=2, keep_weekly=4).as_pve() == "keep-last=2,keep-weekly=4"
+
+
+# ---------------------------------------------------------------------- polling and node slots
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_polls_come_at_a_fraction_of_the_time_watched_between_the_floor_and_the_cap():
+    clock = _Clock()
+    sleep = vz.proportional_sleep(fraction=0.05, floor=0.05, clock=clock, sleep=clock.sleep)
+    sleep(0.2)  # just started: the floor, not the adapter's 0.2
+    assert clock.slept[-1] == pytest.approx(0.05)
+    clock.now = 60.0
+    sleep(5.0)  # a minute in: 5 % of it
+    assert clock.slept[-1] == pytest.approx(3.0)
+    clock.now = 1000.0
+    sleep(5.0)  # long-running: the adapter's delay (poll_max) is the cap
+    assert clock.slept[-1] == pytest.approx(5.0)
+    clock.now = 1000.0 + 0.01
+    sleep(0.0)  # never negative, never more than asked
+    assert clock.slept[-1] == 0.0
+
+
+def test_a_node_slot_hands_off_when_taken_and_the_next_guest_waits_for_its_release():
+    slots = threading.BoundedSemaphore(1)
+    first, second = vz.NodeSlot("pve1", slots), vz.NodeSlot("pve1", slots)
+    entered = threading.Event()
+
+    def take_second() -> None:
+        with second:
+            entered.set()
+
+    with first:
+        assert first.handoff.is_set()
+        t = threading.Thread(target=take_second)
+        t.start()
+        assert not entered.wait(0.2), "two guests held one node's only slot"
+        assert not second.handoff.is_set()
+    assert entered.wait(5)
+    t.join(5)
+    assert second.handoff.is_set()
+    with first:  # a retried attempt takes a slot again (released by then)
+        pass
+
+
+def test_a_guest_that_never_needs_its_slot_hands_off_too():
+    slot = vz.NodeSlot("pve1", threading.BoundedSemaphore(1))
+    slot.give_up()
+    assert slot.handoff.is_set()
+
+
+def test_waiting_too_long_for_a_node_slot_is_a_transient_timeout():
+    slots = threading.BoundedSemaphore(1)
+    holder = vz.NodeSlot("pve2", slots)
+    late = vz.NodeSlot("pve2", slots, wait_timeout=0.05)
+    with holder, pytest.raises(TaskTimeout, match="no vzdump slot free on node pve2"):
+        late.__enter__()
+    assert late.handoff.is_set()
