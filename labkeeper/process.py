@@ -536,9 +536,17 @@ class _Run:
     def _kill(self, index: int, because: str) -> None:
         proc = self.procs[index]
         with self.lock:
-            if _alive(proc) and index not in self.killed_because:
+            if (_alive(proc) and index not in self.killed_because
+                    and not self._stopped_reading(index)):
                 self.killed_because[index] = because
             _kill_group(proc, signal.SIGKILL)
+
+    def _stopped_reading(self, index: int) -> bool:
+        """Stage ``index`` closed its stdin before its stream ended (its relay got
+        EPIPE): it is ending on its own, so killing it now does not make us its cause.
+        (A process killed from outside closes its pipes a moment before it can be
+        reaped; blaming it on the failure it caused would hide the real cause.)"""
+        return 0 < index <= len(self.relays) and self.relays[index - 1].consumer_gone
 
     def _kill_all(self, because: str) -> None:
         """SIGKILL every stage, consumers first, before any further EOF."""

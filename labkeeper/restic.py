@@ -23,8 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from labkeeper import process
 from labkeeper.errors import CommandError, LabkeeperError
 from labkeeper.process import ExitCode, ExitCodeTable
+from labkeeper.secrets import REDACTOR
 
 RESTIC = "restic"
+
+LOCK_FAILED = "failed to lock repository"
 
 # https://restic.readthedocs.io/en/stable/075_scripting.html#exit-codes
 EXIT_CODES = ExitCodeTable("restic", {
@@ -32,7 +35,7 @@ EXIT_CODES = ExitCodeTable("restic", {
     1: ExitCode("fatal error", "permanent"),
     3: ExitCode("some source data could not be read (snapshot incomplete)", "warning"),
     10: ExitCode("repository does not exist", "permanent"),
-    11: ExitCode("failed to lock repository", "transient"),
+    11: ExitCode(LOCK_FAILED, "transient"),
     12: ExitCode("wrong password", "permanent"),
     130: ExitCode("interrupted", "transient"),
 })
@@ -42,8 +45,7 @@ _STDERR_MEANINGS: tuple[tuple[re.Pattern[str], str, bool], ...] = (
     (re.compile(r"wrong password or no key found"), "wrong password", False),
     (re.compile(r"unable to open config file|Is there a repository at the following location"),
      "repository does not exist", False),
-    (re.compile(r"unable to create lock|repository is already locked"),
-     "failed to lock repository", True),
+    (re.compile(r"unable to create lock|repository is already locked"), LOCK_FAILED, True),
     (re.compile(r"connection refused|connection reset|i/o timeout|TLS handshake timeout|"
                 r"no such host|503 Service Unavailable|500 Internal Server Error"),
      "repository backend unreachable", True),
@@ -302,6 +304,29 @@ class BackupSummary(BaseModel):
     total_bytes_processed: int = 0
     total_duration: float = 0.0
     files_new: int = 0
+    files_changed: int = 0
+    files_unmodified: int = 0
+
+    @property
+    def files(self) -> int:
+        return self.files_new + self.files_changed + self.files_unmodified
+
+
+def stdin_summary_problem(summary: BackupSummary, nbytes: int) -> str | None:
+    """Why the summary of a ``restic backup --stdin`` does not prove a snapshot of
+    exactly one file holding the ``nbytes`` bytes sent; None when it does.
+
+    restic prints the summary only after the snapshot was saved, and for ``--stdin``
+    ``total_bytes_processed`` counts the bytes it read: equal to what we sent, the
+    stored file is the whole stream (``restic ls`` would report the same)."""
+    if not re.fullmatch(r"[0-9a-f]{8,64}", summary.snapshot_id):
+        return f"restic reported no usable snapshot id ({summary.snapshot_id!r})"
+    if summary.files != 1:
+        return f"restic stored {summary.files} files, not the one stdin file"
+    if summary.total_bytes_processed != nbytes:
+        return (f"restic stored {summary.total_bytes_processed} bytes but {nbytes} were "
+                f"sent (snapshot {summary.snapshot_id})")
+    return None
 
 
 def parse_backup_summary(stdout: str) -> BackupSummary:
@@ -419,6 +444,11 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+CAT_LOCK_TIMEOUT = 15.0
+"""restic 0.14 retries loading a missing file for about a minute: a lock released
+between ``list locks`` and ``cat lock`` would cost that long; such a lock is gone."""
+
+
 def list_locks(repo: Repo, *, timeout: float = 60) -> list[LockInfo]:
     res = run_restic(repo, list_locks_argv(repo), timeout=timeout)
     out = []
@@ -426,9 +456,10 @@ def list_locks(repo: Repo, *, timeout: float = 60) -> list[LockInfo]:
         if not re.fullmatch(r"[0-9a-f]{64}", lock_id):
             continue
         try:
-            cat = run_restic(repo, cat_lock_argv(repo, lock_id), timeout=timeout)
+            cat = run_restic(repo, cat_lock_argv(repo, lock_id),
+                             timeout=min(timeout, CAT_LOCK_TIMEOUT))
         except CommandError:
-            continue  # released between list and cat
+            continue  # released between list and cat (or restic kept retrying to load it)
         out.append(parse_lock(lock_id, cat.stdout))
     return out
 
@@ -526,6 +557,123 @@ def backup_bytes(repo: Repo, data: bytes, *, filename: str, host: str, tags: Seq
     return parse_backup_summary(res.stdout)
 
 
+class PendingBackup:
+    """``restic backup --stdin`` started ahead of its (small) data, so its start-up —
+    key derivation, lock, index load: most of a small backup's time — overlaps other
+    work. :meth:`finish` hands it the data and closes its stdin; :meth:`abort`
+    SIGKILLs it before any end-of-stream, so it never stores a snapshot (it may leave
+    a stale lock: ``restic unlock`` removes it).
+
+    The data is written by a helper thread, and restic's stdout (its ``--json``
+    status lines, then the summary) is read continuously, so neither side blocks
+    on a full pipe however long the wait is.
+
+    ``nice`` > 0 starts restic through ``nice -n <nice>`` (every thread of it, from
+    its start): its start-up then takes only CPU the work it overlaps leaves idle.
+    """
+
+    def __init__(self, repo: Repo, *, filename: str, host: str, tags: Sequence[str],
+                 compression: str | None = "auto", nice: int = 0) -> None:
+        import shutil
+        import threading
+
+        self.filename = filename
+        self.argv = backup_stdin_argv(repo, filename=filename, host=host, tags=tags,
+                                      compression=compression)
+        spawn = self.argv
+        if nice > 0 and shutil.which("nice"):
+            spawn = ("nice", "-n", str(nice), *self.argv)
+        self._proc = process.Coprocess(spawn, env=repo.env())
+        self._stdout: list[bytes] = []
+        self._reader = threading.Thread(target=self._read, name="restic-pending-stdout",
+                                        daemon=True)
+        self._reader.start()
+        self.finished = False
+
+    def _read(self) -> None:
+        import os
+
+        fd = self._proc.stdout.fileno()
+        kept = 0
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self._stdout.append(chunk)
+            kept += len(chunk)
+            while kept > process.CAPTURE_LIMIT and len(self._stdout) > 1:
+                kept -= len(self._stdout.pop(0))  # only the summary at the end matters
+
+    @property
+    def running(self) -> bool:
+        return self._proc.poll() is None
+
+    def finish(self, data: bytes, *, timeout: float) -> BackupSummary:
+        """Send ``data`` as the whole file, end the stream and return restic's summary
+        (checked like a streamed backup's: one file of exactly ``len(data)`` bytes).
+        Raises :class:`CommandError` (typed, classified) when restic fails or times out;
+        restic is then stopped."""
+        import threading
+
+        from labkeeper.errors import CommandTimeout
+
+        if self.finished:
+            raise RuntimeError("this backup was already finished or aborted")
+        self.finished = True
+        feeder = threading.Thread(target=_write_and_close, args=(self._proc.stdin, data),
+                                  name="restic-pending-stdin", daemon=True)
+        feeder.start()
+        timed_out = self._proc.wait(timeout) is None
+        if timed_out:
+            self._proc.kill()
+        self._proc.wait()
+        feeder.join(timeout=5)
+        self._reader.join(timeout=5)  # before close(): its fd must not be reused under it
+        res = self._proc.result(EXIT_CODES)
+        self._proc.close(kill=True)
+        if timed_out:
+            raise CommandTimeout(f"restic backup of {self.filename} timed out after "
+                                 f"{timeout:g}s", argv=REDACTOR.redact_argv(self.argv),
+                                 timeout=timeout)
+        if not res.ok:
+            raise classify_failure(process.make_error(res))
+        summary = parse_backup_summary(b"".join(self._stdout).decode("utf-8", "replace"))
+        problem = stdin_summary_problem(summary, len(data))
+        if problem is not None:
+            raise CommandError(f"restic backup: {problem}", argv=res.argv,
+                               returncode=res.returncode)
+        return summary
+
+    def abort(self) -> bool:
+        """SIGKILL restic before it got end-of-stream (no snapshot). Returns whether it
+        may have left a stale lock: it was still running, or a signal had killed it."""
+        if self.finished:
+            return False
+        self.finished = True
+        was_running = self.running
+        self._proc.kill()
+        rc = self._proc.wait()
+        self._reader.join(timeout=5)  # before close(): its fd must not be reused under it
+        self._proc.close(kill=True)
+        return was_running or (rc is not None and rc < 0)
+
+
+def _write_and_close(pipe: Any, data: bytes) -> None:
+    import contextlib
+
+    try:
+        pipe.write(data)
+        pipe.flush()
+    except (BrokenPipeError, OSError, ValueError):
+        pass  # restic died or was killed: its exit status tells why
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            pipe.close()
+
+
 # -- streaming a producer into `restic backup --stdin`, owning end-of-stream ----------------
 
 Gate = process.EofGate
@@ -542,7 +690,8 @@ class StreamFailed(LabkeeperError):
     def __init__(self, message: str, *, transient: bool, cause: str,
                  producer: process.CommandResult | None = None,
                  consumer: process.CommandResult | None = None,
-                 eof_given: bool = False, bytes_relayed: int = 0) -> None:
+                 eof_given: bool = False, bytes_relayed: int = 0,
+                 locked: bool = False) -> None:
         super().__init__(message, transient=transient)
         self.cause = cause
         """``producer`` | ``incomplete`` | ``consumer`` | ``stall`` | ``timeout``"""
@@ -550,16 +699,19 @@ class StreamFailed(LabkeeperError):
         self.consumer = consumer
         self.eof_given = eof_given
         self.bytes_relayed = bytes_relayed
+        self.locked = locked
+        """restic could not lock the repository (another run holds an exclusive lock);
+        it stopped before reading anything, so it left neither lock nor snapshot."""
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_stream_failed, (self.message, self.transient, self.cause,
-                                         self.eof_given, self.bytes_relayed))
+                                         self.eof_given, self.bytes_relayed, self.locked))
 
 
 def _rebuild_stream_failed(message: str, transient: bool, cause: str, eof_given: bool,
-                           nbytes: int) -> StreamFailed:
+                           nbytes: int, locked: bool = False) -> StreamFailed:
     return StreamFailed(message, transient=transient, cause=cause, eof_given=eof_given,
-                        bytes_relayed=nbytes)
+                        bytes_relayed=nbytes, locked=locked)
 
 
 @dataclass(frozen=True)
@@ -631,17 +783,17 @@ def stream_backup(repo: Repo, producer: process.Stage, *, filename: str, host: s
             f"{why} (after {nbytes} bytes of {what}'s output"
             + ("" if eof_given else "; it never received end-of-stream") + ")",
             transient=bool(err and err.transient), cause="consumer", producer=p_res,
-            consumer=c_res, eof_given=eof_given, bytes_relayed=nbytes)
+            consumer=c_res, eof_given=eof_given, bytes_relayed=nbytes,
+            locked=bool(err and err.meaning == LOCK_FAILED))
     try:
         summary = parse_backup_summary(c_res.stdout)
     except ValueError as exc:
         raise StreamFailed(str(exc), transient=False, cause="consumer", producer=p_res,
                            consumer=c_res, eof_given=True, bytes_relayed=nbytes) from None
-    if summary.total_bytes_processed != nbytes:
-        raise StreamFailed(
-            f"restic stored {summary.total_bytes_processed} bytes but {nbytes} were "
-            f"sent (snapshot {summary.snapshot_id})", transient=False, cause="consumer",
-            producer=p_res, consumer=c_res, eof_given=True, bytes_relayed=nbytes)
+    problem = stdin_summary_problem(summary, nbytes)
+    if problem is not None:
+        raise StreamFailed(problem, transient=False, cause="consumer", producer=p_res,
+                           consumer=c_res, eof_given=True, bytes_relayed=nbytes)
     return StreamResult(summary=summary, bytes=nbytes, duration=res.duration,
                         producer=p_res, consumer=c_res)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -251,9 +253,13 @@ def test_manifest_counts_come_from_the_dumps_own_snapshot_while_rows_are_inserte
 
 # -- faults: each fails clearly, leaves no snapshot, and a retry succeeds ----------------
 
+def _both_series(repo: restic.Repo) -> set[str]:
+    return {s.id for kind in ("pg_dump", "pg_manifest") for s in _series(repo, BIG, kind)}
+
+
 def _run_with_fault(big: Path, killer: Killer, **kw):
     repo = _repo(big)
-    before = {s.id for s in _series(repo, BIG)}
+    before = _both_series(repo)
     killer.start()
     try:
         state = pg_backup_flow(lab=str(big), databases=[BIG], return_state=True, **kw)
@@ -261,8 +267,8 @@ def _run_with_fault(big: Path, killer: Killer, **kw):
         killer.stop.set()
     assert killer.killed_pid, "the fault was not injected"
     assert state.is_failed()
-    after = {s.id for s in _series(repo, BIG)}
-    assert after == before, "a snapshot of the failed backup is in the repository"
+    after = _both_series(repo)
+    assert after == before, "a snapshot (dump or manifest) of the failed backup is stored"
     assert not [lk for lk in _locks(repo) if not restic.pid_alive(lk.pid)], "stale lock left"
     return state
 
@@ -290,6 +296,85 @@ def test_restic_killed_mid_stream_fails_without_snapshot_and_its_lock_is_removed
     assert "killed by SIGKILL" in text and "never received end-of-stream" in text
     assert "removed the stale lock" in text
     assert pg_backup_flow(lab=str(big), databases=[BIG], return_state=True).is_completed()
+
+
+def test_manifest_restic_killed_while_waiting_is_replaced_and_leaves_no_lock(lab, big):
+    # The manifest's restic starts with the dump and waits for its data; if it dies
+    # meanwhile, a fresh restic stores the manifest and the dead one's lock is removed.
+    repo = _repo(big)
+    killer = Killer([b"restic", f"{BIG}.manifest.json".encode()], delay=0.3)
+    killer.start()
+    try:
+        said: list[str] = []
+        result = pg_backup.backup_database(load_inventory(big), BIG, log=said.append)
+    finally:
+        killer.stop.set()
+    assert killer.killed_pid, "the fault was not injected"
+    assert any("manifest's restic had stopped early" in m for m in said), said
+    stored = pg_backup.find_latest_backup(repo, lab="local-lab", server="127.0.0.1", name=BIG)
+    assert stored is not None and stored.backup_id == result.backup_id
+    manifest = pg_backup.read_manifest(repo, stored)
+    assert manifest.dump is not None and manifest.dump.bytes == result.bytes_dumped
+    assert not [lk for lk in _locks(repo) if not restic.pid_alive(lk.pid)], "stale lock left"
+
+
+def test_pending_backup_stores_its_data_on_finish_and_nothing_when_aborted(lab, big):
+    repo = _repo(big)
+    tags = ["labkeeper", "kind:test-pending"]
+    aborted = restic.PendingBackup(repo, filename="gone.json", host="local-lab",
+                                   tags=[*tags, "backup:aborted"])
+    kept = restic.PendingBackup(repo, filename="kept.json", host="local-lab",
+                                tags=[*tags, "backup:kept"])
+    time.sleep(1.0)  # both are waiting for their data now
+    aborted.abort()
+    summary = kept.finish(b'{"rows": 42}\n', timeout=60)
+    assert summary.total_bytes_processed == 13 and summary.files == 1
+    snaps = restic.find_snapshots(repo, tags=["kind:test-pending"], host="local-lab")
+    assert [s.tags[-1] for s in snaps] == ["backup:kept"]
+    assert restic.dump_file(repo, snaps[0].id, "/kept.json") == '{"rows": 42}\n'
+    restic.unlock(repo)  # the lock the killed one left
+    assert not [lk for lk in _locks(repo) if not restic.pid_alive(lk.pid)]
+    restic.forget_ids(repo, [s.id for s in snaps])
+
+
+def test_gated_relay_hands_the_gate_the_true_tail_of_a_stream_written_in_bursts(tmp_path):
+    # The trailer check rests on the relay keeping the stream's real last 4096 bytes,
+    # whatever the sizes of the producer's writes and of the relay's reads.
+    script = (
+        "import os, random, sys, time\n"
+        "rnd = random.Random(7)\n"
+        "out = sys.stdout.buffer\n"
+        "for i in range(400):\n"
+        "    out.write(rnd.randbytes(rnd.choice([1, 100, 4095, 4096, 4097, 70000, 300000])))\n"
+        "    out.flush()\n"
+        "    if i % 50 == 0: time.sleep(0.01)\n"
+        "out.write(b'\\n--\\n-- PostgreSQL database dump complete\\n--\\n\\n')\n")
+    expected = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                              check=True).stdout
+    seen: list[tuple[bytes, int]] = []
+
+    def gate(tail: bytes, nbytes: int) -> str | None:
+        seen.append((tail, nbytes))
+        return postgres.plain_dump_complete(tail, nbytes)
+
+    res = process.pipeline([process.Stage((sys.executable, "-c", script), eof_gate=gate),
+                            ("sha256sum",)], timeout=60)
+    assert res.stdout.split()[0] == hashlib.sha256(expected).hexdigest()
+    assert seen == [(expected[-process.GATE_TAIL_BYTES:], len(expected))]
+    assert res.bytes_relayed == (len(expected),) and res.eof_given == (True,)
+
+
+def test_consumer_that_stops_reading_then_dies_is_the_cause_not_the_producer_we_stopped():
+    # restic killed from outside closes its stdin a moment before it can be reaped;
+    # the producer we then stop must not be blamed (this consumer lingers 0.3 s
+    # between closing its stdin and dying, to make that moment long).
+    consumer = (sys.executable, "-c", "import os, signal, time\nos.close(0)\n"
+                "time.sleep(0.3)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    res = process.pipeline([("yes",), consumer], timeout=20, check=False)
+    prod, cons = res.stages
+    assert res.cause == 1, (prod.meaning, cons.meaning)
+    assert cons.returncode == -9 and cons.meaning == "killed by SIGKILL"
+    assert "stopped reading" in prod.meaning and res.eof_given == (False,)
 
 
 @pytest.mark.parametrize("fault", ["bad password", "missing database"])
@@ -415,18 +500,40 @@ def _hold_lock(repo: restic.Repo, argv: tuple[str, ...]) -> subprocess.Popen:
     return proc
 
 
-def test_stale_lock_of_a_dead_run_is_removed_with_unlock_and_the_run_says_so(lab, big):
-    repo = _repo(big)
-    holder = _hold_lock(repo, (*repo.base_argv(), "backup", "--stdin", "--stdin-filename",
-                               "dead-run.sql", "--host", "local-lab"))
-    holder.kill()  # a run that died: its lock stays behind
+def _dead_run_lock(repo: restic.Repo, argv: tuple[str, ...]) -> int:
+    """A restic run that died holding its lock: returns the dead PID."""
+    holder = _hold_lock(repo, argv)
+    holder.kill()
     holder.wait()
     assert [lk for lk in _locks(repo) if lk.pid == holder.pid]
+    return holder.pid
+
+
+def test_stale_exclusive_lock_of_a_dead_run_is_removed_with_unlock_and_the_run_says_so(
+        lab, big):
+    repo = _repo(big)
+    dead = _dead_run_lock(repo, (*repo.base_argv(), "key", "passwd"))  # exclusive
     said: list[str] = []
     result = pg_backup.backup_database(load_inventory(big), "photos", log=said.append)
-    assert any("removed stale" in m and str(holder.pid) in m for m in said), said
-    assert any(str(holder.pid) in n for n in result.notes)
-    assert not [lk for lk in _locks(repo) if lk.pid == holder.pid]
+    assert any("removed stale exclusive lock" in m and str(dead) in m for m in said), said
+    assert any(str(dead) in n for n in result.notes)
+    assert not [lk for lk in _locks(repo) if lk.pid == dead]
+    assert _series(repo, "photos")[-1].short_id == result.snapshot_id[:8]
+
+
+def test_stale_shared_lock_of_a_dead_run_neither_blocks_the_backup_nor_the_maintenance(
+        lab, big):
+    # A shared lock blocks no backup, so the backup spends no restic run looking for
+    # it; the maintenance (which needs an exclusive lock) removes it and says so.
+    repo = _repo(big)
+    dead = _dead_run_lock(repo, (*repo.base_argv(), "backup", "--stdin", "--stdin-filename",
+                                 "dead-run.sql", "--host", "local-lab"))
+    result = pg_backup.backup_database(load_inventory(big), "photos", log=lambda m: None)
+    assert result.snapshot_id and result.notes == []
+    said: list[str] = []
+    restic.wait_for_locks(repo, exclusive=True, wait=30, stale_after=3600, log=said.append)
+    assert any("removed stale shared lock" in m and str(dead) in m for m in said), said
+    assert _locks(repo) == []
 
 
 def test_live_exclusive_lock_is_waited_for_then_the_backup_runs(lab, big):

@@ -173,3 +173,36 @@ def test_monthly_cost_uses_the_price_per_terabyte():
 def test_repository_prefix_of_an_s3_url():
     assert b2.repository_prefix("s3:https://s3.example.com/bucket/restic", "bucket") == "restic/"
     assert b2.repository_prefix("s3:http://127.0.0.1:9000/bucket", "bucket") == ""
+
+
+def _summary(**kw) -> restic.BackupSummary:
+    base = {"message_type": "summary", "snapshot_id": "9b70e786", "files_new": 1,
+            "total_bytes_processed": 1000}
+    return restic.BackupSummary.model_validate({**base, **kw})
+
+
+def test_summary_of_one_file_with_every_byte_sent_proves_the_snapshot():
+    assert restic.stdin_summary_problem(_summary(), 1000) is None
+    again = _summary(files_new=0, files_changed=1)  # a later backup of the same series
+    assert restic.stdin_summary_problem(again, 1000) is None
+
+
+def test_summary_missing_bytes_does_not_prove_the_snapshot():
+    problem = restic.stdin_summary_problem(_summary(total_bytes_processed=999), 1000)
+    assert problem is not None and "999 bytes but 1000 were sent" in problem
+
+
+def test_summary_without_exactly_one_file_or_snapshot_id_does_not_prove_it():
+    assert "0 files" in restic.stdin_summary_problem(_summary(files_new=0), 1000)
+    assert "2 files" in restic.stdin_summary_problem(_summary(files_unmodified=1), 1000)
+    assert "snapshot id" in restic.stdin_summary_problem(_summary(snapshot_id=""), 1000)
+
+
+def test_lock_failure_of_restic_0_14_is_recognised_as_a_lock_conflict():
+    from labkeeper.errors import CommandError
+
+    err = CommandError("restic failed", argv=("restic",), returncode=1, stderr_tail=(
+        "unable to create lock in backend: repository is already locked exclusively by PID "
+        "13533 on vm by root (UID 0, GID 0)"))
+    refined = restic.classify_failure(err)
+    assert refined.meaning == restic.LOCK_FAILED and refined.transient
