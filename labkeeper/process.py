@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import threading
@@ -237,6 +238,23 @@ class _Capture:
         return REDACTOR.redact(data)
 
 
+_SETPRIV = shutil.which("setpriv")
+
+
+def dies_with_parent(argv: Sequence[str]) -> tuple[str, ...]:
+    """``argv`` run so that it is SIGKILLed when this process dies (``setpriv
+    --pdeathsig KILL``, util-linux): a consumer whose stdin we feed must never see a
+    clean end-of-stream because *we* were killed (restic would store a truncated
+    dump). ``argv`` unchanged where setpriv is missing. The command must exist (checked
+    here, so a missing one is still :class:`CommandNotFound`)."""
+    if _SETPRIV is None:
+        return tuple(argv)
+    if shutil.which(argv[0]) is None:
+        raise CommandNotFound(f"{argv[0]}: command not found",
+                              argv=REDACTOR.redact_argv(tuple(argv)))
+    return (_SETPRIV, "--pdeathsig", "KILL", "--", *argv)
+
+
 def _child_env(extra: Mapping[str, str] | None, base: Mapping[str, str] | None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     if extra:
@@ -289,7 +307,7 @@ class Coprocess:
         self.started = time.monotonic()
         try:
             self._proc = subprocess.Popen(
-                self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                dies_with_parent(self.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, env=_child_env(env, base_env), cwd=cwd,
                 start_new_session=True, close_fds=True)
         except FileNotFoundError:
@@ -582,7 +600,8 @@ class _Run:
                     stdout = subprocess.PIPE
                 try:
                     proc = subprocess.Popen(
-                        st.argv,
+                        # a consumer of our relay dies with us (no clean EOF if we die)
+                        dies_with_parent(st.argv) if i > 0 else st.argv,
                         stdin=stdin,
                         stdout=stdout,
                         stderr=subprocess.PIPE,

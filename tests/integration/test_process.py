@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -386,3 +387,36 @@ def test_coprocess_kill_stops_its_process_group_and_missing_program_is_not_found
     assert cp.close(kill=True) == -9
     with pytest.raises(CommandNotFound):
         process.Coprocess(("labkeeper-no-such-program",))
+
+
+def test_a_consumer_never_sees_end_of_stream_when_the_runner_itself_is_killed(tmp_path):
+    """SIGKILL of the process running a pipeline (OOM killer, a worker killed): the
+    consumer is killed with it (pdeathsig) instead of reading a clean EOF and, like
+    restic, finalizing whatever it got."""
+    import signal
+    import subprocess
+
+    eof_seen = tmp_path / "consumer-saw-eof"
+    started = tmp_path / "consumer-started"
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from labkeeper import process
+producer = process.Stage(("sh", "-c", "printf data; exec sleep 30"))
+consumer = process.Stage(("sh", "-c", "touch {started}; cat >/dev/null; touch {eof_seen}"))
+process.pipeline([producer, consumer], timeout=60)
+"""
+    runner = subprocess.Popen((PY, "-c", script), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), "the consumer never started"
+        time.sleep(0.3)
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait(10)
+        time.sleep(1.0)
+        assert not eof_seen.exists(), "the consumer read a clean end-of-stream"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner.pid, signal.SIGKILL)  # the producer (sleep) of that session
