@@ -739,15 +739,8 @@ def handle_locks(remote: Remote, repo: restic.Repo, *, wait: float, stale_after:
         blocking = [(lk, why) for lk, why in live if lk.exclusive]
         if not blocking:
             return notes
-        if time.monotonic() >= deadline:
-            held = "; ".join(f"{restic.describe_lock(lk)} ({why})" for lk, why in blocking)
-            raise TransientError(f"repository still locked after waiting {wait:.0f} s: {held}")
-        for lock, why in blocking:
-            if lock.id not in waited:
-                waited.add(lock.id)
-                note = f"waiting for {restic.describe_lock(lock)} ({why})"
-                notes.append(note)
-                log(note)
+        restic.note_blocking(blocking, deadline=deadline, wait=wait, waited=waited,
+                             notes=notes, log=log)
         sleep(min(delay, max(0.1, deadline - time.monotonic())))
         delay = min(delay * 2, 30.0)
 

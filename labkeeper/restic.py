@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from labkeeper import process
-from labkeeper.errors import CommandError, LabkeeperError
+from labkeeper.errors import CommandError, LabkeeperError, TransientError
 from labkeeper.process import ExitCode, ExitCodeTable
 from labkeeper.secrets import REDACTOR
 
@@ -468,6 +468,23 @@ def unlock(repo: Repo, *, timeout: float = 60) -> None:
     run_restic(repo, unlock_argv(repo), timeout=timeout)
 
 
+def note_blocking(blocking: Sequence[tuple[LockInfo, str]], *, deadline: float, wait: float,
+                  waited: set[str], notes: list[str], log: Callable[[str], None]) -> None:
+    """One round of waiting on live conflicting locks: past ``deadline`` a transient
+    error naming them; otherwise each lock not yet waited on noted (and logged) once."""
+    import time as _time
+
+    if _time.monotonic() >= deadline:
+        held = "; ".join(f"{describe_lock(lk)} ({why})" for lk, why in blocking)
+        raise TransientError(f"repository still locked after waiting {wait:.0f} s: {held}")
+    for lock, why in blocking:
+        if lock.id not in waited:
+            waited.add(lock.id)
+            note = f"waiting for {describe_lock(lock)} ({why})"
+            notes.append(note)
+            log(note)
+
+
 def wait_for_locks(repo: Repo, *, exclusive: bool, wait: float, stale_after: float,
                    log: Callable[[str], None], timeout: float = 60,
                    sleep: Callable[[float], None] | None = None) -> list[str]:
@@ -482,7 +499,6 @@ def wait_for_locks(repo: Repo, *, exclusive: bool, wait: float, stale_after: flo
     import socket
     import time as _time
 
-    from labkeeper.errors import TransientError
 
     sleeper = sleep or _time.sleep
     this_host = socket.gethostname()
@@ -515,15 +531,8 @@ def wait_for_locks(repo: Repo, *, exclusive: bool, wait: float, stale_after: flo
         blocking = [(lk, why) for lk, why in live if exclusive or lk.exclusive]
         if not blocking:
             return notes
-        if _time.monotonic() >= deadline:
-            held = "; ".join(f"{describe_lock(lk)} ({why})" for lk, why in blocking)
-            raise TransientError(f"repository still locked after waiting {wait:.0f} s: {held}")
-        for lock, why in blocking:
-            if lock.id not in waited_for:
-                waited_for.add(lock.id)
-                note = f"waiting for {describe_lock(lock)} ({why})"
-                notes.append(note)
-                log(note)
+        note_blocking(blocking, deadline=deadline, wait=wait, waited=waited_for, notes=notes,
+                      log=log)
         sleeper(min(delay, max(0.1, deadline - _time.monotonic())))
         delay = min(delay * 2, 30.0)
 
