@@ -264,6 +264,12 @@ def bench(lab: LocalLab, work: Path, scale: int, repeat: int, cold_repeat: int) 
         print(f"  {k:18} whole child {spread([b[0] / o[0] for b, o in pairs])}x  "
               f"call {spread([b[0] / o[1] for b, o in pairs])}x  "
               f"stream alone {spread([b[0] / o[2] for b, o in pairs])}x")
+    print("seconds ours takes longer than the bare pipeline run next to it (a per-database "
+          "cost that does not grow with the dump), median (min-max):")
+    for k, bare_key in (("ours cold", "bare cold"), ("ours warm", "bare warm")):
+        pairs = list(zip(runs[bare_key], runs[k], strict=True))
+        print(f"  {k:18} call {spread([o[1] - b[0] for b, o in pairs])} s  "
+              f"stream {spread([o[2] - b[0] for b, o in pairs])} s")
     print(f"repository growth (bucket): first {growth_first / 1e6:.2f} MB, no change "
           f"{(b2_ - b1) / repeat / 1e6:.2f} MB per run, after 1% clustered churn "
           f"({n_churn} rows) {(b3 - b2_) / 1e6:.2f} MB = "

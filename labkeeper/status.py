@@ -69,6 +69,9 @@ class Facts:
     """failed/crashed flow runs of the last days: name, flow, state, start."""
     errors: Iterable[tuple[str, str]] = ()
     """(source, message) for sources that could not be read."""
+    pending: Mapping[str, Iterable[Any]] = field(default_factory=dict)
+    """"host/set" -> failed path-backup attempts whose cleanup is still pending
+    (objects with ``backup_id``, ``since`` and ``reason``)."""
 
 
 def cron_period(cron: str, tz: str, now: datetime) -> timedelta:
@@ -129,6 +132,8 @@ def evaluate(inv: Inventory, facts: Facts) -> list[Row]:
         last = _newest(facts.snapshots.get(repo.name, ()), {"labkeeper", series, "kind:paths"})
         rows.append(_judge("paths", f"{ps.host}/{ps.name}", last, grace(period), now,
                            f"every {fmt_age(period)}", series))
+    for target, attempts in sorted(facts.pending.items()):
+        rows.append(_pending_row(target, list(attempts)))
     for job in inv.vzdump_jobs:
         if not job.enabled:
             continue
@@ -160,6 +165,24 @@ def _judge(section: str, target: str, last: datetime | None, allowed: timedelta,
                    allowed)
     state: State = "ok" if now - last <= allowed else "late"
     return Row(section, target, state, last, objective, detail, allowed)
+
+
+def _pending_row(target: str, attempts: list[Any]) -> Row:
+    """Failed path-backup attempts whose cleanup did not finish: their restic may still
+    run on the host and their snapshots are not forgotten yet. A warning, not a late
+    backup: the next backup of the set sweeps them first."""
+    since = min((str(a.since) for a in attempts), default="")
+    ids = ", ".join(str(a.backup_id) for a in attempts)
+    last_reason = str(attempts[-1].reason) if attempts else ""
+    detail = (f"{len(attempts)} failed attempt(s) not cleaned up yet ({ids}); the next "
+              "backup of this set sweeps them first")
+    if last_reason:
+        detail += f"; last reason: {last_reason}"
+    try:
+        first = datetime.fromisoformat(since) if since else None
+    except ValueError:
+        first = None
+    return Row("paths", f"{target} cleanup", "warn", first, "no pending cleanup", detail)
 
 
 def _unchecked(section: str, target: str, objective: str, source: str,
@@ -297,7 +320,7 @@ def gather(inv: Inventory, *, failed_runs: Iterable[Mapping[str, Any]] = (),
            now: datetime | None = None) -> Facts:
     """Read restic snapshots, vzdump archives and the metrics store. A source that
     cannot be read becomes an error row, never an exception."""
-    from labkeeper import metrics, restic
+    from labkeeper import metrics, path_backup, restic
     from labkeeper.doctor import repo_for
 
     now = now or datetime.now(UTC)
@@ -321,8 +344,18 @@ def gather(inv: Inventory, *, failed_runs: Iterable[Mapping[str, Any]] = (),
         samples = metrics.Store(inv.settings.state_dir).samples()
     except OSError as exc:
         samples, errors = [], [*errors, ("metrics", str(exc))]
+    pending: dict[str, list[Any]] = {}
+    for ps in inv.path_backups:
+        try:
+            attempts = path_backup.PendingCleanups(inv.settings.state_dir, ps.host,
+                                                   ps.name).read()
+        except Exception as exc:
+            errors.append((f"pending cleanups of {ps.host}/{ps.name}", str(exc)))
+            continue
+        if attempts:
+            pending[f"{ps.host}/{ps.name}"] = attempts
     return Facts(now=now, snapshots=snapshots, archives=archives, metrics=samples,
-                 failed_runs=list(failed_runs), errors=errors)
+                 failed_runs=list(failed_runs), errors=errors, pending=pending)
 
 
 def _newest_archives(inv: Inventory) -> dict[int, datetime]:

@@ -132,3 +132,41 @@ def test_drill_rows_show_the_measured_rto_and_rpo():
     (row,) = [r for r in st.evaluate(INV, facts(metrics=samples)) if r.section == "drill"]
     assert row.state == "ok" and row.last == NOW
     assert row.detail == "RTO 1.5 h, RPO 5.0 h"
+
+
+def test_path_set_with_failed_attempts_left_to_sweep_is_a_warning_naming_them():
+    from labkeeper.path_backup import new_pending
+
+    attempt = new_pending("20261121T020000Z-ab12", snapshot_host="home",
+                          reason="host unreachable", now=NOW - timedelta(hours=5))
+    rows = st.evaluate(INV, facts(pending={"files1/etc": [attempt]}))
+    row = next(r for r in rows if r.target == "files1/etc cleanup")
+    assert row.state == "warn" and row.section == "paths"
+    assert "20261121T020000Z-ab12" in row.detail and "host unreachable" in row.detail
+    assert row.last == NOW - timedelta(hours=5)
+    assert st.exit_code([row]) == 0  # the next backup sweeps it: not a late backup
+
+
+def test_gather_reads_pending_cleanups_and_an_unreadable_file_is_a_source_error(
+        tmp_path, monkeypatch):
+    from labkeeper.path_backup import PendingCleanups, new_pending
+
+    monkeypatch.setenv("RP", "pw")
+    inv = parse_inventory(f"""
+version: 1
+lab: {{name: t}}
+settings: {{state_dir: {tmp_path}}}
+ssh: {{user: root, key: env:K}}
+hosts: [{{name: nas, address: 10.0.0.5}}, {{name: nas2, address: 10.0.0.6}}]
+repositories: [{{name: r, url: {tmp_path}/no-repo, password: env:RP}}]
+path_backups: [{{name: p, host: nas, paths: [/srv]}}, {{name: q, host: nas2, paths: [/srv]}}]
+""", "t.yaml")
+    PendingCleanups(tmp_path, "nas", "p").add(
+        new_pending("20261121T020000Z-ab12", snapshot_host="t", reason="ssh timed out"))
+    bad = PendingCleanups(tmp_path, "nas2", "q").path
+    bad.write_text("{not json")
+    got = st.gather(inv, now=NOW)
+    assert [a.backup_id for a in got.pending["nas/p"]] == ["20261121T020000Z-ab12"]
+    assert "nas2/q" not in got.pending
+    sources = dict(got.errors)
+    assert "not usable" in sources["pending cleanups of nas2/q"]
