@@ -341,6 +341,14 @@ class _Background:
         return self._value
 
 
+class _NoSnapshot(Exception):
+    """The producer factory could not open the database snapshot."""
+
+    def __init__(self, error: LabkeeperError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _Locked(Exception):
     """restic found the repository locked before it read anything."""
 
@@ -430,27 +438,36 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
         return BackupFailed(f"backup of {name} failed: {message} [{'; '.join(cleanup)}]",
                             transient=transient, database=name, backup_id=backup_id)
 
-    try:
+    opened: list[tuple[postgres.OpenSnapshot, datetime, _Background]] = []
+
+    def producer() -> process.Stage:
+        """pg_dump of a snapshot opened now: the dump's restic has already started, so
+        opening it overlaps restic's start-up."""
         try:
             session.start()
             snap = postgres.open_snapshot(session)
         except LabkeeperError as exc:
-            raise fail(f"could not open a snapshot of {job.conn.dbname}: {exc}",
-                       transient=exc.transient) from None
-        snapshot_at = datetime.now(tz=UTC)
+            raise _NoSnapshot(exc) from None
         log(f"{name}: snapshot {snap.snapshot_id} exported")
         # Exact row counts in the same transaction, while pg_dump reads its snapshot.
         counter = _Background(lambda: (postgres.count_rows(session),
                                        postgres.pg_dump_version()), name="pg-count-rows")
-        producer = process.Stage(
+        opened.append((snap, datetime.now(tz=UTC), counter))
+        return process.Stage(
             postgres.pg_dump_argv(job.conn, fmt=job.db.format, snapshot=snap.snapshot_id),
             codes=postgres.PG_DUMP_CODES, env=job.conn.env())
+
+    try:
         try:
             stream = restic.stream_backup(
                 repo, producer, filename=job.filename, host=job.host,
                 tags=[*series_tags(job.server, name), tag], gate=job.gate,
                 timeout=job.db.timeout_minutes * 60, compression=job.compression,
                 stall_timeout=job.stall_timeout)
+        except _NoSnapshot as exc:
+            killed_restic = True  # the dump's restic was started, then SIGKILLed
+            raise fail(f"could not open a snapshot of {job.conn.dbname}: {exc.error}",
+                       transient=exc.error.transient) from None
         except restic.StreamFailed as exc:
             if exc.locked:
                 # Nothing was stored. The caller waits for the lock (removing stale
@@ -460,6 +477,7 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
                 raise _Locked(str(exc)) from None
             killed_restic = not exc.eof_given or exc.cause != "producer"
             raise fail(str(exc), transient=exc.transient) from None
+        snap, snapshot_at, counter = opened[0]
         try:
             tables, pg_dump_version = counter.result(timeout=600)
         except Exception as exc:

@@ -170,6 +170,12 @@ class Stage:
 
 LineCallback = Callable[[str], None]
 
+StageFactory = Callable[[], Stage]
+"""A pipeline's first stage, made only once every later stage has started: whatever
+the factory does (open a database snapshot the producer needs, say) overlaps their
+start-up (restic's key derivation). If it raises, the started stages are SIGKILLed
+before any input and the exception propagates unchanged."""
+
 
 def check_argv(argv: Sequence[str]) -> None:
     if isinstance(argv, str | bytes):
@@ -481,12 +487,16 @@ def _is_ok(outcome: Outcome) -> bool:
 class _Run:
     """Executes stages, applies the deadline and the stall timeout, collects results."""
 
-    def __init__(self, stages: Sequence[Stage], *, timeout: float,
+    def __init__(self, stages: Sequence[Stage | StageFactory], *, timeout: float,
                  stall_timeout: float | None,
                  env: Mapping[str, str] | None, cwd: str | None,
                  input_data: bytes | None, stdin_fd: int | None,
                  stdout_fd: int | None, on_stdout_line: LineCallback | None) -> None:
-        self.stages = list(stages)
+        self.factory: StageFactory | None = None
+        if not isinstance(stages[0], Stage):
+            self.factory = stages[0]
+        self.stages: list[Stage] = [s for s in stages if isinstance(s, Stage)]
+        """Every stage, in order, once :meth:`execute` has made the first one."""
         self.timeout = timeout
         self.stall_timeout = stall_timeout
         self.deadline = time.monotonic() + timeout
@@ -576,57 +586,73 @@ class _Run:
                 _kill_group(proc, signal.SIGKILL)
 
     # -- main ------------------------------------------------------------------------
+    def _spawn(self, i: int, st: Stage, n: int) -> subprocess.Popen[bytes]:
+        if i == 0:
+            if self.input_data is not None:
+                stdin: int | None = subprocess.PIPE
+            elif self.stdin_fd is not None:
+                stdin = self.stdin_fd
+            else:
+                stdin = subprocess.DEVNULL
+        else:
+            stdin = subprocess.PIPE
+        if i == n - 1:
+            stdout: int | None = (self.stdout_fd if self.stdout_fd is not None
+                                  else subprocess.PIPE)
+        else:
+            stdout = subprocess.PIPE
+        try:
+            return subprocess.Popen(
+                # a consumer of our relay dies with us (no clean EOF if we die)
+                dies_with_parent(st.argv) if i > 0 else st.argv,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                env=_child_env(st.env, self.env),
+                cwd=self.cwd,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except FileNotFoundError:
+            raise CommandNotFound(
+                f"{st.argv[0]}: command not found", argv=REDACTOR.redact_argv(st.argv)
+            ) from None
+
     def execute(self) -> tuple[list[CommandResult], float]:
         started = time.monotonic()
-        n = len(self.stages)
-        captures_err: list[_Capture] = []
+        n = len(self.stages) + (1 if self.factory is not None else 0)
+        captures: dict[int, _Capture] = {}
         capture_out: _Capture | None = None
         feeder: threading.Thread | None = None
         try:
-            for i, st in enumerate(self.stages):
-                if i == 0:
-                    if self.input_data is not None:
-                        stdin: int | None = subprocess.PIPE
-                    elif self.stdin_fd is not None:
-                        stdin = self.stdin_fd
-                    else:
-                        stdin = subprocess.DEVNULL
+            # Spawn order: stage order, or, with a factory, the later stages first
+            # (self.procs then holds them in order until the first one is put in front).
+            for i in ([*range(1, n), 0] if self.factory is not None else range(n)):
+                if i == 0 and self.factory is not None:
+                    st = self.factory()
+                    if not isinstance(st, Stage):
+                        raise TypeError(f"a stage factory returned {type(st).__name__}, "
+                                        "not a Stage")
+                    self.stages.insert(0, st)
+                # (until the first stage is made, stage i sits at index i - 1)
+                st = self.stages[i - (n - len(self.stages))]
+                proc = self._spawn(i, st, n)
+                if i == 0 and self.factory is not None:
+                    self.procs.insert(0, proc)
                 else:
-                    stdin = subprocess.PIPE
-                if i == n - 1:
-                    stdout: int | None = (self.stdout_fd if self.stdout_fd is not None
-                                          else subprocess.PIPE)
-                else:
-                    stdout = subprocess.PIPE
-                try:
-                    proc = subprocess.Popen(
-                        # a consumer of our relay dies with us (no clean EOF if we die)
-                        dies_with_parent(st.argv) if i > 0 else st.argv,
-                        stdin=stdin,
-                        stdout=stdout,
-                        stderr=subprocess.PIPE,
-                        env=_child_env(st.env, self.env),
-                        cwd=self.cwd,
-                        start_new_session=True,
-                        close_fds=True,
-                    )
-                except FileNotFoundError:
-                    raise CommandNotFound(
-                        f"{st.argv[0]}: command not found", argv=REDACTOR.redact_argv(st.argv)
-                    ) from None
-                self.procs.append(proc)
-                captures_err.append(_Capture(proc.stderr, st.on_stderr_line, f"stderr-{i}"))
-                if i > 0:
-                    prev = self.procs[i - 1]
-                    assert prev.stdout is not None and proc.stdin is not None
-                    src = os.dup(prev.stdout.fileno())
-                    prev.stdout.close()
-                    dst = os.dup(proc.stdin.fileno())
-                    proc.stdin.close()
-                    relay = _Relay(i - 1, src, dst, self, gate=self.stages[i - 1].eof_gate,
-                                   watch=self.stall_timeout is not None)
-                    self.relays.append(relay)
-                    relay.start()
+                    self.procs.append(proc)
+                captures[i] = _Capture(proc.stderr, st.on_stderr_line, f"stderr-{i}")
+            for i in range(1, n):
+                prev, proc = self.procs[i - 1], self.procs[i]
+                assert prev.stdout is not None and proc.stdin is not None
+                src = os.dup(prev.stdout.fileno())
+                prev.stdout.close()
+                dst = os.dup(proc.stdin.fileno())
+                proc.stdin.close()
+                relay = _Relay(i - 1, src, dst, self, gate=self.stages[i - 1].eof_gate,
+                               watch=self.stall_timeout is not None)
+                self.relays.append(relay)
+                relay.start()
             last = self.procs[-1]
             if last.stdout is not None:
                 capture_out = _Capture(last.stdout, self.on_stdout_line, "stdout")
@@ -636,7 +662,7 @@ class _Run:
                                           daemon=True)
                 feeder.start()
             self._wait_all()
-            self._reap_lingering([*captures_err, *([capture_out] if capture_out else [])])
+            self._reap_lingering([*captures.values(), *([capture_out] if capture_out else [])])
         except BaseException:
             self._kill_all("aborted")
             for proc in self.procs:
@@ -651,6 +677,7 @@ class _Run:
         duration = time.monotonic() - started
         results = []
         stdout_text = capture_out.text() if capture_out else ""
+        captures_err = [captures[i] for i in range(n)]
         for i, (st, proc, cap) in enumerate(zip(self.stages, self.procs, captures_err,
                                                 strict=True)):
             rc = proc.returncode
@@ -797,7 +824,7 @@ def _error_for(res: CommandResult, *, timeout: float) -> CommandError:
 
 
 def pipeline(
-    stages: Sequence[Stage | Sequence[str]],
+    stages: Sequence[Stage | Sequence[str] | StageFactory],
     *,
     timeout: float,
     stall_timeout: float | None = None,
@@ -810,6 +837,9 @@ def pipeline(
     check: bool = True,
 ) -> PipelineResult:
     """Run stages connected stdout→stdin, with pipefail semantics.
+
+    The first stage may be a :data:`StageFactory`, called after the later stages
+    started (its time counts against ``timeout``).
 
     Succeeds only if every stage's exit code is ok (or a warning) per its table.
     On the first failure every other stage is killed; a consumer never receives
@@ -825,13 +855,21 @@ def pipeline(
         _check_timeout(stall_timeout)
     if input is not None and stdin_fd is not None:
         raise ValueError("give either input or stdin_fd, not both")
-    norm = [s if isinstance(s, Stage) else Stage(tuple(s)) for s in stages]
-    if not norm:
+    if not stages:
         raise ValueError("a pipeline needs at least one stage")
-    if norm[-1].eof_gate is not None:
+    factory = stages[0] if callable(stages[0]) and len(stages) > 1 else None
+    if any(callable(s) for s in stages[1 if factory else 0:]):
+        raise ValueError("only the first stage of a pipeline (of two or more) may be made "
+                         "by a factory")
+    norm: list[Stage | StageFactory] = [
+        s if isinstance(s, Stage) or s is factory else Stage(tuple(s))  # type: ignore[arg-type]
+        for s in stages]
+    last = norm[-1]
+    if isinstance(last, Stage) and last.eof_gate is not None:
         raise ValueError("eof_gate belongs on a producer; the last stage has no consumer")
     data = input.encode() if isinstance(input, str) else input
-    shown = " | ".join(" ".join(REDACTOR.redact_argv(s.argv)) for s in norm)
+    shown = " | ".join(" ".join(REDACTOR.redact_argv(s.argv)) if isinstance(s, Stage)
+                       else "(made after the others start)" for s in norm)
     log.debug("running: %s (timeout %gs)", shown, timeout)
     runner = _Run(norm, timeout=timeout, stall_timeout=stall_timeout, env=base_env, cwd=cwd,
                   input_data=data, stdin_fd=stdin_fd, stdout_fd=stdout_fd,

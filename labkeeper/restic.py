@@ -732,7 +732,8 @@ class StreamResult:
     consumer: process.CommandResult
 
 
-def stream_backup(repo: Repo, producer: process.Stage, *, filename: str, host: str,
+def stream_backup(repo: Repo, producer: process.Stage | process.StageFactory, *,
+                  filename: str, host: str,
                   tags: Sequence[str], gate: Gate, timeout: float,
                   compression: str | None = "auto", stall_timeout: float = 300.0,
                   ) -> StreamResult:
@@ -745,19 +746,28 @@ def stream_backup(repo: Repo, producer: process.Stage, *, filename: str, host: s
     maybe unreferenced packs, never a snapshot). If restic accepts no data for
     ``stall_timeout`` seconds (its backend is down), both are killed. Raises
     :class:`StreamFailed`.
+
+    ``producer`` may be a factory (:data:`labkeeper.process.StageFactory`): restic
+    then starts first and the factory's work overlaps restic's start-up; what the
+    factory raises propagates (restic was killed before any input).
     """
     consumer_argv = backup_stdin_argv(repo, filename=filename, host=host, tags=tags,
                                       compression=compression)
+    first: process.Stage | process.StageFactory
+    if isinstance(producer, process.Stage):
+        first = dataclasses.replace(producer, eof_gate=gate)
+    else:
+        def first() -> process.Stage:
+            return dataclasses.replace(producer(), eof_gate=gate)
     res = process.pipeline(
-        [dataclasses.replace(producer, eof_gate=gate),
-         process.Stage(consumer_argv, codes=EXIT_CODES, env=repo.env())],
+        [first, process.Stage(consumer_argv, codes=EXIT_CODES, env=repo.env())],
         timeout=timeout, stall_timeout=stall_timeout, check=False)
     p_res, c_res = res.stages
     nbytes = res.bytes_relayed[0]
     eof_given = res.eof_given[0]
     refused = res.refused[0]
     restic_said = c_res.stderr_tail(3).replace("\n", " | ")
-    what = producer.argv[0]
+    what = p_res.argv[0]
     if res.stalled:
         raise StreamFailed(
             f"restic accepted no data for {stall_timeout:g} s (repository backend "

@@ -400,6 +400,26 @@ def test_pg_dump_exiting_non_zero_never_gives_restic_an_eof(lab, big, fault):
     restic.unlock(repo)
 
 
+def test_snapshot_that_cannot_be_opened_fails_the_backup_and_leaves_no_lock(lab, big,
+                                                                            tmp_path):
+    # The dump's restic starts before the snapshot is opened (its start-up overlaps it);
+    # when opening fails, restic is killed before any input and its lock is removed.
+    inv = yaml.safe_load(big.read_text())
+    entry = next(d for d in inv["databases"] if d["name"] == BIG)
+    entry["dbname"] = "bigdb_gone"
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(inv))
+    repo = _repo(path)
+    before = {kind: {s.id for s in _series(repo, BIG, kind)}
+              for kind in ("pg_dump", "pg_manifest")}
+    with pytest.raises(pg_backup.BackupFailed) as info:
+        pg_backup.backup_database(load_inventory(path), BIG, log=lambda m: None)
+    assert "could not open a snapshot of bigdb_gone" in str(info.value)
+    assert 'database "bigdb_gone" does not exist' in str(info.value)
+    assert {kind: {s.id for s in _series(repo, BIG, kind)} for kind in before} == before
+    assert _locks(repo) == []
+
+
 @pytest.mark.parametrize("fault", ["bad password", "missing database"])
 def test_flow_with_a_bad_password_or_missing_database_fails_that_database_only(
         lab, big, prefect_harness, no_retries, tmp_path, fault):
