@@ -119,7 +119,8 @@ def _drills(inv: Inventory) -> list[Planned]:
     from labkeeper.drill import plan_targets
 
     d = inv.drills
-    prefix = {"database": "db", "guest": "guest", "repository": "repository"}
+    prefix = {"database": "db", "guest": "guest", "repository": "repository",
+              "paths": "paths"}
     own: dict[tuple[str, str], str | None] = {}
     for kind, name in plan_targets(inv, "all"):
         if kind == "database":
@@ -127,6 +128,8 @@ def _drills(inv: Inventory) -> list[Planned]:
         elif kind == "guest":
             g = inv.guest(name)
             own[(kind, name)] = g.drill.schedule if g.drill else None
+        elif kind == "paths":
+            own[(kind, name)] = d.paths.schedule
         else:
             own[(kind, name)] = d.repository.schedule
     if not own:
