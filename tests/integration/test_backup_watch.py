@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from flows.deadman import BackupsLate, backup_watch_flow
 from labkeeper import restic
 from labkeeper.locallab.lab import write_secret
+from tests.fixtures.restic_keys import cheap_key
 
 LAB = "watch"
 HOST = "127.0.0.1"
@@ -25,6 +26,7 @@ def repo(tmp_path_factory) -> tuple[restic.Repo, Path, Path]:
     r = restic.Repo(url=str(d / "repo"), password=SecretStr("watch-repo-password-1"),
                     cache_dir=str(d / "cache"))
     restic.init(r)
+    cheap_key(r)
     return r, d / "repo", secret
 
 

@@ -9,10 +9,8 @@ import pytest
 
 from labkeeper import drill, pg_backup
 from labkeeper.inventory import Inventory
-from tests.integration.test_drill_support import (  # noqa: F401 - drill_env is a fixture
+from tests.integration.test_drill_support import (
     DrillEnv,
-    backed_up_fixture,
-    drill_env_fixture,
     drill_spec,
     forge_backup,
     load,

@@ -11,12 +11,7 @@ import yaml
 from flows.dr_drill import DrillRunFailed, dr_drill_flow, run_drill_cli
 from labkeeper import metrics
 from tests.integration.test_doctor_flow import _flow_run_record
-from tests.integration.test_drill_support import (  # noqa: F401 - drill_env is a fixture
-    backed_up_fixture,
-    drill_env_fixture,
-    load,
-    scratch_databases,
-)
+from tests.integration.test_drill_support import load, scratch_databases
 from tests.integration.test_pg_backup import _events
 
 pytestmark = pytest.mark.integration

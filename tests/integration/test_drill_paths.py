@@ -15,10 +15,7 @@ from flows.dr_drill import dr_drill_flow
 from labkeeper import drill, drill_paths, path_backup
 from labkeeper.inventory import Inventory
 from tests.integration.test_doctor_flow import _flow_run_record
-from tests.integration.test_drill_support import (  # noqa: F401 - drill_env is a fixture
-    drill_env_fixture,
-    load,
-)
+from tests.integration.test_drill_support import load
 from tests.integration.test_pg_backup import _events
 
 pytestmark = pytest.mark.integration

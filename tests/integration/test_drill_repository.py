@@ -6,10 +6,8 @@ from __future__ import annotations
 import pytest
 
 from labkeeper import drill, pg_backup, restic
-from tests.integration.test_drill_support import (  # noqa: F401 - drill_env is a fixture
-    backed_up_fixture,
+from tests.integration.test_drill_support import (
     corrupt_largest_pack,
-    drill_env_fixture,
     drill_spec,
     load,
 )

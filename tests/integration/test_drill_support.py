@@ -22,6 +22,7 @@ from labkeeper import b2, pg_backup, process, restic
 from labkeeper.inventory import Inventory, load_inventory
 from labkeeper.locallab.lab import write_secret
 from labkeeper.locallab.s3 import LocalS3
+from tests.fixtures.restic_keys import cheap_key
 
 SERVER = "127.0.0.1"
 LAB = "local-lab"
@@ -60,6 +61,7 @@ class DrillEnv:
                            aws_access_key_id=SecretStr(self.s3.access_key_id),
                            aws_secret_access_key=SecretStr(self.s3.secret_access_key))
         restic.init(repo, timeout=120)
+        cheap_key(repo)
         return repo, pw_file
 
     def inventory(self, bucket: str, pw_file: Path, *, databases: list[dict] | None = None,

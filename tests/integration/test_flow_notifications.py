@@ -15,6 +15,7 @@ from flows.dr_drill import dr_drill_flow
 from flows.update import update_app_flow
 from labkeeper import restic
 from labkeeper.locallab.lab import write_secret
+from tests.fixtures.restic_keys import cheap_key
 from tests.integration.test_update_flow import UpdLab, upd  # noqa: F401 - upd is a fixture
 
 pytestmark = pytest.mark.integration
@@ -34,6 +35,7 @@ def test_a_failed_drill_is_notified_once_naming_the_target(prefect_harness, rece
     secret = write_secret(tmp_path / "restic-pw", "drill-notify-repo-pw")
     repo = restic.Repo(url=str(tmp_path / "repo"), password=SecretStr("drill-notify-repo-pw"))
     restic.init(repo)  # an empty repository: there is no backup to restore
+    cheap_key(repo)
     inv = {"version": 1, "lab": {"name": "notify"},
            "settings": {"state_dir": str(tmp_path / "state")},
            "repositories": [{"name": "r", "url": str(tmp_path / "repo"),

@@ -7,6 +7,7 @@ import yaml
 from flows.repo_maintenance import repo_maintenance_flow
 from labkeeper import pg_backup, restic
 from labkeeper.inventory import load_inventory
+from tests.fixtures.restic_keys import cheap_key
 
 
 def _add(repo: restic.Repo, name: str, day: int, kind: str) -> None:
@@ -37,6 +38,7 @@ def test_forget_keeps_each_database_series_by_retention_and_dry_run_changes_noth
     path.write_text(yaml.safe_dump(inv))
     repo = pg_backup.open_repo(load_inventory(path), "maint")
     restic.init(repo)
+    cheap_key(repo)
     for day in (1, 2, 3, 4):
         _add(repo, "appdb", day, "pair")
     _add(repo, "photos", 1, "pair")
