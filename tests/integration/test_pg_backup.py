@@ -114,6 +114,43 @@ class Killer(threading.Thread):
             time.sleep(0.005)
 
 
+def _rchar(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+class ReadKiller(Killer):
+    """SIGKILLs the first process whose argv holds every needle once it has read
+    ``min_read`` bytes: mid-stream whatever its start-up cost (key derivation)."""
+
+    def __init__(self, needles: list[bytes], *, min_read: int) -> None:
+        super().__init__(needles, delay=0)
+        self.min_read = min_read
+
+    def run(self) -> None:
+        me = os.getpid()
+        while not self.stop.is_set():
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit() or int(entry.name) == me:
+                    continue
+                try:
+                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                        argv = f.read().split(b"\0")
+                except OSError:
+                    continue
+                if all(any(n in a for a in argv) for n in self.needles):
+                    pid = int(entry.name)
+                    try:
+                        while _rchar(pid) < self.min_read and not self.stop.is_set():
+                            time.sleep(0.002)
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed_pid = pid
+                    except (OSError, ProcessLookupError):
+                        pass
+                    return
+            time.sleep(0.005)
+
+
 def _locks(repo: restic.Repo) -> list[restic.LockInfo]:
     return restic.list_locks(repo)
 
@@ -290,7 +327,7 @@ def test_pg_dump_killed_mid_stream_fails_without_snapshot_then_a_retry_succeeds(
 
 def test_restic_killed_mid_stream_fails_without_snapshot_and_its_lock_is_removed(
         lab, big, prefect_harness, no_retries):
-    killer = Killer([b"restic", f"{BIG}.sql".encode()], delay=0.6)
+    killer = ReadKiller([b"restic", f"{BIG}.sql".encode()], min_read=16 << 20)
     state = _run_with_fault(big, killer)
     text = _message(state)
     assert "killed by SIGKILL" in text and "never received end-of-stream" in text
