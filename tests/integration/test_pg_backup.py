@@ -88,6 +88,9 @@ class Killer(threading.Thread):
         self.killed_pid: int | None = None
         self.stop = threading.Event()
 
+    def wait_for_moment(self, pid: int) -> None:
+        time.sleep(self.delay)
+
     def run(self) -> None:
         me = os.getpid()
         while not self.stop.is_set():
@@ -100,15 +103,15 @@ class Killer(threading.Thread):
                 except OSError:
                     continue
                 if all(any(n in a for a in argv) for n in self.needles):
-                    time.sleep(self.delay)
                     pid = int(entry.name)
                     try:
+                        self.wait_for_moment(pid)
                         if self.action is not None:
                             self.action(pid)
                         else:
                             os.kill(pid, self.sig)
                         self.killed_pid = pid
-                    except ProcessLookupError:
+                    except OSError:  # the process is gone (ProcessLookupError, no /proc entry)
                         pass
                     return
             time.sleep(0.005)
@@ -127,28 +130,9 @@ class ReadKiller(Killer):
         super().__init__(needles, delay=0)
         self.min_read = min_read
 
-    def run(self) -> None:
-        me = os.getpid()
-        while not self.stop.is_set():
-            for entry in os.scandir("/proc"):
-                if not entry.name.isdigit() or int(entry.name) == me:
-                    continue
-                try:
-                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                        argv = f.read().split(b"\0")
-                except OSError:
-                    continue
-                if all(any(n in a for a in argv) for n in self.needles):
-                    pid = int(entry.name)
-                    try:
-                        while _rchar(pid) < self.min_read and not self.stop.is_set():
-                            time.sleep(0.002)
-                        os.kill(pid, signal.SIGKILL)
-                        self.killed_pid = pid
-                    except (OSError, ProcessLookupError):
-                        pass
-                    return
-            time.sleep(0.005)
+    def wait_for_moment(self, pid: int) -> None:
+        while _rchar(pid) < self.min_read and not self.stop.is_set():
+            time.sleep(0.002)
 
 
 def _locks(repo: restic.Repo) -> list[restic.LockInfo]:
