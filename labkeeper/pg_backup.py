@@ -14,6 +14,10 @@ One database backup (:func:`backup_database`) costs two restic runs, overlapped:
    end-of-stream only when pg_dump exited 0 *and* the dump ends with its
    ``-- PostgreSQL database dump complete`` trailer
    (:func:`labkeeper.restic.stream_backup`); otherwise restic is killed first.
+   Before that end-of-stream, the dump's restic is held until the manifest's restic
+   has taken its own lock: restic 0.14 retries a lock file that vanishes while it
+   checks the lock list (the dump's restic of a small database finishing) for some
+   45 s. restic's backend retries are written to the run log as they happen.
 4. **Proof.** restic's ``--json`` summary, printed after the snapshot was saved,
    must name a snapshot of exactly one file and account for every byte relayed
    (:func:`labkeeper.restic.stdin_summary_problem`).
@@ -310,6 +314,14 @@ MANIFEST_NICE = 19
 """Niceness of the manifest's restic while it waits alongside the dump (measured:
 warm-backup call time 3.63 -> 3.21 s median, bare pipeline 2.75 s)."""
 
+MANIFEST_PREFIX = b"{"
+"""The manifest's first byte (it is a JSON object), handed to its restic at once:
+restic reads it only after taking its lock (:meth:`restic.PendingBackup.wait_reading`)."""
+
+LOCK_HANDOFF_TIMEOUT = 120.0
+"""How long the dump's restic is held before end-of-stream waiting for the manifest's
+restic to take its lock (then the stream ends anyway, and the run log says so)."""
+
 MAX_LOCK_CONFLICTS = 5
 """Attempts a backup makes when restic finds the repository locked (it waits for the
 lock between attempts, within the repository's ``lock_wait_minutes``)."""
@@ -419,13 +431,21 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
     tag = backup_tag(backup_id)
     log(f"{name}: backup {backup_id} of {job.conn.dbname} on {job.server} into "
         f"{job.repo_name}")
+
+    def restic_said(line: str) -> None:
+        note = restic.backend_retry(line)
+        if note is not None:
+            log(f"{name}: {note}")
+
     # The manifest's restic starts now: its start-up (key derivation, lock, index)
-    # overlaps the dump, niced so the dump keeps the CPU; it gets the manifest, and
-    # end-of-stream, only at the end.
+    # overlaps the dump, niced so the dump keeps the CPU; it gets the manifest's
+    # first byte now (to tell when it holds its lock), the rest and end-of-stream at
+    # the end.
     pending = restic.PendingBackup(
         repo, filename=manifest_filename(name), host=job.host,
         tags=[*series_tags(job.server, name, "pg_manifest"), tag], compression=job.compression,
-        nice=MANIFEST_NICE)
+        nice=MANIFEST_NICE, on_stderr_line=restic_said)
+    pending.prime(MANIFEST_PREFIX)
     session = postgres.PsqlSession(job.conn, timeout=600)
     ok = False
     killed_restic = False
@@ -439,6 +459,17 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
                             transient=transient, database=name, backup_id=backup_id)
 
     opened: list[tuple[postgres.OpenSnapshot, datetime, _Background]] = []
+
+    def dump_complete(tail: bytes, nbytes: int) -> str | None:
+        """The dump's own completeness check; then the dump's restic (and its lock)
+        is kept until the manifest's restic holds its lock, so no lock vanishes
+        under the manifest's restic while it checks the others."""
+        problem = job.gate(tail, nbytes)
+        if problem is None and not pending.wait_reading(LOCK_HANDOFF_TIMEOUT) \
+                and pending.running:
+            log(f"{name}: the manifest's restic has not taken its lock after "
+                f"{LOCK_HANDOFF_TIMEOUT:g} s; ending the dump's stream anyway")
+        return problem
 
     def producer() -> process.Stage:
         """pg_dump of a snapshot opened now: the dump's restic has already started, so
@@ -461,9 +492,9 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
         try:
             stream = restic.stream_backup(
                 repo, producer, filename=job.filename, host=job.host,
-                tags=[*series_tags(job.server, name), tag], gate=job.gate,
+                tags=[*series_tags(job.server, name), tag], gate=dump_complete,
                 timeout=job.db.timeout_minutes * 60, compression=job.compression,
-                stall_timeout=job.stall_timeout)
+                stall_timeout=job.stall_timeout, on_stderr_line=restic_said)
         except _NoSnapshot as exc:
             killed_restic = True  # the dump's restic was started, then SIGKILLed
             raise fail(f"could not open a snapshot of {job.conn.dbname}: {exc.error}",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -353,6 +354,23 @@ class LsNode(BaseModel):
     struct_type: str = ""
 
 
+_BACKEND_RETRY_RE = re.compile(
+    r"^(?P<call>\S.*?) returned error, retrying after (?P<after>\S+?): (?P<error>.*)$")
+
+
+def backend_retry(line: str) -> str | None:
+    """restic's stderr note that a repository backend call failed and will be retried
+    (``Load(<lock/…>, 0, 0) returned error, retrying after 552ms: …``), as one short
+    line for the run log; None for any other line. restic 0.14 retries even a file
+    that is gone for good (the lock of a restic that just finished) about ten times
+    over some 45 s, so a slow run names its cause with these."""
+    m = _BACKEND_RETRY_RE.match(line.strip())
+    if m is None:
+        return None
+    return (f"restic is retrying {m['call']} after {m['after']}: "
+            f"{REDACTOR.redact(m['error'])[:200]}")
+
+
 def parse_ls(stdout: str) -> list[LsNode]:
     nodes = []
     for line in stdout.splitlines():
@@ -579,10 +597,15 @@ class PendingBackup:
 
     ``nice`` > 0 starts restic through ``nice -n <nice>`` (every thread of it, from
     its start): its start-up then takes only CPU the work it overlaps leaves idle.
+
+    :meth:`prime` hands restic the data's first bytes early; :meth:`wait_reading`
+    then tells when restic has read them, which it does only once it has opened the
+    repository, taken its lock and loaded the index.
     """
 
     def __init__(self, repo: Repo, *, filename: str, host: str, tags: Sequence[str],
-                 compression: str | None = "auto", nice: int = 0) -> None:
+                 compression: str | None = "auto", nice: int = 0,
+                 on_stderr_line: process.LineCallback | None = None) -> None:
         import shutil
         import threading
 
@@ -592,7 +615,8 @@ class PendingBackup:
         spawn = self.argv
         if nice > 0 and shutil.which("nice"):
             spawn = ("nice", "-n", str(nice), *self.argv)
-        self._proc = process.Coprocess(spawn, env=repo.env())
+        self._proc = process.Coprocess(spawn, env=repo.env(), on_stderr_line=on_stderr_line)
+        self._primed = b""
         self._stdout: list[bytes] = []
         self._reader = threading.Thread(target=self._read, name="restic-pending-stdout",
                                         daemon=True)
@@ -620,6 +644,51 @@ class PendingBackup:
     def running(self) -> bool:
         return self._proc.poll() is None
 
+    @property
+    def pid(self) -> int:
+        """restic's process id (``nice`` execs it: the same process)."""
+        return self._proc.pid
+
+    def prime(self, prefix: bytes) -> None:
+        """Write the data's first bytes now (the data :meth:`finish` gets must start
+        with them). At most ``PIPE_BUF`` bytes, so the write never blocks."""
+        import os
+        import select
+
+        if self.finished or self._primed:
+            raise RuntimeError("prime() comes once, before finish() or abort()")
+        if not 0 < len(prefix) <= select.PIPE_BUF:
+            raise ValueError(f"prefix must be 1..{select.PIPE_BUF} bytes, got {len(prefix)}")
+        self._primed = prefix
+        try:
+            os.write(self._proc.stdin.fileno(), prefix)
+        except OSError:
+            pass  # restic already died: finish() reports how
+
+    def wait_reading(self, timeout: float) -> bool:
+        """Wait until restic has read the primed bytes: it is then past its lock and
+        index load. False when it exited first or ``timeout`` seconds passed."""
+        import array
+        import fcntl
+        import termios
+
+        if not self._primed or self.finished:
+            raise RuntimeError("wait_reading() needs prime() first, before finish()")
+        fd = self._proc.stdin.fileno()
+        unread = array.array("i", [0])
+        deadline = time.monotonic() + timeout
+        while self._proc.poll() is None:
+            try:
+                fcntl.ioctl(fd, termios.FIONREAD, unread)
+            except OSError:
+                return False
+            if unread[0] == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return False
+
     def finish(self, data: bytes, *, timeout: float) -> BackupSummary:
         """Send ``data`` as the whole file, end the stream and return restic's summary
         (checked like a streamed backup's: one file of exactly ``len(data)`` bytes).
@@ -631,8 +700,11 @@ class PendingBackup:
 
         if self.finished:
             raise RuntimeError("this backup was already finished or aborted")
+        if not data.startswith(self._primed):
+            raise ValueError("data does not start with the bytes prime() sent")
         self.finished = True
-        feeder = threading.Thread(target=_write_and_close, args=(self._proc.stdin, data),
+        feeder = threading.Thread(target=_write_and_close,
+                                  args=(self._proc.stdin, data[len(self._primed):]),
                                   name="restic-pending-stdin", daemon=True)
         feeder.start()
         timed_out = self._proc.wait(timeout) is None
@@ -736,7 +808,7 @@ def stream_backup(repo: Repo, producer: process.Stage | process.StageFactory, *,
                   filename: str, host: str,
                   tags: Sequence[str], gate: Gate, timeout: float,
                   compression: str | None = "auto", stall_timeout: float = 300.0,
-                  ) -> StreamResult:
+                  on_stderr_line: process.LineCallback | None = None) -> StreamResult:
     """Stream ``producer``'s stdout into ``restic backup --stdin`` with no temporary file.
 
     A two-stage :func:`labkeeper.process.pipeline` whose producer carries ``gate`` as
@@ -750,6 +822,8 @@ def stream_backup(repo: Repo, producer: process.Stage | process.StageFactory, *,
     ``producer`` may be a factory (:data:`labkeeper.process.StageFactory`): restic
     then starts first and the factory's work overlaps restic's start-up; what the
     factory raises propagates (restic was killed before any input).
+
+    ``on_stderr_line`` gets restic's stderr line by line as it comes.
     """
     consumer_argv = backup_stdin_argv(repo, filename=filename, host=host, tags=tags,
                                       compression=compression)
@@ -760,7 +834,8 @@ def stream_backup(repo: Repo, producer: process.Stage | process.StageFactory, *,
         def first() -> process.Stage:
             return dataclasses.replace(producer(), eof_gate=gate)
     res = process.pipeline(
-        [first, process.Stage(consumer_argv, codes=EXIT_CODES, env=repo.env())],
+        [first, process.Stage(consumer_argv, codes=EXIT_CODES, env=repo.env(),
+                              on_stderr_line=on_stderr_line)],
         timeout=timeout, stall_timeout=stall_timeout, check=False)
     p_res, c_res = res.stages
     nbytes = res.bytes_relayed[0]

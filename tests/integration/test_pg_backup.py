@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -212,19 +213,22 @@ def test_backup_run_stores_dump_and_manifest_per_database_with_tags_artifact_and
             assert secret.encode() not in cmdline, "a lab secret leaked into a child's argv"
 
 
-def _events(prefix: str, resource_suffix: str = "") -> list[dict]:
-    """Events whose name starts with ``prefix`` (and resource id ends with the suffix)."""
+def _events(prefix: str, resource_suffix: str = "", since: datetime | None = None
+            ) -> list[dict]:
+    """Events whose name starts with ``prefix`` (and resource id ends with the suffix),
+    occurred ``since`` then (default: Prefect's, the last day)."""
     from prefect.client.orchestration import get_client
     from prefect.events.worker import EventsWorker
 
     EventsWorker.drain_all(timeout=10)
+    occurred = {"occurred": {"since": since.isoformat()}} if since else {}
 
     async def read():
         async with get_client() as client:
             for _ in range(100):
                 resp = await client._client.post(
                     "/events/filter",
-                    json={"filter": {"event": {"prefix": [prefix]}}, "limit": 50})
+                    json={"filter": {"event": {"prefix": [prefix]}, **occurred}, "limit": 50})
                 found = [e for e in resp.json().get("events", [])
                          if e["resource"]["prefect.resource.id"].endswith(resource_suffix)]
                 if found:
@@ -358,6 +362,96 @@ def test_pending_backup_stores_its_data_on_finish_and_nothing_when_aborted(lab, 
     restic.forget_ids(repo, [s.id for s in snaps])
 
 
+def test_pending_backup_reads_its_primed_bytes_only_once_it_holds_its_lock(lab, big):
+    repo = _repo(big)
+    pending = restic.PendingBackup(repo, filename="primed.json", host="local-lab",
+                                   tags=["labkeeper", "kind:test-primed"])
+    try:
+        pending.prime(b"{")
+        assert not pending.wait_reading(0), "read before it could have opened the repository"
+        assert pending.wait_reading(60)
+        assert pending.pid in {lk.pid for lk in _locks(repo)}, "reading without its lock"
+        with pytest.raises(ValueError, match="prime"):
+            pending.finish(b"[1]", timeout=60)
+        summary = pending.finish(b'{"rows": 7}\n', timeout=60)
+    finally:
+        pending.abort()
+    assert summary.total_bytes_processed == 12 and summary.files == 1
+    snaps = restic.find_snapshots(repo, tags=["kind:test-primed"], host="local-lab")
+    assert restic.dump_file(repo, snaps[0].id, "/primed.json") == '{"rows": 7}\n'
+    restic.forget_ids(repo, [s.id for s in snaps])
+
+
+def _pids_with(*needles: bytes) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    argv = f.read()
+            except OSError:
+                continue
+            if all(n in argv for n in needles):
+                found.append(int(entry.name))
+    return found
+
+
+def _pipe_unread(pid: int) -> int:
+    """Bytes waiting in process ``pid``'s stdin pipe."""
+    import array
+    import fcntl
+    import termios
+
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        n = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, n)
+        return n[0]
+    finally:
+        os.close(fd)
+
+
+def test_dump_restic_keeps_its_lock_until_the_manifest_restic_holds_its_own(lab, big):
+    # restic 0.14 retries a lock file that vanishes while it checks the lock list for
+    # ~45 s. A small database's dump restic used to finish (its lock gone) while the
+    # niced manifest restic was still taking its lock. Here the manifest restic is
+    # frozen before it took its lock: the dump's restic must wait for it.
+    inv = load_inventory(big)
+    small = next(d.name for d in inv.databases if d.name != BIG)
+    manifest_arg = pg_backup.manifest_filename(small).encode()
+    for _attempt in range(3):
+        said: list[str] = []
+        outcome: list[object] = []
+        worker = threading.Thread(target=lambda out=outcome, log=said: out.append(
+            pg_backup.backup_database(inv, small, log=log.append)), daemon=True)
+        worker.start()
+        stopped = None
+        try:
+            while stopped is None and worker.is_alive():
+                for pid in _pids_with(b"restic\0", manifest_arg):
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped = pid
+                    break
+            assert stopped is not None, f"the manifest's restic never showed: {said}"
+            if _pipe_unread(stopped) == 0:
+                continue  # it had already read its first byte: try again
+            time.sleep(3.0)  # the small dump is long done; its restic must be held
+            dump_restics = _pids_with(b"restic\0", b"kind:pg_dump", b"--stdin")
+            assert dump_restics, "the dump's restic ended before the manifest's held its lock"
+            assert worker.is_alive()
+        finally:
+            if stopped is not None:
+                os.kill(stopped, signal.SIGCONT)
+            resumed = time.monotonic()
+            worker.join(timeout=120)
+        assert not worker.is_alive()
+        assert outcome and isinstance(outcome[0], pg_backup.BackupResult), said
+        assert time.monotonic() - resumed < 20, said
+        assert not [m for m in said if "restic is retrying" in m], said
+        return
+    pytest.fail("could not freeze the manifest's restic before it took its lock in 3 tries")
+
+
 def test_gated_relay_hands_the_gate_the_true_tail_of_a_stream_written_in_bursts(tmp_path):
     # The trailer check rests on the relay keeping the stream's real last 4096 bytes,
     # whatever the sizes of the producer's writes and of the relay's reads.
@@ -456,6 +550,7 @@ def test_flow_with_a_bad_password_or_missing_database_fails_that_database_only(
     path.write_text(yaml.safe_dump(inv))
     repo = _repo(path)
     before = {s.id for s in _series(repo, "photos")}
+    started = datetime.now(tz=UTC)
     state = pg_backup_flow(lab=str(path), databases=["appdb", "photos"], return_state=True)
     assert state.is_failed() and "photos" in state.message
     assert {s.id for s in _series(repo, "photos")} == before
@@ -465,7 +560,7 @@ def test_flow_with_a_bad_password_or_missing_database_fails_that_database_only(
     data = json.loads(table.data) if isinstance(table.data, str) else table.data
     status = {r["database"]: r["status"] for r in data}
     assert status["appdb"] == "ok" and status["photos"] == "failed"
-    assert _events("labkeeper.backup.failed", "/photos")
+    assert _events("labkeeper.backup.failed", "/photos", since=started)
 
 
 def test_s3_server_frozen_mid_upload_fails_without_snapshot_then_a_retry_succeeds(

@@ -206,3 +206,15 @@ def test_lock_failure_of_restic_0_14_is_recognised_as_a_lock_conflict():
         "13533 on vm by root (UID 0, GID 0)"))
     refined = restic.classify_failure(err)
     assert refined.meaning == restic.LOCK_FAILED and refined.transient
+
+
+def test_restic_backend_retry_line_becomes_a_short_log_note_and_other_lines_none():
+    line = ("Load(<lock/3bd5d8a4f5>, 0, 0) returned error, retrying after 552.330144ms: "
+            "<lock/3bd5d8a4f5> does not exist\n")
+    assert restic.backend_retry(line) == (
+        "restic is retrying Load(<lock/3bd5d8a4f5>, 0, 0) after 552.330144ms: "
+        "<lock/3bd5d8a4f5> does not exist")
+    assert restic.backend_retry("Save(<data/0a1b2c3d4e>) returned error, retrying after "
+                                "1.2s: 503 Slow Down").startswith("restic is retrying Save(")
+    assert restic.backend_retry("using parent snapshot 1a2b3c4d") is None
+    assert restic.backend_retry("") is None
