@@ -239,6 +239,24 @@ def _events(prefix: str, resource_suffix: str = "", since: datetime | None = Non
     return asyncio.run(read())
 
 
+def test_row_counts_run_in_the_snapshot_without_parallel_workers_or_jit(lab, big):
+    # The counts run alongside pg_dump: neither parallel workers nor JIT compilation
+    # may add server CPU the dump competes for.
+    inv = load_inventory(big)
+    conn = pg_backup.conn_for(inv, inv.database(BIG))
+    session = postgres.PsqlSession(conn, timeout=60)
+    try:
+        session.start()
+        postgres.open_snapshot(session)
+        counts = {t: n for _s, t, n in postgres.count_rows(session)}
+        settings = session.query("SELECT current_setting('jit'), "
+                                 "current_setting('max_parallel_workers_per_gather')")
+    finally:
+        session.close(kill=True)
+    assert counts["Odd Name"] == int(postgres.query(conn, 'SELECT count(*) FROM "Odd Name"')[0][0])
+    assert settings == [["off", "0"]]
+
+
 def test_manifest_counts_come_from_the_dumps_own_snapshot_while_rows_are_inserted(lab, big,
                                                                                    tmp_path):
     inv = load_inventory(big)
