@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -136,4 +137,6 @@ def bench(lab: LocalLab, work: Path, rows: int, rounds: int) -> None:
 
 
 if __name__ == "__main__":
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C: the lab's processes are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,4 +130,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C: the lab's processes are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -96,8 +97,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lk-bench-"))
     print(f"workdir {work}", flush=True)
     lab = LocalLab(work, sshd=False, pvesim=False)
-    lab.start()
     try:
+        lab.start()
         bench(lab, work, args.scale, args.repeat, args.cold_repeat)
     finally:
         lab.stop()
@@ -277,4 +278,6 @@ def bench(lab: LocalLab, work: Path, scale: int, repeat: int, cold_repeat: int) 
 
 
 if __name__ == "__main__":
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C: the lab's processes are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()

@@ -1042,6 +1042,8 @@ def backup_path_set(inv: Inventory, name: str, *, log: Log = print,
                 summaries.append(msg)
             elif isinstance(msg, ErrorMessage):
                 errors.add(msg)
+            elif msg is None and (note := restic.backend_retry(line)) is not None:
+                log(f"{label}: {note}")
 
         argv = backup_argv(pb, repo, lab=lab, tags=[*series_tags(pb.host, name), tag],
                            compression=repo_cfg.compression)

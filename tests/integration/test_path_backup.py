@@ -520,3 +520,62 @@ def test_a_sweep_whose_forget_is_blocked_by_another_runs_lock_backs_up_as_a_warn
     assert {s.id for s in _series(repo, "contended")} == {res.snapshot_id, again.snapshot_id}
     assert not store.path.exists()
     assert f"forgot snapshot(s) {late[:8]}" in again.row()["notes"]
+
+
+def test_restic_backend_retries_on_the_host_reach_the_run_log(lab, trees, tmp_path,
+                                                              monkeypatch):
+    # A lock the repository lists but restic cannot load (what a lock that vanished
+    # under it looks like): restic 0.14 retries it for ~45 s; the run log says so.
+    # (The lock check before the backup gives up on reading it sooner.)
+    monkeypatch.setattr(restic, "CAT_LOCK_TIMEOUT", 2.0)
+    inv = yaml.safe_load(lab.inventory_path.read_text())
+    ghost_repo = tmp_path / "repo"
+    inv["repositories"].append({"name": "local-repo", "url": str(ghost_repo),
+                                "password": inv["repositories"][0]["password"]})
+    inv["path_backups"] = [{"name": "ghosted", "host": "labhost", "repository": "local-repo",
+                            "paths": [str(trees["clean"])]}]
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(inv, sort_keys=False))
+    loaded = load_inventory(path)
+    restic.init(path_backup.open_repo(loaded, loaded.path_backup("ghosted")))
+    ghost = ghost_repo / "locks" / ("1" * 64)
+    ghost.symlink_to(tmp_path / "nowhere")
+    said: list[str] = []
+    retried = threading.Event()
+
+    def log(line: str) -> None:
+        said.append(line)
+        if "restic is retrying" in line:
+            retried.set()
+
+    def stop_restic_after_the_first_retry() -> None:
+        if retried.wait(60):
+            ghost.unlink()  # so the clean-up's own restic runs find no ghost
+            for pid in _pids_with(b"paths:labhost/ghosted"):
+                os.kill(pid, signal.SIGKILL)
+
+    stopper = threading.Thread(target=stop_restic_after_the_first_retry, daemon=True)
+    stopper.start()
+    try:
+        with pytest.raises(path_backup.PathBackupFailed):
+            path_backup.backup_path_set(loaded, "ghosted", log=log)
+    finally:
+        retried.set()
+        stopper.join(10)
+    notes = [m for m in said if "restic is retrying" in m]
+    assert notes and notes[0].startswith(
+        "ghosted@labhost: restic is retrying Load(<lock/1111111111>, 0, 0) after "), said
+
+
+def _pids_with(marker: bytes) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"restic") and marker in argv:
+                found.append(int(entry.name))
+    return found

@@ -1,0 +1,88 @@
+"""restic's backend retries reach the run log while restic runs (real restic, a local
+repository whose lock list names a lock file that cannot be loaded: restic 0.14 then
+retries it for ~45 s, the way it does a lock that vanished under it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from labkeeper import process, restic
+
+GHOST = "1" * 64
+
+
+@pytest.fixture
+def ghost_locked_repo(tmp_path: Path) -> restic.Repo:
+    repo = restic.Repo(url=str(tmp_path / "repo"), password=SecretStr("retry-test-pw"))
+    restic.init(repo)
+    (tmp_path / "repo" / "locks" / GHOST).symlink_to(tmp_path / "nowhere")
+    return repo
+
+
+class Notes:
+    """Collects :func:`restic.backend_retry` notes from restic's stderr lines."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+        self.first = threading.Event()
+
+    def __call__(self, line: str) -> None:
+        note = restic.backend_retry(line)
+        if note is not None:
+            self.notes.append(note)
+            self.first.set()
+
+
+def _restic_pids(marker: bytes) -> list[int]:
+    """restic processes whose argv holds ``marker``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"restic") and marker in argv:
+                found.append(int(entry.name))
+    return found
+
+
+def test_waiting_backup_hands_restics_lock_retries_to_its_stderr_callback(ghost_locked_repo):
+    said = Notes()
+    pending = restic.PendingBackup(ghost_locked_repo, filename="m.json", host="h",
+                                   tags=["labkeeper"], on_stderr_line=said)
+    try:
+        assert said.first.wait(30), "restic printed no retry"
+    finally:
+        pending.abort()
+    assert said.notes[0].startswith(f"restic is retrying Load(<lock/{GHOST[:10]}>, 0, 0) after ")
+    assert "no such file or directory" in said.notes[0]
+
+
+def test_streamed_backup_hands_restics_lock_retries_to_its_stderr_callback(ghost_locked_repo):
+    said = Notes()
+    filename = f"retry-{uuid.uuid4().hex}.bin"
+
+    def stop_restic_after_the_first_retry() -> None:
+        said.first.wait(30)
+        for pid in _restic_pids(filename.encode()):
+            os.kill(pid, signal.SIGKILL)
+
+    stopper = threading.Thread(target=stop_restic_after_the_first_retry, daemon=True)
+    stopper.start()
+    with pytest.raises(restic.StreamFailed):
+        restic.stream_backup(ghost_locked_repo, process.Stage(("printf", "data")),
+                             filename=filename, host="h", tags=["labkeeper"],
+                             gate=lambda tail, n: None, timeout=60, on_stderr_line=said)
+    said.first.set()
+    stopper.join(5)
+    assert said.notes and said.notes[0].startswith(
+        f"restic is retrying Load(<lock/{GHOST[:10]}>, 0, 0) after ")
