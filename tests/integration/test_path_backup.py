@@ -27,6 +27,7 @@ from labkeeper.errors import SSHConnectError
 from labkeeper.inventory import load_inventory
 from labkeeper.ssh import connect
 from tasks import path_backup as path_tasks
+from tests.fixtures.procs import process_argvs, restic_pids
 from tests.integration.test_doctor_flow import ArgvWatcher, _flow_run_record
 
 SMALL_FILES = 2000
@@ -285,17 +286,7 @@ class SessionKiller(threading.Thread):
         self.stop = threading.Event()
 
     def _find(self) -> int:
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if self.match(argv):
-                return int(entry.name)
-        return 0
+        return next((pid for pid, argv in process_argvs() if self.match(argv)), 0)
 
     def run(self) -> None:
         while not self.stop.is_set() and not self.killed_sshd:
@@ -551,7 +542,7 @@ def test_restic_backend_retries_on_the_host_reach_the_run_log(lab, trees, tmp_pa
     def stop_restic_after_the_first_retry() -> None:
         if retried.wait(60):
             ghost.unlink()  # so the clean-up's own restic runs find no ghost
-            for pid in _pids_with(b"paths:labhost/ghosted"):
+            for pid in restic_pids(b"paths:labhost/ghosted"):
                 os.kill(pid, signal.SIGKILL)
 
     stopper = threading.Thread(target=stop_restic_after_the_first_retry, daemon=True)
@@ -566,16 +557,3 @@ def test_restic_backend_retries_on_the_host_reach_the_run_log(lab, trees, tmp_pa
     assert notes and notes[0].startswith(
         "ghosted@labhost: restic is retrying Load(<lock/1111111111>, 0, 0) after "), said
 
-
-def _pids_with(marker: bytes) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if argv[0].endswith(b"restic") and marker in argv:
-                found.append(int(entry.name))
-    return found

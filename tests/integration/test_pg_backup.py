@@ -25,6 +25,7 @@ from labkeeper import pg_backup, postgres, process, restic
 from labkeeper.inventory import load_inventory
 from labkeeper.locallab.lab import write_secret
 from tasks import pg_backup as backup_tasks
+from tests.fixtures.procs import process_argvs, restic_pids
 from tests.integration.test_doctor_flow import ArgvWatcher, _flow_run_record
 
 BIG = "bigdb"
@@ -93,18 +94,9 @@ class Killer(threading.Thread):
         time.sleep(self.delay)
 
     def run(self) -> None:
-        me = os.getpid()
         while not self.stop.is_set():
-            for entry in os.scandir("/proc"):
-                if not entry.name.isdigit() or int(entry.name) == me:
-                    continue
-                try:
-                    with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                        argv = f.read().split(b"\0")
-                except OSError:
-                    continue
+            for pid, argv in process_argvs():
                 if all(any(n in a for a in argv) for n in self.needles):
-                    pid = int(entry.name)
                     try:
                         self.wait_for_moment(pid)
                         if self.action is not None:
@@ -400,20 +392,6 @@ def test_pending_backup_reads_its_primed_bytes_only_once_it_holds_its_lock(lab, 
     restic.forget_ids(repo, [s.id for s in snaps])
 
 
-def _pids_with(*needles: bytes) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    argv = f.read()
-            except OSError:
-                continue
-            if all(n in argv for n in needles):
-                found.append(int(entry.name))
-    return found
-
-
 def _pipe_unread(pid: int) -> int:
     """Bytes waiting in process ``pid``'s stdin pipe."""
     import array
@@ -446,7 +424,7 @@ def test_dump_restic_keeps_its_lock_until_the_manifest_restic_holds_its_own(lab,
         stopped = None
         try:
             while stopped is None and worker.is_alive():
-                for pid in _pids_with(b"restic\0", manifest_arg):
+                for pid in restic_pids(manifest_arg):
                     os.kill(pid, signal.SIGSTOP)
                     stopped = pid
                     break
@@ -454,7 +432,7 @@ def test_dump_restic_keeps_its_lock_until_the_manifest_restic_holds_its_own(lab,
             if _pipe_unread(stopped) == 0:
                 continue  # it had already read its first byte: try again
             time.sleep(3.0)  # the small dump is long done; its restic must be held
-            dump_restics = _pids_with(b"restic\0", b"kind:pg_dump", b"--stdin")
+            dump_restics = restic_pids(b"kind:pg_dump", b"--stdin")
             assert dump_restics, "the dump's restic ended before the manifest's held its lock"
             assert worker.is_alive()
         finally:

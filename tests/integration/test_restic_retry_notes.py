@@ -14,6 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from labkeeper import process, restic
+from tests.fixtures.procs import restic_pids
 
 GHOST = "1" * 64
 
@@ -40,21 +41,6 @@ class Notes:
             self.first.set()
 
 
-def _restic_pids(marker: bytes) -> list[int]:
-    """restic processes whose argv holds ``marker``."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if argv[0].endswith(b"restic") and marker in argv:
-                found.append(int(entry.name))
-    return found
-
-
 def test_waiting_backup_hands_restics_lock_retries_to_its_stderr_callback(ghost_locked_repo):
     said = Notes()
     pending = restic.PendingBackup(ghost_locked_repo, filename="m.json", host="h",
@@ -73,7 +59,7 @@ def test_streamed_backup_hands_restics_lock_retries_to_its_stderr_callback(ghost
 
     def stop_restic_after_the_first_retry() -> None:
         said.first.wait(30)
-        for pid in _restic_pids(filename.encode()):
+        for pid in restic_pids(filename.encode()):
             os.kill(pid, signal.SIGKILL)
 
     stopper = threading.Thread(target=stop_restic_after_the_first_retry, daemon=True)
