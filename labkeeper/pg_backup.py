@@ -16,8 +16,8 @@ One database backup (:func:`backup_database`) costs two restic runs, overlapped:
    (:func:`labkeeper.restic.stream_backup`); otherwise restic is killed first.
    Before that end-of-stream, the dump's restic is held until the manifest's restic
    has taken its own lock: restic 0.14 retries a lock file that vanishes while it
-   checks the lock list (the dump's restic of a small database finishing) for some
-   45 s. restic's backend retries are written to the run log as they happen.
+   checks the lock list (the dump's restic of a small database finishing) for
+   45-95 s. restic's backend retries are written to the run log as they happen.
 4. **Proof.** restic's ``--json`` summary, printed after the snapshot was saved,
    must name a snapshot of exactly one file and account for every byte relayed
    (:func:`labkeeper.restic.stdin_summary_problem`).

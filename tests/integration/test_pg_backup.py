@@ -409,7 +409,7 @@ def _pipe_unread(pid: int) -> int:
 
 def test_dump_restic_keeps_its_lock_until_the_manifest_restic_holds_its_own(lab, big):
     # restic 0.14 retries a lock file that vanishes while it checks the lock list for
-    # ~45 s. A small database's dump restic used to finish (its lock gone) while the
+    # 45-95 s. A small database's dump restic used to finish (its lock gone) while the
     # niced manifest restic was still taking its lock. Here the manifest restic is
     # frozen before it took its lock: the dump's restic must wait for it.
     inv = load_inventory(big)

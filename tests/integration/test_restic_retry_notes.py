@@ -1,6 +1,6 @@
 """restic's backend retries reach the run log while restic runs (real restic, a local
 repository whose lock list names a lock file that cannot be loaded: restic 0.14 then
-retries it for ~45 s, the way it does a lock that vanished under it)."""
+retries it for 45-95 s, the way it does a lock that vanished under it)."""
 
 from __future__ import annotations
 
