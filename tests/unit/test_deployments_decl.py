@@ -157,8 +157,7 @@ def test_prefect_yaml_declares_every_required_deployment_with_entrypoint_tags_an
         assert isinstance(d.get("parameters"), dict)
 
 
-def test_prefect_yaml_crons_are_the_inventory_defaults_so_deploy_alone_agrees():
-    inv = parse_inventory("""
+MINIMAL = """
 version: 1
 lab: {name: t}
 ssh: {user: root, key: env:K}
@@ -166,8 +165,13 @@ hosts: [{name: nas, address: 10.0.0.5}]
 repositories: [{name: r, url: /srv/restic, password: env:RP}]
 databases: [{name: a, host: db1, drill: {enabled: true}}]
 path_backups: [{name: p, host: nas, paths: [/srv]}]
-apps: []
-""", "t.yaml")
+"""
+"""A small inventory with a drill-enabled database and a path set (also used by
+test_serve_path_drills)."""
+
+
+def test_prefect_yaml_crons_are_the_inventory_defaults_so_deploy_alone_agrees():
+    inv = parse_inventory(MINIMAL + "apps: []\n", "t.yaml")
     for name in ("nightly-pg-backup", "nightly-path-backup", "repo-maintenance",
                  "weekly-dr-drill", "backup-watch", "update-apps"):
         from_yaml = [(s["cron"], s["timezone"]) for s in _decl(name).get("schedules") or []]

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from deployments.serve import declared, plan_schedules
 from labkeeper.inventory import parse_inventory
+from tests.unit.test_deployments_decl import MINIMAL
 
-BASE = """
-version: 1
-lab: {name: t}
-ssh: {user: root, key: env:K}
-hosts: [{name: nas, address: 10.0.0.5}]
-repositories: [{name: r, url: /srv/restic, password: env:RP}]
-databases: [{name: a, host: db1, drill: {enabled: true}}]
-path_backups: [{name: p, host: nas, paths: [/srv]}]
-"""
+BASE = MINIMAL
 
 
 def _plan(inv) -> list[tuple[str, dict]]:
