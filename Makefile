@@ -8,9 +8,6 @@ SHELL := /bin/bash
 VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
-APT_PKGS  := postgresql restic openssh-server python3 python3-venv ca-certificates
-# Programs whose absence means an apt install is needed.
-APT_BINS  := /usr/bin/restic /usr/sbin/sshd /usr/bin/pg_dump /usr/bin/psql /usr/sbin/runuser
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -26,15 +23,10 @@ help:
 
 setup: apt-deps venv
 
+# System packages (PostgreSQL, restic 0.14 and 0.18, sshd, the Docker engine, the Compose v2
+# plugin, a registry, busybox-static, mmdebstrap): see tools/install-system.sh.
 apt-deps:
-	@missing=0; for b in $(APT_BINS); do [ -x $$b ] || missing=1; done; \
-	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
-	if [ $$missing = 1 ]; then \
-	  echo "installing system packages: $(APT_PKGS)"; \
-	  if [ "$$(id -u)" != 0 ]; then echo "run as root (apt-get needed)" >&2; exit 1; fi; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PKGS) >/dev/null; \
-	fi
+	@bash tools/install-system.sh
 
 # uv resolves and installs in seconds, and lets us override prefect 3.9's
 # certifi floor (see README, "Why uv"). uv itself comes from PyPI into the venv.
