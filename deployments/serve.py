@@ -205,35 +205,192 @@ def schedule_table(inv: Inventory | None, path: Path = REPO / "prefect.yaml"
     return rows
 
 
+# -- sites: which work queue each deployment goes to (several machines) --------------
+
+SPLIT: dict[str, tuple[str, str]] = {
+    "nightly-pg-backup": ("databases", "databases"),
+    "nightly-path-backup": ("path_backups", "names"),
+    "weekly-vzdump": ("vzdump_jobs", "job"),
+}
+"""Deployments whose items carry ``site:`` -> (inventory section, selecting parameter).
+Items on several sites make one deployment per site (``<name>-<site>`` besides the
+default site's ``<name>``), each selecting its own items."""
+WRITERS = frozenset({*SPLIT, "repo-maintenance"})
+"""Deployments that write to restic repositories: one run at a time each (overlapping
+triggers wait in the server's queue, whichever worker would take them)."""
+PER_SITE = frozenset({"site-check"})
+"""Deployments that every site gets a copy of (what can this site's worker reach?)."""
+SPLIT_TAG = "labkeeper-site-copy"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One deployment on the server: its name, site and queue, the default parameters it
+    gets over prefect.yaml's (the site's items) and its schedules."""
+
+    name: str
+    site: str | None
+    work_queue: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    schedules: list[Planned] = field(default_factory=list)
+
+
+def _split_groups(decl: Mapping[str, Any], inv: Inventory) -> dict[str | None, list[Any]]:
+    from labkeeper.inventory_sites import site_of
+
+    section, _param = SPLIT[decl["name"]]
+    groups: dict[str | None, list[Any]] = {}
+    for item in getattr(inv, section):
+        groups.setdefault(site_of(inv, item), []).append(item)
+    return groups
+
+
+def place(decl: Mapping[str, Any], inv: Inventory | None) -> list[Placement]:
+    """Where a declared deployment runs: on its items' site's queue, one deployment per
+    site when its items are on several; whole-lab jobs on the site that lists them (or
+    the default site). Without an inventory or sites: the pool's ``default`` queue."""
+    from labkeeper.inventory_sites import (
+        DEFAULT_QUEUE,
+        default_site,
+        queue_of,
+        site_of_deployment,
+    )
+
+    name = decl["name"]
+    if inv is None:
+        return [Placement(name, None, DEFAULT_QUEUE, {}, plan_schedules(decl, None))]
+    if name in PER_SITE and inv.settings.sites:
+        first = default_site(inv)
+        return [Placement(name if site == first else f"{name}-{site}", site,
+                          queue_of(inv, site), {}, plan_schedules(decl, inv))
+                for site in inv.settings.sites]
+    shipped = FROM_INVENTORY.get(name, ("", None))[0] == decl["entrypoint"]
+    groups = _split_groups(decl, inv) if shipped and name in SPLIT else {}
+    if len(groups) <= 1:
+        site = next(iter(groups)) if groups else site_of_deployment(inv, name)
+        return [Placement(name, site, queue_of(inv, site), {}, plan_schedules(decl, inv))]
+    section, param = SPLIT[name]
+    base = default_site(inv) if default_site(inv) in groups else next(iter(groups))
+    out = []
+    for site, items in groups.items():
+        names = [i.name for i in items]
+        sub = inv.model_copy(update={section: items})
+        out.append(Placement(name if site == base else f"{name}-{site}", site,
+                             queue_of(inv, site),
+                             {param: names[0] if param == "job" else names},
+                             plan_schedules(decl, sub)))
+    return out
+
+
+def placement_table(inv: Inventory | None, path: Path = REPO / "prefect.yaml"
+                    ) -> list[dict[str, Any]]:
+    """Every deployment's site and queue, for people and tests."""
+    return [{"deployment": p.name, "site": p.site or "-", "work_queue": p.work_queue,
+             "parameters": p.parameters}
+            for d in declared(path) for p in place(d, inv)]
+
+
 def sync_schedules(inv: Inventory, path: Path = REPO / "prefect.yaml") -> list[str]:
-    """Several machines: replace the schedules of the deployments ``prefect deploy
-    --all`` created on the Prefect server (``PREFECT_API_URL``) with the planned ones.
-    Returns one line per deployment changed; a deployment not on the server is an error."""
+    """Several machines: make the deployments ``prefect deploy --all`` created on the
+    Prefect server (``PREFECT_API_URL``) match the inventory: each on its site's work
+    queue (queues created in the pool, per-site copies created or removed), the
+    planned schedules, one run at a time for repository writers. Returns one line per
+    deployment; a declared deployment not on the server is an error."""
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import DeploymentScheduleCreate
-
-    wanted = [(f"{_flow_for(d['entrypoint']).name}/{d['name']}", plan_schedules(d, inv))
-              for d in declared(path) if d["name"] in FROM_INVENTORY]
 
     async def go() -> list[str]:
-        done = []
+        done: list[str] = []
         async with get_client() as client:
-            for full_name, planned in wanted:
-                dep = await client.read_deployment_by_name(full_name)
-                for s in await client.read_deployment_schedules(dep.id):
-                    await client.delete_deployment_schedule(dep.id, s.id)
-                if planned:
-                    await client.create_deployment_schedules(dep.id, [
-                        DeploymentScheduleCreate(schedule=_schedule(p), active=True,
-                                                 parameters=p.parameters) for p in planned])
-                done.append(f"{full_name}: " + ("; ".join(
-                    f"{p.cron} {p.timezone} {p.parameters or ''}".rstrip() for p in planned)
-                    or "on demand"))
+            for d in declared(path):
+                flow_name = _flow_for(d["entrypoint"]).name
+                base = await client.read_deployment_by_name(f"{flow_name}/{d['name']}")
+                placed = place(d, inv)
+                await _ensure_queues(client, base.work_pool_name,
+                                     {p.work_queue for p in placed})
+                for p in placed:
+                    done.append(await _apply(client, d, base, p, flow_name))
+                await _remove_stale_copies(client, base, {p.name for p in placed})
         return done
 
     return asyncio.run(go())
+
+
+async def _ensure_queues(client: Any, pool: str | None, queues: set[str]) -> None:
+    from prefect.exceptions import ObjectAlreadyExists
+
+    for q in sorted(queues):
+        try:
+            await client.create_work_queue(name=q, work_pool_name=pool)
+        except ObjectAlreadyExists:
+            pass
+
+
+def _fields(decl: Mapping[str, Any], p: Placement) -> dict[str, Any]:
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
+
+    tags = [*(decl.get("tags") or []), *([f"site:{p.site}"] if p.site else []),
+            *([SPLIT_TAG] if p.name != decl["name"] else [])]
+    out: dict[str, Any] = {
+        "work_queue_name": p.work_queue, "tags": tags,
+        "parameters": {**(decl.get("parameters") or {}), **p.parameters}}
+    if decl["name"] in WRITERS:
+        out["concurrency_limit"] = 1
+        out["concurrency_options"] = ConcurrencyOptions(
+            collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+    return out
+
+
+async def _apply(client: Any, decl: Mapping[str, Any], base: Any, p: Placement,
+                 flow_name: str) -> str:
+    """Create or update one placed deployment and replace its schedules."""
+    from prefect.client.schemas.actions import DeploymentScheduleCreate, DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    fields = _fields(decl, p)
+    if p.name == decl["name"]:
+        dep_id = base.id
+        await client.update_deployment(dep_id, DeploymentUpdate(**fields))
+    else:
+        try:
+            dep_id = (await client.read_deployment_by_name(f"{flow_name}/{p.name}")).id
+            await client.update_deployment(dep_id, DeploymentUpdate(**fields))
+        except ObjectNotFound:
+            dep_id = await client.create_deployment(
+                flow_id=base.flow_id, name=p.name, description=base.description,
+                work_pool_name=base.work_pool_name, path=base.path,
+                entrypoint=base.entrypoint, pull_steps=base.pull_steps,
+                parameter_openapi_schema=base.parameter_openapi_schema,
+                job_variables=base.job_variables, **fields)
+    for s in await client.read_deployment_schedules(dep_id):
+        await client.delete_deployment_schedule(dep_id, s.id)
+    if p.schedules:
+        await client.create_deployment_schedules(dep_id, [
+            DeploymentScheduleCreate(schedule=_schedule(s), active=True,
+                                     parameters=s.parameters) for s in p.schedules])
+    where = f" [queue {p.work_queue}" + (f", site {p.site}]" if p.site else "]")
+    return f"{flow_name}/{p.name}: " + ("; ".join(
+        f"{s.cron} {s.timezone} {s.parameters or ''}".rstrip() for s in p.schedules)
+        or "on demand") + where
+
+
+async def _remove_stale_copies(client: Any, base: Any, keep: set[str]) -> None:
+    """Per-site copies of ``base`` that the inventory no longer places (a site's items
+    moved elsewhere): deleted, so no schedule keeps firing on a site that has no items."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterTags,
+        FlowFilter,
+        FlowFilterId,
+    )
+
+    copies = await client.read_deployments(
+        flow_filter=FlowFilter(id=FlowFilterId(any_=[base.flow_id])),
+        deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[SPLIT_TAG])))
+    for dep in copies:
+        if dep.name.startswith(f"{base.name}-") and dep.name not in keep:
+            await client.delete_deployment(dep.id)
 
 
 def _schedule(p: Planned) -> Any:

@@ -36,13 +36,18 @@ def restore_database_flow(database: str, snapshot: str = "latest", into: str | N
 
 @flow(name="restore-guest", log_prints=False, timeout_seconds=12 * 3600, **hooks("restore"))
 def restore_guest_flow(guest: str, archive: str = "latest", vmid: int = 0,
-                       over_original: bool = False, start: bool = True,
+                       over_original: bool = False, start: bool | None = None,
                        lab: str | None = None) -> dict[str, Any]:
     """Restore a guest from a vzdump archive (``latest`` or a volume id) to a new VMID
-    (``vmid`` 0: the next free one) or, with ``over_original``, over the original."""
+    (``vmid`` 0: the next free one) or, with ``over_original``, over the original.
+
+    A copy on a new VMID is isolated (NICs unplugged, host mounts and passthrough
+    devices removed, ``onboot=0``) and left stopped unless ``start`` is true; over the
+    original, the guest is started again unless ``start`` is false."""
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
     res = restore.restore_guest(inv, guest, archive=archive, vmid=vmid,
                                 over_original=over_original, start=start, log=logger.info)
     return {"vmid": res.vmid, "node": res.node, "archive": res.archive,
-            "over_original": res.over_original, "seconds": round(res.seconds, 2)}
+            "over_original": res.over_original, "started": res.started,
+            "isolation": res.isolation, "seconds": round(res.seconds, 2)}

@@ -100,7 +100,7 @@ class _Placeholder(dict):  # type: ignore[type-arg]
 
 @task(name="runbook-step", timeout_seconds=DEFAULT_STEP_TIMEOUT)
 def run_step(lab_file: str, kind: str, spec: dict[str, Any], step_id: str, stamp: str,
-             timeout: float) -> dict[str, Any]:
+             timeout: float, made: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Do one ssh / proxmox / database / check step of a runbook."""
     logger = get_run_logger()
     inv = load_inventory(lab_file)
@@ -111,7 +111,7 @@ def run_step(lab_file: str, kind: str, spec: dict[str, Any], step_id: str, stamp
         elif kind == "proxmox":
             detail, outputs = ops.run_proxmox(lab, spec)
         elif kind == "database":
-            detail, outputs = ops.run_database(lab, spec, stamp=stamp)
+            detail, outputs = ops.run_database(lab, spec, stamp=stamp, made=made or {})
         elif kind == "check":
             detail, outputs = ops.run_check(lab, spec)
         else:
@@ -195,6 +195,9 @@ class _Runner:
         self.book, self.inv, self.lab_file, self.ctx = book, inv, lab_file, ctx
         self.stamp, self.dry_run, self.yes, self.poll = stamp, dry_run, yes, poll
         self.records: list[rb.StepRecord] = []
+        self.made: dict[str, list[str]] = {}
+        """Databases this run created (restored copies, set-aside originals), by database:
+        the only ones its swap and drop steps accept."""
         self.logger = get_run_logger()
         self.lab = ops.Lab(inv, log=self.logger.info) if dry_run else None
 
@@ -301,6 +304,8 @@ class _Runner:
             state = fn(**args, return_state=True)
             if state.is_completed():
                 rec.outputs = _flow_outputs(state.result())
+                if spec["name"] == "restore_database":
+                    self._made(str(args["database"]), rec.outputs.get("restored"))
                 rec.status = "ok"
                 rec.detail = f"flow {spec['name']} completed"
             else:
@@ -313,14 +318,20 @@ class _Runner:
         task_fn = run_step.with_options(name=f"runbook-{step.kind}", timeout_seconds=timeout,
                                         task_run_name=step.id)
         state = task_fn(self.lab_file, kind, spec, step.id, self.stamp, timeout,
-                        return_state=True)
+                        made=self.made if kind == "database" else None, return_state=True)
         if state.is_completed():
             out = state.result()
             rec.status, rec.detail, rec.outputs = "ok", out["detail"], out["outputs"]
+            if kind == "database":
+                self._made(str(spec["database"]), out["outputs"].get("aside"))
         else:
             exc = failure_of(state)
             rec.status = "failed"
             rec.detail = redact(str(exc) if exc else (state.message or state.name))
+
+    def _made(self, database: str, name: Any) -> None:
+        if name:
+            self.made.setdefault(database, []).append(str(name))
 
     def _approval(self, spec: Mapping[str, Any], rec: rb.StepRecord) -> None:
         message = str(spec["message"])

@@ -4,39 +4,44 @@ The runbook a person would follow, per app (in the order given; with ``canary`` 
 batch stops when the first app had to be rolled back):
 
 1. an unfinished update left by a crashed run? finish it first: prove health and keep
-   the update (cleaning up), or roll back to its protection;
+   the update (cleaning up), or roll back to its protection — only while its journal
+   is recent; an older one (``stale``) is reported and waits for a person, who
+   passes ``resolve="keep"`` or ``resolve="rollback"`` (or runs ``rollback-app``);
 2. preflight: outside the maintenance window → skipped; already unhealthy → not
    touched (``force`` overrides both);
 3. record the versions that run now; ``dry_run`` stops here and shows the plan;
-4. back up the app's databases, then in one Prefect transaction: protect (snapshot
-   ``labkeeper-pre-update-<run>`` / vzdump / compose image IDs) → update → health
-   gate. When the update fails or the gate stays shut, the protect task's
-   ``on_rollback`` hook rolls the guest back; the flow then proves health again;
-5. success: the new versions are recorded and old pre-update snapshots beyond
-   ``keep_snapshots`` deleted.
+4. Compose: pull first (a failed pull changes nothing: a transient error, no
+   rollback); nothing new → ``current``; only digests rolled back before → ``held``
+   (``force`` deploys them anyway);
+5. back up the app's databases, then in one Prefect transaction: protect (snapshot
+   ``labkeeper-pre-update-<app>-<id>`` / protected vzdump / compose images) → update
+   → health gate. When the update fails or the gate stays shut, the protect task's
+   ``on_rollback`` hook rolls the guest back; the flow then proves health again and
+   pins a Compose app to its good images;
+6. success: the new versions are recorded, the pin removed, old pre-update snapshots
+   beyond ``keep_snapshots`` deleted.
 
-Never two updates of one app at once: each app's update holds the global
-concurrency limit ``labkeeper-update-<app>`` (limit 1, created when missing); a run
-that cannot get it within ``lock_timeout`` skips the app.
+Never two updates of one guest at once: each app's update holds its guest's lock
+(``flock`` in the state dir; the kernel releases it when the holder dies, however it
+dies). A run that cannot get it within ``lock_timeout`` reports the app ``blocked``.
 
 The run ends ``Completed`` (``Skipped`` when nothing was due), ``RolledBack``
-(a failed-type state: an app is back on its old version, healthy), or ``Failed``.
-Artifacts ``update`` (table) and ``update-summary`` (versions before / attempted /
-after); events ``labkeeper.update.{succeeded,rolled_back,failed,skipped}``.
+(a failed-type state: an app is back on its old version, healthy), ``NotUpdated``
+(failed-type: an app is blocked, held or waits for a decision) or ``Failed``.
+Artifacts ``update`` (table) and ``update-summary`` (versions and image digests
+before / attempted / after); events ``labkeeper.update.{succeeded,rolled_back,failed,
+skipped,blocked,held,stale}``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.concurrency.sync import concurrency
 from prefect.events import emit_event
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.states import Completed, Failed, State
 from prefect.transactions import transaction
 
@@ -55,10 +60,6 @@ ARTIFACT_KEY = "update"
 
 class UpdateRunFailed(RunFailed):
     """An app's update failed or was rolled back."""
-
-
-def limit_name(app: str) -> str:
-    return f"labkeeper-update-{app}"
 
 
 def select_apps(inv: Inventory, apps: list[str] | str | None, tag: str | None) -> list[App]:
@@ -80,35 +81,24 @@ def select_apps(inv: Inventory, apps: list[str] | str | None, tag: str | None) -
     return chosen
 
 
-def ensure_limit(name: str, limit: int = 1) -> None:
-    """Create the global concurrency limit if it does not exist yet."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-            return
-        except ObjectNotFound:
-            pass
-        try:
-            client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=name, limit=limit))
-        except ObjectAlreadyExists:
-            pass
+Resolve = Literal["keep", "rollback"]
 
 
 @flow(name="update-app", log_prints=False, timeout_seconds=12 * 3600, **hooks("update"))
 def update_app_flow(apps: list[str] | None = None, tag: str | None = None,
                     lab: str | None = None, dry_run: bool = False, force: bool = False,
-                    canary: bool = False, lock_timeout: float = 10.0) -> Any:
+                    canary: bool = False, lock_timeout: float = 10.0,
+                    resolve: Resolve | None = None) -> Any:
     """Update apps (by name, by ``tag``, or all) with protection, a health gate and
     automatic rollback.
 
     ``dry_run`` checks health and shows versions and the commands without changing
-    anything; ``force`` updates outside the maintenance window and apps that are
-    unhealthy now; ``canary`` stops the batch when the first app rolled back;
-    ``lock_timeout`` is how long to wait for another update of the same app.
+    anything; ``force`` updates outside the maintenance window, apps that are
+    unhealthy now, and images that were rolled back before; ``canary`` stops the
+    batch when the first app rolled back; ``lock_timeout`` is how long to wait for
+    another update of the same guest; ``resolve`` is a person's decision for an
+    unfinished update too old to finish automatically: ``keep`` what runs, or
+    ``rollback`` to its protection.
     """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
@@ -123,11 +113,11 @@ def update_app_flow(apps: list[str] | None = None, tag: str | None = None,
             continue
         with core.timed() as elapsed:
             result = _guarded(inv, app, dry_run=dry_run, force=force,
-                              lock_timeout=lock_timeout)
+                              lock_timeout=lock_timeout, resolve=resolve)
         result.seconds = elapsed()
         results.append(result)
-        log = logger.info if result.status in ("updated", "recovered", "dry-run", "skipped") \
-            else logger.error
+        log = logger.info if result.status in ("updated", "current", "recovered", "dry-run",
+                                               "skipped") else logger.error
         log("%s: %s — %s", app.name, result.status, redact(result.detail))
         if canary and index == 0 and len(chosen) > 1 and \
                 result.status in ("rolled-back", "failed"):
@@ -137,51 +127,27 @@ def update_app_flow(apps: list[str] | None = None, tag: str | None = None,
     return _final_state(results)
 
 
-def _guarded(inv: Inventory, app: App, *, dry_run: bool, force: bool,
-             lock_timeout: float) -> core.AppResult:
-    """One app under its concurrency limit (a dry run changes nothing: no lock)."""
+def _guarded(inv: Inventory, app: App, *, dry_run: bool, force: bool, lock_timeout: float,
+             resolve: Resolve | None = None) -> core.AppResult:
+    """One app under its guest's lock (a dry run changes nothing: no lock)."""
     if dry_run:
         return _update_one(inv, app, dry_run=True, force=force)
-    name = limit_name(app.name)
-    ensure_limit(name)
-    slot = contextlib.ExitStack()
-    try:  # only taking the slot may time out here (Prefect raises a TimeoutError subclass)
-        slot.enter_context(concurrency(name, occupy=1, timeout_seconds=lock_timeout,
-                                       strict=True))
-    except TimeoutError:
-        return core.AppResult(app.name, "skipped",
-                              f"another update of {app.name} is running (limit {name})")
-    with slot:
-        return _update_one(inv, app, dry_run=False, force=force)
+    try:
+        with core.guest_lock(inv, app.guest, holder=f"update of {app.name}",
+                             timeout=lock_timeout):
+            return _update_one(inv, app, dry_run=False, force=force, resolve=resolve)
+    except core.GuestBusy as exc:
+        return core.AppResult(app.name, "blocked", f"not updated: {exc}")
 
 
-def _update_one(inv: Inventory, app: App, *, dry_run: bool, force: bool) -> core.AppResult:
-    logger = get_run_logger()
+def _update_one(inv: Inventory, app: App, *, dry_run: bool, force: bool,
+                resolve: Resolve | None = None) -> core.AppResult:
     name = app.name
     journal = core.read_journal(inv, name)
-    if journal is not None and dry_run:
-        return core.AppResult(name, "dry-run",
-                              f"run {journal.run_id} stopped after '{journal.phase}': the "
-                              "next run finishes it (proves health, keeps or rolls back) "
-                              "before any new update",
-                              protection=journal.protection.text(), before=journal.before,
-                              attempted=journal.attempted, run_id=journal.run_id)
     if journal is not None:
-        if journal.phase == "rollback-failed":
-            return core.AppResult(name, "failed",
-                                  f"an earlier rollback (run {journal.run_id}) failed: "
-                                  f"{journal.detail}; repair the app, then delete "
-                                  f"{core.journal_path(inv, name)}",
-                                  protection=journal.protection.text(), before=journal.before,
-                                  attempted=journal.attempted, run_id=journal.run_id)
-        if journal.phase == "rolled-back":
-            core.close_journal(inv, name)  # the run died after rolling back: it is done
-        elif tu.protection_exists(inv, name, journal.protection):
-            return _recover(inv, app, journal)
-        else:
-            logger.warning("%s: the journal of run %s names %s, which is gone; starting "
-                           "afresh", name, journal.run_id, journal.protection.text())
-            core.close_journal(inv, name)
+        finished = _unfinished(inv, app, journal, dry_run=dry_run, resolve=resolve)
+        if finished is not None:
+            return finished
 
     pre: core.Preflight = tu.preflight(inv, name)
     if not pre.in_window and not force:
@@ -189,45 +155,161 @@ def _update_one(inv: Inventory, app: App, *, dry_run: bool, force: bool) -> core
     if not pre.healthy and not force:
         return core.AppResult(name, "skipped", f"not updated: {pre.reason}")
     if pre.reason:
-        logger.warning("%s: forced despite: %s", name, pre.reason)
+        get_run_logger().warning("%s: forced despite: %s", name, pre.reason)
 
     versions: core.Versions = tu.record_versions(inv, name)
+    if dry_run:
+        return _dry_run(inv, app, versions)
+    timings: dict[str, float] = {}
+    offer: core.Offer | None = None
+    if core.fetches_first(app):
+        with core.timed() as took:
+            try:
+                offer = tu.fetch(inv, name, versions, retry_bad=force)
+            except core.PullFailed as exc:
+                return core.AppResult(name, "failed", f"not updated: pull failed "
+                                      f"(transient, retried): {redact(str(exc))}",
+                                      before=versions.values)
+        timings["fetch"] = took()
+        settled = _nothing_to_deploy(inv, app, versions, offer)
+        if settled is not None:
+            settled.timings = timings
+            return settled
+    return _protected_update(inv, app, versions, offer, timings)
+
+
+def _dry_run(inv: Inventory, app: App, versions: core.Versions) -> core.AppResult:
     plan = [" ".join(argv) for argv in core.update_steps(app)]
     mode = inv.rollback_mode(app)
-    if dry_run:
-        what = {"snapshot": "a snapshot", "vzdump": "a vzdump backup",
-                "compose-images": "the current image IDs", "none": "nothing"}[mode]
-        dbs = f" and back up databases {', '.join(app.databases)}" if app.databases else ""
-        return core.AppResult(name, "dry-run",
-                              f"would protect with {what}{dbs}, run {len(plan)} command(s), "
-                              f"then gate on {len(app.health)} probe(s)",
-                              protection=f"{mode} (not taken)", before=versions.values,
-                              attempted=dict(versions.planned), plan=plan)
+    what = {"snapshot": "a snapshot", "vzdump": "a protected vzdump backup",
+            "compose-images": "the current images (kept by a tag)", "none": "nothing"}[mode]
+    dbs = f" and back up databases {', '.join(app.databases)}" if app.databases else ""
+    pin = core.read_pin(inv, app.name)
+    pinned = f"; {pin.text()}" if pin else ""
+    return core.AppResult(app.name, "dry-run",
+                          f"would protect with {what}{dbs}, run {len(plan)} command(s), "
+                          f"then gate on {len(app.health)} probe(s){pinned}",
+                          protection=f"{mode} (not taken)", before=versions.values,
+                          attempted=dict(versions.planned), plan=plan)
 
+
+def _nothing_to_deploy(inv: Inventory, app: App, versions: core.Versions,
+                       offer: core.Offer) -> core.AppResult | None:
+    """The registry offers what runs (current) or only known-bad digests (held)."""
+    digests = {"before": versions.digests, "offered": offer.digests}
+    if offer.held:
+        pin = core.read_pin(inv, app.name)
+        return core.AppResult(app.name, "held",
+                              "not updated: the registry still offers "
+                              f"{core.fmt_versions(offer.held)}, rolled back before; "
+                              f"{pin.text() if pin else 'pinned'} (a new digest in the "
+                              "registry, or force, deploys again)",
+                              before=versions.values, attempted=offer.values,
+                              after=versions.values, digests=digests)
+    if offer.new:
+        return None
+    cleared = core.clear_pin(inv, app.name)
+    return core.AppResult(app.name, "current",
+                          "up to date: the registry offers what runs"
+                          + ("; pin removed" if cleared else ""),
+                          before=versions.values, after=versions.values, digests=digests)
+
+
+def _protected_update(inv: Inventory, app: App, versions: core.Versions,
+                      offer: core.Offer | None, timings: dict[str, float]) -> core.AppResult:
+    name = app.name
+    plan = [" ".join(argv) for argv in core.update_steps(app)]
     for db in app.databases:
         pg_tasks.backup_database(inv, db)
     run_id = core.new_run_id()
     gate_task = tu.gate.with_options(timeout_seconds=app.gate.deadline + 300)
     prot: core.Protection | None = None
     attempted: dict[str, str] = {}
+    clock = time.monotonic()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        timings[step] = round(now - clock, 3)
+        clock = now
+
     try:
         with transaction() as txn:
             txn.set("inv", inv)
             txn.set("app", name)
-            prot = tu.protect(inv, name, run_id, versions)
+            prot = tu.protect(inv, name, run_id, versions,
+                              offer.digests if offer is not None else None)
+            lap("protect")
             tu.run_update(inv, name)
+            lap("update")
             attempted = tu.record_attempted(inv, name, versions)
+            lap("attempted")
             gate_task(inv, name)
+            lap("gate")
     except Exception as exc:
-        return _after_rollback(inv, app, exc, prot, versions.values, attempted, run_id)
+        result = _after_rollback(inv, app, exc, prot, versions.values, attempted, run_id)
+        result.timings = timings
+        return result
 
     removed = tu.cleanup(inv, name)
     after = tu.versions_after(inv, name, versions.values)
     core.close_journal(inv, name)
-    return core.AppResult(name, "updated", "healthy after the update",
+    unpinned = core.clear_pin(inv, name)
+    lap("cleanup")
+    digests = {"before": versions.digests, "offered": offer.digests} if offer else {}
+    return core.AppResult(name, "updated", "healthy after the update"
+                          + ("; pin removed" if unpinned else ""),
                           protection=prot.text() if prot else "", before=versions.values,
                           attempted=attempted, after=after, removed=removed, run_id=run_id,
-                          plan=plan)
+                          plan=plan, digests=digests, timings=timings)
+
+
+def _unfinished(inv: Inventory, app: App, journal: core.Journal, *, dry_run: bool,
+                resolve: Resolve | None) -> core.AppResult | None:
+    """An update a crashed run left: a result when it decides this run, else None
+    (the journal was closed: go on with a fresh update)."""
+    name = app.name
+    base = core.AppResult(name, "failed", protection=journal.protection.text(),
+                          before=journal.before, attempted=journal.attempted,
+                          run_id=journal.run_id)
+    if dry_run:
+        base.status = "dry-run"
+        base.detail = (f"run {journal.run_id} stopped after '{journal.phase}': the next "
+                       "run finishes it (proves health, keeps or rolls back) before any "
+                       "new update")
+        return base
+    if journal.phase == "rollback-failed":
+        base.detail = (f"an earlier rollback (run {journal.run_id}) failed: "
+                       f"{journal.detail}; repair the app, then delete "
+                       f"{core.journal_path(inv, name)}")
+        return base
+    if journal.phase == "rolled-back":
+        core.close_journal(inv, name)  # the run died after rolling back: it is done
+        return None
+    if resolve is None and core.is_stale(journal, app):
+        return _stale(inv, app, journal, base)
+    if tu.protection_exists(inv, name, journal.protection):
+        return _recover(inv, app, journal, resolve=resolve)
+    get_run_logger().warning("%s: the journal of run %s names %s, which is gone; "
+                             "starting afresh", name, journal.run_id,
+                             journal.protection.text())
+    core.close_journal(inv, name)
+    return None
+
+
+def _stale(inv: Inventory, app: App, journal: core.Journal,
+           base: core.AppResult) -> core.AppResult:
+    """Too old to act on alone: rolling back now could throw away days of data."""
+    age = core.journal_age(journal)
+    base.status = "stale"
+    base.detail = (f"run {journal.run_id} stopped after '{journal.phase}' "
+                   f"{age / 3600:.1f} h ago (protected by {journal.protection.text()}); "
+                   "too old to finish automatically (data may have changed since): "
+                   "check the app, then run the update with resolve=keep (keep what "
+                   "runs) or resolve=rollback (back to that protection), or the "
+                   "rollback-app runbook")
+    get_run_logger().error("%s: %s", app.name, base.detail)
+    return base
 
 
 def _after_rollback(inv: Inventory, app: App, exc: BaseException,
@@ -239,6 +321,8 @@ def _after_rollback(inv: Inventory, app: App, exc: BaseException,
     journal = core.read_journal(inv, name)
     if prot is None or journal is None or journal.run_id != run_id:
         # protect itself failed: nothing was changed on the guest
+        if journal is not None and journal.run_id == run_id and journal.phase == "protecting":
+            core.close_journal(inv, name)
         return core.AppResult(name, "failed", f"not updated: protection failed: {why}",
                               before=before, run_id=run_id)
     result = core.AppResult(name, "failed", why, protection=prot.text(), before=before,
@@ -249,9 +333,13 @@ def _after_rollback(inv: Inventory, app: App, exc: BaseException,
     proof: Any = tu.gate(inv, name, raise_on_failure=False)
     result.after = tu.versions_after(inv, name, before)
     if proof.passed:
+        pin = core.pin_after_rollback(inv, journal, why)
         core.close_journal(inv, name)
         result.status = "rolled-back"
-        result.detail = f"{why}; {journal.detail}; healthy again"
+        result.detail = f"{why}; {journal.detail}; healthy again" + \
+            (f"; {pin.text()}" if pin else "")
+        if pin:
+            result.digests = {"before": pin.digests, "offered": journal.offered}
     else:
         journal.phase, journal.detail = "rollback-failed", \
             f"{journal.detail}, but still unhealthy: {proof.reason}"
@@ -260,27 +348,33 @@ def _after_rollback(inv: Inventory, app: App, exc: BaseException,
     return result
 
 
-def _recover(inv: Inventory, app: App, journal: core.Journal) -> core.AppResult:
-    """Finish the update a crashed run left behind."""
+def _recover(inv: Inventory, app: App, journal: core.Journal, *,
+             resolve: Resolve | None = None) -> core.AppResult:
+    """Finish the update a crashed run left behind (recent, or as a person decided)."""
     logger = get_run_logger()
     name = app.name
-    logger.warning("%s: run %s stopped after '%s' (protected by %s): finishing it", name,
-                   journal.run_id, journal.phase, journal.protection.text())
+    logger.warning("%s: run %s stopped after '%s' (protected by %s): finishing it%s", name,
+                   journal.run_id, journal.phase, journal.protection.text(),
+                   f" ({resolve}, as decided)" if resolve else "")
     base = core.AppResult(name, "recovered", protection=journal.protection.text(),
                           before=journal.before, attempted=journal.attempted,
                           run_id=journal.run_id)
-    if journal.phase != "rolling-back":
-        outcome: Any = tu.gate(inv, name, raise_on_failure=False)
-        if outcome.passed:
-            base.removed = tu.cleanup(inv, name)
-            base.after = tu.versions_after(inv, name, journal.before)
-            base.detail = (f"run {journal.run_id} died after '{journal.phase}'; healthy: "
-                           "kept the update")
-            core.close_journal(inv, name)
-            return base
-        why = f"run {journal.run_id} died after '{journal.phase}'; {outcome.reason}"
+    if resolve == "rollback":
+        why = f"run {journal.run_id} left '{journal.phase}'; rollback as decided"
+    elif resolve == "keep":
+        return _keep(inv, app, journal, base, "kept as decided")
     else:
-        why = f"run {journal.run_id} died while rolling back"
+        outcome: Any = tu.gate(inv, name, raise_on_failure=False)
+        if outcome.passed and journal.phase != "rolling-back":
+            return _keep(inv, app, journal, base, "healthy: kept the update")
+        if outcome.passed and _back_on_before(inv, name, journal):
+            # the rollback had finished before the run died: do not roll back again
+            journal.phase, journal.detail = "rolled-back", "the rollback had completed"
+            core.write_journal(inv, journal)
+            return _after_rollback(inv, app, core.GateFailed(
+                f"run {journal.run_id} died while rolling back"), journal.protection,
+                journal.before, journal.attempted, journal.run_id)
+        why = f"run {journal.run_id} died after '{journal.phase}'; {outcome.reason}"
     try:
         tu.rollback(inv, name)
     except Exception as exc:
@@ -288,6 +382,23 @@ def _recover(inv: Inventory, app: App, journal: core.Journal) -> core.AppResult:
         return base
     return _after_rollback(inv, app, core.GateFailed(why), journal.protection, journal.before,
                            journal.attempted, journal.run_id)
+
+
+def _keep(inv: Inventory, app: App, journal: core.Journal, base: core.AppResult,
+          how: str) -> core.AppResult:
+    base.removed = tu.cleanup(inv, app.name)
+    base.after = tu.versions_after(inv, app.name, journal.before)
+    base.detail = f"run {journal.run_id} died after '{journal.phase}'; {how}"
+    core.close_journal(inv, app.name)
+    core.clear_pin(inv, app.name)
+    return base
+
+
+def _back_on_before(inv: Inventory, name: str, journal: core.Journal) -> bool:
+    """Does the app run exactly what it ran before the update (a finished rollback)?"""
+    if not journal.before:
+        return False
+    return tu.versions_after(inv, name, journal.before) == journal.before
 
 
 # ====================================================================== reporting
@@ -306,6 +417,11 @@ def _final_state(results: list[core.AppResult]) -> Any:
         return Failed(name="RolledBack",
                       message=f"rolled back: {msg} (back on the previous version, healthy)",
                       data=UpdateRunFailed(f"rolled back: {msg}", rows))
+    not_done = [r for r in results if r.status in core.NOT_DONE]
+    if not_done:  # never a silent success: blocked, held, or waiting for a person
+        msg = "; ".join(f"{r.app}: {r.status}: {r.detail}" for r in not_done)
+        return Failed(name="NotUpdated", message=redact(msg)[:2000],
+                      data=UpdateRunFailed(redact(msg), rows))
     if results and all(r.status == "skipped" for r in results):
         return Completed(name="Skipped", message="; ".join(f"{r.app}: {r.detail}"
                                                            for r in results)[:2000],
@@ -325,8 +441,9 @@ def _report(inv: Inventory, results: list[core.AppResult], dry_run: bool) -> Non
     if dry_run:
         return
     for r in results:
-        kind = {"updated": "succeeded", "recovered": "succeeded",
-                "rolled-back": "rolled_back", "failed": "failed"}.get(r.status, "skipped")
+        kind = {"updated": "succeeded", "recovered": "succeeded", "current": "succeeded",
+                "rolled-back": "rolled_back", "failed": "failed", "blocked": "blocked",
+                "held": "held", "stale": "stale"}.get(r.status, "skipped")
         emit_event(event=f"labkeeper.update.{kind}",
                    resource={"prefect.resource.id": f"labkeeper.app.{r.app}",
                              "prefect.resource.name": r.app, "labkeeper.lab": inv.lab.name},
@@ -348,9 +465,11 @@ def _record_metrics(inv: Inventory, results: list[core.AppResult]) -> None:
         labels = {"app": r.app}
         samples += [
             metrics.Sample("labkeeper_update_success", labels,
-                           1 if r.status in ("updated", "recovered") else 0),
+                           1 if r.status in ("updated", "recovered", "current") else 0),
             metrics.Sample("labkeeper_update_rolled_back", labels,
                            1 if r.status == "rolled-back" else 0),
+            *(metrics.Sample(f"labkeeper_update_{status}", labels,
+                             1 if r.status == status else 0) for status in core.NOT_DONE),
             metrics.Sample("labkeeper_update_last_run_timestamp_seconds", labels, now),
         ]
     if samples:
@@ -362,7 +481,8 @@ def _record_metrics(inv: Inventory, results: list[core.AppResult]) -> None:
 
 def summary(results: list[core.AppResult]) -> str:
     icon = {"updated": "✅", "recovered": "♻️", "rolled-back": "↩️", "failed": "❌",
-            "skipped": "⏭️", "dry-run": "📝"}
+            "skipped": "⏭️", "dry-run": "📝", "current": "✅", "blocked": "⛔", "held": "📌",
+            "stale": "⚠️"}
     lines = ["# Application updates", "",
              "| | app | status | protection | before | attempted | after | detail |",
              "|---|---|---|---|---|---|---|---|"]
@@ -376,19 +496,41 @@ def summary(results: list[core.AppResult]) -> str:
             lines += ["", f"## {r.app}: commands", ""] + [f"    {p}" for p in r.plan]
         if r.removed:
             lines += ["", f"{r.app}: removed {', '.join(r.removed)}"]
+        lines += _digest_lines(r)
+        if r.timings:
+            lines += ["", f"{r.app}: seconds " + ", ".join(
+                f"{k} {v:.2f}" for k, v in r.timings.items())]
     return "\n".join(lines)
+
+
+def _digest_lines(r: core.AppResult) -> list[str]:
+    """The registry digests per service: before, offered by the registry, after."""
+    if not r.digests:
+        return []
+    services = sorted({svc for d in r.digests.values() for svc in d})
+    cols = list(r.digests)
+    lines = ["", f"## {r.app}: image digests", "", "| service | " + " | ".join(cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for svc in services:
+        lines.append(f"| {svc} | " + " | ".join(r.digests[c].get(svc, "-") or "-"
+                                                   for c in cols) + " |")
+    return lines
 
 
 # ====================================================================== CLI entry point
 
 
-def run_update_cli(lab: Path, apps: list[str], *, dry_run: bool, force: bool) -> int:
-    """``labkeeper update [APP...] [--dry-run] [--force]``: run the flow now.
+def run_update_cli(lab: Path, apps: list[str], *, dry_run: bool, force: bool,
+                   resolve: Resolve | None = None, lock_timeout: float = 10.0) -> int:
+    """``labkeeper update [APP...] [--dry-run] [--force] [--resolve keep|rollback]``.
 
-    Exit 0 when every app updated (or was skipped / dry run), 2 when an app was rolled
-    back (healthy on its old version), 1 on failure."""
+    Exit 0 when every app updated (or was current, skipped on purpose, dry run), 2
+    when an app was rolled back (healthy on its old version), 3 when an app was not
+    updated and needs attention (blocked by another update of its guest, held on a
+    pin, or an old unfinished update waiting for a decision), 1 on failure."""
     state: State = update_app_flow(apps=apps or None, lab=str(lab), dry_run=dry_run,
-                                   force=force, return_state=True)
+                                   force=force, resolve=resolve, lock_timeout=lock_timeout,
+                                   return_state=True)
     rows: list[dict] = []
     if state.is_completed():
         result = state.result()
@@ -402,7 +544,7 @@ def run_update_cli(lab: Path, apps: list[str], *, dry_run: bool, force: bool) ->
               f"{r['attempted']} → now {r['after']}  {r['detail']}")
     if state.is_completed():
         return 0
-    return 2 if state.name == "RolledBack" else 1
+    return {"RolledBack": 2, "NotUpdated": 3}.get(state.name or "", 1)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from labkeeper import compose
 from labkeeper.errors import CommandError, ConfigError, LabkeeperError, ServiceError
-from labkeeper.inventory import ComposeStack, Guest, Inventory, Role, RoleFile
+from labkeeper.inventory import ComposeStack, Guest, Inventory, Role, RoleFile, check_git_ref
 from labkeeper.provision import StepResult
-from labkeeper.secrets import resolve
+from labkeeper.secrets import redact, resolve
 
 DEFAULT_STATE_DIR = "/var/lib/labkeeper"
 """Where markers live on the guest (``roles/<role>.sha256``, ``compose/<project>.sha256``)."""
@@ -77,6 +78,7 @@ class Step:
     project: str = ""
     compose_file: str = ""
     env_digest: str = ""
+    docker_host: str | None = None
 
     def __repr__(self) -> str:  # never show content (may be a secret)
         return f"Step({self.kind}, {self.name!r})"
@@ -206,26 +208,47 @@ def compose_project(stack: ComposeStack) -> str:
     return stack.project or posixpath.basename(str(stack.dir).rstrip("/"))
 
 
-def compose_up_argv(stack: ComposeStack) -> tuple[str, ...]:
+def _compose_argv(stack: ComposeStack) -> tuple[str, ...]:
     d = str(stack.dir)
-    return ("docker", "compose", "--project-directory", d, "-p", compose_project(stack),
-            "-f", posixpath.join(d, stack.file), "up", "-d", "--remove-orphans")
+    return (*compose.docker_argv(stack.docker_host), "compose", "--project-directory", d,
+            "-p", compose_project(stack), "-f", posixpath.join(d, stack.file))
+
+
+def compose_up_argv(stack: ComposeStack) -> tuple[str, ...]:
+    """``up -d --wait``: deployed means running and healthy (where a healthcheck exists)."""
+    return (*_compose_argv(stack), "up", "-d", "--remove-orphans", "--wait")
 
 
 def compose_ps_argv(stack: ComposeStack) -> tuple[str, ...]:
-    return ("docker", "compose", "-p", compose_project(stack), "ps", "-q")
+    return (*_compose_argv(stack), "ps", "--all", "--format", "json")
+
+
+def compose_services_argv(stack: ComposeStack) -> tuple[str, ...]:
+    return (*_compose_argv(stack), "config", "--services")
+
+
+def engine_argv(docker_host: str | None) -> tuple[str, ...]:
+    """Asks the engine (not only the client) for its version."""
+    return (*compose.docker_argv(docker_host), "version", "--format", "{{.Server.Version}}")
 
 
 def git_argvs(stack: ComposeStack) -> dict[str, tuple[str, ...]]:
+    """The git commands of a compose checkout. ``--`` ends the options wherever a URL
+    or ref follows, and the ref is checked again here (it must never read as an
+    option such as ``--upload-pack=...``)."""
     d, url = str(stack.dir), stack.git_url or ""
     ref = stack.git_ref or "HEAD"
+    try:
+        check_git_ref(ref)
+    except ValueError as exc:
+        raise ConfigError(f"compose git_ref {ref!r}: {exc}") from None
     return {
         "head": ("git", "-C", d, "rev-parse", "HEAD"),
         "origin": ("git", "-C", d, "remote", "get-url", "origin"),
-        "remote": ("git", "ls-remote", url, ref),
+        "remote": ("git", "ls-remote", "--", url, ref),
         "clone": ("git", "clone", "--quiet", *(("--branch", stack.git_ref)
-                                                if stack.git_ref else ()), url, d),
-        "fetch": ("git", "-C", d, "fetch", "--quiet", "origin", ref),
+                                                if stack.git_ref else ()), "--", url, d),
+        "fetch": ("git", "-C", d, "fetch", "--quiet", "--", "origin", ref),
         "checkout": ("git", "-C", d, "checkout", "--quiet", "--detach", "FETCH_HEAD"),
     }
 
@@ -255,7 +278,7 @@ def role_steps(inv: Inventory, guest: Guest, role_name: str, *, base_dir: Path,
         d = str(stack.dir)
         steps.append(Step("dir", f"compose dir {d}", path=d, mode=0o750))
         if stack.git_url is not None:
-            steps.append(Step("compose-git", f"compose git {stack.git_url}", path=d,
+            steps.append(Step("compose-git", f"compose git {redact(stack.git_url)}", path=d,
                               url=stack.git_url, ref=stack.git_ref))
         elif stack.source is not None:
             src = base_dir / stack.source
@@ -284,7 +307,9 @@ def role_steps(inv: Inventory, guest: Guest, role_name: str, *, base_dir: Path,
         steps.append(Step("compose-deploy", f"compose up {project}", path=str(stack.dir),
                           project=project, compose_file=stack.file, env_digest=env_digest,
                           marker=posixpath.join(state_dir, "compose", f"{project}.sha256"),
-                          argvs=(compose_up_argv(stack), compose_ps_argv(stack))))
+                          docker_host=stack.docker_host,
+                          argvs=(compose_up_argv(stack), compose_ps_argv(stack),
+                                 compose_services_argv(stack))))
     return steps
 
 
@@ -412,9 +437,10 @@ def _git(client: Any, step: Step, timeout: float) -> StepOutcome:
     origin = _run(client, a["origin"], check=False)
     if origin.returncode != 0:
         _run(client, a["clone"], timeout=timeout)
-        return StepOutcome(step.name, "changed", f"cloned {step.url}")
+        return StepOutcome(step.name, "changed", f"cloned {redact(step.url or '')}")
     if origin.stdout.strip() != step.url:
-        raise ConfigError(f"{step.path} is a checkout of {origin.stdout.strip()}, not {step.url}")
+        raise ConfigError(f"{step.path} is a checkout of {redact(origin.stdout.strip())}, "
+                          f"not {redact(step.url or '')}")
     remote = _run(client, a["remote"], timeout=timeout).stdout.split()
     head = _run(client, a["head"]).stdout.strip()
     if remote and remote[0] == head:
@@ -433,6 +459,8 @@ def docker_problem(result: Any, host: str) -> str | None:
         return f"docker not found on {host}"
     if "unknown command" in text or "is not a docker command" in text:
         return f"docker compose not found on {host} (docker is there, its compose plugin is not)"
+    if "cannot connect to the docker daemon" in text or "is the docker daemon running" in text:
+        return f"the Docker engine on {host} does not answer: {text.strip()[:300]}"
     return f"docker compose does not work on {host}: {text.strip()[:300]}"
 
 
@@ -443,19 +471,43 @@ def _deploy(client: Any, step: Step, *, host: str, command_timeout: float) -> St
         raise ServiceError(f"{problem}: install Docker with the compose plugin (e.g. a "
                            f"docker-host role) before deploying {step.project}",
                            service="docker", transient=False)
+    engine = _run(client, engine_argv(step.docker_host), check=False)
+    if engine.returncode != 0:
+        where = step.docker_host or "the default socket"
+        raise ServiceError(f"the Docker engine on {host} does not answer at {where}: "
+                           f"{(engine.stderr or engine.stdout).strip()[-300:]}",
+                           service="docker", transient=True)
     compose_path = posixpath.join(step.path, step.compose_file)
     sums = _run(client, ("sha256sum", compose_path), check=False)
     if sums.returncode != 0:
         raise ConfigError(f"{host}: {compose_path} does not exist (compose source missing)")
     digest = _sha(f"{sums.stdout.split()[0]}:{step.env_digest}".encode())
-    up_argv, ps_argv = step.argvs
+    up_argv, ps_argv, services_argv = step.argvs
     if _read_marker(client, step.marker) == digest:
-        ps = _run(client, ps_argv, check=False)
-        if ps.returncode == 0 and ps.stdout.strip():
-            return StepOutcome(step.name, "unchanged", "stack up to date and running")
+        up = _stack_up(client, ps_argv, services_argv)
+        if up is not None:
+            return StepOutcome(step.name, "unchanged", f"stack up to date: {up}")
     _run(client, up_argv, timeout=command_timeout)
     _write_marker(client, step.marker, digest)
     return StepOutcome(step.name, "changed", f"deployed {step.project}")
+
+
+def _stack_up(client: Any, ps_argv: Sequence[str], services_argv: Sequence[str]) -> str | None:
+    """What runs when every service of the stack has a running, not unhealthy container
+    (None otherwise: the stack needs an ``up``)."""
+    services = _run(client, services_argv, check=False)
+    ps = _run(client, ps_argv, check=False)
+    if services.returncode != 0 or ps.returncode != 0:
+        return None
+    names = services.stdout.split()
+    try:
+        containers = compose.parse_ps(ps.stdout)
+    except compose.ComposeOutputError:
+        return None
+    verdict = compose.container_health(containers, names)
+    if not names or not verdict.ok or verdict.waiting:
+        return None
+    return verdict.detail
 
 
 @dataclass

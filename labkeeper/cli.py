@@ -43,6 +43,16 @@ def _mount_runbook() -> None:
 _mount_runbook()
 
 
+def _mount_init() -> None:
+    from labkeeper.cli_init import register
+
+    register(app)
+
+
+_mount_init()
+__import__("labkeeper.cli_pitr").cli_pitr.register(app)  # wal, basebackup, restore, pitr
+
+
 @app.command()
 def validate(path: Annotated[Path, typer.Argument(help="Inventory file to check.")]) -> None:
     """Check an inventory; print every problem (file:line field: message) at once."""
@@ -52,6 +62,11 @@ def validate(path: Annotated[Path, typer.Argument(help="Inventory file to check.
     if problems:
         print(problems_report(problems), file=sys.stderr)
         raise typer.Exit(1)
+    from labkeeper.inventory import load_inventory
+    from labkeeper.inventory_warnings import warnings
+
+    for w in warnings(load_inventory(path)):
+        print(f"{path}: warning: {w}", file=sys.stderr)
     console.print(f"{path}: ok")
 
 
@@ -252,13 +267,21 @@ def update(apps: Annotated[list[str] | None, typer.Argument(help="Apps (default:
            lab: LabOption = Path("lab.yaml"),
            dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would happen; "
                                                  "change nothing.")] = False,
-           force: Annotated[bool, typer.Option("--force", help="Update even when unhealthy "
-                                               "or outside the window.")] = False) -> None:
+           force: Annotated[bool, typer.Option("--force", help="Update even when unhealthy, "
+                                               "outside the window, or to an image that "
+                                               "was rolled back before.")] = False,
+           resolve: Annotated[str | None, typer.Option(
+               "--resolve", help="An unfinished update too old to finish automatically: "
+               "'keep' what runs, or 'rollback' to its protection.")] = None) -> None:
     """Update apps: protect, update, prove health, roll back automatically.
-    Exit 0 updated/skipped, 2 rolled back (healthy on the old version), 1 failed."""
+    Exit 0 updated/current/skipped, 2 rolled back (healthy on the old version), 3 not
+    updated and needs attention (blocked, held, stale), 1 failed."""
     from flows.update import run_update_cli
 
-    raise typer.Exit(run_update_cli(lab, list(apps or []), dry_run=dry_run, force=force))
+    if resolve not in (None, "keep", "rollback"):
+        raise typer.BadParameter("--resolve takes keep or rollback")
+    raise typer.Exit(run_update_cli(lab, list(apps or []), dry_run=dry_run, force=force,
+                                    resolve=resolve))  # type: ignore[arg-type]
 
 
 drill_app = typer.Typer(no_args_is_help=True,
@@ -296,9 +319,9 @@ def status(lab: LabOption = Path("lab.yaml"),
         raise typer.Exit(2) from None
     errors: list[tuple[str, str]] = []
     try:
-        from tasks.history import failed_runs
+        from tasks.history import failed_runs, late_runs
 
-        runs = failed_runs(days)
+        runs = failed_runs(days) + late_runs()
     except Exception as exc:  # no Prefect server reachable: say so, still report
         runs, errors = [], [("prefect", f"run history not readable: {exc}")]
     facts = st.gather(inv, failed_runs=runs)

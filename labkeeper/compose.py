@@ -29,7 +29,9 @@ from labkeeper.inventory import AppCompose
 
 COMPOSE = ("docker", "compose")
 ROLLBACK_OVERRIDE = ".labkeeper-rollback.yaml"
-"""The override file (in the compose dir) that pins services to their old images."""
+"""The override file earlier versions wrote to pin services (never read again: a plain
+``up -d`` undid the rollback). A rollback now re-tags the old images onto the
+references the compose file names, and removes this file when it finds it."""
 
 Health = Literal["", "starting", "healthy", "unhealthy"]
 
@@ -37,10 +39,15 @@ Health = Literal["", "starting", "healthy", "unhealthy"]
 # --------------------------------------------------------------------------- argv
 
 
+def docker_argv(docker_host: str | None = None) -> tuple[str, ...]:
+    """``docker``, with ``--host H`` when the engine is not on the default socket."""
+    return (COMPOSE[0], "--host", docker_host) if docker_host else (COMPOSE[0],)
+
+
 def base_argv(cfg: AppCompose, *, extra_files: Sequence[str] = ()) -> tuple[str, ...]:
-    """``docker compose --project-directory DIR -f DIR/FILE [-f X...] [-p PROJECT]``."""
-    argv: list[str] = [*COMPOSE, "--project-directory", str(cfg.dir),
-                       "-f", f"{cfg.dir}/{cfg.file}"]
+    """``docker [--host H] compose --project-directory DIR -f DIR/FILE [-f X...] [-p P]``."""
+    argv: list[str] = [*docker_argv(cfg.docker_host), COMPOSE[1], "--project-directory",
+                       str(cfg.dir), "-f", f"{cfg.dir}/{cfg.file}"]
     for extra in extra_files:
         argv += ["-f", extra if extra.startswith("/") else f"{cfg.dir}/{extra}"]
     if cfg.project:
@@ -72,13 +79,34 @@ def images_argv(cfg: AppCompose) -> tuple[str, ...]:
     return (*base_argv(cfg), "images", "--format", "json")
 
 
+def config_argv(cfg: AppCompose) -> tuple[str, ...]:
+    """The resolved stack as JSON (the image reference each service names)."""
+    return (*base_argv(cfg), "config", "--format", "json")
+
+
+def parse_config_images(text: str) -> dict[str, str]:
+    """``config --format json`` -> service → image reference (services without one,
+    e.g. build-only, are left out). ``ps`` is no substitute: once a tag moves away from
+    a running container's image, ``ps`` shows the image ID."""
+    docs = _json_documents(text)
+    if len(docs) != 1 or not isinstance(docs[0], dict):
+        raise ComposeOutputError("config: not one JSON object")
+    services = docs[0].get("services") or {}
+    if not isinstance(services, dict):
+        raise ComposeOutputError("config: services is not an object")
+    return {str(name): str(svc["image"]) for name, svc in services.items()
+            if isinstance(svc, dict) and svc.get("image")}
+
+
 def git_pull_argv(cfg: AppCompose) -> tuple[str, ...]:
     """Fast-forward the stack's git checkout (only for apps with ``git_url``)."""
     return ("git", "-C", str(cfg.dir), "pull", "--ff-only")
 
 
 def update_steps(cfg: AppCompose) -> list[tuple[str, ...]]:
-    """The compose update: (git pull), pull, up -d (--remove-orphans)."""
+    """The compose update as a person would type it: (git pull), pull, up -d
+    (--remove-orphans); labkeeper runs the first pull before protecting (see
+    :func:`in_transaction_steps`)."""
     steps: list[tuple[str, ...]] = []
     if cfg.git_url:
         steps.append(git_pull_argv(cfg))
@@ -88,21 +116,69 @@ def update_steps(cfg: AppCompose) -> list[tuple[str, ...]]:
     return steps
 
 
+def in_transaction_steps(cfg: AppCompose) -> list[tuple[str, ...]]:
+    """What the update runs once the images were fetched (:func:`pull_argv` runs
+    first, before anything is protected or changed): ``up -d``; with ``git_url`` the
+    checkout is fast-forwarded first and pulled again (its compose file may name new
+    images)."""
+    steps: list[tuple[str, ...]] = []
+    if cfg.git_url:
+        steps.append(git_pull_argv(cfg))
+        if cfg.pull:
+            steps.append(pull_argv(cfg))
+    steps.append(up_argv(cfg))
+    return steps
+
+
 def rollback_up_argv(cfg: AppCompose) -> tuple[str, ...]:
-    """``up -d`` with the pinning override and no pulling (the old images are local)."""
-    return up_argv(cfg, extra_files=(ROLLBACK_OVERRIDE,), pull="never")
+    """``up -d`` without pulling: the references were re-tagged onto the old images."""
+    return up_argv(cfg, pull="never")
 
 
-def pin_override(image_ids: Mapping[str, str]) -> str:
-    """An override file pinning each service to an image ID (``sha256:...``).
+# --- plain docker commands on the guest's engine (images, tags)
 
-    Image IDs are content addresses on the guest; the images an update replaced stay
-    on disk (dangling) until pruned, so ``up --pull never`` with this override brings
-    back exactly what ran before the update."""
-    if not image_ids:
-        raise ValueError("no services to pin")
-    services = {svc: {"image": image_ids[svc]} for svc in sorted(image_ids)}
-    return json.dumps({"services": services}, indent=2) + "\n"  # JSON is valid YAML
+
+def image_inspect_argv(cfg: AppCompose, *refs: str) -> tuple[str, ...]:
+    """``docker image inspect REF...`` (a JSON array of those found; exit 1 when one is
+    absent)."""
+    return (*docker_argv(cfg.docker_host), "image", "inspect", *refs)
+
+
+def tag_argv(cfg: AppCompose, source: str, target: str) -> tuple[str, ...]:
+    return (*docker_argv(cfg.docker_host), "tag", source, target)
+
+
+def docker_pull_argv(cfg: AppCompose, ref: str) -> tuple[str, ...]:
+    """``docker pull --quiet REF`` (e.g. ``repo@sha256:...``: an image by its digest)."""
+    return (*docker_argv(cfg.docker_host), "pull", "--quiet", ref)
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """``registry:5000/repo:tag`` -> (``registry:5000/repo``, ``tag``); a digest
+    reference ``repo@sha256:x`` -> (``repo``, ``sha256:x``); no tag -> (repo, "")."""
+    if "@" in ref:
+        repo, _, digest = ref.partition("@")
+        return repo, digest
+    head, sep, tail = ref.rpartition(":")
+    if sep and "/" not in tail:
+        return head, tail
+    return ref, ""
+
+
+KEEP_TAG_PREFIX = "labkeeper-keep-"
+
+
+def keep_ref(ref: str, app: str, service: str) -> str:
+    """The tag that keeps the image a rollback needs from being pruned:
+    ``REPO:labkeeper-keep-<app>-<service>`` (a valid tag: at most 128 letters, digits, `_.-`)."""
+    repo, _ = split_ref(ref)
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{KEEP_TAG_PREFIX}{app}-{service}")[:128]
+    return f"{repo}:{tag}"
+
+
+def digest_ref(ref: str, digest: str) -> str:
+    """``REPO@sha256:...``: the image by its registry digest."""
+    return f"{split_ref(ref)[0]}@{digest}"
 
 
 # --------------------------------------------------------------------------- models
@@ -187,6 +263,35 @@ class ImageRow(_Tolerant):
             return self.id
         return f"{self.repository}:{self.tag}" if self.tag and self.tag != "<none>" \
             else self.repository
+
+
+class ImageInfo(_Tolerant):
+    """One entry of ``docker image inspect`` (the fields labkeeper reads)."""
+
+    id: str = Field("", alias="Id")
+    repo_tags: list[str] = Field(default_factory=list, alias="RepoTags")
+    repo_digests: list[str] = Field(default_factory=list, alias="RepoDigests")
+
+    @field_validator("repo_tags", "repo_digests", mode="before")
+    @classmethod
+    def _list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    def digest_for(self, ref: str) -> str:
+        """The registry digest (``sha256:...``) of this image in ``ref``'s repository,
+        else the only one it has; "" when it never came from a registry."""
+        repo, _ = split_ref(ref)
+        digests = [split_ref(d) for d in self.repo_digests if "@" in d]
+        for r, digest in digests:
+            if r == repo:
+                return digest
+        return digests[0][1] if len(digests) == 1 else ""
+
+
+def parse_image_inspect(text: str) -> list[ImageInfo]:
+    """``docker image inspect`` output: a JSON array (``[]`` when nothing was found)."""
+    return [ImageInfo.model_validate(row)
+            for row in _flatten(_json_documents(text), "image inspect")]
 
 
 def parse_labels(value: Any) -> dict[str, str]:

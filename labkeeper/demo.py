@@ -35,7 +35,8 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def run_demo(workdir: Path, *, wait: bool, port: int, console: Console) -> int:
+def run_demo(workdir: Path, *, wait: bool, port: int, console: Console,
+             docker: bool = True) -> int:
     started = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
     if (workdir / "lab" / "pids.json").exists():
@@ -44,16 +45,18 @@ def run_demo(workdir: Path, *, wait: bool, port: int, console: Console) -> int:
         return 2
     # A fresh lab each time (the Prefect run history in <dir>/prefect is kept).
     shutil.rmtree(workdir / "lab", ignore_errors=True)
-    lab = LocalLab(workdir / "lab")
+    lab = LocalLab(workdir / "lab", docker=docker)
     server = LocalPrefectServer(workdir / "prefect",
                                 port=port if _port_free(port) else free_port())
     failures = 0
     served: Service | None = None
     try:
         console.rule("labkeeper demo")
-        console.print("starting the local lab (PostgreSQL, S3, sshd, Proxmox simulator)…")
+        console.print("starting the local lab (PostgreSQL, S3, sshd, Proxmox simulator"
+                      + (", Docker engine, registry)…" if docker else ")…"))
         lab.start()
         console.print(f"  inventory: {lab.inventory_path}")
+        _say_docker(lab, console, docker)
         for name, pid in lab.pids().items():
             console.print(f"  {name}: pid {pid}")
         console.print("starting a Prefect server…")
@@ -92,6 +95,17 @@ def run_demo(workdir: Path, *, wait: bool, port: int, console: Console) -> int:
         server.stop()
         lab.stop()
     return 1 if failures else 0
+
+
+def _say_docker(lab: LocalLab, console: Console, wanted: bool) -> None:
+    if lab.docker is not None and lab.images is not None:
+        built = sum(v for k, v in lab.images.seconds.items() if k != "rootfs_bytes")
+        console.print(f"  Docker engine: {lab.docker.host} (client {lab.docker.client}, "
+                      f"started in {lab.docker.start_seconds:.1f} s); registry "
+                      f"{lab.images.registry}; app images built in {built:.1f} s")
+    elif wanted:
+        console.print("[yellow]  Docker engine: not available, the Compose update is skipped "
+                      f"and the rest runs. Why:[/]\n{lab.docker_error}")
 
 
 def serve_deployments(lab: LocalLab, server: LocalPrefectServer, env: dict[str, str],
@@ -172,6 +186,7 @@ def jobs(lab: LocalLab) -> list[Job]:
             expect=frozenset({2}), why="`bad` was rolled back from its pre-update snapshot "
                                        "and is healthy on 1.0 again",
             before=lab.prepare_apps),
+        *_compose_jobs(lab, cli, inv),
         Job("drill: restore appdb for real into a scratch database, verify, time it",
             (*cli, "drill", "run", "db:appdb", "--lab", inv)),
         Job("drill: restore the proxy guest's latest vzdump into a scratch VMID, boot it",
@@ -186,3 +201,16 @@ def jobs(lab: LocalLab) -> list[Job]:
             (*cli, "repo", "maintain", "--lab", inv, "--dry-run")),
         Job("status: is my lab safe?", (*cli, "status", "--lab", inv)),
     ]
+
+
+def _compose_jobs(lab: LocalLab, cli: tuple[str, ...], inv: str) -> list[Job]:
+    """The Compose update on the real engine (none when the engine is not there)."""
+    if lab.images is None:
+        return []
+    return [Job(
+        "update (Compose, real Docker engine): `compose-good` pulls version 2 and passes; "
+        "`compose-bad` pulls a broken version 2, fails its gate and is rolled back",
+        (*cli, "update", "compose-good", "compose-bad", "--lab", inv),
+        expect=frozenset({2}), why="`compose-bad` was rolled back to its previous image and "
+                                   "is healthy on version 1 again",
+        before=lab.prepare_compose_apps)]

@@ -8,11 +8,12 @@ and retries; ``flows/doctor.py`` runs them all and publishes the table.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from labkeeper import b2, postgres, restic
+from labkeeper import b2, inventory_warnings, postgres, restic
 from labkeeper.inventory import Inventory
 from labkeeper.secrets import redact, resolve
 
@@ -37,7 +38,8 @@ class CheckResult:
 class CheckSpec:
     """One check to run: which function, on which target."""
 
-    check: Literal["proxmox", "ssh", "database", "repository", "bucket"]
+    check: Literal["proxmox", "ssh", "database", "repository", "bucket", "config",
+                   "restic"]
     target: str
 
 
@@ -48,6 +50,9 @@ def plan_checks(inv: Inventory) -> list[CheckSpec]:
     specs += [CheckSpec("database", db.name) for db in inv.databases]
     specs += [CheckSpec("repository", r.name) for r in inv.repositories]
     specs += [CheckSpec("bucket", r.name) for r in inv.repositories if r.s3 is not None]
+    specs += [CheckSpec("restic", host) for host in restic_hosts(inv)]
+    specs += [CheckSpec("config", t) for t in dict.fromkeys(
+        w.target for w in inventory_warnings.warning_items(inv))]
     return specs
 
 
@@ -58,12 +63,16 @@ def _ms(started: float) -> int:
 def check_database(inv: Inventory, name: str) -> CheckResult:
     started = time.monotonic()
     db = inv.database(name)
-    conn = postgres.Conn(host=db.host or "", port=db.port, dbname=db.dbname, user=db.user,
-                         password=resolve(db.password) if db.password else None,
-                         sslmode=db.sslmode)
+    from labkeeper import pg_backup, pg_container
+
+    # The client that can dump this server (the container's own, or the installed
+    # one matching its major version): none installed fails here, naming the package.
+    conn = pg_container.matching(pg_backup.conn_for(inv, db))
     info = postgres.server_info(conn, timeout=30)
+    client = conn.client.where or conn.client.bindir or "PATH"
     return CheckResult("database", name, "ok", _ms(started),
-                       f"PostgreSQL {info.version}, {info.database_size / 1e6:.1f} MB")
+                       f"PostgreSQL {info.version}, {info.database_size / 1e6:.1f} MB, "
+                       f"client: {client}")
 
 
 def repo_for(inv: Inventory, name: str, *, cache_dir: str | None = None) -> restic.Repo:
@@ -133,12 +142,69 @@ def check_proxmox(inv: Inventory, name: str) -> CheckResult:
                        f"Proxmox VE {ver}, nodes: {', '.join(nodes)}")
 
 
+def check_config(inv: Inventory, target: str) -> CheckResult:
+    """The inventory's warnings about ``target`` (:mod:`labkeeper.inventory_warnings`:
+    unverified TLS to PostgreSQL, plain HTTP to a repository) as a ``warn`` row."""
+    found = [w.text for w in inventory_warnings.warning_items(inv) if w.target == target]
+    if not found:
+        return CheckResult("config", target, "ok", 0, "no warning")
+    return CheckResult("config", target, "warn", 0, "; ".join(found))
+
+
+LOCAL = "local"
+"""The restic check's target for this machine (the controller's restic)."""
+
+
+def restic_hosts(inv: Inventory) -> list[str]:
+    """Every host that runs restic: this machine (when there is a repository), then
+    each path-backup host."""
+    hosts = [LOCAL] if inv.repositories else []
+    return hosts + sorted({pb.host for pb in inv.path_backups})
+
+
+def _restic_features(v: restic.ResticVersion) -> str:
+    if v.exit_codes:
+        return "exit codes 10-12, JSON errors, --retry-lock"
+    if v.retry_lock:
+        return "--retry-lock; fatal errors exit 1 (told apart by their message)"
+    return "no --retry-lock; fatal errors exit 1 (told apart by their message)"
+
+
+def check_restic(inv: Inventory, target: str) -> CheckResult:
+    """The restic version on ``target``: :data:`LOCAL` (the restic labkeeper runs here:
+    ``$LABKEEPER_RESTIC`` or ``restic`` on PATH), or a path-backup host over SSH (each
+    distinct ``restic_binary`` of its path sets). Missing or older than
+    :data:`labkeeper.path_backup.MIN_RESTIC`: fail, saying what to install."""
+    from labkeeper import path_backup, ssh
+
+    started = time.monotonic()
+    if target == LOCAL:
+        v = restic.version_info()
+        if (v.major, v.minor, v.patch) < path_backup.MIN_RESTIC:
+            return CheckResult("restic", target, "fail", _ms(started),
+                               f"restic {v} is too old; {path_backup.INSTALL_HINT}")
+        where = shutil.which(restic.default_binary()) or restic.default_binary()
+        return CheckResult("restic", target, "ok", _ms(started),
+                           f"restic {v} at {where} ({_restic_features(v)})")
+    uses = sorted({(pb.restic_binary, pb.sudo) for pb in inv.path_backups
+                   if pb.host == target})
+    spec = ssh.SshTarget.from_spec(inv.ssh_targets()[target])
+    found = []
+    with ssh.connect(spec) as client:
+        for binary, sudo in uses:
+            version = path_backup.Remote(client, binary, {}, sudo).version()
+            found.append(f"restic {version} ({binary}{', sudo' if sudo else ''})")
+    return CheckResult("restic", target, "ok", _ms(started), "; ".join(found))
+
+
 CHECKS = {
     "proxmox": check_proxmox,
     "ssh": check_ssh,
     "database": check_database,
     "repository": check_repository,
     "bucket": check_bucket,
+    "config": check_config,
+    "restic": check_restic,
 }
 
 

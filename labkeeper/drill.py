@@ -44,7 +44,9 @@ may go away on retry — a repository backend that is down — is marked ``trans
    (checked against the cluster and the inventory; never ``force``) with the
    marker, only the drill's tag (the original's tags could let tag-selected jobs
    pick the copy up), ``onboot=0`` and ``protection=0``; every NIC detached (or
-   moved to the isolated ``drills.guests.bridge``); started.
+   moved to the isolated ``drills.guests.bridge``); bind/device mount points and
+   passthrough devices deleted (:func:`labkeeper.proxmox.host_bound_keys`: the copy
+   must not write the original's host directories or grab its devices); started.
 3. **Up?** ``check: status``: PVE says it runs within ``boot_timeout``. ``ssh``: it
    runs and an SSH login (the guest's ssh settings) to ``drill.address`` — the
    copy's address on the drill bridge — succeeds. ``probe``: it runs and the
@@ -83,12 +85,12 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from labkeeper import health, pg_backup, postgres, process, restic
+from labkeeper import health, pg_backup, pg_container, postgres, process, restic
 from labkeeper.errors import (
     CommandError,
     ConfigError,
@@ -305,8 +307,8 @@ def psql_restore_argv(conn: postgres.Conn) -> tuple[str, ...]:
     """psql applying a plain dump from stdin. No ON_ERROR_STOP: every statement is
     tried and every error is reported on stderr, where the drill classifies it
     (a role missing on the drill server is expected; anything else fails the drill)."""
-    return ("psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=0",
-            *conn.conn_args(), "-f", "-")
+    return conn.argv(("psql", "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=0",
+                      *conn.conn_args(), "-f", "-"))
 
 
 PG_RESTORE_CODES = ExitCodeTable("pg_restore", {
@@ -318,7 +320,7 @@ PG_RESTORE_CODES = ExitCodeTable("pg_restore", {
 
 def pg_restore_argv(conn: postgres.Conn) -> tuple[str, ...]:
     """pg_restore of a custom-format archive from stdin (serial: a pipe cannot seek)."""
-    return ("pg_restore", "--no-password", *conn.conn_args())
+    return conn.argv(("pg_restore", "--no-password", *conn.conn_args()))
 
 
 def restore_argv(repo: restic.Repo, snapshot_id: str, target: str,
@@ -407,7 +409,11 @@ def judge_smoke(query: SmokeQuery, rows: list[list[str]]) -> tuple[bool, str]:
 
 def drill_conn(inv: Inventory, server: DrillServer, dbname: str | None = None
                ) -> postgres.Conn:
-    """Connection to a drill server (``local``: libpq's PGHOST/PGPORT or the socket)."""
+    """Connection to a drill server (``local``: libpq's PGHOST/PGPORT or the socket;
+    ``container``: its tools run in the container)."""
+    if server.container is not None:
+        return pg_container.drill_container_conn(inv, server, dbname=dbname,
+                                                 timeout=24 * 3600)
     if server.host is not None:
         host = server.host
     elif server.guest is not None:
@@ -553,11 +559,20 @@ def _database_drill(inv: Inventory, db: Database, result: DrillResult, *, keep: 
         f"{_dur(result.rpo_s)} (objective {_dur(result.rpo_objective_s)})")
     result.check("backup", True, f"backup {backup.backup_id} from "
                                  f"{manifest.created_at.isoformat(timespec='seconds')}")
+    # The manifest names its dump by id: full since ids were made canonical, restic
+    # 0.14's short one in manifests written before; same_id accepts both.
+    result.check("manifest names dump", restic.same_id(manifest.dump.snapshot_id, backup.dump.id),
+                 f"manifest's dump snapshot {restic.short_id(manifest.dump.snapshot_id)}, "
+                 f"dump snapshot {restic.short_id(backup.dump.id)}")
 
     drill_server = inv.drill_server(db.drill.server)
-    admin = drill_conn(inv, drill_server)
+    # The drill server's own client (or the matching installed one), and a server at
+    # least as new as the dump's.
+    admin = pg_container.check_restore_target(
+        manifest.server_version, pg_container.matching(drill_conn(inv, drill_server)),
+        f"drill server {drill_server.name}")
     scratch = scratch_db_name(name)
-    scratch_conn = drill_conn(inv, drill_server, dbname=scratch)
+    scratch_conn = replace(drill_conn(inv, drill_server, dbname=scratch), client=admin.client)
     where = f"{scratch} on drill server {drill_server.name} ({admin.host}:{admin.port})"
     restore_started = time.monotonic()
     created = False
@@ -943,11 +958,14 @@ def _guest_drill(px: Any, api: Any, inv: Inventory, guest: Guest, spec: GuestDri
         result.check("restore", True, f"{archive.volid} → VMID {vmid}")
         config = px.guest_config(api, target_node, vmid, gtype)
         options, delete = isolate_network(config.values, settings.bridge)
-        if options or delete:
-            px.configure(api, target_node, vmid, gtype, options, delete=delete)
+        host_bound = px.host_bound_keys(config.values)
+        if options or delete or host_bound:
+            px.configure(api, target_node, vmid, gtype, options, delete=[*delete, *host_bound])
         isolation = (f"NICs on isolated bridge {settings.bridge}" if settings.bridge
                      else f"{len(delete)} NIC(s) detached" if delete else "no NIC")
         result.check("network isolated", True, isolation)
+        result.check("host mounts/devices removed", True,
+                     ", ".join(host_bound) if host_bound else "none in the archive")
         up = px.start_guest(api, target_node, vmid, gtype)
         px.wait_for_task(api, up, timeout=settings.boot_timeout, max_poll=poll)
         deadline = time.monotonic() + settings.boot_timeout

@@ -41,7 +41,6 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -56,8 +55,13 @@ from pydantic import (
     model_validator,
 )
 
+from labkeeper import inventory_sites
 from labkeeper.errors import ConfigError
+from labkeeper.inventory_pitr import PitrServer
+from labkeeper.inventory_sites import SiteName, Sites
 from labkeeper.secrets import SecretRef, check_reference
+from labkeeper.yaml_loader import Document as _Document
+from labkeeper.yaml_loader import Problem, UnreadableFile, format_path, read_source
 
 __all__ = [
     "App",
@@ -248,10 +252,49 @@ def _check_git_url(value: str) -> str:
         return value
     if _SCP_GIT.fullmatch(value):
         return value
-    raise ValueError("must be a git URL (https://, ssh://, git:// or user@host:path)")
+    if parts.scheme == "file" and not parts.netloc and parts.path.startswith("/"):
+        return value  # a repository on the guest itself (a mount, a local mirror)
+    raise ValueError("must be a git URL (https://, ssh://, git://, file:///path "
+                     "or user@host:path)")
 
 
 GitUrl = Annotated[str, AfterValidator(_check_git_url)]
+
+_GIT_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
+
+
+def check_git_ref(value: str) -> str:
+    """A branch, tag or commit: never an option (``--upload-pack=...``), a refspec
+    (``a:b``, ``+a``) or a reflog expression (``@{...}``)."""
+    if (not _GIT_REF.fullmatch(value) or ".." in value or "//" in value
+            or value.endswith(("/", ".", ".lock"))):
+        raise ValueError("must be a branch, tag or commit: letters, digits, '.', '_', '-', "
+                         "'/', starting with a letter or digit")
+    return value
+
+
+GitRef = Annotated[str, AfterValidator(check_git_ref)]
+
+
+def _check_docker_host(value: str) -> str:
+    """``unix:///abs/path``, ``tcp://host:port`` or ``ssh://[user@]host[:port]``."""
+    parts = urlsplit(value)
+    if parts.scheme == "unix" and not parts.netloc and parts.path.startswith("/") \
+            and ".." not in PurePosixPath(parts.path).parts:
+        return value
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if parts.scheme == "tcp" and parts.hostname and port and parts.path in ("", "/"):
+        return value
+    if parts.scheme == "ssh" and parts.hostname and parts.path in ("", "/"):
+        return value
+    raise ValueError("must be unix:///abs/path.sock, tcp://host:port or ssh://[user@]host[:port]")
+
+
+DockerHost = Annotated[str, AfterValidator(_check_docker_host)]
+"""Where the docker CLI finds the engine (``docker --host``), e.g. a rootless socket."""
 
 
 def _check_fingerprint(value: str) -> str:
@@ -481,6 +524,10 @@ class Settings(_Model):
     cache_dir: AbsPath | None = None
     """restic cache root (one sub-directory per repository); default ``state_dir/cache``."""
     work_pool: Name = "homelab"
+    sites: Sites = {}
+    """Several machines: each site's worker and queue (labkeeper/inventory_sites.py)."""
+    default_site: SiteName | None = None
+    """Where jobs without ``site:`` run; default: the first site."""
     metrics: Metrics = Metrics()
     provision: ProvisionSettings = ProvisionSettings()
 
@@ -859,7 +906,8 @@ class Guest(_Model):
     node: NodeName
     template: Annotated[str | None, BeforeValidator(_int_to_str)] = None
     """LXC: an ostemplate volid (``local:vztmpl/debian-12-...tar.zst``);
-    QEMU: the vmid of the template to clone. Required unless ``state: absent``."""
+    QEMU: the vmid of the template to clone. Required unless ``state: absent`` or
+    ``managed: false``."""
     full_clone: bool = True
     """QEMU: full clone (True) or linked clone."""
     resources: Resources
@@ -883,6 +931,11 @@ class Guest(_Model):
     cleanup_on_failure: Literal["destroy", "report"] | None = None
     """Override of settings.provision.cleanup_on_failure."""
     drill: GuestDrill | None = None
+    managed: bool = True
+    """False: provisioning leaves this guest alone (never creates, changes or destroys
+    it; ``provision plan`` lists it as unmanaged). The inventory still describes it
+    for backups, drills and apps. ``labkeeper init`` writes this for templates and
+    guests it cannot describe faithfully, with the reason in a comment."""
 
     @property
     def template_vmid(self) -> int | None:
@@ -913,7 +966,7 @@ class Guest(_Model):
 
     @model_validator(mode="after")
     def _per_type(self) -> Guest:
-        if self.state == "present" and self.template is None:
+        if self.state == "present" and self.managed and self.template is None:
             raise ValueError("template is required (lxc: ostemplate volid; qemu: template vmid)")
         if self.template is not None:
             if self.type == "lxc" and not _VOLID.fullmatch(self.template):
@@ -971,9 +1024,11 @@ class ComposeStack(_Model):
     """Compose project name; default: the directory's name."""
     file: RelPath = "compose.yaml"
     git_url: GitUrl | None = None
-    git_ref: str | None = None
+    git_ref: GitRef | None = None
     source: RelPath | None = None
     """A directory in this repository copied to ``dir`` (instead of git_url)."""
+    docker_host: DockerHost | None = None
+    """The engine's address when not the default socket (``docker --host``)."""
     environment: dict[EnvName, str] = {}
     """Plain ``.env`` entries."""
     secrets: dict[EnvName, Secret] = {}
@@ -1039,6 +1094,28 @@ class DatabaseDrill(_Model):
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
 
+ContainerName = _regex_type(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", "a Docker container name")
+
+LOCAL_DOCKER_HOST = "localhost"
+"""``host:`` of a containerised database whose engine is on the worker itself: its
+``docker`` runs here, without SSH."""
+
+
+class DatabaseContainer(_Model):
+    """PostgreSQL inside a container with no published port (an app's ``*_postgres``):
+    the client tools run in the container (``docker exec``), on the SSH host or guest
+    named by the database's ``host``/``guest`` (``host: localhost``: this worker)."""
+
+    name: ContainerName
+    docker_host: DockerHost | None = None
+    """The engine's address when not the default socket (``docker --host``)."""
+    pghost: str = "/var/run/postgresql"
+    """Where the tools connect inside the container: its socket directory (the
+    default: peer/trust auth as ``exec_user``) or an address such as 127.0.0.1."""
+    exec_user: UserName = "postgres"
+    """``docker exec -u``: the OS user the tools run as inside the container."""
+
+
 class Database(_Model):
     """A PostgreSQL database backed up with pg_dump into a restic repository."""
 
@@ -1046,6 +1123,9 @@ class Database(_Model):
     host: HostAddr | None = None
     guest: GuestName | None = None
     """Instead of ``host``: the guest running PostgreSQL (its address is used)."""
+    container: DatabaseContainer | None = None
+    """PostgreSQL runs in this container on ``host``/``guest`` (then the SSH target
+    where ``docker exec`` runs; ``host: localhost``: this worker)."""
     port: Port = 5432
     dbname: PgIdent | None = None
     """Default: ``name``."""
@@ -1058,6 +1138,8 @@ class Database(_Model):
     """Default: the only repository, when there is exactly one."""
     format: Literal["plain", "custom"] = "plain"
     """plain deduplicates best in restic (see issue 4)."""
+    site: SiteName | None = None
+    """The site whose worker backs it up (``settings.sites``); default: the default site."""
     globals: bool = True
     """Also back up ``pg_dumpall --globals-only`` for this server."""
     schedule: Cron = "0 2 * * *"
@@ -1084,6 +1166,9 @@ class DrillServer(_Model):
     host: HostAddr | None = None
     guest: GuestName | None = None
     """Neither host nor guest: libpq defaults of the worker (PGHOST, unix socket)."""
+    container: DatabaseContainer | None = None
+    """The drill server runs in this container on ``host``/``guest`` (as for
+    :attr:`Database.container`)."""
     port: Port = 5432
     user: PgIdent = "postgres"
     password: Secret | None = None
@@ -1094,6 +1179,8 @@ class DrillServer(_Model):
     def _where(self) -> DrillServer:
         if self.host is not None and self.guest is not None:
             raise ValueError("set host or guest, not both")
+        if self.container is not None and self.host is None and self.guest is None:
+            raise ValueError("container needs host or guest (where docker runs)")
         return self
 
 
@@ -1419,6 +1506,8 @@ class VzdumpJob(_Model):
     native: bool = False
     """Also mirror as a Proxmox /cluster/backup job (``labkeeper vzdump sync-jobs``)."""
     enabled: bool = True
+    site: SiteName | None = None
+    """The site whose worker runs this job (``settings.sites``)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -1460,6 +1549,8 @@ class AppCompose(_Model):
     project: Name | None = None
     file: RelPath = "compose.yaml"
     git_url: GitUrl | None = None
+    docker_host: DockerHost | None = None
+    """The engine's address when not the default socket (``docker --host``)."""
     pull: bool = True
     remove_orphans: bool = True
 
@@ -1517,6 +1608,22 @@ class App(_Model):
 # --------------------------------------------------------------------------------------
 
 
+class HostS3Keys(_Model):
+    access_key_id: Secret
+    secret_access_key: Secret
+
+
+class HostCredentials(_Model):
+    """What a path set's host receives instead of the repository's own secrets: a
+    restic key of its own (``restic key add``: revocable alone with ``restic key
+    remove``) and, for an s3: repository, a bucket key of its own (e.g. a B2
+    application key without deleteFiles). The controller keeps using the repository's
+    credentials for its checks. See docs/ADMIN_GUIDE.md, "Path-backup hosts"."""
+
+    password: Secret
+    s3: HostS3Keys | None = None
+
+
 class PathBackup(_Model):
     """A named set of paths backed up by restic running on ``host`` (issue 11)."""
 
@@ -1533,9 +1640,16 @@ class PathBackup(_Model):
     retention: Retention | None = None
     """Default: the repository's retention."""
     restic_binary: str = "restic"
-    sudo: bool = False
+    sudo: bool | Literal["restic"] = False
+    """``true``: ``sudo -n -- sh -c ...`` (sudoers must allow sh, which is root);
+    ``restic``: ``sudo -n --preserve-env=<names> -- <restic_binary> ...``, no shell
+    under sudo (sudoers allows only restic and keeps those variables)."""
+    host_credentials: HostCredentials | None = None
+    """Default: the host gets the repository's own password and bucket keys."""
     timeout_minutes: Minutes = 24 * 60
     progress_interval: Seconds = 30
+    site: SiteName | None = None
+    """The site whose worker runs this set (``settings.sites``)."""
 
 
 FlowName = Literal[
@@ -1595,10 +1709,12 @@ class Inventory(_Model):
     path_backups: list[PathBackup] = []
     notifications: Notifications = Notifications()
     drills: Drills = Drills()
+    pitr: list[PitrServer] = []
 
     @model_validator(mode="after")
     def _cross_references(self, info: ValidationInfo) -> Inventory:
         ctx = info.context
+        inventory_sites.check(self)
         if isinstance(ctx, dict) and ctx.get(_SKIP_XREF_KEY):
             return self  # the loader checks them itself, with line numbers
         found = _cross_reference(_View.of_model(self))
@@ -1675,6 +1791,8 @@ class Inventory(_Model):
     def database_address(self, db: Database | str) -> tuple[str, int]:
         """``(host, port)`` of a database, resolving ``guest:`` to the guest's address."""
         db = self.database(db) if isinstance(db, str) else db
+        if db.container is not None:
+            return db.container.pghost, db.port
         if db.host is not None:
             return db.host, db.port
         address = self.guest(db.guest or "").address
@@ -1685,7 +1803,8 @@ class Inventory(_Model):
     def database_server(self, db: Database | str) -> str:
         """The server label used in backup tags (``db:<server>/<name>``)."""
         db = self.database(db) if isinstance(db, str) else db
-        return db.guest or db.host or "unknown"
+        base = db.guest or db.host or "unknown"
+        return f"{base}/{db.container.name}" if db.container is not None else base
 
     def rollback_mode(
         self, app: App | str
@@ -2168,7 +2287,14 @@ def _cross_reference(v: _View) -> list[tuple[Loc, str]]:
         return g
 
     for i, db in v.databases:
-        check_guest_ref(("databases", i, "guest"), db.guest, "address")
+        check_guest_ref(("databases", i, "guest"), db.guest,
+                        "ssh" if db.container is not None else "address")
+        if db.container is not None and db.host is not None \
+                and db.host not in ssh_names and db.host != LOCAL_DOCKER_HOST:
+            add((("databases", i, "host"),
+                 _unknown("SSH host", db.host, ssh_names, "hosts or guests with ssh")
+                 + f" (with container, host names where docker runs; "
+                   f"{LOCAL_DOCKER_HOST!r}: this worker)"))
         if "repository" not in v.bad_fields(("databases", i)):
             check_repo(("databases", i, "repository"), db.repository)
         server = db.drill.server if db.drill is not None else None
@@ -2302,36 +2428,6 @@ def _dependency_cycles(v: _View) -> list[tuple[Loc, str]]:
 # --------------------------------------------------------------------------------------
 
 
-def format_path(loc: Sequence[str | int]) -> str:
-    """``("guests", 3, "vmid")`` -> ``guests[3].vmid``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z0-9_-]+", str(part)):
-            out += f".{part}" if out else str(part)
-        else:
-            out += f"[{str(part)!r}]"
-    return out
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with an inventory file."""
-
-    file: str
-    line: int | None
-    path: str
-    message: str
-    loc: tuple[str | int, ...] = ()
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        if self.path:
-            return f"{where} {self.path}: {self.message}"
-        return f"{where}: {self.message}"
-
-
 def problems_report(problems: Sequence[Problem], *, source: str | None = None) -> str:
     """Every problem, one a line, under a count — what ``labkeeper validate`` prints."""
     name = source or (problems[0].file if problems else "inventory")
@@ -2341,147 +2437,6 @@ def problems_report(problems: Sequence[Problem], *, source: str | None = None) -
     lines = [f"{name}: {n} problem{'s' if n != 1 else ''}"]
     lines += [f"  {p}" for p in problems]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------
-# YAML with line numbers
-# --------------------------------------------------------------------------------------
-
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_INT_TAG = "tag:yaml.org,2002:int"
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
-_MAP_TAG = "tag:yaml.org,2002:map"
-_SEQ_TAG = "tag:yaml.org,2002:seq"
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-_MAX_NODES = 200_000
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML-1.2-ish scalars: only true/false are booleans, no
-    sexagesimal numbers (``22:00`` stays a string), no implicit timestamps."""
-
-    yaml_implicit_resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]] = {}
-
-
-for _first_char, _resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items():
-    for _tag, _regexp in _resolvers:
-        if _tag not in (_BOOL_TAG, _INT_TAG, _FLOAT_TAG, _TIMESTAMP_TAG):
-            _Loader.add_implicit_resolver(_tag, _regexp, [_first_char])
-_Loader.add_implicit_resolver(
-    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_Loader.add_implicit_resolver(
-    _INT_TAG,
-    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
-    list("-+0123456789"),
-)
-_Loader.add_implicit_resolver(
-    _FLOAT_TAG,
-    re.compile(
-        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
-class _Document:
-    """A parsed YAML document: plain data, the line of every key and item, problems."""
-
-    def __init__(self, text: str, filename: str) -> None:
-        self.filename = filename
-        self.lines: dict[Loc, int] = {(): 1}
-        self.problems: list[Problem] = []
-        self.data: Any = None
-        self._nodes = 0
-        loader = _Loader(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                self.problem(None, (), "the file is empty (expected a mapping with version: 1)")
-                return
-            self.data = self._build(loader, node, (), set())
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark is not None else None
-            what = exc.problem or "invalid YAML"
-            if exc.context:
-                what = f"{what} ({exc.context})"
-            self.problem(line, (), f"YAML syntax error: {what}")
-        except yaml.YAMLError as exc:
-            self.problem(None, (), f"YAML error: {exc}")
-        finally:
-            loader.dispose()
-
-    def problem(self, line: int | None, loc: Loc, message: str) -> None:
-        self.problems.append(Problem(self.filename, line, format_path(loc), message, loc))
-
-    def line_of(self, loc: Loc) -> int | None:
-        loc = tuple(loc)
-        while loc:
-            if loc in self.lines:
-                return self.lines[loc]
-            loc = loc[:-1]
-        return self.lines.get(())
-
-    def _scalar(self, loader: _Loader, node: yaml.Node, loc: Loc) -> Any:
-        try:
-            return loader.construct_object(node, deep=True)
-        except (ValueError, TypeError, ArithmeticError):
-            # e.g. "!!int abc": PyYAML's constructor fails with a bare ValueError.
-            self.problem(node.start_mark.line + 1, loc, f"value does not fit its tag {node.tag}")
-            return None
-
-    def _build(self, loader: _Loader, node: yaml.Node, loc: Loc, active: set[int]) -> Any:
-        self._nodes += 1
-        if self._nodes > _MAX_NODES:
-            raise yaml.YAMLError(f"document too large (more than {_MAX_NODES} nodes)")
-        if isinstance(node, yaml.ScalarNode):
-            return self._scalar(loader, node, loc)
-        if id(node) in active:
-            self.problem(node.start_mark.line + 1, loc, "recursive alias")
-            return None
-        active = active | {id(node)}
-        if isinstance(node, yaml.SequenceNode):
-            if node.tag != _SEQ_TAG:
-                self.problem(node.start_mark.line + 1, loc, "unsupported YAML tag on a list")
-            items = []
-            for i, child in enumerate(node.value):
-                self.lines[(*loc, i)] = child.start_mark.line + 1
-                items.append(self._build(loader, child, (*loc, i), active))
-            return items
-        if isinstance(node, yaml.MappingNode):
-            if node.tag != _MAP_TAG:
-                self.problem(node.start_mark.line + 1, loc, "unsupported YAML tag on a mapping")
-            # Keys written here must be unique; keys merged in with "<<" may be
-            # overridden by keys written here.
-            explicit: dict[Any, int] = {}
-            explicit_nodes: set[int] = set()
-            for key_node, _ in node.value:
-                if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
-                    continue
-                key = self._scalar(loader, key_node, loc)
-                line = key_node.start_mark.line + 1
-                if key in explicit:
-                    self.problem(line, (*loc, key),
-                                 f"duplicate key {key!r} (first defined at line {explicit[key]})")
-                else:
-                    explicit[key] = line
-                    explicit_nodes.add(id(key_node))
-            loader.flatten_mapping(node)
-            result: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    self.problem(key_node.start_mark.line + 1, loc, "mapping keys must be scalars")
-                    continue
-                key = self._scalar(loader, key_node, loc)
-                if key in explicit and id(key_node) not in explicit_nodes:
-                    continue  # merged key overridden, or a later duplicate (reported)
-                self.lines[(*loc, key)] = key_node.start_mark.line + 1
-                result[key] = self._build(loader, value_node, (*loc, key), active)
-            return result
-        return None  # pragma: no cover - PyYAML has no other node kinds
 
 
 # --------------------------------------------------------------------------------------
@@ -2624,11 +2579,9 @@ def validate_text(text: str, filename: str = "<inventory>") -> list[Problem]:
 def validate_file(path: str | Path) -> list[Problem]:
     """Every problem in an inventory file (empty list: valid)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        return [Problem(str(path), None, "", f"cannot read the file: {exc.strerror or exc}")]
-    except UnicodeDecodeError:
-        return [Problem(str(path), None, "", "the file is not UTF-8 text")]
+        text = read_source(path)
+    except UnreadableFile as exc:
+        return [exc.problem]
     return validate_text(text, str(path))
 
 
@@ -2647,9 +2600,8 @@ def parse_inventory(text: str, filename: str = "<inventory>") -> Inventory:
 def load_inventory(path: str | Path) -> Inventory:
     """Load and validate an inventory file; raise :class:`ConfigError` listing every problem."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        problems = validate_file(path)
+        text = read_source(path)
+    except UnreadableFile as exc:
         raise ConfigError(f"{path}: cannot read the inventory",
-                          problems=[str(p) for p in problems]) from None
+                          problems=[str(exc.problem)]) from None
     return parse_inventory(text, str(path))

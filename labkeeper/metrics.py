@@ -41,6 +41,12 @@ METRICS: dict[str, str] = {
     "labkeeper_drill_last_run_timestamp_seconds": "Unix time of the last drill.",
     "labkeeper_update_success": "1 if the last update of an app succeeded without rollback.",
     "labkeeper_update_rolled_back": "1 if the last update of an app was rolled back.",
+    "labkeeper_update_blocked": "1 if the last update of an app could not get its guest's "
+                                "lock (another update ran).",
+    "labkeeper_update_held": "1 if the last update of an app was held: the registry offered "
+                             "only images rolled back before.",
+    "labkeeper_update_stale": "1 if an unfinished update of an app is too old to finish "
+                              "automatically and waits for a person.",
     "labkeeper_update_last_run_timestamp_seconds": "Unix time of the last update attempt.",
     "labkeeper_doctor_check_success": "1 if the last doctor check of a target passed.",
 }

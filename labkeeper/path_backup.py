@@ -18,7 +18,12 @@ One path set (:func:`backup_path_set`), e.g. ``photos`` on ``nas``:
    which exports them and ``exec``\\ s restic: they are never in the remote argv,
    in a shell history (no interactive shell), or in any file. (With ``sudo: true``
    the preamble itself runs under ``sudo -n``, so sudo's environment reset does not
-   matter and nothing needs ``SETENV``.)
+   matter and nothing needs ``SETENV`` -- but sudoers must allow ``sh``, i.e. root.
+   With ``sudo: restic`` the preamble runs as the SSH user and execs ``sudo -n
+   --preserve-env=<names> -- restic ...``: sudoers allows restic alone and keeps
+   those variables, see :func:`sudo_restic`.) The secrets are the repository's, or
+   the path set's ``host_credentials`` (:func:`host_repo`): a restic key and bucket
+   keys of the host's own.
 4. **Progress** (restic's ``status`` messages) is logged at most every
    ``progress_interval`` seconds: percent, bytes, files, rate, ETA. The ``summary``
    message goes into the result (and the flow's artifact).
@@ -69,12 +74,10 @@ status/summary go to stdout; :func:`parse_message` reads both.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import secrets as pysecrets
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -84,6 +87,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from labkeeper import pending as pending_mod
 from labkeeper import restic
 from labkeeper.errors import (
     CommandError,
@@ -94,6 +98,12 @@ from labkeeper.errors import (
     TransientError,
 )
 from labkeeper.inventory import Inventory, PathBackup
+from labkeeper.pending import (  # noqa: F401 - re-exported: path_backup.PendingAttempt, ...
+    PendingAttempt,
+    new_pending,
+    with_pending,
+    without_pending,
+)
 from labkeeper.process import CommandResult
 from labkeeper.secrets import redact
 from labkeeper.ssh import ENV_PREAMBLE, SshClient, SshTarget, connect, env_block
@@ -137,94 +147,30 @@ def backup_tag(backup_id: str) -> str:
     return f"backup:{backup_id}"
 
 
-# -- pending cleanups (pure: where, what) ---------------------------------------------------
+# -- pending cleanups (pure: where, what; shared with pg_backup: labkeeper.pending) ------
 
 PENDING_DIR = "path_backup"
-PENDING_FORMAT = 1
-_FILE_PART = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+def pending_owner(host: str, name: str) -> pending_mod.Owner:
+    return pending_mod.Owner(PENDING_DIR, (("host", host, "host"), ("path_set", name, "path set")),
+                             series_label(host, name))
 
 
 def pending_path(state_dir: Path, host: str, name: str) -> Path:
     """``<state_dir>/path_backup/pending-<host>.<set>.json``: neither an inventory host
     nor a set name can hold a ``.`` (or a ``/``), so the file is one path set's alone."""
-    for part, what in ((host, "host"), (name, "path set")):
-        if not _FILE_PART.fullmatch(part):
-            raise ValueError(f"{what} {part!r} cannot name a state file")
-    return Path(state_dir) / PENDING_DIR / f"pending-{host}.{name}.json"
-
-
-@dataclass(frozen=True)
-class PendingAttempt:
-    """A failed attempt whose cleanup did not finish."""
-
-    backup_id: str
-    snapshot_host: str
-    """restic's ``--host`` of its snapshots (the lab's name when it ran)."""
-    since: str
-    """When it was recorded (ISO 8601, UTC)."""
-    reason: str = ""
-    """Why the cleanup did not finish (redacted)."""
-
-    @property
-    def tag(self) -> str:
-        return backup_tag(self.backup_id)
-
-
-def new_pending(backup_id: str, *, snapshot_host: str, reason: str,
-                now: datetime | None = None) -> PendingAttempt:
-    now = now or datetime.now(tz=UTC)
-    return PendingAttempt(backup_id=backup_id, snapshot_host=snapshot_host,
-                          since=now.isoformat(timespec="seconds"), reason=redact(reason)[:1000])
+    return pending_mod.pending_path(state_dir, pending_owner(host, name))
 
 
 def dump_pending(host: str, name: str, attempts: Sequence[PendingAttempt]) -> str:
-    return json.dumps({"format": PENDING_FORMAT, "host": host, "path_set": name,
-                       "series": series_label(host, name),
-                       "attempts": [asdict(a) for a in attempts]}, indent=1) + "\n"
+    return pending_mod.dump_pending(pending_owner(host, name), attempts)
 
 
 def load_pending(text: str, *, host: str, name: str) -> list[PendingAttempt]:
     """The attempts in a pending file of ``host``/``name``; ValueError when the text is
     not such a file (any other JSON, another set's, an id restic could not match)."""
-    data = json.loads(text)
-    if not isinstance(data, dict) or data.get("format") != PENDING_FORMAT:
-        raise ValueError(f"not a pending-cleanup file of format {PENDING_FORMAT}")
-    if (data.get("host"), data.get("path_set")) != (host, name):
-        raise ValueError(f"it belongs to {data.get('host')}/{data.get('path_set')}, "
-                         f"not {host}/{name}")
-    attempts = data.get("attempts")
-    if not isinstance(attempts, list):
-        raise ValueError("no list of attempts")
-    out: list[PendingAttempt] = []
-    for item in attempts:
-        if not isinstance(item, dict):
-            raise ValueError(f"attempt {item!r} is not an object")
-        try:
-            attempt = PendingAttempt(backup_id=str(item["backup_id"]),
-                                     snapshot_host=str(item["snapshot_host"]),
-                                     since=str(item.get("since", "")),
-                                     reason=str(item.get("reason", "")))
-        except KeyError as exc:
-            raise ValueError(f"attempt {item!r} has no {exc.args[0]}") from None
-        if not attempt.backup_id or not attempt.snapshot_host:
-            raise ValueError(f"attempt {item!r} has an empty id or host")
-        restic.check_tag(attempt.tag)
-        out.append(attempt)
-    return out
-
-
-def with_pending(attempts: Sequence[PendingAttempt], new: PendingAttempt
-                 ) -> list[PendingAttempt]:
-    """``attempts`` plus ``new`` (an attempt recorded twice keeps its first record)."""
-    if any(a.backup_id == new.backup_id for a in attempts):
-        return list(attempts)
-    return [*attempts, new]
-
-
-def without_pending(attempts: Sequence[PendingAttempt], ids: Sequence[str]
-                    ) -> list[PendingAttempt]:
-    gone = set(ids)
-    return [a for a in attempts if a.backup_id not in gone]
+    return pending_mod.load_pending(text, pending_owner(host, name))
 
 
 # -- argv builders (pure) ------------------------------------------------------------------
@@ -266,13 +212,59 @@ def version_argv(binary: str) -> tuple[str, ...]:
 
 def sudo_wrap(argv: Sequence[str]) -> tuple[str, ...]:
     """``argv`` under ``sudo -n`` *with the env preamble inside sudo*: the variables
-    are read from stdin by the root shell, so sudo's env reset cannot drop them."""
+    are read from stdin by the root shell, so sudo's env reset cannot drop them.
+    (``sudo: true``; sudoers must allow ``sh``, which is root.)"""
     return ("sudo", "-n", "--", "sh", "-c", ENV_PREAMBLE, "labkeeper-env", *argv)
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def sudo_restic(argv: Sequence[str], env_names: Sequence[str]) -> tuple[str, ...]:
+    """``argv`` (restic) under ``sudo -n`` with no shell under sudo (``sudo: restic``):
+    the SSH runner's preamble exports the variables as the SSH user, and sudo keeps
+    only the *names* listed here (``--preserve-env=``, allowed by sudoers' env_keep
+    or SETENV). Values never reach argv."""
+    names = sorted(env_names)
+    for n in names:
+        if not _ENV_NAME.fullmatch(n):
+            raise ConfigError(f"not an environment variable name: {n!r}")
+    head: tuple[str, ...] = ("sudo", "-n")
+    if names:
+        head += (f"--preserve-env={','.join(names)}",)
+    return (*head, "--", *argv)
+
+
+SUDOERS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "RESTIC_PASSWORD",
+               "RESTIC_PROGRESS_FPS", "RESTIC_REPOSITORY")
+"""The variables a ``sudo: restic`` host's sudoers must keep (see docs/ADMIN_GUIDE.md)."""
+
+
+def host_repo(repo: restic.Repo, creds: Any | None, *,
+              resolve_secret: Callable[[str], Any] | None = None) -> restic.Repo:
+    """The repository as the *host* opens it: with ``host_credentials`` (a restic key
+    and bucket keys of the host's own) instead of the repository's, when given."""
+    if creds is None:
+        return repo
+    from dataclasses import replace
+
+    from labkeeper.secrets import resolve
+
+    get = resolve_secret or resolve
+    changes: dict[str, Any] = {"password": get(creds.password)}
+    if creds.s3 is not None:
+        if not repo.url.startswith("s3:"):
+            raise ConfigError(f"host_credentials.s3 given for {redact(repo.url)}, "
+                              "which is not an s3: repository")
+        changes["aws_access_key_id"] = get(creds.s3.access_key_id)
+        changes["aws_secret_access_key"] = get(creds.s3.secret_access_key)
+    return replace(repo, **changes)
+
+
 def remote_env(repo: restic.Repo, *, progress_interval: float) -> dict[str, str]:
-    """restic's environment on the host: the repository's secrets, no controller
-    paths (the host uses its own default cache), progress often enough for the log."""
+    """restic's environment on the host: the secrets it opens the repository with (see
+    :func:`host_repo`), no controller paths (the host uses its own default cache),
+    progress often enough for the log."""
     env = {k: v for k, v in repo.env().items() if k != "RESTIC_CACHE_DIR"}
     env["RESTIC_PROGRESS_FPS"] = progress_fps(progress_interval)
     return env
@@ -668,12 +660,16 @@ class Remote:
     client: SshClient
     binary: str
     env: dict[str, str]
-    sudo: bool = False
+    sudo: bool | str = False
+    """False, True (``sudo -n -- sh -c``) or ``"restic"`` (no shell under sudo)."""
 
     def run(self, argv: Sequence[str], *, timeout: float, with_env: bool = True,
             check: bool = True, **kwargs: Any) -> CommandResult:
         argv = tuple(argv)
         env = self.env if with_env else None
+        if self.sudo == "restic":
+            return self.client.run(sudo_restic(argv, sorted(env or {})), timeout=timeout,
+                                   env=env, codes=restic.EXIT_CODES, check=check, **kwargs)
         if self.sudo:
             data = env_block(env or {})
             return self.client.run(sudo_wrap(argv), timeout=timeout, input=data,
@@ -745,77 +741,18 @@ def handle_locks(remote: Remote, repo: restic.Repo, *, wait: float, stale_after:
         delay = min(delay * 2, 30.0)
 
 
-class PendingCleanups:
-    """The pending-cleanup file of one path set (see :func:`pending_path`). Every
-    change is a read-modify-write under an exclusive ``flock`` of the directory and
-    lands with ``os.replace`` (never half-written); the file is removed when nothing
-    is pending. It holds attempt ids and times only, no secret."""
+class PendingCleanups(pending_mod.PendingStore):
+    """The pending-cleanup file of one path set (see :func:`pending_path` and
+    :class:`labkeeper.pending.PendingStore`)."""
 
     def __init__(self, state_dir: Path, host: str, name: str) -> None:
+        super().__init__(state_dir, pending_owner(host, name))
         self.host = host
         self.name = name
-        self.path = pending_path(state_dir, host, name)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-    def read(self) -> list[PendingAttempt]:
-        """The pending attempts; a file that cannot be read or understood is a
-        :class:`PermanentError` (guessing "nothing pending" could hide a snapshot)."""
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise PermanentError(f"cannot read the pending-cleanup file {self.path}: "
-                                 f"{exc}") from None
-        try:
-            return load_pending(text, host=self.host, name=self.name)
-        except ValueError as exc:
-            raise PermanentError(
-                f"the pending-cleanup file {self.path} is not usable ({exc}); attempts it "
-                f"listed may have left snapshots in the series "
-                f"{series_label(self.host, self.name)}: look at `restic snapshots --tag "
-                f"{series_label(self.host, self.name)}`, forget those of failed attempts "
-                "(their backup:<id> tag is not in a successful run), then remove the "
-                "file") from None
-
-    def _write(self, attempts: Sequence[PendingAttempt]) -> None:
-        if not attempts:
-            self.path.unlink(missing_ok=True)
-            return
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(dump_pending(self.host, self.name, attempts))
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def add(self, attempt: PendingAttempt) -> None:
-        with self._locked():
-            self._write(with_pending(self.read(), attempt))
-
-    def remove(self, ids: Sequence[str]) -> None:
-        if not ids or not self.path.exists():
-            return
-        with self._locked():
-            self._write(without_pending(self.read(), ids))
 
 
 def discard_attempt(target: SshTarget, repo: restic.Repo, *, binary: str, env: dict[str, str],
-                    sudo: bool, lab: str, backup_id: str, log: Log,
+                    sudo: bool | str, lab: str, backup_id: str, log: Log,
                     connector: Callable[[SshTarget], SshClient] = connect,
                     grace: float = STOP_GRACE,
                     pending: PendingCleanups | None = None) -> list[str]:
@@ -999,7 +936,8 @@ def backup_path_set(inv: Inventory, name: str, *, log: Log = print,
     label = f"{name}@{pb.host}"
     progress = progress or log
     warn = warn or log
-    env = remote_env(repo, progress_interval=pb.progress_interval)
+    env = remote_env(host_repo(repo, pb.host_credentials),
+                     progress_interval=pb.progress_interval)
     pending = PendingCleanups(inv.settings.state_dir, pb.host, name)
     waiting = pending.read()  # an unusable file fails here, before anything runs
     if waiting:

@@ -35,7 +35,15 @@ One database backup (:func:`backup_database`) costs two restic runs, overlapped:
    maintenance flow, which needs an exclusive lock, removes it.)
 7. **Nothing half-done survives.** On any failure every snapshot carrying this
    attempt's ``backup:<id>`` tag is forgotten and the locks killed restics left are
-   removed (``restic unlock``, stale locks only).
+   removed (``restic unlock``, stale locks only). When that ``forget`` cannot run
+   (the repository is unreachable or locked at that moment), the attempt is recorded
+   in ``<settings.state_dir>/pg_backup/pending-<db>.json`` (:mod:`labkeeper.pending`,
+   shared with path backups) and the next backup of the database forgets its
+   snapshots first (:func:`sweep_pending`; if that fails again the backup still runs
+   and says so). Until then its dump has no manifest, and a dump without a manifest
+   counts as a backup nowhere: not in ``status`` (:func:`complete_dumps`), not for a
+   drill or a restore (:func:`find_latest_backup`), and retention forgets such
+   leftovers before its policy runs (:func:`incomplete_dumps`).
 
 Snapshots: ``--host <lab name>``; tags ``labkeeper``, ``db:<server>/<name>``,
 ``kind:pg_dump`` | ``kind:pg_manifest``, ``backup:<id>``. A *series* is a lab
@@ -61,7 +69,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from labkeeper import postgres, process, restic
+from labkeeper import pending as pending_mod
+from labkeeper import pg_container, postgres, process, restic
 from labkeeper.errors import LabkeeperError
 from labkeeper.inventory import Database, Inventory
 from labkeeper.secrets import redact, resolve
@@ -135,6 +144,8 @@ class DumpInfo(BaseModel):
     path: str
     bytes: int
     snapshot_id: str
+    """The dump snapshot's full id (restic 0.14's short one in manifests written before
+    ids were canonical: compare with :func:`labkeeper.restic.same_id`)."""
     duration_s: float
     data_added: int
     """restic's ``data_added`` (uncompressed in restic 0.14)."""
@@ -212,10 +223,28 @@ def open_repo(inv: Inventory, repo_name: str) -> restic.Repo:
 
 
 def conn_for(inv: Inventory, db: Database, *, dbname: str | None = None) -> postgres.Conn:
+    if db.container is not None:  # the tools run in the server's container
+        return pg_container.container_conn(inv, db, dbname=dbname)
     host, port = inv.database_address(db)
     return postgres.Conn(host=host, port=port, dbname=dbname or db.effective_dbname,
                          user=db.user, password=resolve(db.password) if db.password else None,
                          sslmode=db.sslmode)
+
+
+def client_conn(inv: Inventory, db: Database, *, dbname: str | None = None) -> postgres.Conn:
+    """:func:`conn_for` with client tools that can dump this server: the container's
+    own, or the installed client matching the server's major version. Fails before
+    anything is dumped (:class:`BackupFailed`) when none is installed (the message
+    names the package). A server that cannot be asked now gets the default client:
+    opening the snapshot then fails and says why, as it always did."""
+    conn = conn_for(inv, db, dbname=dbname)
+    try:
+        return pg_container.matching(conn)
+    except postgres.ClientMissing as exc:
+        raise BackupFailed(f"backup of {db.name} failed before dumping: {exc}",
+                           transient=False, database=db.name) from None
+    except LabkeeperError:
+        return conn
 
 
 def server_label(inv: Inventory, db: Database) -> str:
@@ -241,6 +270,8 @@ class BackupResult:
     notes: list[str] = field(default_factory=list)
     stream_s: float = 0.0
     """Seconds of the pg_dump → restic stream alone (the rest: locks, manifest, proof)."""
+    pending_left: int = 0
+    """Earlier failed attempts whose cleanup is still pending after this run's sweep."""
 
     @property
     def throughput_mb_s(self) -> float:
@@ -248,7 +279,8 @@ class BackupResult:
 
     def row(self) -> dict[str, Any]:
         return {
-            "database": self.database, "status": "ok", "snapshot": self.snapshot_id[:8],
+            "database": self.database, "status": "warning" if self.pending_left else "ok",
+            "snapshot": self.snapshot_id[:8],
             "bytes dumped": self.bytes_dumped,
             "bytes added (uncompressed)": self.data_added,
             "duration s": round(self.duration_s, 2), "stream s": round(self.stream_s, 2),
@@ -281,9 +313,12 @@ def _rebuild_failed(message: str, transient: bool, database: str, backup_id: str
 # -- cleanup -----------------------------------------------------------------------------
 
 def discard_attempt(repo: restic.Repo, *, host: str, backup_id: str, unlock: bool,
-                    log: Log, timeout: float = CLEANUP_TIMEOUT) -> list[str]:
+                    log: Log, timeout: float = CLEANUP_TIMEOUT,
+                    pending: pending_mod.PendingStore | None = None) -> list[str]:
     """Forget every snapshot of one failed attempt and remove the lock a killed restic
-    left. Returns what was done (or why it could not be)."""
+    left. When the forget cannot be done the attempt is recorded in ``pending`` for the
+    next backup of the series to sweep (:func:`sweep_pending`). Returns what was done
+    (or why it could not be)."""
     notes: list[str] = []
     try:
         leftovers = restic.find_snapshots(repo, tags=[backup_tag(backup_id)], host=host,
@@ -297,6 +332,7 @@ def discard_attempt(repo: restic.Repo, *, host: str, backup_id: str, unlock: boo
             notes.append(f"no snapshot of attempt {backup_id} exists")
     except LabkeeperError as exc:
         notes.append(f"could not list/forget snapshots of attempt {backup_id}: {exc}")
+        notes.append(record_pending(pending, backup_id, host=host, reason=notes[-1]))
     if unlock:
         try:
             restic.unlock(repo, timeout=timeout)
@@ -306,6 +342,119 @@ def discard_attempt(repo: restic.Repo, *, host: str, backup_id: str, unlock: boo
     for n in notes:
         log(n)
     return notes
+
+
+# -- failed attempts whose cleanup did not finish (labkeeper.pending) --------------------
+
+PENDING_DIR = "pg_backup"
+INCOMPLETE_GRACE_S = 25 * 60
+"""Beyond the database's ``timeout_minutes``: how long after its dump snapshot's time a
+backup may still store its manifest (row counts 600 s, manifest 300 s, a replacement
+manifest restic 300 s, margin). A dump without a manifest older than that is a
+leftover of a failed attempt, never a backup in flight."""
+
+
+def pending_owner(name: str, series: str) -> pending_mod.Owner:
+    """One database's pending file: ``<state_dir>/pg_backup/pending-<db>.json`` (an
+    inventory database name is unique in the lab and cannot hold ``.`` or ``/``)."""
+    return pending_mod.Owner(PENDING_DIR, (("database", name, "database"),), series)
+
+
+def pending_store(inv: Inventory, name: str) -> pending_mod.PendingStore:
+    db = inv.database(name)
+    series = f"db:{inv.database_server(db)}/{db.name}"
+    return pending_mod.PendingStore(inv.settings.state_dir, pending_owner(db.name, series))
+
+
+def record_pending(store: pending_mod.PendingStore | None, backup_id: str, *, host: str,
+                   reason: str) -> str:
+    """Remember a failed attempt whose snapshots could not be forgotten; returns the
+    note saying so (or how to do it by hand when even that failed)."""
+    tag = backup_tag(backup_id)
+    by_hand = f"forget its snapshots with `restic forget --tag {tag} --host {host}`"
+    if store is None:
+        return f"attempt {backup_id} is not cleaned up: {by_hand}"
+    try:
+        store.add(pending_mod.new_pending(backup_id, snapshot_host=host, reason=reason))
+    except (OSError, LabkeeperError) as exc:
+        return (f"attempt {backup_id} is not cleaned up and could not be recorded as pending "
+                f"in {store.path} ({exc}): {by_hand}")
+    return (f"recorded attempt {backup_id} as pending cleanup in {store.path}: the next "
+            f"backup of {store.owner.label} first forgets every snapshot tagged {tag}")
+
+
+def sweep_pending(repo: restic.Repo, store: pending_mod.PendingStore, *, log: Log,
+                  timeout: float = CLEANUP_TIMEOUT
+                  ) -> tuple[list[str], list[pending_mod.PendingAttempt]]:
+    """Forget every snapshot of each pending attempt of this database; an attempt leaves
+    the file only once that succeeded. Returns (what was done, the attempts still
+    pending). Nothing of a pending attempt runs any more (its restics were stopped
+    before it was recorded), so a failed sweep does not stop the new backup."""
+    label = store.owner.label
+    notes: list[str] = []
+    left: list[pending_mod.PendingAttempt] = []
+    done: list[str] = []
+    try:
+        for attempt in store.read():
+            try:
+                leftovers = restic.find_snapshots(repo, tags=[attempt.tag],
+                                                  host=attempt.snapshot_host, timeout=timeout)
+                if leftovers:
+                    restic.forget_ids(repo, [s.id for s in leftovers], timeout=timeout)
+                step = "forgot snapshot(s) " + ", ".join(s.id for s in leftovers) \
+                    if leftovers else "no snapshot of it exists"
+            except LabkeeperError as exc:
+                left.append(attempt)
+                note = (f"{label}: cleanup of earlier failed attempt {attempt.backup_id} "
+                        f"(pending since {attempt.since}) is still incomplete: {exc}; a dump "
+                        f"without a manifest tagged {attempt.tag} may remain in the series "
+                        f"(never counted as a backup); it stays pending in {store.path}")
+            else:
+                done.append(attempt.backup_id)
+                note = (f"{label}: swept earlier failed attempt {attempt.backup_id} (pending "
+                        f"cleanup since {attempt.since}): {step}")
+            notes.append(note)
+            log(note)
+    finally:
+        try:
+            store.remove(done)
+        except (OSError, LabkeeperError) as exc:  # swept again next time: harmless
+            notes.append(f"could not update the pending-cleanup file {store.path}: {exc}")
+            log(notes[-1])
+    return notes, left
+
+
+# -- complete backups only (status, drills, retention) ----------------------------------
+
+def manifested_ids(snapshots: list[restic.Snapshot]) -> set[str]:
+    """The backup ids that have a manifest snapshot among ``snapshots``."""
+    return {bid for s in snapshots if "kind:pg_manifest" in s.tags
+            and (bid := backup_id_of(s)) is not None}
+
+
+def complete_dumps(snapshots: list[restic.Snapshot]) -> list[restic.Snapshot]:
+    """The dump snapshots that are backups: their manifest (same ``backup:`` tag) is
+    stored. A dump without one is the leftover of a failed attempt (or one in flight)
+    and never counts."""
+    done = manifested_ids(snapshots)
+    return [s for s in snapshots if "kind:pg_dump" in s.tags and backup_id_of(s) in done]
+
+
+def incomplete_dumps(snapshots: list[restic.Snapshot], *, now: datetime, grace_s: float,
+                     failed: set[str] | frozenset[str] = frozenset()
+                     ) -> tuple[list[restic.Snapshot], list[restic.Snapshot]]:
+    """Dump snapshots without a manifest, split into (leftovers: recorded as failed in
+    ``failed`` or older than ``grace_s``; young: possibly a backup still in flight)."""
+    done = manifested_ids(snapshots)
+    leftovers: list[restic.Snapshot] = []
+    young: list[restic.Snapshot] = []
+    for s in snapshots:
+        bid = backup_id_of(s)
+        if "kind:pg_dump" not in s.tags or bid in done:
+            continue
+        old = (now - s.time).total_seconds() > grace_s
+        (leftovers if old or bid in failed else young).append(s)
+    return leftovers, young
 
 
 # -- one database ------------------------------------------------------------------------
@@ -379,6 +528,8 @@ class _Job:
     conn: postgres.Conn
     stall_timeout: float
     log: Log
+    pending: pending_mod.PendingStore | None = None
+    """Where a failed attempt whose cleanup did not finish is recorded."""
 
     @property
     def filename(self) -> str:
@@ -398,12 +549,12 @@ def backup_database(inv: Inventory, name: str, *, log: Log = print,
     repo_cfg = inv.repository_for(db)
     job = _Job(name=name, db=db, repo=open_repo(inv, repo_cfg.name), repo_name=repo_cfg.name,
                compression=repo_cfg.compression, server=inv.database_server(db),
-               host=inv.lab.name, conn=conn_for(inv, db), stall_timeout=stall_timeout,
-               log=log)
+               host=inv.lab.name, conn=client_conn(inv, db), stall_timeout=stall_timeout,
+               log=log, pending=pending_store(inv, name))
     backup_id = backup_id or new_backup_id()
     started = time.monotonic()
     lock_deadline = started + repo_cfg.lock_wait_minutes * 60
-    notes: list[str] = []
+    notes, still_pending = _sweep_first(job)
     for _attempt in range(MAX_LOCK_CONFLICTS):
         try:
             result = _backup_once(job, backup_id, notes)
@@ -414,13 +565,32 @@ def backup_database(inv: Inventory, name: str, *, log: Log = print,
                 stale_after=repo_cfg.stale_lock_minutes * 60, log=log)
             continue
         result.duration_s = time.monotonic() - started
-        log(f"{name}: snapshot {result.snapshot_id} ({result.bytes_dumped} bytes, "
-            f"{result.data_added} new uncompressed) + manifest "
-            f"{result.manifest_snapshot_id} in {result.duration_s:.1f} s")
+        result.pending_left = len(still_pending)
+        log(f"{name}: snapshot {restic.short_id(result.snapshot_id)} ({result.bytes_dumped} "
+            f"bytes, {result.data_added} new uncompressed) + manifest "
+            f"{restic.short_id(result.manifest_snapshot_id)} in {result.duration_s:.1f} s")
         return result
     raise BackupFailed(f"backup of {name} failed: the repository was locked at each of "
                        f"{MAX_LOCK_CONFLICTS} attempts", transient=True, database=name,
                        backup_id=backup_id)
+
+
+def _sweep_first(job: _Job) -> tuple[list[str], list[pending_mod.PendingAttempt]]:
+    """Earlier failed attempts of this database whose cleanup did not finish are swept
+    before the new backup (an unusable pending file fails the backup here, before
+    anything runs)."""
+    assert job.pending is not None
+    waiting = job.pending.read()
+    if not waiting:
+        return [], []
+    job.log(f"{job.name}: {len(waiting)} earlier failed attempt(s) await cleanup: "
+            + ", ".join(f"{a.backup_id} (since {a.since})" for a in waiting))
+    notes, left = sweep_pending(job.repo, job.pending, log=job.log)
+    if left:
+        notes.append(f"{job.name}: {len(left)} earlier failed attempt(s) still await cleanup ("
+                     + ", ".join(a.backup_id for a in left) + "); their dumps have no manifest "
+                     "and count nowhere, the next backup sweeps them again")
+    return notes, left
 
 
 def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
@@ -454,7 +624,7 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
         session.close(kill=True)
         unlock = pending.abort() or killed_restic
         cleanup = discard_attempt(repo, host=job.host, backup_id=backup_id, unlock=unlock,
-                                  log=log)
+                                  log=log, pending=job.pending)
         return BackupFailed(f"backup of {name} failed: {message} [{'; '.join(cleanup)}]",
                             transient=transient, database=name, backup_id=backup_id)
 
@@ -482,11 +652,12 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
         log(f"{name}: snapshot {snap.snapshot_id} exported")
         # Exact row counts in the same transaction, while pg_dump reads its snapshot.
         counter = _Background(lambda: (postgres.count_rows(session),
-                                       postgres.pg_dump_version()), name="pg-count-rows")
+                                       postgres.dump_tool_version(session)),
+                              name="pg-count-rows")
         opened.append((snap, datetime.now(tz=UTC), counter))
         return process.Stage(
             postgres.pg_dump_argv(job.conn, fmt=job.db.format, snapshot=snap.snapshot_id),
-            codes=postgres.PG_DUMP_CODES, env=job.conn.env())
+            codes=postgres.codes_for(job.conn, postgres.PG_DUMP_CODES), env=job.conn.env())
 
     try:
         try:
@@ -607,7 +778,12 @@ def backup_globals(inv: Inventory, label: str, databases: list[str], *, log: Log
     db = inv.database(databases[0])
     repo_cfg = inv.repository_for(db)
     repo = open_repo(inv, repo_cfg.name)
-    conn = conn_for(inv, db)
+    try:
+        conn = client_conn(inv, db)
+    except BackupFailed as exc:
+        log(f"globals of {label} NOT backed up: {exc}")
+        return GlobalsResult(server=label, status="warning",
+                             detail=redact(f"globals of {label} NOT backed up: {exc}"))
     host = inv.lab.name
     filename = "globals-" + label.replace(":", "-").replace("/", "-") + ".sql"
     warnings: list[str] = []
@@ -653,7 +829,7 @@ def backup_globals(inv: Inventory, label: str, databases: list[str], *, log: Log
             log(detail)
             return GlobalsResult(server=label, status="warning", detail=redact(detail))
         detail = "; ".join(warnings) or "roles (with passwords) and tablespaces"
-        log(f"globals of {label}: snapshot {stream.summary.snapshot_id} "
+        log(f"globals of {label}: snapshot {restic.short_id(stream.summary.snapshot_id)} "
             f"({stream.bytes} bytes): {detail}")
         return GlobalsResult(server=label, status="warning" if warnings else "ok",
                              detail=redact(detail), snapshot_id=stream.summary.snapshot_id,

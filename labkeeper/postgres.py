@@ -12,12 +12,14 @@ import io
 import os
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from pydantic import SecretStr
 
 from labkeeper import process
-from labkeeper.errors import CommandError, CommandTimeout
+from labkeeper.errors import CommandError, CommandTimeout, PermanentError
 from labkeeper.process import ExitCode, ExitCodeTable
 
 PSQL_CODES = ExitCodeTable("psql", {
@@ -31,9 +33,65 @@ PSQL_CODES = ExitCodeTable("psql", {
 PG_DUMP_CODES = ExitCodeTable("pg_dump", {0: ExitCode("success", "ok"),
                                           1: ExitCode("dump failed", "permanent")})
 
+
+def remote_codes(table: ExitCodeTable, where: str) -> ExitCodeTable:
+    """``table`` for a tool run through ``docker exec`` (and the SSH bridge): the codes
+    docker and the bridge add, each naming where the tool ran (pure)."""
+    tool = f"{table.tool} in {where}"
+    extra = {
+        125: ExitCode(f"docker could not run {tool} (is the container running?)",
+                      "permanent"),
+        126: ExitCode(f"{tool} could not be started", "permanent"),
+        127: ExitCode(f"{table.tool} not found in {where}", "permanent"),
+        137: ExitCode(f"{tool} was killed (SIGKILL: killed, or its container stopped)",
+                      "permanent"),
+        143: ExitCode(f"{tool} was terminated (SIGTERM)", "permanent"),
+        255: ExitCode(f"{tool}: the SSH connection was lost or the remote command was "
+                      "killed", "transient"),
+    }
+    return ExitCodeTable(tool, {**extra, **table.codes})
+
+
+def codes_for(conn: Conn, table: ExitCodeTable) -> ExitCodeTable:
+    """The exit code table of a tool run for ``conn`` (where its client runs)."""
+    return remote_codes(table, conn.client.where) if conn.client.prefix else table
+
 _TRANSIENT_STDERR = ("could not connect", "Connection refused", "server closed the connection",
                      "timeout expired", "the database system is starting up",
                      "the database system is shutting down", "too many clients")
+
+
+PG_ENV_NAMES = ("PGPASSWORD", "PGSSLMODE", "PGCONNECT_TIMEOUT", "PGAPPNAME")
+"""Every variable :meth:`Conn.env` may set: what a client running elsewhere (in a
+container, on another host) must be handed by name (``docker exec -e NAME``)."""
+
+
+@dataclass(frozen=True)
+class Client:
+    """Where and which PostgreSQL client tools run for a connection.
+
+    ``bindir``: the tools come from this directory (``/usr/lib/postgresql/17/bin``);
+    None: from PATH. ``prefix``: an argv the tool's argv is appended to, to run it
+    elsewhere (``docker exec ... CONTAINER``, the SSH bridge); it holds names only,
+    never values. ``env``: extra variables for the local process (no secrets: the
+    password stays in :meth:`Conn.env`). ``server_major``: the server's major
+    version when it was detected."""
+
+    bindir: str | None = None
+    prefix: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    server_major: int | None = None
+    where: str = ""
+    """How a person would name where the tools run (for messages)."""
+
+    def tool(self, name: str) -> str:
+        return name if self.bindir is None else f"{self.bindir}/{name}"
+
+    def argv(self, argv: tuple[str, ...]) -> tuple[str, ...]:
+        return (*self.prefix, self.tool(argv[0]), *argv[1:])
+
+
+LOCAL_CLIENT = Client()
 
 
 @dataclass(frozen=True)
@@ -45,10 +103,11 @@ class Conn:
     password: SecretStr | None = None
     sslmode: str = "prefer"
     connect_timeout: int = 10
+    client: Client = LOCAL_CLIENT
 
     def env(self) -> dict[str, str]:
         env = {"PGSSLMODE": self.sslmode, "PGCONNECT_TIMEOUT": str(self.connect_timeout),
-               "PGAPPNAME": "labkeeper"}
+               "PGAPPNAME": "labkeeper", **dict(self.client.env)}
         if self.password is not None:
             env["PGPASSWORD"] = self.password.get_secret_value()
         return env
@@ -56,10 +115,19 @@ class Conn:
     def conn_args(self) -> tuple[str, ...]:
         return ("-h", self.host, "-p", str(self.port), "-U", self.user, "-d", self.dbname)
 
+    def argv(self, argv: tuple[str, ...]) -> tuple[str, ...]:
+        """A client tool's argv, run where and as this connection's client says."""
+        return self.client.argv(argv)
+
+    @property
+    def address(self) -> str:
+        return f"{self.client.where + ': ' if self.client.where else ''}{self.host}:{self.port}"
+
 
 def psql_argv(conn: Conn) -> tuple[str, ...]:
     """psql reading SQL from stdin, CSV out, stopping at the first error."""
-    return ("psql", "-X", "-q", "--csv", "-v", "ON_ERROR_STOP=1", *conn.conn_args(), "-f", "-")
+    return conn.argv(("psql", "-X", "-q", "--csv", "-v", "ON_ERROR_STOP=1", *conn.conn_args(),
+                      "-f", "-"))
 
 
 def parse_csv(stdout: str) -> list[list[str]]:
@@ -76,8 +144,8 @@ def _classify(err: CommandError) -> CommandError:
 def query(conn: Conn, sql: str, *, timeout: float = 60) -> list[list[str]]:
     """Run SQL (one statement whose result matters, last) and return its rows as text."""
     try:
-        res = process.run(psql_argv(conn), timeout=timeout, codes=PSQL_CODES, env=conn.env(),
-                          input=sql)
+        res = process.run(psql_argv(conn), timeout=timeout, codes=codes_for(conn, PSQL_CODES),
+                          env=conn.env(), input=sql)
     except CommandError as exc:
         raise _classify(exc) from None
     return parse_csv(res.stdout)
@@ -134,7 +202,7 @@ def pg_dump_argv(conn: Conn, *, fmt: str = "plain", snapshot: str | None = None,
             raise ValueError(f"not an exported snapshot id: {snapshot!r}")
         argv += (f"--snapshot={snapshot}",)
     argv += (f"--lock-wait-timeout={lock_wait_timeout_ms}", *conn.conn_args())
-    return argv
+    return conn.argv(argv)
 
 
 def pg_dumpall_globals_argv(conn: Conn, *, role_passwords: bool = True) -> tuple[str, ...]:
@@ -143,7 +211,8 @@ def pg_dumpall_globals_argv(conn: Conn, *, role_passwords: bool = True) -> tuple
     argv = ("pg_dumpall", "--no-password", "--globals-only")
     if not role_passwords:
         argv += ("--no-role-passwords",)
-    return (*argv, "-h", conn.host, "-p", str(conn.port), "-U", conn.user, "-l", conn.dbname)
+    return conn.argv((*argv, "-h", conn.host, "-p", str(conn.port), "-U", conn.user,
+                      "-l", conn.dbname))
 
 
 def _trailer_ok(tail: bytes, marker: bytes) -> str | None:
@@ -178,8 +247,19 @@ def custom_dump_complete(tail: bytes, nbytes: int) -> str | None:
     return None if nbytes > len(CUSTOM_MAGIC) else "the archive is empty"
 
 
-def pg_dump_version(*, timeout: float = 15) -> str:
-    res = process.run(("pg_dump", "--version"), timeout=timeout)
+def dump_tool_version(session: PsqlSession) -> str:
+    """The version of the pg_dump that dumps ``session``'s database: psql's own in
+    the server's container (same package, no extra exec), else ``pg_dump --version``."""
+    if session.conn.client.prefix:
+        return session.client_version()
+    return pg_dump_version(session.conn)
+
+
+def pg_dump_version(conn: Conn | None = None, *, timeout: float = 15) -> str:
+    """The version of the pg_dump ``conn``'s client runs (default: the one on PATH)."""
+    argv: tuple[str, ...] = ("pg_dump", "--version")
+    res = process.run(conn.argv(argv) if conn else argv, timeout=timeout,
+                      env=dict(conn.client.env) if conn else None)
     m = re.search(r"(\d+(?:\.\d+)+)", res.stdout)
     return m.group(1) if m else res.stdout.strip()
 
@@ -205,8 +285,8 @@ class PsqlSession:
         self.conn = conn
         self.timeout = timeout
         self.marker = _MARKER_PREFIX + pysecrets.token_hex(8)
-        self.argv = ("psql", "-X", "-q", "-t", "--csv", "-v", "ON_ERROR_STOP=1",
-                     "--no-password", *conn.conn_args())
+        self.argv = conn.argv(("psql", "-X", "-q", "-t", "--csv", "-v", "ON_ERROR_STOP=1",
+                               "--no-password", *conn.conn_args()))
         self.proc: process.Coprocess | None = None
 
     def __enter__(self) -> PsqlSession:
@@ -235,6 +315,21 @@ class PsqlSession:
             raise self._failure() from None
         lines = self._read_until_marker(timeout or self.timeout)
         return list(csv.reader(io.StringIO("".join(lines))))
+
+    def client_version(self, *, timeout: float | None = None) -> str:
+        """This psql's own version (``VERSION_NAME``): for tools run in a server's
+        container it stands for pg_dump's, from the same client package, without
+        starting one more ``docker exec`` (over SSH: one more connection)."""
+        proc = self.proc
+        if proc is None or proc.stdin is None:
+            raise RuntimeError("psql session is not started")
+        try:
+            proc.stdin.write(f"\\echo :VERSION_NAME\n\\echo {self.marker}\n".encode())
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self._failure() from None
+        lines = self._read_until_marker(timeout or self.timeout)
+        return lines[-1].strip() if lines else ""
 
     def _read_until_marker(self, timeout: float) -> list[str]:
         import select
@@ -270,7 +365,7 @@ class PsqlSession:
         assert proc is not None
         if proc.wait(timeout=10) is None:
             proc.kill()
-        res = proc.result(PSQL_CODES)
+        res = proc.result(codes_for(self.conn, PSQL_CODES))
         proc.close(kill=True)  # already ended: closes its pipes
         rc = res.returncode
         err = process.make_error(res) if rc != 0 else CommandError(
@@ -365,3 +460,110 @@ def begin_snapshot(session: PsqlSession) -> SnapshotFacts:
     snap = open_snapshot(session)
     return SnapshotFacts(snapshot_id=snap.snapshot_id, server_version=snap.server_version,
                          database_size=snap.database_size, tables=count_rows(session))
+
+
+# =====================================================================================
+# The client matching the server (issue 23)
+# =====================================================================================
+
+BIN_ROOT_ENV = "LABKEEPER_PG_BIN_ROOT"
+DEFAULT_BIN_ROOT = Path("/usr/lib/postgresql")
+CLIENT_PACKAGE = "postgresql-client-{major}"
+"""Debian's (and PGDG's) package of one major version's client tools."""
+
+
+class ClientMissing(PermanentError):
+    """No installed client can talk to this server (pg_dump refuses a newer server)."""
+
+    def __init__(self, message: str, *, server_major: int, package: str) -> None:
+        super().__init__(message)
+        self.server_major = server_major
+        self.package = package
+
+
+def bin_root() -> Path:
+    """Where major-version client directories live: ``$LABKEEPER_PG_BIN_ROOT`` or
+    ``/usr/lib/postgresql`` (``<root>/<major>/bin/pg_dump``)."""
+    return Path(os.environ.get(BIN_ROOT_ENV) or DEFAULT_BIN_ROOT)
+
+
+def installed_clients(root: Path | None = None) -> dict[int, Path]:
+    """Major version -> bin directory, for every ``<root>/<major>/bin`` holding pg_dump,
+    psql and pg_restore."""
+    root = root or bin_root()
+    out: dict[int, Path] = {}
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return out
+    for entry in entries:
+        bindir = entry / "bin"
+        if entry.name.isdigit() and all(os.access(bindir / t, os.X_OK)
+                                        for t in ("pg_dump", "psql", "pg_restore")):
+            out[int(entry.name)] = bindir
+    return dict(sorted(out.items()))
+
+
+def choose_client(server_major: int, installed: Mapping[int, Path | None]) -> int | None:
+    """The client major to use for a server: the same major, else the newest newer one
+    (pg_dump dumps older servers, never newer ones); None when none fits."""
+    if server_major in installed:
+        return server_major
+    newer = [m for m in installed if m > server_major]
+    return max(newer) if newer else None
+
+
+def major_of(version_num: int) -> int:
+    """``server_version_num`` -> major: 170012 -> 17, 150018 -> 15, 90624 -> 9.6 as 9."""
+    return version_num // 10000
+
+
+def missing_client_message(server_major: int, address: str,
+                           installed: Mapping[int, Path | None], root: Path) -> str:
+    have = ", ".join(str(m) for m in installed) or "none"
+    package = CLIENT_PACKAGE.format(major=server_major)
+    return (f"the PostgreSQL server at {address} is version {server_major}, but no client "
+            f"tools of version {server_major} or newer are installed under {root} "
+            f"(installed: {have}); pg_dump refuses a newer server. Install "
+            f"{package} (apt install {package}, from the PostgreSQL apt repository "
+            "(PGDG) or a newer Debian release)")
+
+
+def server_version_num(conn: Conn, *, timeout: float = 30) -> int:
+    rows = query(conn, "SHOW server_version_num;", timeout=timeout)
+    try:
+        return int(rows[0][0])
+    except (IndexError, ValueError):
+        raise CommandError(f"unexpected answer to SHOW server_version_num: {rows!r}",
+                           argv=psql_argv(conn), returncode=0) from None
+
+
+def _path_client() -> dict[int, Path | None]:
+    """The major of the ``pg_dump`` on PATH (bin directory None: use PATH), when the
+    bin root has no versioned directories (a non-Debian layout)."""
+    try:
+        version = pg_dump_version()
+    except CommandError:
+        return {}
+    head = version.split(".", 1)[0]
+    return {int(head): None} if head.isdigit() else {}
+
+
+def with_matching_client(conn: Conn, *, root: Path | None = None,
+                         timeout: float = 30) -> Conn:
+    """``conn`` with the client tools matching its server (detected with the newest
+    installed psql). Raises :class:`ClientMissing`, naming the package to install and
+    the address used, when no installed client is new enough; connection problems
+    raise as :func:`query` does."""
+    root = root or bin_root()
+    installed: dict[int, Path | None] = {**installed_clients(root)} or _path_client()
+    newest = installed[max(installed)] if installed else None
+    probe = replace(conn, client=replace(conn.client, bindir=str(newest) if newest else None))
+    major = major_of(server_version_num(probe, timeout=timeout))
+    chosen = choose_client(major, installed)
+    if chosen is None:
+        raise ClientMissing(missing_client_message(major, conn.address, installed, root),
+                            server_major=major, package=CLIENT_PACKAGE.format(major=major))
+    bindir = installed[chosen]
+    return replace(conn, client=replace(conn.client, bindir=str(bindir) if bindir else None,
+                                        server_major=major))

@@ -3,7 +3,9 @@
 - Commands are argv tuples; there is no shell anywhere.
 - Every call has a timeout; on expiry the whole process group is killed.
 - Secrets reach children through ``env`` (never argv); argv, stderr and the
-  errors we raise are masked with :data:`labkeeper.secrets.REDACTOR`.
+  errors we raise are masked with :data:`labkeeper.secrets.REDACTOR`. A child
+  inherits only an allowlist of this process's environment (:func:`inherited_env`:
+  PATH, HOME, locale, TZ, TMPDIR, proxies, ...) plus what its caller passes.
 - Pipelines connect stage *i*'s stdout to stage *i+1*'s stdin through a relay
   owned by this module (``os.splice``, zero-copy). End-of-stream belongs to us:
   a consumer's stdin is closed only after its producer has **exited cleanly**.
@@ -261,8 +263,33 @@ def dies_with_parent(argv: Sequence[str]) -> tuple[str, ...]:
     return (_SETPRIV, "--pdeathsig", "KILL", "--", *argv)
 
 
+BASE_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+    "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "RESTIC_CACHE_DIR",
+    # libpq's file locations (never a secret itself): verify-full's root CA, ~/.pgpass
+    "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGSSLCRL", "PGPASSFILE", "PGSERVICEFILE",
+    "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+    "PYTHONPATH", "PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV",
+})
+"""What a child inherits from this process's environment (plus ``LC_*``); everything
+else (every ``env:`` secret of the worker) stays behind. A child gets what its caller
+passes in ``env=`` on top. :data:`EXTRA_ENV_VARIABLE` names more to pass on."""
+EXTRA_ENV_VARIABLE = "LABKEEPER_CHILD_ENV"
+"""Comma-separated names of further variables children inherit (an operator's
+escape hatch: ``LABKEEPER_CHILD_ENV=GOMAXPROCS,PGSSLROOTCERT``)."""
+
+
+def inherited_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The part of ``environ`` (default: ``os.environ``) a child inherits."""
+    environ = os.environ if environ is None else environ
+    extra = {n.strip() for n in environ.get(EXTRA_ENV_VARIABLE, "").split(",") if n.strip()}
+    return {k: v for k, v in environ.items()
+            if k in BASE_ENV_NAMES or k.startswith("LC_") or k in extra}
+
+
 def _child_env(extra: Mapping[str, str] | None, base: Mapping[str, str] | None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
+    env = inherited_env() if base is None else dict(base)
     if extra:
         env.update(extra)
     return env
@@ -297,8 +324,8 @@ def _grow_pipe(fd: int) -> None:
 class Coprocess:
     """A long-lived child talking over pipes (e.g. a ``psql`` session), under the
     runner's rules: an argv tuple (no shell), ``env`` added to the inherited
-    environment (``base_env`` replaces it), its own process group (:meth:`kill`
-    SIGKILLs the group), stderr read in a thread (capped, redacted).
+    allowlist (:func:`inherited_env`; ``base_env`` replaces it), its own process
+    group (:meth:`kill` SIGKILLs the group), stderr read in a thread (capped, redacted).
 
     :attr:`stdin` and :attr:`stdout` are the raw binary pipes; the caller owns the
     protocol spoken over them and its deadlines. Use :func:`run`/:func:`pipeline`
@@ -797,7 +824,8 @@ def run(
 ) -> CommandResult:
     """Run one command to completion.
 
-    ``env`` is added to the inherited environment (``base_env`` replaces it).
+    ``env`` is added to the inherited allowlist of this process's environment
+    (:func:`inherited_env`; ``base_env`` replaces it).
     With ``check`` (the default) a failing exit code raises :class:`CommandError`
     (:class:`CommandTimeout` on timeout); otherwise the result is returned.
     """

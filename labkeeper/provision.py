@@ -69,6 +69,10 @@ QEMU_MODELS = ("virtio", "e1000", "vmxnet3", "rtl8139")
 GiB = 1024**3
 PVE_DEFAULTS = {"onboot": "0", "ciupgrade": "1", "firewall": "0"}
 """What PVE assumes for an option that is not in a guest's config."""
+PVE_TYPE_DEFAULTS = {"lxc": {"memory": "512", "swap": "512"},
+                     "qemu": {"cores": "1", "sockets": "1"}}
+"""The same, per guest type (the API schema's defaults; an LXC without ``cores``
+has no CPU limit, so it has no default here)."""
 
 
 class ProvisionError(PermanentError):
@@ -242,7 +246,7 @@ def same_value(gtype: str, key: str, actual: Any, desired: str | None) -> bool:
     if desired is None:
         return a is None
     if a is None:
-        return PVE_DEFAULTS.get(key) == desired
+        return desired in (PVE_DEFAULTS.get(key), PVE_TYPE_DEFAULTS.get(gtype, {}).get(key))
     if key == "tags":
         return _tags_set(a) == _tags_set(desired)
     if key.startswith("net") and key[3:].isdigit():
@@ -522,6 +526,9 @@ def diff_guest(guest: Guest, inv: Inventory, actual: Actual) -> GuestPlan:
     managed = inv.settings.provision.managed_tag
     base = {"name": guest.name, "vmid": guest.vmid, "type": guest.type, "node": guest.node}
     found = actual.guests.get(guest.vmid)
+    if not guest.managed:
+        return GuestPlan(**base, action="unmanaged", status=found.status if found else None,
+                         notes=("managed: false in the inventory: labkeeper leaves it alone",))
     if found is None:
         if guest.state == "absent":
             return GuestPlan(**base, action="absent", notes=("already absent",))

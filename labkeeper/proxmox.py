@@ -170,9 +170,31 @@ def connect(spec: ProxmoxSpec) -> Any:
                      token_value=secret, verify_ssl=verify, timeout=spec.timeout,
                      service="PVE")
     if fingerprint:
-        session = api._store["session"]
-        session.mount(f"https://{spec.host}:{spec.port}/", FingerprintAdapter(fingerprint))
+        pin_session(api._store["session"], api._store["base_url"], fingerprint)
     return api
+
+
+class RefusingAdapter(HTTPAdapter):
+    """Refuses every request: mounted under the pinning adapter so a URL that does
+    not resolve to the pin never falls through to an unverified connection."""
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
+        raise ServiceError(f"proxmox: refusing {request.url}: not under the pinned base URL",
+                           service="proxmox", transient=False)
+
+
+def pin_session(session: requests.Session, base_url: str, fingerprint: str) -> None:
+    """Route ``base_url`` (exactly as proxmoxer builds it: IPv6 hosts bracketed)
+    through the pinning adapter and every other URL to a refusal; then check that
+    the session resolves an API URL to the pin, failing closed (ConfigError)."""
+    pin = FingerprintAdapter(fingerprint)
+    session.mount("https://", RefusingAdapter())
+    session.mount("http://", RefusingAdapter())
+    session.mount(base_url.rstrip("/") + "/", pin)
+    probe = base_url.rstrip("/") + "/version"
+    if session.get_adapter(probe) is not pin:
+        raise ConfigError(f"proxmox.tls: the pinned fingerprint would not apply to {probe}; "
+                          "refusing an unpinned connection")
 
 
 def connect_password(spec: ProxmoxSpec, user: str, password_ref: str) -> Any:
@@ -374,11 +396,61 @@ def restore_lxc_request(node: str, vmid: int, archive: str, *, storage: str | No
 
 def restore_qemu_request(node: str, vmid: int, archive: str, *, storage: str | None = None,
                          force: bool | None = None, pool: str | None = None,
-                         unique: bool | None = None, start: bool | None = None) -> ApiRequest:
-    """``POST /nodes/{node}/qemu`` with ``archive`` = the backup volid."""
+                         unique: bool | None = None, start: bool | None = None,
+                         options: Mapping[str, Any] | None = None) -> ApiRequest:
+    """``POST /nodes/{node}/qemu`` with ``archive`` = the backup volid (PVE >= 7.2 applies
+    extra ``options`` over the archived config)."""
     params = {"vmid": vmid, "archive": archive, "storage": storage, "force": force,
-              "pool": pool, "unique": unique, "start": start}
+              "pool": pool, "unique": unique, "start": start, **(options or {})}
     return api_request("POST", "/nodes/{node}/qemu", params, node=node)
+
+
+# --- a restored copy must not reach production (pure)
+
+_PASSTHROUGH_KEY = re.compile(r"(hostpci|dev|parallel)\d+")
+"""QEMU PCI passthrough, LXC device passthrough, host parallel ports: always the host's."""
+_HOST_PATH_KEY = re.compile(r"(mp|scsi|sata|ide|virtio|serial)\d+")
+"""Keys whose value may name a host path: LXC bind/device mount points, QEMU disks passed
+through by path (``/dev/disk/by-id/...``), serial ports on a host device."""
+_USB_KEY = re.compile(r"usb\d+")
+_NIC_KEY = re.compile(r"net\d+")
+
+
+def _first_value(value: Any) -> str:
+    first = str(value).split(",", 1)[0]
+    for prefix in ("volume=", "file=", "host=", "path="):
+        if first.startswith(prefix):
+            return first[len(prefix):]
+    return first
+
+
+def host_bound_keys(config: Mapping[str, Any]) -> list[str]:
+    """Config keys of a guest *copy* that would reach the host's own files or hardware
+    shared with the original: LXC bind and device mount points (``mpN`` with a host
+    path), device passthrough (``devN``, ``hostpciN``, host ``usbN``), disks, serial and
+    parallel ports given by host path. Deleted from restored copies and drill guests."""
+    out: list[str] = []
+    for key, value in sorted(config.items()):
+        first = _first_value(value)
+        if _PASSTHROUGH_KEY.fullmatch(key):
+            out.append(key)
+        elif _USB_KEY.fullmatch(key) and first != "spice":
+            out.append(key)
+        elif _HOST_PATH_KEY.fullmatch(key) and first.startswith("/"):
+            out.append(key)
+    return out
+
+
+def unplugged_nics(config: Mapping[str, Any]) -> dict[str, str]:
+    """Every NIC of a guest copy with ``link_down=1``: its settings (MAC, bridge, address)
+    kept for a person to review, its cable pulled, so an address, cron jobs or mailers
+    of the original never run twice on production's network."""
+    out: dict[str, str] = {}
+    for key, value in sorted(config.items()):
+        if _NIC_KEY.fullmatch(key):
+            parts = [p for p in str(value).split(",") if p and not p.startswith("link_down=")]
+            out[key] = ",".join([*parts, "link_down=1"])
+    return out
 
 
 def clone_qemu_request(node: str, vmid: int, newid: int, *, name: str | None = None,
@@ -523,6 +595,15 @@ def delete_volume_request(node: str, volid: str, *, delay: int | None = None) ->
                        {"delay": delay}, node=node, storage=storage_of(volid), volume=volid)
 
 
+def volume_attributes_request(node: str, volid: str, *, protected: bool | None = None,
+                              notes: str | None = None) -> ApiRequest:
+    """``PUT /nodes/{node}/storage/{storage}/content/{volume}`` (``updateattributes``):
+    mark a backup protected (no prune or retention removes it) or change its notes."""
+    return api_request("PUT", "/nodes/{node}/storage/{storage}/content/{volume}",
+                       {"protected": protected, "notes": notes}, node=node,
+                       storage=storage_of(volid), volume=volid)
+
+
 def prune_dry_run_request(node: str, storage: str, *,
                           prune_backups: Mapping[str, int] | str | None = None,
                           vmid: int | None = None,
@@ -638,6 +719,7 @@ ADAPTER_CALLS: tuple[tuple[str, str], ...] = (
     ("POST", "/nodes/{node}/vzdump"),
     ("GET", "/nodes/{node}/storage/{storage}/content"),
     ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"),
+    ("PUT", "/nodes/{node}/storage/{storage}/content/{volume}"),
     ("GET", "/nodes/{node}/storage/{storage}/prunebackups"),
     ("DELETE", "/nodes/{node}/storage/{storage}/prunebackups"),
     ("GET", "/cluster/backup"),
@@ -665,6 +747,9 @@ HANDLER_PRIVILEGES: Mapping[tuple[str, str], frozenset[str]] = {
     ("POST", "/nodes/{node}/vzdump"): frozenset({"VM.Backup", "Datastore.AllocateSpace"}),
     # backup volumes: "Datastore.AllocateSpace if you have VM.Backup on the VM"
     ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}"):
+        frozenset({"VM.Backup", "Datastore.AllocateSpace"}),
+    # updateattributes (protected, notes) checks like the deletion of a backup
+    ("PUT", "/nodes/{node}/storage/{storage}/content/{volume}"):
         frozenset({"VM.Backup", "Datastore.AllocateSpace"}),
     # with a vmid: "Datastore.AllocateSpace and VM.Backup for the VM"
     ("DELETE", "/nodes/{node}/storage/{storage}/prunebackups"):
@@ -1104,6 +1189,7 @@ list_backup_jobs = _list_op(backup_jobs_request, BackupJob)
 list_tasks = _list_op(tasks_request, TaskSummary)
 create_backup_job = _none_op(backup_job_create_request)
 update_backup_job = _none_op(backup_job_update_request)
+set_volume_attributes = _none_op(volume_attributes_request)
 delete_backup_job = _none_op(backup_job_delete_request)
 
 

@@ -5,14 +5,46 @@ Secrets reach restic only through its environment (``RESTIC_PASSWORD``,
 
 restic 0.14 (Debian 12) exits 1 for most fatal errors; 10/11/12 arrived in
 0.17. :func:`classify_failure` reads stderr to tell the same cases apart on
-older versions, so both map onto the same typed meaning.
+older versions, so both map onto the same typed meaning; restic >= 0.17 also
+prints a fatal error as one JSON ``exit_error`` line when ``--json`` is given,
+whose message is used instead of the raw line.
+
+**Versions.** restic 0.14 (Debian 12) through 0.18 (Debian 13). Which binary:
+``Repo.binary``, else ``$LABKEEPER_RESTIC``, else ``restic`` on PATH. Its version is
+read once per binary (:func:`version_info`, cached by path and modification time).
+Differences handled here:
+
+- **Snapshot ids.** 0.14's ``backup --json`` summary names the snapshot by its
+  short id, 0.18's by its full id. Every summary this module returns carries the
+  **full** 64-hex id (:func:`canonical_summary`: one ``restic snapshots`` look-up
+  on versions that print the short one); compare ids with :func:`same_id`, show
+  them with :func:`short_id`.
+- **Locks.** 0.16+ has ``--retry-lock``: ``forget`` (policy or ids), ``prune`` and
+  ``check`` wait for a conflicting lock themselves for a short while
+  (:data:`RETRY_LOCK_SECONDS`) after our own :func:`wait_for_locks`. An unloadable
+  lock file (one that vanished between restic's listing and its load): 0.14's
+  backend retries the load ~10 times over ~45 s and then goes on; 0.18 does not
+  retry a missing file, its lock check re-runs after 5, 15 and 35 s and then fails
+  (exit 1, "unable to create lock in backend": a lock failure, transient).
+  :func:`backend_retry` turns both kinds of stderr line into a run-log note.
+- **``--stdin-from-command``** (0.17+) is *not* used for dumps: restic would start
+  pg_dump itself, so the dump could not pass our relay, which is what proves a
+  stream complete on every version: the end-of-stream gate (pg_dump's trailer, and
+  the manifest's restic holding its lock before the dump's lets go), the byte count
+  the summary is checked against, the stall detector, pg_dump's stderr kept apart
+  from restic's, and the snapshot opened while restic starts (pg_dump's argv names
+  it). restic would only check pg_dump's exit status, which the relay checks too.
+  One design for both versions, the stronger one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,11 +54,20 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from labkeeper import process
-from labkeeper.errors import CommandError, LabkeeperError, TransientError
+from labkeeper.errors import CommandError, ConfigError, LabkeeperError, TransientError
 from labkeeper.process import ExitCode, ExitCodeTable
 from labkeeper.secrets import REDACTOR
 
 RESTIC = "restic"
+BINARY_ENV = "LABKEEPER_RESTIC"
+"""Environment variable naming the restic binary labkeeper runs (default: ``restic``)."""
+RETRY_LOCK_SECONDS = 30.0
+"""How long maintenance commands let restic (0.16+) retry a conflicting lock itself."""
+
+
+def default_binary() -> str:
+    """The restic labkeeper runs: ``$LABKEEPER_RESTIC``, else ``restic`` on PATH."""
+    return os.environ.get(BINARY_ENV) or RESTIC
 
 LOCK_FAILED = "failed to lock repository"
 
@@ -53,20 +94,50 @@ _STDERR_MEANINGS: tuple[tuple[re.Pattern[str], str, bool], ...] = (
 )
 
 
-def classify_failure(err: CommandError) -> CommandError:
-    """Refine a restic CommandError (exit 1 on 0.14) from its stderr."""
-    if err.returncode != 1:
-        return err
+def exit_error_message(stderr: str) -> str | None:
+    """The message of restic's JSON ``exit_error`` line (restic >= 0.17 with
+    ``--json``: ``{"message_type":"exit_error","code":10,"message":"..."}``), or None."""
+    for line in reversed(stderr.splitlines()):
+        line = line.strip()
+        if not (line.startswith("{") and "exit_error" in line):
+            continue
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and data.get("message_type") == "exit_error":
+            return str(data.get("message", ""))
+    return None
+
+
+def _meaning_from_stderr(text: str) -> tuple[str, bool] | None:
     for pattern, meaning, transient in _STDERR_MEANINGS:
-        if pattern.search(err.stderr_tail):
-            message = f"restic: {meaning}"
-            last = err.stderr_tail.splitlines()[-1] if err.stderr_tail else ""
-            if last:
-                message += f": {last}"
-            return CommandError(message, argv=err.argv, returncode=err.returncode,
-                                stderr_tail=err.stderr_tail, meaning=meaning,
-                                transient=transient)
-    return err
+        if pattern.search(text):
+            return meaning, transient
+    return None
+
+
+def classify_failure(err: CommandError) -> CommandError:
+    """Refine a restic CommandError: the meaning of an exit 1 from its stderr (0.14
+    exits 1 where 0.17+ exits 10/11/12), the message from restic's JSON
+    ``exit_error`` line when there is one (0.17+ with ``--json``)."""
+    if not err.returncode or err.returncode < 0:
+        return err
+    said = exit_error_message(err.stderr_tail)
+    found = _meaning_from_stderr(said if said is not None else err.stderr_tail) \
+        if err.returncode == 1 else None
+    if found is None and said is None:
+        return err
+    meaning, transient = found or (err.meaning, err.transient)
+    if said is not None:
+        last = " | ".join(ln.strip() for ln in said.splitlines() if ln.strip())[:400]
+    else:
+        last = err.stderr_tail.splitlines()[-1] if err.stderr_tail else ""
+    message = f"restic: {meaning}"
+    if last:
+        message += f": {last}"
+    return CommandError(message, argv=err.argv, returncode=err.returncode,
+                        stderr_tail=err.stderr_tail, meaning=meaning, transient=transient)
 
 
 @dataclass(frozen=True)
@@ -79,6 +150,13 @@ class Repo:
     aws_secret_access_key: SecretStr | None = None
     ca_file: str | None = None
     cache_dir: str | None = None
+    binary: str | None = None
+    """The restic to run; None: :func:`default_binary`."""
+
+    @property
+    def program(self) -> str:
+        """The restic binary this repository's commands run."""
+        return self.binary or default_binary()
 
     def env(self) -> dict[str, str]:
         env = {"RESTIC_REPOSITORY": self.url,
@@ -93,7 +171,7 @@ class Repo:
         return env
 
     def base_argv(self) -> tuple[str, ...]:
-        argv: tuple[str, ...] = (RESTIC,)
+        argv: tuple[str, ...] = (self.program,)
         if self.ca_file:
             argv += ("--cacert", self.ca_file)
         return argv
@@ -124,8 +202,17 @@ def cat_config_argv(repo: Repo) -> tuple[str, ...]:
     return (*repo.base_argv(), "cat", "config", "--no-lock")
 
 
-def version_argv() -> tuple[str, ...]:
-    return (RESTIC, "version")
+def version_argv(binary: str | None = None) -> tuple[str, ...]:
+    return (binary or default_binary(), "version")
+
+
+def with_retry_lock(argv: Sequence[str], seconds: float | None) -> tuple[str, ...]:
+    """``argv`` with restic's global ``--retry-lock <s>s`` after the binary (restic
+    0.16+); unchanged when ``seconds`` is None or 0."""
+    argv = tuple(argv)
+    if not seconds:
+        return argv
+    return (argv[0], "--retry-lock", f"{max(1, round(seconds))}s", *argv[1:])
 
 
 # -- parsers (pure) ------------------------------------------------------------------
@@ -167,6 +254,61 @@ def parse_version(stdout: str) -> str:
     return m.group(1)
 
 
+@dataclass(frozen=True, order=True)
+class ResticVersion:
+    """A restic version and what it offers."""
+
+    major: int
+    minor: int
+    patch: int
+
+    @classmethod
+    def parse(cls, stdout: str) -> ResticVersion:
+        a, b, c = (int(x) for x in parse_version(stdout).split("."))
+        return cls(a, b, c)
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.patch}"
+
+    @property
+    def retry_lock(self) -> bool:
+        """``--retry-lock`` (0.16.0)."""
+        return (self.major, self.minor) >= (0, 16)
+
+    @property
+    def exit_codes(self) -> bool:
+        """Exit codes 10 (no repository), 11 (lock failed), 12 (wrong password) and
+        JSON ``exit_error`` messages (0.17.0); older versions exit 1 for all three."""
+        return (self.major, self.minor) >= (0, 17)
+
+    @property
+    def stdin_from_command(self) -> bool:
+        """``backup --stdin-from-command`` (0.17.0; deliberately unused, see the module)."""
+        return (self.major, self.minor) >= (0, 17)
+
+
+_HEX_ID = re.compile(r"[0-9a-f]{8,64}")
+
+
+def is_full_id(snapshot_id: str) -> bool:
+    return len(snapshot_id) == 64 and bool(_HEX_ID.fullmatch(snapshot_id))
+
+
+def short_id(snapshot_id: str) -> str:
+    """The 8-hex form restic shows (for display only; store and compare full ids)."""
+    return snapshot_id[:8]
+
+
+def same_id(a: str, b: str) -> bool:
+    """Do two snapshot ids name the same snapshot? Full ids compare equal; a short id
+    (restic 0.14's summary, manifests written before ids were canonical) matches the
+    full id it is a prefix of. Never true for an empty or non-hex id."""
+    if not (_HEX_ID.fullmatch(a) and _HEX_ID.fullmatch(b)):
+        return False
+    shorter, longer = sorted((a, b), key=len)
+    return longer.startswith(shorter)
+
+
 # -- runner --------------------------------------------------------------------------
 
 def run_restic(repo: Repo | None, argv: Sequence[str], *, timeout: float,
@@ -181,8 +323,54 @@ def run_restic(repo: Repo | None, argv: Sequence[str], *, timeout: float,
         raise classify_failure(exc) from None
 
 
-def version(*, timeout: float = 15) -> str:
-    return parse_version(run_restic(None, version_argv(), timeout=timeout).stdout)
+def version(*, timeout: float = 15, binary: str | None = None) -> str:
+    return str(version_info(binary, timeout=timeout))
+
+
+def version_info(binary: str | None = None, *, timeout: float = 15) -> ResticVersion:
+    """The version of ``binary`` (default :func:`default_binary`), read by running
+    ``restic version`` once per binary file (cached by path, inode and mtime, so an
+    upgraded binary is read again). Raises :class:`ConfigError` when it is missing."""
+    name = binary or default_binary()
+    path = shutil.which(name)
+    if path is None:
+        raise ConfigError(f"restic binary {name!r} not found (install restic, or set "
+                          f"${BINARY_ENV} to its full path)")
+    st = os.stat(path)
+    return _version_of(path, st.st_ino, st.st_mtime_ns, timeout)
+
+
+@functools.lru_cache(maxsize=32)
+def _version_of(path: str, _ino: int, _mtime_ns: int, timeout: float) -> ResticVersion:
+    return ResticVersion.parse(run_restic(None, version_argv(path), timeout=timeout).stdout)
+
+
+def repo_version(repo: Repo) -> ResticVersion:
+    return version_info(repo.binary)
+
+
+def full_snapshot_id(repo: Repo, snapshot_id: str, *, timeout: float = 120) -> str:
+    """The full 64-hex id of the snapshot ``snapshot_id`` (full or a short prefix)
+    names: returned as it is when full, else looked up with ``restic snapshots``."""
+    if is_full_id(snapshot_id):
+        return snapshot_id
+    if not _HEX_ID.fullmatch(snapshot_id):
+        raise ValueError(f"not a restic snapshot id: {snapshot_id!r}")
+    res = run_restic(repo, (*snapshots_argv(repo), snapshot_id), timeout=timeout)
+    found = [s.id for s in parse_snapshots(res.stdout) if s.id.startswith(snapshot_id)]
+    if len(found) != 1:
+        raise CommandError(f"restic: snapshot {snapshot_id} not found (or not unique: "
+                           f"{len(found)} match)", argv=res.argv, returncode=0)
+    return found[0]
+
+
+def canonical_summary(repo: Repo, summary: BackupSummary, *,
+                      timeout: float = 120) -> BackupSummary:
+    """``summary`` naming its snapshot by the full id, whatever the restic version."""
+    if is_full_id(summary.snapshot_id):
+        return summary
+    full = full_snapshot_id(repo, summary.snapshot_id, timeout=timeout)
+    return summary.model_copy(update={"snapshot_id": full})
 
 
 def init(repo: Repo, *, timeout: float = 120) -> None:
@@ -301,7 +489,10 @@ class BackupSummary(BaseModel):
 
     message_type: str
     snapshot_id: str
+    """Full (0.17+) or short (0.14) here; :func:`canonical_summary` makes it full."""
     data_added: int = 0
+    data_added_packed: int | None = None
+    """Bytes really added to the repository, after compression (restic 0.17+ only)."""
     total_bytes_processed: int = 0
     total_duration: float = 0.0
     files_new: int = 0
@@ -356,20 +547,29 @@ class LsNode(BaseModel):
 
 _BACKEND_RETRY_RE = re.compile(
     r"^(?P<call>\S.*?) returned error, retrying after (?P<after>\S+?): (?P<error>.*)$")
+_BACKEND_FAILED_RE = re.compile(
+    r"^(?P<call>[A-Z][A-Za-z]*\(<[a-z]+/[0-9a-f]+>.*?\)) failed: (?P<error>.*)$")
 
 
 def backend_retry(line: str) -> str | None:
-    """restic's stderr note that a repository backend call failed and will be retried
-    (``Load(<lock/…>, 0, 0) returned error, retrying after 552ms: …``), as one short
-    line for the run log; None for any other line. restic 0.14 retries even a file
-    that is gone for good (the lock of a restic that just finished) about ten times
-    over some 45 s, and ``restic backup`` does so twice (measured: 20 retries, 94 s,
-    then it went on), so a slow run names its cause with these."""
-    m = _BACKEND_RETRY_RE.match(line.strip())
-    if m is None:
-        return None
-    return (f"restic is retrying {m['call']} after {m['after']}: "
-            f"{REDACTOR.redact(m['error'])[:200]}")
+    """restic's stderr note that a repository backend call failed, as one short line
+    for the run log; None for any other line.
+
+    restic 0.14 retries even a file that is gone for good (the lock of a restic that
+    just finished) about ten times over some 45 s (``Load(<lock/…>, 0, 0) returned
+    error, retrying after 552ms: …``), and ``restic backup`` does so twice (measured:
+    20 retries, 94 s, then it went on). restic 0.18 does not retry a missing file: it
+    says ``Load(<lock/…>, 0, 0) failed: …`` and its lock check tries again after 5, 15
+    and 35 s, then fails. Either way a slow run names its cause with these."""
+    line = line.strip()
+    m = _BACKEND_RETRY_RE.match(line)
+    if m is not None:
+        return (f"restic is retrying {m['call']} after {m['after']}: "
+                f"{REDACTOR.redact(m['error'])[:200]}")
+    m = _BACKEND_FAILED_RE.match(line)
+    if m is not None:
+        return f"restic could not {m['call']}: {REDACTOR.redact(m['error'])[:200]}"
+    return None
 
 
 def parse_ls(stdout: str) -> list[LsNode]:
@@ -563,8 +763,15 @@ def find_snapshots(repo: Repo, *, tags: Sequence[str] = (), host: str | None = N
     return sorted(parse_snapshots(res.stdout), key=lambda s: s.time)
 
 
-def forget_ids(repo: Repo, ids: Sequence[str], *, timeout: float = 300) -> None:
-    run_restic(repo, forget_ids_argv(repo, ids), timeout=timeout)
+def retry_lock_for(repo: Repo, seconds: float | None = RETRY_LOCK_SECONDS) -> float | None:
+    """``seconds`` when this repository's restic has ``--retry-lock``, else None."""
+    return seconds if seconds and repo_version(repo).retry_lock else None
+
+
+def forget_ids(repo: Repo, ids: Sequence[str], *, timeout: float = 300,
+               retry_lock: float | None = RETRY_LOCK_SECONDS) -> None:
+    argv = with_retry_lock(forget_ids_argv(repo, ids), retry_lock_for(repo, retry_lock))
+    run_restic(repo, argv, timeout=timeout)
 
 
 def ls(repo: Repo, snapshot_id: str, *, timeout: float = 120) -> list[LsNode]:
@@ -582,7 +789,7 @@ def backup_bytes(repo: Repo, data: bytes, *, filename: str, host: str, tags: Seq
     res = run_restic(repo, backup_stdin_argv(repo, filename=filename, host=host, tags=tags,
                                              compression=compression),
                      timeout=timeout, input=data)
-    return parse_backup_summary(res.stdout)
+    return canonical_summary(repo, parse_backup_summary(res.stdout))
 
 
 class PendingBackup:
@@ -611,6 +818,7 @@ class PendingBackup:
         import threading
 
         self.filename = filename
+        self._repo = repo
         self.argv = backup_stdin_argv(repo, filename=filename, host=host, tags=tags,
                                       compression=compression)
         spawn = self.argv
@@ -727,7 +935,7 @@ class PendingBackup:
         if problem is not None:
             raise CommandError(f"restic backup: {problem}", argv=res.argv,
                                returncode=res.returncode)
-        return summary
+        return canonical_summary(self._repo, summary, timeout=timeout)
 
     def abort(self) -> bool:
         """SIGKILL restic before it got end-of-stream (no snapshot). Returns whether it
@@ -889,6 +1097,13 @@ def stream_backup(repo: Repo, producer: process.Stage | process.StageFactory, *,
     if problem is not None:
         raise StreamFailed(problem, transient=False, cause="consumer", producer=p_res,
                            consumer=c_res, eof_given=True, bytes_relayed=nbytes)
+    try:
+        summary = canonical_summary(repo, summary)
+    except (LabkeeperError, ValueError) as exc:
+        raise StreamFailed(f"snapshot {summary.snapshot_id} saved, but its full id could "
+                           f"not be read: {exc}", transient=getattr(exc, "transient", False),
+                           cause="consumer", producer=p_res, consumer=c_res, eof_given=True,
+                           bytes_relayed=nbytes) from None
     return StreamResult(summary=summary, bytes=nbytes, duration=res.duration,
                         producer=p_res, consumer=c_res)
 
@@ -902,16 +1117,23 @@ _PRODUCER_TRANSIENT = ("could not connect", "Connection refused", "server closed
 def forget_policy(repo: Repo, *, keep: Sequence[str], host: str, tags: Sequence[str],
                   dry_run: bool = False, timeout: float = 600) -> list[ForgetGroup]:
     """Apply a keep policy to one series; returns restic's keep/remove groups."""
-    res = run_restic(repo, forget_policy_argv(repo, keep=keep, host=host, tags=tags,
-                                              dry_run=dry_run), timeout=timeout)
+    argv = forget_policy_argv(repo, keep=keep, host=host, tags=tags, dry_run=dry_run)
+    res = run_restic(repo, with_retry_lock(argv, retry_lock_for(repo)), timeout=timeout)
     return parse_forget(res.stdout)
 
 
-def prune(repo: Repo, *, dry_run: bool = False, timeout: float = 6 * 3600) -> str:
-    return run_restic(repo, prune_argv(repo, dry_run=dry_run), timeout=timeout).stdout
+def prune(repo: Repo, *, dry_run: bool = False, timeout: float = 6 * 3600,
+          on_line: process.LineCallback | None = None) -> str:
+    """``restic prune``; ``on_line`` gets its output lines (stdout and stderr) as they
+    come (restic 0.16+ prints "repo already locked, waiting up to 30s for the lock" on
+    stdout while it waits)."""
+    argv = with_retry_lock(prune_argv(repo, dry_run=dry_run), retry_lock_for(repo))
+    return run_restic(repo, argv, timeout=timeout, on_stdout_line=on_line,
+                      on_stderr_line=on_line).stdout
 
 
 def check(repo: Repo, *, read_data_subset: str | None = None,
           timeout: float = 6 * 3600) -> str:
-    return run_restic(repo, check_argv(repo, read_data_subset=read_data_subset),
-                      timeout=timeout).stdout
+    argv = with_retry_lock(check_argv(repo, read_data_subset=read_data_subset),
+                           retry_lock_for(repo))
+    return run_restic(repo, argv, timeout=timeout).stdout

@@ -9,19 +9,24 @@ transaction; the original is kept as ``<dbname>_before_<stamp>``). labkeeper onl
 ever drops databases with those two shapes of name.
 
 A guest is restored from a chosen vzdump archive (default: its newest) to a new
-VMID, or over the original (stopped first; ``force``).
+VMID, or over the original (stopped first; ``force``). A copy on a new VMID would
+otherwise start with production's network, mounts and devices (an address
+conflict, cron jobs and mailers running twice, two guests writing one host
+directory): it is restored with ``onboot=0``, then its bind/device mount points and
+passthrough devices are deleted and every NIC is unplugged (``link_down=1``, the
+settings kept for review), and it is *not* started unless asked.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from labkeeper import drill, pg_backup, postgres, restic
+from labkeeper import drill, pg_backup, pg_container, postgres, restic
 from labkeeper import proxmox as px
 from labkeeper.errors import ConfigError, LabkeeperError, PermanentError
 from labkeeper.inventory import Database, Inventory
@@ -118,8 +123,9 @@ class DatabaseRestore:
 
 
 def admin_conn(inv: Inventory, db: Database) -> postgres.Conn:
-    """The database's own server, maintenance database ``postgres``."""
-    return pg_backup.conn_for(inv, db, dbname="postgres")
+    """The database's own server, maintenance database ``postgres`` (with the client
+    matching the server)."""
+    return pg_container.matching(pg_backup.conn_for(inv, db, dbname="postgres"))
 
 
 def exists(inv: Inventory, db: Database, name: str) -> bool:
@@ -127,25 +133,50 @@ def exists(inv: Inventory, db: Database, name: str) -> bool:
     return bool(rows) and rows[0][0].strip() == "1"
 
 
+MIN_PREFIX = 8
+_SNAPSHOT_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},64}}")
+
+
+def check_snapshot_ref(snapshot: str) -> str:
+    """``latest`` or a snapshot id prefix of at least 8 hex digits (an empty or short
+    prefix would match the oldest backup, or several)."""
+    if snapshot == "latest" or _SNAPSHOT_PREFIX.fullmatch(snapshot):
+        return snapshot
+    raise ConfigError(f"snapshot: {snapshot!r} is neither `latest` nor a snapshot id of at "
+                      f"least {MIN_PREFIX} lowercase hex digits (see `restic snapshots`)")
+
+
+def match_backup(backups: list[pg_backup.StoredBackup], snapshot: str, *, series: str
+                 ) -> pg_backup.StoredBackup:
+    """The one complete backup whose dump or manifest snapshot id starts with
+    ``snapshot`` (``latest``: the newest); refuses no match and several."""
+    check_snapshot_ref(snapshot)
+    if not backups:
+        raise RestoreFailed(f"no complete backup (dump + manifest) of {series}")
+    if snapshot == "latest":
+        return backups[-1]
+    found = [b for b in backups
+             if any(i.startswith(snapshot) for i in (b.dump.id, b.manifest.id if b.manifest
+                                                    else ""))]
+    if len(found) > 1:
+        raise ConfigError(f"snapshot: {snapshot!r} matches {len(found)} backups of {series} ("
+                          + ", ".join(b.dump.id[:12] for b in found) + "): give more digits")
+    if not found:
+        raise RestoreFailed(f"snapshot {snapshot!r} is not a complete backup of {series} "
+                            "(known: " + ", ".join(b.dump.id[:8] for b in backups) + ")")
+    return found[0]
+
+
 def pick_backup(inv: Inventory, db: Database, snapshot: str = "latest"
                 ) -> tuple[restic.Repo, pg_backup.StoredBackup]:
     """The complete backup (dump + manifest) to restore: ``latest`` or the one whose dump
-    or manifest snapshot id starts with ``snapshot``."""
+    or manifest snapshot id starts with ``snapshot`` (at least 8 hex digits, unique)."""
+    check_snapshot_ref(snapshot)  # before any restic run
     repo = pg_backup.open_repo(inv, inv.repository_for(db).name)
     server = inv.database_server(db)
     backups = [b for b in pg_backup.find_backups(repo, lab=inv.lab.name, server=server,
                                                  name=db.name) if b.manifest]
-    if not backups:
-        raise RestoreFailed(f"no complete backup (dump + manifest) of db:{server}/{db.name}")
-    if snapshot == "latest":
-        return repo, backups[-1]
-    for b in backups:
-        ids = (b.dump.id, b.manifest.id if b.manifest else "")
-        if any(i.startswith(snapshot) for i in ids):
-            return repo, b
-    raise RestoreFailed(f"snapshot {snapshot!r} is not a complete backup of "
-                        f"db:{server}/{db.name} (known: "
-                        + ", ".join(b.dump.short_id or b.dump.id[:8] for b in backups) + ")")
+    return repo, match_backup(backups, snapshot, series=f"db:{server}/{db.name}")
 
 
 def restore_database(inv: Inventory, name: str, *, snapshot: str = "latest",
@@ -161,8 +192,7 @@ def restore_database(inv: Inventory, name: str, *, snapshot: str = "latest",
     manifest = pg_backup.read_manifest(repo, backup)
     if manifest.dump is None:
         raise RestoreFailed(f"manifest of backup {backup.backup_id} does not describe its dump")
-    result = DatabaseRestore(db.name, backup.dump.short_id or backup.dump.id[:8],
-                             backup.backup_id, into)
+    result = DatabaseRestore(db.name, backup.dump.id[:8], backup.backup_id, into)
     admin = admin_conn(inv, db)
     if exists(inv, db, into):
         raise RestoreFailed(f"database {into} already exists; refusing to restore over it")
@@ -171,7 +201,7 @@ def restore_database(inv: Inventory, name: str, *, snapshot: str = "latest",
     postgres.query(admin, create_sql(into), timeout=120)
     started = time.monotonic()
     try:
-        target = pg_backup.conn_for(inv, db, dbname=into)
+        target = pg_container.matching(pg_backup.conn_for(inv, db, dbname=into))
         outcome = drill.stream_restore(repo, backup.dump.id, manifest.dump.path, target,
                                        fmt=manifest.dump_format,
                                        timeout=db.timeout_minutes * 60)
@@ -207,13 +237,30 @@ def _drop_quietly(admin: postgres.Conn, name: str, log: Log) -> None:
         log(f"could not drop {name}: {exc}")
 
 
-def swap_database(inv: Inventory, name: str, restored: str, *, when: str | None = None,
-                  log: Log = _nolog) -> str:
-    """Put ``restored`` in place of database ``name``; return where the original went."""
+Made = Mapping[str, Collection[str]]
+"""Database (inventory name) -> the databases this run created for it (restored copies,
+set-aside originals): the only ones its swap and drop steps accept."""
+
+
+def made_by_run(made: Made, name: str, target: str, *, field_name: str) -> None:
+    """Refuse ``target`` unless this run created it for database ``name`` (a name that
+    merely looks like a labkeeper copy may be another run's, or a person's)."""
+    mine = [str(n) for n in made.get(name, ())]
+    if target not in mine:
+        raise ConfigError(f"{field_name}: {target!r} was not created for database {name} by "
+                          "this run (it made: " + (", ".join(mine) or "nothing")
+                          + "); swap and drop only act on this run's own copies")
+
+
+def swap_database(inv: Inventory, name: str, restored: str, *, made: Made,
+                  when: str | None = None, log: Log = _nolog) -> str:
+    """Put ``restored`` (a copy this run restored, see :data:`Made`) in place of
+    database ``name``; return where the original went."""
     db = inv.database(name)
     original = db.effective_dbname
     if not is_labkeeper_copy(restored) or "_restored_" not in restored:
         raise ConfigError(f"restored: {restored!r} is not a database labkeeper restored")
+    made_by_run(made, name, restored, field_name="restored")
     aside = aside_name(original, when or stamp())
     if not exists(inv, db, restored):
         raise RestoreFailed(f"database {restored} does not exist")
@@ -224,10 +271,13 @@ def swap_database(inv: Inventory, name: str, restored: str, *, when: str | None 
     return aside
 
 
-def drop_database(inv: Inventory, name: str, target: str, *, log: Log = _nolog) -> bool:
-    """Drop a restored copy or set-aside original of database ``name``."""
+def drop_database(inv: Inventory, name: str, target: str, *, made: Made,
+                  log: Log = _nolog) -> bool:
+    """Drop a restored copy or set-aside original of database ``name`` that this run
+    made (see :data:`Made`)."""
     db = inv.database(name)
     sql = drop_sql(target)  # refuses anything else
+    made_by_run(made, name, target, field_name="name")
     present = exists(inv, db, target)
     postgres.query(admin_conn(inv, db), sql, timeout=300)
     log(f"{name}: dropped {target}" if present else f"{name}: {target} was not there")
@@ -245,6 +295,21 @@ class GuestRestore:
     node: str
     over_original: bool
     seconds: float
+    started: bool = False
+    isolation: str = ""
+    """What was done to a copy so it cannot reach production (empty over the original)."""
+
+
+def isolate_copy(api: Any, node: str, vmid: int, gtype: px.GuestType) -> str:
+    """Make a restored copy safe to exist next to the original: bind/device mount points
+    and passthrough devices deleted, every NIC unplugged. Returns what was done."""
+    config = px.guest_config(api, node, vmid, gtype).values
+    delete = px.host_bound_keys(config)
+    nics = px.unplugged_nics(config)
+    if delete or nics:
+        px.configure(api, node, vmid, gtype, nics, delete=delete)
+    done = f"{len(nics)} NIC(s) unplugged (link_down=1)" if nics else "no NIC"
+    return done + (f"; removed host mounts/devices {', '.join(delete)}" if delete else "")
 
 
 def guest_archives(api: Any, inv: Inventory, vmid: int, node: str) -> list[px.StorageVolume]:
@@ -275,10 +340,12 @@ def pick_archive(api: Any, inv: Inventory, guest_name: str, archive: str = "late
 
 
 def restore_guest(inv: Inventory, name: str, *, archive: str = "latest", vmid: int = 0,
-                  over_original: bool = False, start: bool = True, api: Any = None,
+                  over_original: bool = False, start: bool | None = None, api: Any = None,
                   log: Log = _nolog) -> GuestRestore:
-    """Restore guest ``name`` from ``archive`` to ``vmid`` (0: the next free VMID), or
-    over the original (stopped first)."""
+    """Restore guest ``name`` from ``archive`` to ``vmid`` (0: the next free VMID),
+    isolated (:func:`isolate_copy`) and left stopped unless ``start``; or over the
+    original (stopped first, started again unless ``start`` is false)."""
+    start = over_original if start is None else start
     api = api if api is not None else px.connect_lab(inv.proxmox)
     assert inv.proxmox is not None
     guest = inv.guest(name)
@@ -304,9 +371,15 @@ def restore_guest(inv: Inventory, name: str, *, archive: str = "latest", vmid: i
     restore = px.restore_lxc if guest.type == "lxc" else px.restore_qemu
     upid = restore(api, node, target, vol.volid, storage=guest.resources.storage,
                    force=True if over_original else None,
-                   unique=None if over_original else True)
+                   unique=None if over_original else True,
+                   options=None if over_original else {"onboot": 0})
     px.wait_for_task(api, upid, timeout=timeout)
+    isolation = ""
+    if not over_original:
+        isolation = isolate_copy(api, node, target, guest.type)
+        log(f"{name}: copy VMID {target} isolated: {isolation}"
+            + ("" if start else "; left stopped"))
     if start:
         px.wait_for_task(api, px.start_guest(api, node, target, guest.type), timeout=timeout)
     return GuestRestore(guest.name, vol.volid, target, node, over_original,
-                        time.monotonic() - started)
+                        time.monotonic() - started, started=start, isolation=isolation)

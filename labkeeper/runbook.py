@@ -41,6 +41,7 @@ and ``<param>_storage`` for a vzdump job).
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,12 +55,12 @@ from labkeeper.inventory import (
     Inventory,
     Problem,
     _did_you_mean,
-    _Document,
     _Model,
     _schema_problems,
     format_path,
     problems_report,
 )
+from labkeeper.yaml_loader import Document, UnreadableFile, read_source
 
 RUNBOOK_DIR = Path(__file__).resolve().parents[1] / "runbooks"
 
@@ -119,13 +120,65 @@ class FlowStep(_Model):
     """The flow's parameters (templated)."""
 
 
+_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "mksh", "busybox"})
+_CODE_FLAGS = {  # program -> the options whose value is code (a script, SQL, ...)
+    **{sh: ("-c",) for sh in _SHELLS},
+    "su": ("-c", "--command"), "runuser": ("-c", "--command"),
+    "python": ("-c",), "python3": ("-c",), "perl": ("-e", "-E"), "ruby": ("-e",),
+    "node": ("-e", "--eval"), "psql": ("-c", "--command"),
+}
+
+
+def _is_code_flag(program: str, arg: str) -> bool:
+    flags = _CODE_FLAGS.get(program, ())
+    if arg in flags:
+        return True
+    # a shell's clustered short options: -ec, -lc, -xec ...
+    return (program in _SHELLS and arg.startswith("-") and not arg.startswith("--")
+            and "c" in arg[1:])
+
+
+def code_arguments(argv: Sequence[str]) -> list[int]:
+    """Indexes of ``argv`` elements that a program reads as code: the script of
+    ``sh -c SCRIPT`` (``bash -ec``, ``su -c``, ``python -c``, ``psql -c`` ...), also
+    after ``sudo``/``env``/``nice``. Pure."""
+    out: list[int] = []
+    program = ""
+    pending = False
+    for i, arg in enumerate(argv):
+        if pending and not arg.startswith("-"):
+            out.append(i)
+            pending = False
+        elif posixpath.basename(arg) in _CODE_FLAGS and not arg.startswith("-"):
+            program, pending = posixpath.basename(arg), False
+        elif program and _is_code_flag(program, arg):
+            pending = True
+        elif program and arg.startswith(tuple(f"{f}=" for f in _CODE_FLAGS.get(program, ())
+                                              if f.startswith("--"))):
+            out.append(i)
+    return out
+
+
 class SshStep(_Model):
     host: str
     """An inventory host or a guest with an ``ssh`` section (templated)."""
     argv: Annotated[list[str], Field(min_length=1)]
     """The command, one element per argument (templated per element: a value never
-    splits into several arguments and never meets a shell unquoted)."""
+    splits into several arguments and never meets a shell unquoted). Code arguments
+    (the script of ``sh -c``, ``python -c``, ``psql -c`` ...) take no ``{{ }}``: pass
+    values as positional arguments (``[sh, -c, 'echo "$1"', sh, "{{ name }}"]``)."""
     expect_exit: list[int] = [0]
+
+    @model_validator(mode="after")
+    def _no_templated_code(self) -> SshStep:
+        for i in code_arguments(self.argv):
+            if _EXPR.search(self.argv[i]):
+                raise ValueError(
+                    f"argv[{i}] is code (what {self.argv[i - 1]} runs) and holds a {{{{ }}}} "
+                    "template: a value would be pasted into it as text. Pass it as a "
+                    "positional argument instead, e.g. [sh, -c, 'echo \"$1\"', sh, "
+                    "\"{{ name }}\"]")
+        return self
 
 
 class ProxmoxStep(_Model):
@@ -172,9 +225,19 @@ class DatabaseStep(_Model):
 class SqlCheck(_Model):
     database: str
     query: str
+    """Plain SQL, no ``{{ }}``: a value pasted into SQL as text could change the
+    statement (``'; DROP ...``); the database is chosen by ``database`` instead."""
     min: float | None = None
     max: float | None = None
     equals: str | None = None
+
+    @model_validator(mode="after")
+    def _no_templated_sql(self) -> SqlCheck:
+        if _EXPR.search(self.query):
+            raise ValueError("sql.query holds a {{ }} template: values are never pasted "
+                             "into SQL as text; write the query without it (the database "
+                             "comes from sql.database, which may be templated)")
+        return self
 
 
 class CheckStep(_Model):
@@ -283,7 +346,7 @@ class Runbook(_Model):
 def parse_runbook(text: str, filename: str = "<runbook>") -> Runbook:
     """Parse and validate a runbook; :class:`ConfigError` lists every problem with
     file, line and field."""
-    doc = _Document(text, filename)
+    doc = Document(text, filename)
     problems: list[Problem] = list(doc.problems)
     book: Runbook | None = None
     if not problems:
@@ -307,9 +370,10 @@ def parse_runbook(text: str, filename: str = "<runbook>") -> Runbook:
 def load_runbook(path: str | Path) -> Runbook:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the runbook: {exc}") from None
+        text = read_source(path)
+    except UnreadableFile as exc:
+        raise ConfigError(f"{path}: cannot read the runbook",
+                          problems=[str(exc.problem)]) from None
     book = parse_runbook(text, str(path))
     if book.name != path.stem:
         raise ConfigError(f"{path}: name {book.name!r} must equal the file name "
@@ -375,7 +439,12 @@ def render(value: Any, ctx: Mapping[str, Any]) -> Any:
 
 
 def render_argv(argv: Sequence[str], ctx: Mapping[str, Any]) -> tuple[str, ...]:
-    """An argv with each element rendered to exactly one string argument."""
+    """An argv with each element rendered to exactly one string argument. A code
+    argument (:func:`code_arguments`) with a template is refused, never rendered."""
+    for i in code_arguments(argv):
+        if _EXPR.search(argv[i]):
+            raise TemplateError(f"ssh.argv[{i}] is code (what {argv[i - 1]} runs): {{{{ }}}} is "
+                                "refused there; pass the value as a positional argument")
     return tuple(_text(render(a, ctx)) for a in argv)
 
 
@@ -406,7 +475,7 @@ DERIVED = {
 }
 
 
-def _template_problems(book: Runbook, doc: _Document) -> list[Problem]:
+def _template_problems(book: Runbook, doc: Document) -> list[Problem]:
     """Every ``{{ expr }}`` must name a parameter, a derived value, run.*, or an earlier
     step (compensations may name any main step)."""
     names = set(book.params)

@@ -213,15 +213,17 @@ def plan_proxmox(lab: Lab, spec: Mapping[str, Any]) -> tuple[str, list[str]]:
 # ============================================================================ database
 
 
-def run_database(lab: Lab, spec: Mapping[str, Any], *, stamp: str) -> tuple[str, Outputs]:
+def run_database(lab: Lab, spec: Mapping[str, Any], *, stamp: str,
+                 made: restore.Made) -> tuple[str, Outputs]:
+    """Swap or drop; ``made``: the databases this run created (only those are accepted)."""
     name = str(spec["database"])
     if spec["op"] == "swap":
-        aside = restore.swap_database(lab.inv, name, str(spec["restored"]), when=stamp,
-                                      log=lab.log)
+        aside = restore.swap_database(lab.inv, name, str(spec["restored"]), made=made,
+                                      when=stamp, log=lab.log)
         return (f"{spec['restored']} now serves as {lab.inv.database(name).effective_dbname}; "
                 f"the previous one kept as {aside}"), {"aside": aside}
     target = str(spec["name"])
-    present = restore.drop_database(lab.inv, name, target, log=lab.log)
+    present = restore.drop_database(lab.inv, name, target, made=made, log=lab.log)
     return (f"dropped {target}" if present else f"{target} was not there"), {}
 
 
@@ -231,6 +233,11 @@ def plan_database(lab: Lab, spec: Mapping[str, Any]) -> tuple[str, list[str]]:
         db = lab.inv.database(str(spec["database"]))
     except ConfigError as exc:
         return f"database {spec['op']}", [str(exc)]
+    target = str(spec["restored"] if spec["op"] == "swap" else spec["name"])
+    if not target.startswith("<"):  # a dry run shows this run's outputs as <step.key>
+        problems.append(f"{spec['op']} {target!r}: not a copy this run makes (only a "
+                        "restore_database step's output, e.g. {{ steps.restore.restored }}, "
+                        "is accepted)")
     if spec["op"] == "swap":
         what = (f"rename {db.effective_dbname} aside (…_before_<stamp>) and "
                 f"{spec['restored']} to {db.effective_dbname}")

@@ -9,6 +9,8 @@ The inventory never holds a secret, only a *reference* to one:
 :func:`resolve` turns a reference into a :class:`pydantic.SecretStr` and
 registers the value with the process-wide :data:`REDACTOR`, so every logger
 carrying :class:`RedactingFilter` and every runner masks it from then on.
+Credentials inside URLs (``https://user:token@host/``) are masked too, whether
+or not they were ever resolved (:func:`redact_url_credentials`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,27 @@ SecretRef = Annotated[str, AfterValidator(check_reference)]
 """A field type for inventory models: a reference, validated in shape only."""
 
 
+_URL_USERINFO = re.compile(
+    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@?#]*)(?::(?P<pw>[^/\s@?#]*))?@")
+
+
+def _mask_userinfo(m: re.Match[str]) -> str:
+    scheme, user, pw = m["scheme"], m["user"], m["pw"]
+    if pw is not None:
+        return f"{scheme}{user}:{MASK}@"
+    if scheme.lower() in ("http://", "https://") and user:
+        return f"{scheme}{MASK}@"  # a token as the user name (https://TOKEN@github.com/...)
+    return m.group(0)  # ssh://git@host: a user name, not a credential
+
+
+def redact_url_credentials(text: str) -> str:
+    """Mask the credentials of every URL in ``text``: the password of
+    ``scheme://user:password@``, and the whole user part of ``https://token@``."""
+    if "@" not in text or "://" not in text:
+        return text
+    return _URL_USERINFO.sub(_mask_userinfo, text)
+
+
 class Redactor:
     """The set of secret values known to this process; masks them in text."""
 
@@ -88,10 +111,13 @@ class Redactor:
         return self._pattern is not None
 
     def redact(self, text: str) -> str:
-        pattern = self._pattern
-        if pattern is None or not text:
+        """``text`` with every known value and every URL's credentials masked."""
+        if not text:
             return text
-        return pattern.sub(MASK, text)
+        pattern = self._pattern
+        if pattern is not None:
+            text = pattern.sub(MASK, text)
+        return redact_url_credentials(text)
 
     def redact_argv(self, argv: tuple[str, ...] | list[str]) -> tuple[str, ...]:
         return tuple(self.redact(a) for a in argv)
@@ -118,18 +144,38 @@ def register(value: str) -> None:
     REDACTOR.add(value)
 
 
-class RedactingFilter(logging.Filter):
-    """A logging filter that masks resolved secrets in the formatted message."""
+_EXC_FORMATTER = logging.Formatter()
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a broken format string: leave it to the handler
-            return True
+
+def redact_record(record: logging.LogRecord) -> None:
+    """Mask secrets in a log record in place: its message (``msg`` % ``args``), its
+    exception's traceback (formatted now into ``exc_text``; ``exc_info`` dropped so
+    no handler formats the raw exception again) and its stack info."""
+    try:
+        message = record.getMessage()
+    except Exception:  # a broken format string: leave it to the handler
+        message = None
+    if message is not None:
         masked = REDACTOR.redact(message)
         if masked != message or record.args:
             record.msg = masked
             record.args = None
+    if record.exc_info and record.exc_info[0] is not None:
+        text = record.exc_text or _EXC_FORMATTER.formatException(record.exc_info)
+        record.exc_text = REDACTOR.redact(text)
+        record.exc_info = None
+    elif record.exc_text:
+        record.exc_text = REDACTOR.redact(record.exc_text)
+    if record.stack_info:
+        record.stack_info = REDACTOR.redact(record.stack_info)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that masks resolved secrets (and URL credentials) in the
+    formatted message and in the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redact_record(record)
         return True
 
 
@@ -137,7 +183,8 @@ _factory_installed = False
 
 
 def install_redaction() -> None:
-    """Mask resolved secrets in every log record this process creates.
+    """Mask resolved secrets and URL credentials in every log record this process
+    creates, tracebacks included.
 
     A filter on a parent logger does not see records propagated from its
     children (Prefect's run loggers), so the mask is applied where records are
@@ -150,13 +197,7 @@ def install_redaction() -> None:
 
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:
         record = previous(*args, **kwargs)  # type: ignore[arg-type]
-        if REDACTOR.active:
-            try:
-                message = record.getMessage()
-            except Exception:  # a broken format string: leave it to the handler
-                return record
-            record.msg = REDACTOR.redact(message)
-            record.args = None
+        redact_record(record)
         return record
 
     logging.setLogRecordFactory(factory)

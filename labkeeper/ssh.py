@@ -546,8 +546,13 @@ class SshClient:
         codes: ExitCodeTable = GENERIC,
         check: bool = True,
         remote_deadline: bool = True,
+        stdin: BinaryIO | None = None,
     ) -> CommandResult:
         """Run ``argv`` on the target and wait for it, at most ``timeout`` seconds.
+
+        ``stdin``: a file whose data follows ``input`` on the command's stdin, sent
+        as it arrives (one ``read`` at a time, for a conversation such as psql's),
+        then EOF.
 
         ``input`` is written to the command's stdin (then EOF); ``env`` travels on
         stdin too (see the module docstring), never on the command line.
@@ -590,7 +595,7 @@ class SshClient:
 
         out = _Lines(on_stdout_line, stdout_writer)
         err = _Lines(on_stderr_line, None)
-        feeder = threading.Thread(target=_feed, args=(chan, data), name="ssh-stdin",
+        feeder = threading.Thread(target=_feed, args=(chan, data, stdin), name="ssh-stdin",
                                   daemon=True)
         feeder.start()
         try:
@@ -732,13 +737,19 @@ SshSession = SshClient  # the name the design notes use
 # --------------------------------------------------------------------------- channel plumbing
 
 
-def _feed(chan: paramiko.Channel, data: bytes | None) -> None:
-    """Write stdin (if any), then EOF; stops quietly when the channel goes away."""
+def _feed(chan: paramiko.Channel, data: bytes | None, stream: BinaryIO | None = None) -> None:
+    """Write stdin (if any), then ``stream`` as it arrives, then EOF; stops quietly
+    when the channel goes away."""
     try:
         if data:
             view = memoryview(data)
             for i in range(0, len(view), _CHUNK):
                 chan.sendall(view[i:i + _CHUNK])
+        while stream is not None:
+            chunk = os.read(stream.fileno(), _RECV)
+            if not chunk:
+                break
+            chan.sendall(chunk)
         chan.shutdown_write()
     except (OSError, EOFError, paramiko.SSHException):
         pass

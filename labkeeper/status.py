@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 from labkeeper.errors import ServiceError
 from labkeeper.inventory import Inventory
 from labkeeper.notify import Alert
+from labkeeper.pg_backup import complete_dumps
 
 State = Literal["ok", "late", "missing", "failed", "warn", "info"]
 BAD: frozenset[str] = frozenset({"late", "missing", "failed"})
@@ -72,6 +73,10 @@ class Facts:
     pending: Mapping[str, Iterable[Any]] = field(default_factory=dict)
     """"host/set" -> failed path-backup attempts whose cleanup is still pending
     (objects with ``backup_id``, ``since`` and ``reason``)."""
+    pins: Iterable[Any] = ()
+    """Compose apps pinned to their good images after a rollback (``update.Pin``)."""
+    journals: Iterable[tuple[Any, bool]] = ()
+    """Unfinished updates (``update.Journal``) and whether each is stale."""
 
 
 def cron_period(cron: str, tz: str, now: datetime) -> timedelta:
@@ -117,7 +122,8 @@ def evaluate(inv: Inventory, facts: Facts) -> list[Row]:
             rows.append(_unchecked("database", db.name, f"RPO {fmt_age(rpo)}",
                                    f"repository {repo.name}", rpo))
             continue
-        last = _newest(facts.snapshots.get(repo.name, ()),
+        # a dump counts only with its manifest (a failed attempt's leftover never does)
+        last = _newest(complete_dumps(list(facts.snapshots.get(repo.name, ()))),
                        {"labkeeper", series, "kind:pg_dump"})
         rows.append(_judge("database", db.name, last, rpo, now,
                            f"RPO {fmt_age(rpo)}", f"{series} in {repo.name}"))
@@ -148,11 +154,15 @@ def evaluate(inv: Inventory, facts: Facts) -> list[Row]:
             rows.append(_judge("guest", f"{name} ({vmid})", last, grace(period), now,
                                objective, f"vzdump job {job.name}"))
     rows += _from_metrics(facts.metrics, now)
+    rows += _update_rows(facts.pins, facts.journals)
     for run in facts.failed_runs:
         start = run.get("start")
-        rows.append(Row("runs", f"{run.get('flow')}/{run.get('name')}", "warn",
-                        start if isinstance(start, datetime) else None, "last 7 days",
-                        str(run.get("state", "Failed"))))
+        late = run.get("state") == "Late"  # due, no worker took it (tasks.history.late_runs)
+        rows.append(Row("runs", f"{run.get('flow')}/{run.get('name')}",
+                        "late" if late else "warn",
+                        start if isinstance(start, datetime) else None,
+                        "taken by a worker" if late else "last 7 days",
+                        str(run.get("detail") or run.get("state", "Failed"))))
     for source, message in facts.errors:
         rows.append(Row("source", source, "failed", None, "readable", message))
     return rows
@@ -232,11 +242,48 @@ def _from_metrics(samples: Iterable[Any], now: datetime) -> list[Row]:
             rows.append(Row("drill", target, "ok" if ok else "failed", last,
                             "passes its objectives", detail))
         else:
-            rolled = vals.get("rolled_back", 0) == 1
-            ok = vals.get("success", 0) == 1
-            state: State = "ok" if ok else ("warn" if rolled else "failed")
-            rows.append(Row("update", target, state, last, "last update healthy",
-                            "rolled back" if rolled else ("succeeded" if ok else "failed")))
+            rows.append(_update_metric_row(target, vals, last))
+    return rows
+
+
+_NOT_UPDATED = {"blocked": "blocked: another update of its guest held the lock",
+                "held": "held: the registry offers only images rolled back before",
+                "stale": "an unfinished update waits for a decision"}
+
+
+def _update_metric_row(target: str, vals: Mapping[str, float], last: datetime | None) -> Row:
+    """The last update run of an app, as its flow recorded it."""
+    rolled = vals.get("rolled_back", 0) == 1
+    ok = vals.get("success", 0) == 1
+    state: State = "ok" if ok else ("warn" if rolled else "failed")
+    detail = "rolled back" if rolled else ("succeeded" if ok else "failed")
+    for key, text in _NOT_UPDATED.items():
+        if vals.get(key, 0) == 1:
+            state, detail = ("warn" if key == "held" else "failed"), text
+    return Row("update", target, state, last, "last update healthy", detail)
+
+
+def _update_rows(pins: Iterable[Any], journals: Iterable[tuple[Any, bool]]) -> list[Row]:
+    """Pinned apps (a warning: healthy, but not updating) and unfinished updates (a
+    failure when too old to finish automatically: a person must decide)."""
+    rows = []
+    for pin in pins:
+        since = datetime.fromtimestamp(pin.since, UTC) if pin.since else None
+        rows.append(Row("update", f"{pin.app} pinned", "warn", since,
+                        "on the registry's newest images", f"rolled back: {pin.text()}"))
+    for journal, stale in journals:
+        when = journal.touched or journal.started
+        last = datetime.fromtimestamp(when, UTC) if when else None
+        what = f"run {journal.run_id} stopped after '{journal.phase}'"
+        if stale:
+            rows.append(Row("update", f"{journal.app} unfinished", "failed", last,
+                            "no unfinished update", f"{what}: too old to finish "
+                            "automatically; decide: labkeeper update "
+                            f"{journal.app} --resolve keep|rollback"))
+        else:
+            rows.append(Row("update", f"{journal.app} unfinished", "warn", last,
+                            "no unfinished update",
+                            f"{what}: the next update run finishes it"))
     return rows
 
 
@@ -354,8 +401,31 @@ def gather(inv: Inventory, *, failed_runs: Iterable[Mapping[str, Any]] = (),
             continue
         if attempts:
             pending[f"{ps.host}/{ps.name}"] = attempts
+    pins, journals = _updates(inv, errors)
     return Facts(now=now, snapshots=snapshots, archives=archives, metrics=samples,
-                 failed_runs=list(failed_runs), errors=errors, pending=pending)
+                 failed_runs=list(failed_runs), errors=errors, pending=pending, pins=pins,
+                 journals=journals)
+
+
+def _updates(inv: Inventory, errors: list[tuple[str, str]]
+             ) -> tuple[list[Any], list[tuple[Any, bool]]]:
+    """Pins and unfinished updates from the state dir (unreadable: an error row)."""
+    from labkeeper import update
+
+    try:
+        pins = update.pins(inv)
+    except Exception as exc:
+        pins = []
+        errors.append(("update pins", str(exc)))
+    journals: list[tuple[Any, bool]] = []
+    try:
+        apps = {a.name: a for a in inv.apps}
+        for j in update.open_journals(inv):
+            app = apps.get(j.app)
+            journals.append((j, app is None or update.is_stale(j, app)))
+    except Exception as exc:
+        errors.append(("update journals", str(exc)))
+    return pins, journals
 
 
 def _newest_archives(inv: Inventory) -> dict[int, datetime]:

@@ -58,15 +58,44 @@ def versions_after(inv: Inventory, app: str, before: dict[str, str]) -> dict[str
         return core.versions_after(s, before)
 
 
+@task(name="update-fetch", task_run_name="fetch-{app}", timeout_seconds=4 * 3600,
+      cache_policy=NO_CACHE, **RETRY)
+def fetch(inv: Inventory, app: str, versions: core.Versions, retry_bad: bool = False
+          ) -> core.Offer:
+    """``docker compose pull`` and what it brought (a failed pull changes nothing and
+    is retried: transient)."""
+    with _session(inv, app) as s:
+        offer = core.fetch(s, versions, pin=core.read_pin(inv, app), retry_bad=retry_bad)
+    log = get_run_logger()
+    if offer.held:
+        log.warning("%s: the registry offers %s, rolled back before: not deploying it", app,
+                    core.fmt_versions(offer.held))
+    else:
+        log.info("%s: registry offers %s (%s)", app, core.fmt_versions(offer.values),
+                 f"new for {', '.join(offer.changed)}" if offer.new else "nothing new")
+    return offer
+
+
 @task(name="update-protect", task_run_name="protect-{app}", timeout_seconds=4 * 3600,
       cache_policy=NO_CACHE, **RETRY)
-def protect(inv: Inventory, app: str, run_id: str, versions: core.Versions) -> core.Protection:
-    """Snapshot (or vzdump, or the compose image IDs), then open the journal."""
+def protect(inv: Inventory, app: str, run_id: str, versions: core.Versions,
+            offered: dict[str, str] | None = None) -> core.Protection:
+    """Snapshot (or vzdump, or the compose images), the journal opened first: it names
+    the protection before it exists, so a retry of this run knows it is its own."""
+    journal = core.read_journal(inv, app)
+    resume = journal is not None and journal.run_id == run_id
     with _session(inv, app) as s:
-        prot = core.protect(s, run_id, versions)
+        if not resume:
+            core.write_journal(inv, core.Journal(
+                app=app, run_id=run_id, phase="protecting",
+                protection=core.planned_protection(s, run_id, versions),
+                before=dict(versions.values), started=time.time(),
+                offered=dict(offered or {}), guest=s.guest.name))
+        prot = core.protect(s, run_id, versions, resume=resume)
     core.write_journal(inv, core.Journal(app=app, run_id=run_id, phase="protected",
                                          protection=prot, before=dict(versions.values),
-                                         started=time.time()))
+                                         started=time.time(), offered=dict(offered or {}),
+                                         guest=inv.app(app).guest))
     get_run_logger().info("%s: protected by %s", app, prot.text())
     return prot
 
@@ -133,14 +162,21 @@ def run_update(inv: Inventory, app: str) -> list[str]:
       cache_policy=NO_CACHE, **RETRY)
 def record_attempted(inv: Inventory, app: str, versions: core.Versions) -> dict[str, str]:
     """The versions the update brought (apt: what it planned to install)."""
+    digests: dict[str, str] = {}
     if versions.planned:
         attempted = dict(versions.planned)
     else:
         with _session(inv, app) as s:
-            attempted = core.versions_after(s, versions.values)
+            if s.app.strategy == "compose":
+                now = core.compose_versions(s, refs=versions.refs)
+                attempted, digests = now.values, now.digests
+            else:
+                attempted = core.versions_after(s, versions.values)
     journal = core.read_journal(inv, app)
     if journal is not None:
         journal.attempted = attempted
+        if not journal.offered:
+            journal.offered = {k: v for k, v in digests.items() if v}
         core.write_journal(inv, journal)
     return attempted
 

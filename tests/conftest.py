@@ -34,4 +34,8 @@ pytest_plugins = [
     "tests.fixtures.pvesim",
     "tests.fixtures.e2e",
     "tests.fixtures.receiver",
+    "tests.fixtures.restic_matrix",
+    "tests.fixtures.docker",
+    "tests.fixtures.pg17",
+    "tests.fixtures.multihost",
 ]

@@ -12,9 +12,10 @@ set -euo pipefail
 
 CACHE=${LABKEEPER_SYSTEM_CACHE:-/var/cache/labkeeper}
 APT_PKGS=(postgresql restic openssh-server python3 python3-venv ca-certificates
-          docker.io docker-registry busybox-static mmdebstrap iproute2)
+          docker.io docker-registry busybox-static mmdebstrap iproute2 prometheus git)
 NEED_BINS=(/usr/bin/restic /usr/sbin/sshd /usr/bin/pg_dump /usr/bin/psql /usr/sbin/runuser
-           /usr/sbin/dockerd /usr/bin/docker-registry /bin/busybox /usr/bin/mmdebstrap /usr/sbin/ip)
+           /usr/sbin/dockerd /usr/bin/docker-registry /bin/busybox /usr/bin/mmdebstrap /usr/sbin/ip
+           /usr/bin/promtool /usr/bin/git)
 RESTIC_NEW_VERSION=0.18.0
 COMPOSE_VERSION=2.26.1
 

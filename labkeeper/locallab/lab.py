@@ -39,6 +39,9 @@ SMOKE_QUERIES: dict[str, list[dict[str, Any]]] = {
 }
 DEMO_APPS = {"good": 120, "bad": 121}
 """Demo apps (name -> vmid of their guest ``web-<name>``)."""
+COMPOSE_GUEST = ("docker1", 130)
+COMPOSE_APPS = {"compose-good": "2", "compose-bad": "2-bad"}
+"""Compose demo apps on the real engine (name -> the version the registry then offers)."""
 
 
 def write_secret(path: Path, value: str) -> Path:
@@ -57,11 +60,18 @@ class LocalLab:
     """Start/stop the local lab. Use as a context manager or call start()/stop()."""
 
     def __init__(self, workdir: Path, *, postgres: bool = True, s3: bool = True,
-                 sshd: bool = True, pvesim: bool = True, pve_task_duration: float = 0.2) -> None:
+                 sshd: bool = True, pvesim: bool = True, pve_task_duration: float = 0.2,
+                 docker: bool = False, docker_args: tuple[str, ...] = ()) -> None:
+        """``docker``: also start a private Docker engine (``docker_args`` go to dockerd),
+        a loopback registry and the app images (:mod:`labkeeper.locallab.docker`); if
+        the engine cannot start, the lab runs without it and :attr:`docker_error` says
+        why."""
+        self.docker_args = docker_args
         self.workdir = workdir.resolve()
         self.secrets_dir = self.workdir / "secrets"
         self.inventory_path = self.workdir / "lab.yaml"
-        self.want = {"postgres": postgres, "s3": s3, "sshd": sshd, "pvesim": pvesim}
+        self.want = {"postgres": postgres, "s3": s3, "sshd": sshd, "pvesim": pvesim,
+                     "docker": docker}
         self.pve_task_duration = pve_task_duration
         self.postgres: LocalPostgres | None = None
         self.s3: LocalS3 | None = None
@@ -71,6 +81,10 @@ class LocalLab:
         self.pve_token_secret = ""
         self.app_ports: dict[str, int] = {}
         self.app_services: list[Service] = []
+        self.docker: Any = None
+        self.registry: Any = None
+        self.images: Any = None
+        self.docker_error: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> LocalLab:
@@ -99,6 +113,8 @@ class LocalLab:
                                         tokens={PVE_TOKEN_ID: self.pve_token_secret},
                                         host_paths=True)
                 self.pvesim.start(host="127.0.0.1", port=0)
+            if self.want["docker"]:
+                self._start_docker()
             self._sample_files()
             self.write_inventory()
             self._write_pids()
@@ -106,6 +122,35 @@ class LocalLab:
             self.stop()
             raise
         return self
+
+    def _start_docker(self) -> None:
+        """The engine, the registry and the app images; on failure the lab goes on
+        without them and ``docker_error`` says why."""
+        from labkeeper.errors import LabkeeperError
+        from labkeeper.locallab.docker import LocalDocker, LocalRegistry
+        from labkeeper.locallab.images import build_app_images
+
+        try:
+            self.docker = LocalDocker(self.workdir / "docker",
+                                      extra_args=self.docker_args).start()
+            self.registry = LocalRegistry(self.workdir / "registry").start()
+            self.images = build_app_images(self.docker, self.registry,
+                                           workdir=self.workdir / "images")
+        except (LabkeeperError, OSError) as exc:
+            self.docker_error = str(exc)
+            log.warning("the Docker engine is not available: %s", exc)
+            self._stop_docker()
+
+    def _stop_docker(self) -> None:
+        for name in ("registry", "docker"):
+            part = getattr(self, name)
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception:
+                    log.exception("stopping %s failed", name)
+                setattr(self, name, None)
+        self.images = None
 
     def _sample_files(self) -> None:
         """A small file tree for the demo's path backup."""
@@ -138,6 +183,10 @@ class LocalLab:
             out["s3"] = self.s3.pid
         if self.sshd is not None and getattr(self.sshd, "pid", None):
             out["sshd"] = int(self.sshd.pid)
+        if self.docker is not None and self.docker.pid:
+            out["dockerd"] = int(self.docker.pid)
+        if self.registry is not None and self.registry.pid:
+            out["docker-registry"] = int(self.registry.pid)
         return out
 
     def _write_pids(self) -> None:
@@ -147,6 +196,7 @@ class LocalLab:
         for svc in self.app_services:
             svc.stop()
         self.app_services = []
+        self._stop_docker()
         for name in ("pvesim", "sshd", "s3", "postgres"):
             part = getattr(self, name)
             if part is None:
@@ -277,6 +327,10 @@ class LocalLab:
             }},
         }
         out["apps"] = [self._demo_app(name) for name in DEMO_APPS]
+        if self.images is not None:
+            out["guests"].append(lxc(COMPOSE_GUEST[0], COMPOSE_GUEST[1], "pve2",
+                                     tags=["labkeeper", "apps"]))
+            out["apps"] += [self._compose_app(name) for name in COMPOSE_APPS]
         if self.repo is not None:
             out["path_backups"] = [{"name": "demo-files", "host": "labhost",
                                     "paths": [str(self.workdir / "files")],
@@ -305,6 +359,45 @@ class LocalLab:
                                  "body_contains": "ok"}, "timeout": 2}],
             "gate": {"initial_delay": 0, "interval": 0.2, "deadline": 2, "successes": 2},
         }
+
+    def _compose_app(self, name: str) -> dict[str, Any]:
+        """A Compose app on the lab's engine (the guest's SSH is the lab's sshd):
+        ``compose-good`` pulls a good version 2; ``compose-bad`` pulls a version 2 whose
+        health page is gone and whose container turns unhealthy: the gate fails and the
+        previous image comes back (``compose-images``)."""
+        port = self.app_ports.setdefault(name, free_port())
+        return {
+            "name": name, "guest": COMPOSE_GUEST[0], "strategy": "compose",
+            "compose": {"dir": str(self.stack_dir(name)), "project": name,
+                        "docker_host": self.docker.host},
+            "rollback": "compose-images",
+            "health": [{"name": "health page",
+                        "http": {"url": f"http://127.0.0.1:{port}/health",
+                                 "body_contains": "ok"}, "timeout": 2},
+                       {"name": "containers", "container": {}, "timeout": 10}],
+            "gate": {"initial_delay": 0, "interval": 0.5,
+                     "deadline": 8 if name == "compose-bad" else 20, "successes": 2},
+        }
+
+    def stack_dir(self, name: str) -> Path:
+        return self.workdir / "stacks" / name
+
+    def prepare_compose_apps(self) -> None:
+        """Lay out each Compose app's stack, run it on version 1 (``up -d --wait``),
+        then make the registry offer its next version (the update pulls it)."""
+        from labkeeper import process
+        from labkeeper.locallab.images import app_compose_yaml
+
+        assert self.images is not None and self.docker is not None
+        for name, offered in COMPOSE_APPS.items():
+            stack = self.stack_dir(name)
+            stack.mkdir(parents=True, exist_ok=True)
+            (stack / "compose.yaml").write_text(app_compose_yaml(
+                image=self.images.ref(name), port=self.app_ports[name]))
+            self.images.point(name, "1")
+            process.run(self.docker.argv("compose", "--project-directory", str(stack),
+                                         "-p", name, "up", "-d", "--wait"), timeout=300)
+            self.images.point(name, offered)
 
     def app_root(self, name: str) -> Path:
         return self.workdir / "rootfs" / f"web-{name}"

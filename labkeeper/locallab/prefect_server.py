@@ -1,4 +1,9 @@
-"""A local Prefect server (SQLite) for the demo and the e2e tests, stopped by PID."""
+"""A local Prefect server for the demo and the e2e tests, stopped by PID.
+
+SQLite in its PREFECT_HOME by default; ``server_env`` takes the rest of a production
+set-up (``PREFECT_SERVER_DATABASE_CONNECTION_URL`` for PostgreSQL,
+``PREFECT_SERVER_API_AUTH_STRING``, service intervals): environment only, never argv.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import os
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from labkeeper.locallab.ports import free_port
@@ -22,8 +28,10 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
 
 
 class LocalPrefectServer:
-    def __init__(self, home: Path, *, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, home: Path, *, port: int | None = None, host: str = "127.0.0.1",
+                 server_env: Mapping[str, str] | None = None) -> None:
         self.home = home
+        self.server_env = dict(server_env or {})
         self.host = host
         self.port = port or 0
         self.service: Service | None = None
@@ -46,7 +54,7 @@ class LocalPrefectServer:
         env.update({"PREFECT_SERVER_API_HOST": self.host,
                     "PREFECT_SERVER_API_PORT": str(self.port),
                     "PREFECT_API_URL": self.api_url,
-                    "PREFECT_UI_API_URL": self.api_url})
+                    "PREFECT_UI_API_URL": self.api_url, **self.server_env})
         self.service = Service("prefect-server", (prefect, "server", "start"),
                                log_path=self.home / "server.log", env=env)
         self.service.start()

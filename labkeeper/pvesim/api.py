@@ -750,6 +750,12 @@ def _parse_rootfs(value: str) -> tuple[str, int, str]:
     return storage, size or 4 * GiB, rest
 
 
+def _host_path_mount(key: str, value: Any) -> bool:
+    """An LXC ``mpN`` whose volume is a host path (bind or device mount point)."""
+    first = str(value).split(",", 1)[0].removeprefix("volume=")
+    return key.startswith("mp") and first.startswith("/")
+
+
 @route("POST", "/nodes/{node}/lxc")
 def lxc_create(ctx: Ctx) -> Any:
     sim, p = ctx.sim, dict(ctx.p)
@@ -798,8 +804,11 @@ def lxc_create(ctx: Ctx) -> Any:
     require(who, f"/storage/{rootfs_storage}", "Datastore.AllocateSpace")
     config: dict[str, Any] = {}
     if restore:
+        # PVE re-allocates volume mount points but keeps bind and device mount points
+        # (a host path) as they were: restoring them needs root, which the lab's token has
         config.update({k: v for k, v in volume.get("config", {}).items()
-                       if not _DISK_KEY.match(k) and not k.startswith("unused") and k != "lock"})
+                       if (not _DISK_KEY.match(k) or _host_path_mount(k, v))
+                       and not k.startswith("unused") and k != "lock"})
     else:
         config.update({"arch": "amd64", "ostype": _template_ostype(ostemplate), "memory": 512,
                        "swap": 512, "cores": 1, "hostname": f"CT{vmid}"})

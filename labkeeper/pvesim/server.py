@@ -91,6 +91,8 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], sim: Simulator, ctx: ssl.SSLContext) -> None:
         self.sim = sim
         self.ssl_ctx = ctx
+        if ":" in addr[0]:  # an IPv6 literal (``::1``)
+            self.address_family = socket.AF_INET6
         super().__init__(addr, _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -205,7 +207,8 @@ class Simulator:
     # ------------------------------------------------------------------ lifecycle
     @property
     def url(self) -> str:
-        return f"https://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         if self._server is not None:

@@ -199,7 +199,8 @@ def test_doctor_command_prints_the_table_and_exits_nonzero_on_failure(lab, prefe
     ok = CliRunner().invoke(app, ["doctor", "--lab", str(lab.inventory_path), "--json"])
     assert ok.exit_code == 0, ok.output
     rows = json.loads(ok.stdout[ok.stdout.index("["):])
-    assert {r["check"] for r in rows} == {"proxmox", "ssh", "database", "repository", "bucket"}
+    assert {r["check"] for r in rows} == {"proxmox", "ssh", "database", "repository", "bucket",
+                                          "restic"}
 
     inv = yaml.safe_load(lab.inventory_path.read_text())
     inv["databases"][0]["dbname"] = "no_such_database"

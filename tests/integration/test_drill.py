@@ -38,6 +38,7 @@ def _failed(result: drill.DrillResult) -> dict[str, str]:
     return {c.name: c.detail for c in result.failed_checks}
 
 
+@pytest.mark.restic_matrix
 def test_good_backup_passes_with_every_table_smoke_query_and_globals_verified(
         env, no_leftovers):
     _e, inv = env
@@ -78,6 +79,7 @@ def test_manifest_row_count_mismatch_and_a_missing_table_fail_the_drill(env, tmp
     assert "manifest says 501" in result.summary()
 
 
+@pytest.mark.restic_matrix
 def test_truncated_dump_fails_before_psql_gets_end_of_stream_and_scratch_is_dropped(
         env, tmp_path, no_leftovers):
     _e, inv = env

@@ -108,6 +108,33 @@ def test_guest_drill_on_an_isolated_bridge_and_objectives_breached(env):
         px.wait_for_task(api, px.destroy_guest(api, "pve1", 9900, "lxc"), timeout=30)
 
 
+def test_guest_drill_copy_has_no_bind_mount_or_passthrough_device_of_the_original(env):
+    e, _vmid, api = env
+    vmid = next_vmid()
+    add_guest(e.sim, vmid, "lxc", "pve1", status="running", config={
+        "hostname": "mounty", "net0": NET0, "mp0": "/srv/shared-photos,mp=/photos",
+        "dev0": "/dev/ttyUSB0,mode=0660"})
+    px.wait_for_task(api, px.vzdump(api, "pve1", vmids=[vmid], storage="local"),
+                     timeout=30, poll=0.05)
+    inv = _inventory(env, vmid, rto_minutes=0.0001)  # breached: the copy is kept to look at
+    inv = inv.model_copy(update={"drills": inv.drills.model_copy(update={
+        "guests": inv.drills.guests.model_copy(update={"keep_on_failure": True})})})
+    try:
+        result = drill.guest_drill(inv, "drillme", api=api, poll=0.05)
+        assert result.kept == "VMID 9900 on pve1", result.summary()
+        copy = e.sim.guest(9900)["config"]
+        assert "mp0" not in copy and "dev0" not in copy, copy
+        checks = {c.name: c for c in result.checks}
+        assert checks["host mounts/devices removed"].detail == "dev0, mp0"
+        original = e.sim.guest(vmid)["config"]
+        assert original["mp0"].startswith("/srv/shared-photos") and "dev0" in original
+    finally:
+        for vm in (9900, vmid):
+            if e.sim.guest(vm) is not None:
+                px.wait_for_task(api, px.stop_guest(api, "pve1", vm, "lxc"), timeout=30)
+                px.wait_for_task(api, px.destroy_guest(api, "pve1", vm, "lxc"), timeout=30)
+
+
 # -- scratch copies left by drills that died ---------------------------------------------------
 
 def _marked(created: datetime, *extra_tags: str) -> dict[str, str]:

@@ -25,7 +25,7 @@ from labkeeper import pg_backup, postgres, process, restic
 from labkeeper.inventory import load_inventory
 from labkeeper.locallab.lab import write_secret
 from tasks import pg_backup as backup_tasks
-from tests.fixtures.procs import process_argvs, restic_pids
+from tests.fixtures.procs import HeldStart, process_argvs, restic_pids
 from tests.integration.test_doctor_flow import ArgvWatcher, _flow_run_record
 
 BIG = "bigdb"
@@ -128,12 +128,32 @@ class ReadKiller(Killer):
             time.sleep(0.002)
 
 
+def _wchar(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("wchar:")).split()[1])
+
+
+class WriteKiller(Killer):
+    """SIGKILLs the first process whose argv holds every needle once it has written
+    ``min_written`` bytes: mid-stream however fast or slow the machine is (a fixed
+    delay lets a quick dump finish first on an idle machine)."""
+
+    def __init__(self, needles: list[bytes], *, min_written: int) -> None:
+        super().__init__(needles, delay=0)
+        self.min_written = min_written
+
+    def wait_for_moment(self, pid: int) -> None:
+        while _wchar(pid) < self.min_written and not self.stop.is_set():
+            time.sleep(0.002)
+
+
 def _locks(repo: restic.Repo) -> list[restic.LockInfo]:
     return restic.list_locks(repo)
 
 
 # -- the happy path, tags, manifest, artifact, events, secrets ---------------------------
 
+@pytest.mark.restic_matrix
 def test_backup_run_stores_dump_and_manifest_per_database_with_tags_artifact_and_events(
         lab, big, prefect_harness):
     secrets = [p.read_text().strip() for p in lab.secrets_dir.iterdir()]
@@ -165,7 +185,8 @@ def test_backup_run_stores_dump_and_manifest_per_database_with_tags_artifact_and
         assert stored is not None and stored.dump.id == dump.id
         manifest = pg_backup.read_manifest(repo, stored)
         assert manifest.backup_id == rows[name]["backup id"] == stored.backup_id
-        assert manifest.dump is not None and manifest.dump.snapshot_id == dump.short_id
+        # the full id, whichever restic wrote it (0.14's summary names the short one)
+        assert manifest.dump is not None and manifest.dump.snapshot_id == dump.id
         assert manifest.dump.bytes == rows[name]["bytes dumped"]
         assert manifest.dump_format == "plain" and manifest.server_version.startswith("15")
     manifest = pg_backup.read_manifest(
@@ -272,7 +293,7 @@ def test_manifest_counts_come_from_the_dumps_own_snapshot_while_rows_are_inserte
         t.join()
     repo = _repo(big)
     stored = pg_backup.find_latest_backup(repo, lab="local-lab", server="127.0.0.1", name=BIG)
-    assert stored and stored.dump.short_id == result.snapshot_id[:8]
+    assert stored and stored.dump.id == result.snapshot_id
     manifest = pg_backup.read_manifest(repo, stored)
     counts = {t.name: t.rows for t in manifest.tables}
     out = tmp_path / "dump.sql"
@@ -313,9 +334,12 @@ def _message(state) -> str:
     return "\n".join(log.message for log in logs)
 
 
+@pytest.mark.restic_matrix
 def test_pg_dump_killed_mid_stream_fails_without_snapshot_then_a_retry_succeeds(
         lab, big, prefect_harness, no_retries):
-    killer = Killer([b"pg_dump", b"--snapshot=", BIG.encode()], delay=0.3)
+    # the port: this session's pg_dump, not one of another test session on the machine
+    killer = WriteKiller([b"pg_dump", b"--snapshot=", BIG.encode(),
+                          str(lab.postgres.port).encode()], min_written=8 << 20)
     state = _run_with_fault(big, killer)
     text = _message(state)
     assert "pg_dump failed" in text and "killed by SIGKILL" in text
@@ -323,6 +347,7 @@ def test_pg_dump_killed_mid_stream_fails_without_snapshot_then_a_retry_succeeds(
     assert pg_backup_flow(lab=str(big), databases=[BIG], return_state=True).is_completed()
 
 
+@pytest.mark.restic_matrix
 def test_restic_killed_mid_stream_fails_without_snapshot_and_its_lock_is_removed(
         lab, big, prefect_harness, no_retries):
     killer = ReadKiller([b"restic", f"{BIG}.sql".encode()], min_read=16 << 20)
@@ -333,6 +358,7 @@ def test_restic_killed_mid_stream_fails_without_snapshot_and_its_lock_is_removed
     assert pg_backup_flow(lab=str(big), databases=[BIG], return_state=True).is_completed()
 
 
+@pytest.mark.restic_matrix
 def test_manifest_restic_killed_while_waiting_is_replaced_and_leaves_no_lock(lab, big):
     # The manifest's restic starts with the dump and waits for its data; if it dies
     # meanwhile, a fresh restic stores the manifest and the dead one's lock is removed.
@@ -353,6 +379,7 @@ def test_manifest_restic_killed_while_waiting_is_replaced_and_leaves_no_lock(lab
     assert not [lk for lk in _locks(repo) if not restic.pid_alive(lk.pid)], "stale lock left"
 
 
+@pytest.mark.restic_matrix
 def test_pending_backup_stores_its_data_on_finish_and_nothing_when_aborted(lab, big):
     repo = _repo(big)
     tags = ["labkeeper", "kind:test-pending"]
@@ -372,6 +399,7 @@ def test_pending_backup_stores_its_data_on_finish_and_nothing_when_aborted(lab, 
     restic.forget_ids(repo, [s.id for s in snaps])
 
 
+@pytest.mark.restic_matrix
 def test_pending_backup_reads_its_primed_bytes_only_once_it_holds_its_lock(lab, big):
     repo = _repo(big)
     pending = restic.PendingBackup(repo, filename="primed.json", host="local-lab",
@@ -392,60 +420,55 @@ def test_pending_backup_reads_its_primed_bytes_only_once_it_holds_its_lock(lab, 
     restic.forget_ids(repo, [s.id for s in snaps])
 
 
-def _pipe_unread(pid: int) -> int:
-    """Bytes waiting in process ``pid``'s stdin pipe."""
-    import array
-    import fcntl
-    import termios
-
-    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        n = array.array("i", [0])
-        fcntl.ioctl(fd, termios.FIONREAD, n)
-        return n[0]
-    finally:
-        os.close(fd)
+def _thread_running(code) -> bool:
+    """Whether a thread of this process is inside the function whose code is ``code``."""
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code is code:
+                return True
+            frame = frame.f_back
+    return False
 
 
-def test_dump_restic_keeps_its_lock_until_the_manifest_restic_holds_its_own(lab, big):
+@pytest.mark.restic_matrix
+def test_dump_restic_keeps_its_lock_until_the_manifest_restic_holds_its_own(
+        lab, big, monkeypatch, tmp_path):
     # restic 0.14 retries a lock file that vanishes while it checks the lock list for
     # 45-95 s. A small database's dump restic used to finish (its lock gone) while the
-    # niced manifest restic was still taking its lock. Here the manifest restic is
-    # frozen before it took its lock: the dump's restic must wait for it.
+    # niced manifest restic was still taking its lock. Here the manifest restic is held
+    # before it starts (HeldStart: it has taken no lock); the dump's stream must then
+    # wait for it, its restic alive and locked, and not end.
     inv = load_inventory(big)
     small = next(d.name for d in inv.databases if d.name != BIG)
-    manifest_arg = pg_backup.manifest_filename(small).encode()
-    for _attempt in range(3):
-        said: list[str] = []
-        outcome: list[object] = []
-        worker = threading.Thread(target=lambda out=outcome, log=said: out.append(
-            pg_backup.backup_database(inv, small, log=log.append)), daemon=True)
+    handoff = restic.PendingBackup.wait_reading.__code__  # the dump's end waits here
+    manifest_done = restic.PendingBackup.finish.__code__  # the stream ended: too early
+    said: list[str] = []
+    outcome: list[object] = []
+    with HeldStart(restic.default_binary(), pg_backup.manifest_filename(small), tmp_path,
+                   monkeypatch, env_var=restic.BINARY_ENV) as held:
+        worker = threading.Thread(target=lambda: outcome.append(
+            pg_backup.backup_database(inv, small, log=said.append)), daemon=True)
         worker.start()
-        stopped = None
         try:
-            while stopped is None and worker.is_alive():
-                for pid in restic_pids(manifest_arg):
-                    os.kill(pid, signal.SIGSTOP)
-                    stopped = pid
-                    break
-            assert stopped is not None, f"the manifest's restic never showed: {said}"
-            if _pipe_unread(stopped) == 0:
-                continue  # it had already read its first byte: try again
-            time.sleep(3.0)  # the small dump is long done; its restic must be held
-            dump_restics = restic_pids(b"kind:pg_dump", b"--stdin")
-            assert dump_restics, "the dump's restic ended before the manifest's held its lock"
-            assert worker.is_alive()
+            held.wait_held(120, unless=lambda: not worker.is_alive())
+            deadline = time.monotonic() + 120
+            while not _thread_running(handoff) and time.monotonic() < deadline:
+                assert worker.is_alive() and not _thread_running(manifest_done), \
+                    f"the dump's stream ended before the manifest's restic held its lock: {said}"
+                time.sleep(0.005)
+            assert _thread_running(handoff), f"the dump never waited for the manifest: {said}"
+            dump_restics = restic_pids(b"kind:pg_dump", b"--stdin", parent=os.getpid())
+            assert len(dump_restics) == 1, "the dump's restic ended before the manifest's " \
+                                           f"restic held its lock: {dump_restics}"
+            assert dump_restics[0] in {lk.pid for lk in _locks(_repo(big))}, \
+                "the dump's restic let go of its lock before the manifest's restic held one"
         finally:
-            if stopped is not None:
-                os.kill(stopped, signal.SIGCONT)
-            resumed = time.monotonic()
-            worker.join(timeout=120)
-        assert not worker.is_alive()
-        assert outcome and isinstance(outcome[0], pg_backup.BackupResult), said
-        assert time.monotonic() - resumed < 20, said
-        assert not [m for m in said if "restic is retrying" in m], said
-        return
-    pytest.fail("could not freeze the manifest's restic before it took its lock in 3 tries")
+            held.release()
+            worker.join(timeout=300)
+    assert not worker.is_alive()
+    assert outcome and isinstance(outcome[0], pg_backup.BackupResult), said
+    # no lock vanished under a restic: 0.14 would retry it, 0.17+ would say it could not load it
+    assert not [m for m in said if "restic is retrying" in m or "restic could not" in m], said
 
 
 def test_gated_relay_hands_the_gate_the_true_tail_of_a_stream_written_in_bursts(tmp_path):
@@ -488,6 +511,7 @@ def test_consumer_that_stops_reading_then_dies_is_the_cause_not_the_producer_we_
     assert "stopped reading" in prod.meaning and res.eof_given == (False,)
 
 
+@pytest.mark.restic_matrix
 @pytest.mark.parametrize("fault", ["bad password", "missing database"])
 def test_pg_dump_exiting_non_zero_never_gives_restic_an_eof(lab, big, fault):
     inv = load_inventory(big)
@@ -620,6 +644,118 @@ def test_s3_server_frozen_mid_upload_fails_without_snapshot_then_a_retry_succeed
         s3.stop()
 
 
+# -- a failed attempt whose cleanup cannot run is remembered and swept --------------------
+
+class FreezeThenLock(threading.Thread):
+    """Lets the cleanup of a failed attempt meet a locked repository: the first restic
+    whose argv holds every needle (the manifest's waiting restic) is SIGKILLed; the
+    next one (its replacement, started after the dump snapshot was saved) is frozen
+    before it can take its lock, a live exclusive lock is taken (``restic key
+    passwd`` waiting for input), then the replacement is let go: it finds the
+    repository locked, and so does the ``forget`` of the cleanup."""
+
+    def __init__(self, repo: restic.Repo, needles: list[bytes]) -> None:
+        super().__init__(daemon=True)
+        self.repo, self.needles = repo, needles
+        self.killed: int | None = None
+        self.frozen: int | None = None
+        self.holder: subprocess.Popen | None = None
+        self.stop = threading.Event()
+
+    def _ours(self, pid: int) -> bool:
+        """A restic of this repository (not one of another test session's)."""
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                return f"RESTIC_REPOSITORY={self.repo.url}".encode() in f.read().split(b"\0")
+        except OSError:
+            return False
+
+    def _next(self, seen: set[int]) -> int | None:
+        while not self.stop.is_set():
+            for pid, argv in process_argvs():
+                if pid not in seen and all(any(n in a for a in argv) for n in self.needles) \
+                        and self._ours(pid):
+                    return pid
+            time.sleep(0.002)
+        return None
+
+    def run(self) -> None:
+        first = self._next(set())
+        if first is None:
+            return
+        time.sleep(0.3)  # it is waiting for the manifest now (the dump is streaming)
+        os.kill(first, signal.SIGKILL)
+        self.killed = first
+        second = self._next({first})
+        if second is None:
+            return
+        os.kill(second, signal.SIGSTOP)
+        self.frozen = second
+        try:
+            self.holder = _hold_lock(self.repo, (*self.repo.base_argv(), "key", "passwd"))
+        finally:
+            os.kill(second, signal.SIGCONT)
+
+    def release(self) -> None:
+        self.stop.set()
+        if self.holder is not None and self.holder.poll() is None:
+            self.holder.stdin.close()  # empty new password: restic refuses, unlocks
+            self.holder.wait(60)
+
+
+def test_failed_attempt_whose_forget_meets_a_locked_repo_is_recorded_and_swept_first(
+        lab, big, tmp_path):
+    from labkeeper import status
+
+    inv_data = yaml.safe_load(big.read_text())
+    inv_data["settings"]["state_dir"] = str(tmp_path / "state")
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(inv_data, sort_keys=False))
+    inv = load_inventory(path)
+    repo = _repo(path)
+    store = pg_backup.pending_store(inv, BIG)
+    fault = FreezeThenLock(repo, [b"restic", f"{BIG}.manifest.json".encode()])
+    fault.start()
+    said: list[str] = []
+    try:
+        with pytest.raises(pg_backup.BackupFailed) as failed:
+            pg_backup.backup_database(inv, BIG, log=said.append)
+            raise AssertionError(f"the backup succeeded: {fault.__dict__} {said}")
+    finally:
+        fault.stop.set()
+        fault.join(60)
+    try:
+        assert fault.killed and fault.frozen and fault.holder is not None, \
+            "the fault was not injected"
+        bid = failed.value.backup_id
+        assert "storing the manifest failed" in str(failed.value), failed.value
+        assert "could not list/forget snapshots" in str(failed.value)
+        assert f"recorded attempt {bid} as pending cleanup" in str(failed.value)
+        assert [a.backup_id for a in store.read()] == [bid]
+        # the fault is real: the attempt's dump is in the series, without its manifest
+        left = restic.find_snapshots(repo, tags=[pg_backup.backup_tag(bid)], host="local-lab")
+        assert [s.tags for s in left] == [
+            [*pg_backup.series_tags("127.0.0.1", BIG), pg_backup.backup_tag(bid)]]
+        # ... and counts as a backup nowhere: drill/restore selection, status
+        latest = pg_backup.find_latest_backup(repo, lab="local-lab", server="127.0.0.1",
+                                              name=BIG)
+        assert latest is None or latest.backup_id != bid
+        snaps = restic.snapshots(repo, tags=("labkeeper",))
+        row = next(r for r in status.evaluate(inv, status.Facts(
+            now=datetime.now(UTC), snapshots={"lab-repo": snaps})) if r.target == BIG)
+        assert row.last is None or row.last < left[0].time
+    finally:
+        fault.release()
+    # the repository is usable again: the next backup sweeps the attempt first
+    said.clear()
+    result = pg_backup.backup_database(inv, BIG, log=said.append)
+    assert any(f"swept earlier failed attempt {bid}" in n and left[0].id in n
+               for n in result.notes), result.notes
+    assert restic.find_snapshots(repo, tags=[pg_backup.backup_tag(bid)], host="local-lab") == []
+    assert store.read() == [] and not store.path.exists()
+    assert result.pending_left == 0 and result.row()["status"] == "ok"
+
+
 # -- locks --------------------------------------------------------------------------------
 
 def _hold_lock(repo: restic.Repo, argv: tuple[str, ...]) -> subprocess.Popen:
@@ -641,6 +777,7 @@ def _dead_run_lock(repo: restic.Repo, argv: tuple[str, ...]) -> int:
     return holder.pid
 
 
+@pytest.mark.restic_matrix
 def test_stale_exclusive_lock_of_a_dead_run_is_removed_with_unlock_and_the_run_says_so(
         lab, big):
     repo = _repo(big)
@@ -650,9 +787,10 @@ def test_stale_exclusive_lock_of_a_dead_run_is_removed_with_unlock_and_the_run_s
     assert any("removed stale exclusive lock" in m and str(dead) in m for m in said), said
     assert any(str(dead) in n for n in result.notes)
     assert not [lk for lk in _locks(repo) if lk.pid == dead]
-    assert _series(repo, "photos")[-1].short_id == result.snapshot_id[:8]
+    assert _series(repo, "photos")[-1].id == result.snapshot_id
 
 
+@pytest.mark.restic_matrix
 def test_stale_shared_lock_of_a_dead_run_neither_blocks_the_backup_nor_the_maintenance(
         lab, big):
     # A shared lock blocks no backup, so the backup spends no restic run looking for
@@ -668,6 +806,7 @@ def test_stale_shared_lock_of_a_dead_run_neither_blocks_the_backup_nor_the_maint
     assert _locks(repo) == []
 
 
+@pytest.mark.restic_matrix
 def test_live_exclusive_lock_is_waited_for_then_the_backup_runs(lab, big):
     repo = _repo(big)
     holder = _hold_lock(repo, (*repo.base_argv(), "key", "passwd"))  # exclusive, waits

@@ -236,6 +236,50 @@ def test_children_do_not_inherit_our_argv_secrets_because_argv_has_none(tmp_path
     assert secret.encode() not in out.read_bytes()
 
 
+def _environ_of(path: Path) -> dict[str, str]:
+    pairs = [e.split(b"=", 1) for e in path.read_bytes().split(b"\0") if e]
+    return {k.decode(): v.decode() for k, v in pairs}
+
+
+_DUMP_ENVIRON = "import sys; open(sys.argv[1], 'wb').write(open('/proc/self/environ', 'rb').read())"
+
+
+def test_a_secret_in_our_environment_is_absent_from_a_childs_environ(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LK_WORKER_SECRET", "worker-env-secret-5a4b3c")
+    monkeypatch.setenv("LC_TIME", "C.UTF-8")
+    out = tmp_path / "environ"
+    process.run((PY, "-c", _DUMP_ENVIRON, str(out)), timeout=10, env={"GIVEN": "yes"})
+    env = _environ_of(out)
+    assert "LK_WORKER_SECRET" not in env
+    assert b"worker-env-secret-5a4b3c" not in out.read_bytes()
+    assert env["GIVEN"] == "yes"  # what the caller passes arrives
+    assert env["PATH"] == os.environ["PATH"] and env["LC_TIME"] == "C.UTF-8"
+
+
+def test_pipeline_stages_and_coprocesses_do_not_inherit_a_secret_either(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LK_WORKER_SECRET", "worker-env-secret-6d7e8f")
+    out = tmp_path / "environ"
+    process.pipeline([("echo", "x"), (PY, "-c", _DUMP_ENVIRON, str(out))], timeout=10)
+    assert b"worker-env-secret-6d7e8f" not in out.read_bytes()
+    co = process.Coprocess(("cat",))
+    try:
+        environ = Path(f"/proc/{co.pid}/environ").read_bytes()
+    finally:
+        co.close()
+    assert b"worker-env-secret-6d7e8f" not in environ and b"PATH=" in environ
+
+
+def test_a_variable_named_in_labkeeper_child_env_is_passed_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GOMAXPROCS", "1")
+    monkeypatch.setenv(process.EXTRA_ENV_VARIABLE, "GOMAXPROCS")
+    out = tmp_path / "environ"
+    process.run((PY, "-c", _DUMP_ENVIRON, str(out)), timeout=10)
+    assert _environ_of(out)["GOMAXPROCS"] == "1"
+
+
 def test_timed_out_command_fails_even_if_it_exits_zero_on_sigterm():
     with pytest.raises(CommandTimeout):
         process.run(("sh", "-c", 'trap "exit 0" TERM; sleep 5 & wait'), timeout=0.5)

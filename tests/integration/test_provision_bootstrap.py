@@ -33,6 +33,7 @@ def _roles(tmp: Path, secret_ref: str) -> dict[str, Any]:
         },
         "stack": {
             "compose": {"dir": str(tmp / "stack"), "source": "stacks/demo",
+                        "docker_host": f"unix://{tmp}/no-engine.sock",
                         "environment": {"APP_MODE": "prod"},
                         "secrets": {"APP_SECRET": secret_ref}},
         },
@@ -97,10 +98,13 @@ def test_commands_rerun_after_a_crash_before_their_marker(pve: Pve):
     assert (tmp / "commands-ran").exists()
 
 
-def test_compose_writes_the_stack_and_env_0600_then_reports_docker_missing(pve: Pve):
+def test_compose_writes_the_stack_and_env_0600_then_reports_docker_cannot_deploy(pve: Pve):
+    # Without docker: "docker not found"; with docker but no engine at docker_host (this
+    # machine has docker.io installed, the lab's engine is not started here): "does not answer".
     tmp = pve.workdir / "guest-root"
     inv, guest, base = _setup(pve, tmp, ["stack"])
-    with pytest.raises(ServiceError, match=r"docker( compose)? not found on web \(127\.0\.0\.1\)"):
+    with pytest.raises(ServiceError, match=r"(docker( compose)? not found|the Docker engine) "
+                                           r"on web \(127\.0\.0\.1\)"):
         bs.run_bootstrap(inv, guest, base_dir=base, state_dir=str(tmp / "state"))
     stack = tmp / "stack"
     assert stat.S_IMODE(stack.stat().st_mode) == 0o750

@@ -248,6 +248,10 @@ def test_least_privilege_token_runs_every_adapter_operation(lab: Lab, api: Any) 
     assert wait(api, px.prune_backups(api, "pve1", "local", vmid=vmid,
                                       prune_backups={"keep-last": 1})).ok
     [kept] = px.backups(api, "pve1", "local", vmid=vmid)
+    px.set_volume_attributes(api, "pve1", kept.volid, protected=True)  # updates' archives
+    [marked] = px.backups(api, "pve1", "local", vmid=vmid)
+    assert marked.protected
+    px.set_volume_attributes(api, "pve1", kept.volid, protected=False)
     deleted = px.delete_volume(api, "pve1", kept.volid)
     assert deleted is not None and wait(api, deleted).ok
     assert px.backups(api, "pve1", "local", vmid=vmid) == []

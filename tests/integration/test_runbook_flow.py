@@ -288,6 +288,34 @@ def test_on_failure_continue_goes_on_and_compensate_undoes_then_names_what_was_d
         ("optional", "failed"), ("make", "ok"), ("breaks", "failed"), ("undo", "ok")]
 
 
+def test_drop_and_swap_refuse_a_copy_this_run_did_not_make_even_with_a_labkeeper_name(
+        rb_lab, own_runbooks, lab):
+    other = f"{DB}_restored_20200101000000"  # another run's copy, or a person's database
+    drop(lab, [other])
+    lab.postgres.psql_super(f"CREATE DATABASE {other} OWNER {lab.postgres.app_user};")
+    try:
+        name = own_runbooks("strangers", f"""
+  - id: drop-other
+    database: {{op: drop, database: {DB}, name: {other}}}
+    on_failure: continue
+  - id: swap-other
+    database: {{op: swap, database: {DB}, restored: {other}}}
+""")
+        state = runbook_flow(name=name, lab=str(rb_lab), return_state=True)
+        assert state.is_failed()
+        _run, _logs, arts = _flow_run_record(state)
+        table = arts[[a.key for a in arts].index("runbook-strangers-steps")]
+        data = json.loads(table.data) if isinstance(table.data, str) else table.data
+        detail = {r["step"]: (r["status"], r["detail"]) for r in data}
+        for step, field in (("drop-other", "name"), ("swap-other", "restored")):
+            assert detail[step][0] == "failed"
+            assert f"{field}: '{other}' was not created for database {DB} by this run" in \
+                detail[step][1]
+        assert databases_like(lab, other) == [other]  # neither dropped nor swapped in
+    finally:
+        drop(lab, [other])
+
+
 def test_an_approval_nobody_answers_times_out_and_fails_the_run(rb_lab, own_runbooks):
     name = own_runbooks("waits", """
   - id: ask

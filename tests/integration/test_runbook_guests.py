@@ -115,13 +115,28 @@ def test_add_new_service_provisions_tags_and_takes_the_first_backups(glab):
     assert len(archives) == 1
 
 
-def test_restore_guest_to_a_new_vmid_leaves_the_original_alone(glab):
+def test_restore_guest_to_a_new_vmid_is_stopped_unplugged_without_host_mounts_or_devices(
+        glab):
+    # production's guest has a bind mount and a passed-through device, archived with it
+    a = api(glab)
+    px.configure(a, "pve1", 100, "lxc", {"mp0": "/srv/proxy-shared,mp=/shared",
+                                         "dev0": "/dev/ttyUSB0"})
+    px.wait_for_task(a, px.vzdump(a, "pve1", vmids=[100], storage="local"), timeout=30,
+                     poll=0.05)
     state = run(glab, "restore-guest", guest="proxy", vmid=150)
     assert state.is_completed(), state.message
     s = steps(state)
     assert s["restore-new"]["status"] == "ok"
     assert s["restore-over"]["status"] == "skipped"
-    assert status_of(glab, 150) == "running" and status_of(glab, 100) == "running"
+    assert status_of(glab, 150) == "stopped" and status_of(glab, 100) == "running"
+    copy = px.guest_config(a, "pve1", 150, "lxc").values
+    nics = [k for k in copy if k.startswith("net")]
+    assert nics and all("link_down=1" in copy[k] for k in nics), copy
+    assert str(copy["onboot"]) == "0"
+    assert "mp0" not in copy and "dev0" not in copy, copy
+    original = px.guest_config(a, "pve1", 100, "lxc").values
+    assert original["mp0"].startswith("/srv/proxy-shared") and "dev0" in original
+    assert all("link_down" not in original[k] for k in nics)
 
 
 def test_restore_guest_over_the_original_after_approval(glab):
@@ -138,7 +153,7 @@ def test_restore_guest_over_the_original_after_approval(glab):
 def test_rollback_app_returns_to_the_pre_update_snapshot_and_proves_health(glab):
     www: Path = glab["www"]
     a = api(glab)
-    snap = update.snapshot_name(update.new_run_id())
+    snap = update.snapshot_name("good", update.new_run_id())
     px.wait_for_task(a, px.create_snapshot(a, "pve1", APP_VMID, "lxc", snap), timeout=30)
     (www / "VERSION").write_text("2.0")
     (www / "health").write_text("fail")  # a broken update

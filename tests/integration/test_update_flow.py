@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from flows.update import limit_name, run_update_cli, update_app_flow
+from flows.update import run_update_cli, update_app_flow
 from labkeeper import update as core
 from labkeeper.inventory import Inventory, load_inventory
 from labkeeper.locallab.ports import free_port, wait_for_port
@@ -251,7 +250,6 @@ def test_good_update_keeps_the_new_version_and_only_the_newest_snapshot(upd: Upd
     (snap1,) = upd.snapshots(302)
     assert snap1.startswith(core.PREFIX)
 
-    time.sleep(1.1)  # run ids have one-second resolution
     path = upd.write([upd.app(web, [web.set_command("3.0")])])
     second = update_app_flow(apps=["web"], lab=str(path), return_state=True)
     assert second.is_completed(), second.message
@@ -346,8 +344,110 @@ def test_crash_after_a_good_update_keeps_it_and_cleans_up(upd: UpdLab, prefect_h
     assert state.is_completed(), state.message
     (row,) = result_rows(state)
     assert row["status"] == "recovered" and row["after"] == "2.0"
-    assert row["removed"] == core.snapshot_name("20250101-000000")
+    assert row["removed"] == core.snapshot_name("web", "20250101-000000")
     assert upd.snapshots(321) == [] and web.version() == "2.0"
+
+
+def age_journal(inv: Inventory, app: str, seconds: float) -> None:
+    """Make the app's journal look ``seconds`` old (as a run that died long ago left it)."""
+    import json
+
+    path = core.journal_path(inv, app)
+    data = json.loads(path.read_text())
+    data["touched"] = data["started"] = time.time() - seconds
+    path.write_text(json.dumps(data))
+
+
+def crashed_after_update(upd: UpdLab, inv: Inventory, app: str) -> core.Protection:
+    """A run that protected and updated, then died before its gate."""
+    with core.Session(inv, app) as s:
+        versions = core.record_versions(s)
+        rid = core.new_run_id()
+        prot = core.protect(s, rid, versions)
+        core.write_journal(inv, core.Journal(app, rid, "updated", prot, versions.values))
+        core.run_update(s)
+    return prot
+
+
+def test_a_stale_unfinished_update_is_never_rolled_back_automatically(upd: UpdLab,
+                                                                      prefect_harness):
+    web = upd.guest("web", 322)
+    path = upd.write([upd.app(web, [web.set_command("2.0-broken", health="fail")])])
+    inv = upd.inv()
+    crashed_after_update(upd, inv, "web")
+    age_journal(inv, "web", 7 * 24 * 3600)  # a week of data written since
+    upd.sim.requests.clear()
+
+    state = update_app_flow(apps=["web"], lab=str(path), return_state=True)
+    assert state.is_failed() and state.name == "NotUpdated", (state.name, state.message)
+    (row,) = result_rows(state)
+    assert row["status"] == "stale" and "resolve=rollback" in row["detail"]
+    assert web.version() == "2.0-broken", "rolled back a week-old journal on its own"
+    assert not [r for r in upd.writes() if r["path"].endswith("/rollback")]
+    assert core.journal_path(inv, "web").exists()
+
+    decided = update_app_flow(apps=["web"], lab=str(path), resolve="rollback",
+                              return_state=True)
+    assert decided.name == "RolledBack", decided.message
+    assert web.version() == "1.0" and not core.journal_path(inv, "web").exists()
+
+
+def test_a_stale_unfinished_update_kept_as_a_person_decided(upd: UpdLab, prefect_harness):
+    web = upd.guest("web", 323)
+    path = upd.write([upd.app(web, [web.set_command("2.0")], keep_snapshots=0)])
+    inv = upd.inv()
+    prot = crashed_after_update(upd, inv, "web")
+    age_journal(inv, "web", 3 * 3600)
+    state = update_app_flow(apps=["web"], lab=str(path), resolve="keep", return_state=True)
+    assert state.is_completed(), state.message
+    (row,) = result_rows(state)
+    assert row["status"] == "recovered" and "kept as decided" in row["detail"]
+    assert web.version() == "2.0" and prot.snapshot not in upd.snapshots(323)
+
+
+def test_a_run_that_died_after_its_rollback_finished_is_not_rolled_back_again(
+        upd: UpdLab, prefect_harness):
+    web = upd.guest("web", 324)
+    path = upd.write([upd.app(web, [web.set_command("2.0-broken", health="fail")])])
+    inv = upd.inv()
+    crashed_after_update(upd, inv, "web")
+    with core.Session(inv, "web") as s:  # the rollback ran; the run died before noting it
+        journal = core.read_journal(inv, "web")
+        assert journal is not None
+        journal.phase = "rolling-back"
+        core.write_journal(inv, journal)
+        core.rollback(s, journal.protection)
+    assert web.version() == "1.0"
+    upd.sim.requests.clear()
+    state = update_app_flow(apps=["web"], lab=str(path), return_state=True)
+    assert state.name == "RolledBack", state.message
+    assert not [r for r in upd.writes() if r["path"].endswith("/rollback")], \
+        "rolled back a second time without checking"
+    assert web.version() == "1.0" and not core.journal_path(inv, "web").exists()
+
+
+def test_the_pre_update_archive_is_protected_from_pruning_until_cleanup(upd: UpdLab,
+                                                                       prefect_harness):
+    from labkeeper import proxmox as px
+
+    web = upd.guest("web", 312, storage="local")
+    path = upd.write([upd.app(web, [web.set_command("2.0")], keep_snapshots=1)],
+                     storages={"web": "local"})
+    inv = upd.inv()
+    prot = crashed_after_update(upd, inv, "web")  # the update depends on the archive now
+    assert prot.volid is not None
+    upd.sim.add_backup(312, int(time.time()) + 60, storage="local", notes="nightly")
+    with core.Session(inv, "web") as s:  # the nightly job's retention: keep-last=1
+        s.wait(px.prune_backups(s.api, "pve1", "local", vmid=312,
+                                prune_backups={"keep-last": 1}))
+        vols = {v.volid: v for v in px.backups(s.api, "pve1", "local", vmid=312)}
+    assert prot.volid in vols and vols[prot.volid].protected, "retention pruned it"
+
+    state = update_app_flow(apps=["web"], lab=str(path), return_state=True)
+    assert state.is_completed(), state.message  # recovered: healthy, kept
+    with core.Session(inv, "web") as s:
+        vols = {v.volid: v for v in px.backups(s.api, "pve1", "local", vmid=312)}
+    assert prot.volid in vols and not vols[prot.volid].protected  # kept (1), unprotected
 
 
 # ------------------------------------------------------------------------------- dry run
@@ -426,56 +526,85 @@ def test_without_canary_the_batch_goes_on_in_order(upd: UpdLab, prefect_harness)
 # ------------------------------------------------------------------------------- concurrency
 
 
-def test_a_second_update_of_the_same_app_waits_for_none_and_is_skipped(upd: UpdLab,
-                                                                       prefect_harness):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
+def hold_lock_in_a_process(lab: Path, guest: str) -> subprocess.Popen[bytes]:
+    """Another process holding the guest's update lock (a run in progress)."""
+    code = ("import sys, time\n"
+            "from labkeeper import update as core\n"
+            "from labkeeper.inventory import load_inventory\n"
+            "inv = load_inventory(sys.argv[1])\n"
+            "with core.guest_lock(inv, sys.argv[2], holder='update of someone', timeout=5):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(lab), guest],
+                            stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
+    return proc
 
+
+def test_an_update_of_a_busy_guest_is_blocked_not_a_silent_success(upd: UpdLab,
+                                                                   prefect_harness, capsys):
     web = upd.guest("web", 350)
     path = upd.write([upd.app(web, [web.set_command("2.0")])])
-    name = limit_name("web")
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except Exception:
-            client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=name, limit=1))
-    held = threading.Event()
-    release = threading.Event()
-
-    def holder() -> None:  # stands in for an update of web that is running now
-        with concurrency(name, occupy=1, strict=True, timeout_seconds=10):
-            held.set()
-            release.wait(30)
-
-    t = threading.Thread(target=holder, daemon=True)
-    t.start()
-    assert held.wait(10)
+    holder = hold_lock_in_a_process(path, "web")
     try:
         upd.sim.requests.clear()
-        state = update_app_flow(apps=["web"], lab=str(path), lock_timeout=1,
+        state = update_app_flow(apps=["web"], lab=str(path), lock_timeout=0.5,
                                 return_state=True)
+        code = run_update_cli(path, ["web"], dry_run=False, force=False)
     finally:
-        release.set()
-        t.join(10)
-    assert state.name == "Skipped", state.message
-    assert "another update of web is running" in (state.message or "")
+        stop_pid(holder.pid, proc=holder, grace=2)
+    assert state.is_failed() and state.name == "NotUpdated", (state.name, state.message)
+    assert "another update of guest web is running (update of someone, pid" in state.message
+    (row,) = result_rows(state)
+    assert row["status"] == "blocked"
+    assert code == 3 and "blocked" in capsys.readouterr().out
     assert web.version() == "1.0" and upd.writes() == []
-    # once the slot is free the update runs
-    after = update_app_flow(apps=["web"], lab=str(path), return_state=True)
-    assert after.is_completed() and web.version() == "2.0"
 
 
-def test_the_flow_creates_the_per_app_limit_with_one_slot(upd: UpdLab, prefect_harness):
-    from prefect.client.orchestration import get_client
+def test_a_killed_lock_holder_does_not_lock_the_guest_out(upd: UpdLab, prefect_harness):
+    import signal
 
-    web = upd.guest("web-limit", 351)
+    web = upd.guest("web", 351)
     path = upd.write([upd.app(web, [web.set_command("2.0")])])
-    assert update_app_flow(apps=["web-limit"], lab=str(path), return_state=True).is_completed()
-    with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(limit_name("web-limit"))
-    assert limit.limit == 1 and limit.active_slots == 0
+    holder = hold_lock_in_a_process(path, "web")
+    holder.send_signal(signal.SIGKILL)  # the kernel drops its flock
+    holder.wait(10)
+    state = update_app_flow(apps=["web"], lab=str(path), lock_timeout=0, return_state=True)
+    assert state.is_completed(), state.message
+    assert web.version() == "2.0"
+
+
+def test_two_apps_on_one_guest_keep_each_others_protection(upd: UpdLab, prefect_harness):
+    g = upd.guest("web", 352)
+    apps = [upd.app(g, [g.set_command("2.0")], keep_snapshots=0),
+            {**upd.app(g, [["true"]], keep_snapshots=0), "name": "api"}]
+    path = upd.write(apps)
+    inv = upd.inv()
+    # api's update died after protecting: its journal names its snapshot
+    with core.Session(inv, "api") as s:
+        rid = core.new_run_id()
+        prot = core.protect(s, rid, core.record_versions(s))
+        core.write_journal(inv, core.Journal("api", rid, "protected", prot))
+    state = update_app_flow(apps=["web"], lab=str(path), return_state=True)
+    assert state.is_completed(), state.message
+    (row,) = result_rows(state)
+    assert prot.snapshot in upd.snapshots(352), "web's cleanup deleted api's protection"
+    assert row["removed"].startswith(core.snapshot_name("web", "x")[:-1])
+    assert prot.snapshot not in row["removed"]
+
+
+def test_protect_refuses_a_snapshot_name_it_did_not_take(upd: UpdLab, prefect_harness):
+    g = upd.guest("web", 353)
+    upd.write([upd.app(g, [g.set_command("2.0")])])
+    inv = upd.inv()
+    rid = core.new_run_id()
+    with core.Session(inv, "web") as s:
+        versions = core.record_versions(s)
+        core.protect(s, rid, versions)  # a snapshot of that name, not this run's
+        with pytest.raises(core.UpdateFailed, match="did not take it: not reusing it"):
+            core.protect(s, rid, versions)
+        assert core.protect(s, rid, versions, resume=True).snapshot == \
+            core.snapshot_name("web", rid)
 
 
 # ------------------------------------------------------------------------------- CLI

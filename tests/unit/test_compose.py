@@ -45,18 +45,66 @@ def test_ps_and_images_ask_for_json_and_ps_includes_stopped_containers():
     assert compose.images_argv(CFG)[-3:] == ("images", "--format", "json")
 
 
-def test_rollback_up_uses_the_pin_override_and_never_pulls():
+def test_rollback_up_reads_only_the_stack_files_and_never_pulls():
     argv = compose.rollback_up_argv(CFG)
-    assert ("-f", f"/opt/immich/{compose.ROLLBACK_OVERRIDE}") == argv[6:8]
+    assert compose.ROLLBACK_OVERRIDE not in " ".join(argv)  # a plain up -d sees the same
     assert argv[-2:] == ("--pull", "never") and "up" in argv
 
 
-def test_pin_override_pins_each_service_to_its_image_id():
-    text = compose.pin_override({"web": "sha256:aaa", "db": "sha256:bbb"})
-    assert json.loads(text) == {"services": {"db": {"image": "sha256:bbb"},
-                                             "web": {"image": "sha256:aaa"}}}
-    with pytest.raises(ValueError):
-        compose.pin_override({})
+def test_after_the_first_pull_the_update_only_brings_the_stack_up():
+    assert compose.in_transaction_steps(CFG) == [compose.up_argv(CFG)]
+    git = AppCompose(dir="/opt/vw", git_url="https://git.home.arpa/me/vw.git")
+    steps = compose.in_transaction_steps(git)
+    assert [s[:2] for s in steps] == [("git", "-C"), ("docker", "compose"),
+                                      ("docker", "compose")]
+    assert steps[1][-2:] == ("pull", "--quiet")
+
+
+def test_plain_docker_commands_use_the_apps_engine():
+    cfg = AppCompose(dir="/opt/a", docker_host="unix:///run/lab/docker.sock")
+    assert compose.image_inspect_argv(cfg, "sha256:aa") == \
+        ("docker", "--host", "unix:///run/lab/docker.sock", "image", "inspect", "sha256:aa")
+    assert compose.tag_argv(CFG, "sha256:aa", "r/x:latest") == ("docker", "tag", "sha256:aa",
+                                                                "r/x:latest")
+    assert compose.docker_pull_argv(CFG, "r/x@sha256:bb") == ("docker", "pull", "--quiet",
+                                                              "r/x@sha256:bb")
+
+
+@pytest.mark.parametrize(("ref", "split"), [
+    ("127.0.0.1:5000/labapp:latest", ("127.0.0.1:5000/labapp", "latest")),
+    ("127.0.0.1:5000/labapp", ("127.0.0.1:5000/labapp", "")),
+    ("ghcr.io/immich-app/immich-server:release", ("ghcr.io/immich-app/immich-server",
+                                                  "release")),
+    ("redis@sha256:abc", ("redis", "sha256:abc")),
+    ("postgres", ("postgres", "")),
+])
+def test_split_ref_tells_a_registry_port_from_a_tag(ref, split):
+    assert compose.split_ref(ref) == split
+
+
+def test_keep_and_digest_refs_stay_in_the_images_repository():
+    ref = "127.0.0.1:5000/labapp:latest"
+    assert compose.keep_ref(ref, "immich", "server") == \
+        "127.0.0.1:5000/labapp:labkeeper-keep-immich-server"
+    assert compose.digest_ref(ref, "sha256:dd") == "127.0.0.1:5000/labapp@sha256:dd"
+    long = compose.keep_ref(ref, "a" * 100, "s" * 100)
+    assert len(compose.split_ref(long)[1]) == 128
+
+
+def test_image_inspect_digest_for_the_references_repository():
+    text = json.dumps([{"Id": "sha256:ii", "RepoTags": ["r:5000/app:1", "r:5000/app:latest"],
+                        "RepoDigests": ["other/app@sha256:o", "r:5000/app@sha256:d"]}])
+    (info,) = compose.parse_image_inspect(text)
+    assert info.id == "sha256:ii" and info.digest_for("r:5000/app:latest") == "sha256:d"
+    assert info.digest_for("elsewhere/app:1") == ""  # two candidates, none matches
+
+
+@pytest.mark.parametrize("digests", [None, []])
+def test_an_image_that_never_came_from_a_registry_has_no_digest(digests):
+    (info,) = compose.parse_image_inspect(json.dumps([{"Id": "sha256:x",
+                                                       "RepoDigests": digests}]))
+    assert info.digest_for("app:latest") == ""
+    assert compose.parse_image_inspect("[]") == []
 
 
 # ------------------------------------------------------------------------------- ps
@@ -192,3 +240,13 @@ def test_container_health_exited_named_service_fails_but_finished_init_is_ignore
     named = compose.container_health(cs, ["bar"])
     assert not named.ok and "exited" in named.detail
     assert not compose.container_health([]).ok
+
+
+def test_config_names_each_services_image_reference_not_its_id():
+    text = json.dumps({"name": "px", "services": {
+        "web": {"image": "127.0.0.1:5000/labapp:latest", "network_mode": "host"},
+        "builder": {"build": {"context": "."}}}})
+    assert compose.parse_config_images(text) == {"web": "127.0.0.1:5000/labapp:latest"}
+    assert compose.config_argv(CFG)[-3:] == ("config", "--format", "json")
+    with pytest.raises(compose.ComposeOutputError):
+        compose.parse_config_images("[1, 2]")

@@ -70,6 +70,45 @@ def test_remote_env_carries_the_secrets_but_not_the_controllers_cache_dir():
     assert pb_mod.remote_env(REPO, progress_interval=0.5)["RESTIC_PROGRESS_FPS"] == "2"
 
 
+def test_sudo_restic_form_runs_restic_itself_under_sudo_with_only_variable_names():
+    env = pb_mod.remote_env(REPO, progress_interval=30)
+    argv = pb_mod.sudo_restic(("restic", "backup", "--", "/srv"), sorted(env))
+    assert argv[:2] == ("sudo", "-n") and argv[3] == "--"
+    assert argv[2] == ("--preserve-env=AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY,"
+                       "RESTIC_PASSWORD,RESTIC_PROGRESS_FPS,RESTIC_REPOSITORY")
+    assert argv[4:] == ("restic", "backup", "--", "/srv")
+    assert "sh" not in argv and ENV_PREAMBLE not in argv
+    assert not any(v in a for v in (PASSWORD, "s3cr3t") for a in argv)
+    assert set(env) == set(pb_mod.SUDOERS_ENV)  # what the admin guide's sudoers keeps
+
+
+def test_path_set_sudo_accepts_restic_as_the_shell_free_form():
+    assert _pb(sudo="restic").sudo == "restic"
+    assert _pb(sudo=True).sudo is True
+    with pytest.raises(ValueError):
+        _pb(sudo="sh")
+
+
+def test_host_credentials_replace_the_repositorys_password_and_bucket_keys():
+    pb = _pb(host_credentials={"password": "env:HOSTPW",
+                               "s3": {"access_key_id": "env:HID", "secret_access_key": "env:HS"}})
+    values = {"env:HOSTPW": "host-pw-1234", "env:HID": "HOSTID", "env:HS": "host-s3-9876"}
+    repo = pb_mod.host_repo(REPO, pb.host_credentials,
+                            resolve_secret=lambda ref: SecretStr(values[ref]))
+    env = pb_mod.remote_env(repo, progress_interval=30)
+    assert env["RESTIC_PASSWORD"] == "host-pw-1234" and env["AWS_ACCESS_KEY_ID"] == "HOSTID"
+    assert env["AWS_SECRET_ACCESS_KEY"] == "host-s3-9876" and PASSWORD not in env.values()
+    assert pb_mod.host_repo(REPO, None) is REPO  # no host_credentials: the repository's
+
+
+def test_host_s3_keys_for_a_repository_without_s3_are_refused():
+    local = Repo(url="/srv/restic", password=SecretStr(PASSWORD))
+    pb = _pb(host_credentials={"password": "env:HOSTPW",
+                               "s3": {"access_key_id": "env:HID", "secret_access_key": "env:HS"}})
+    with pytest.raises(pb_mod.ConfigError, match="not an s3: repository"):
+        pb_mod.host_repo(local, pb.host_credentials, resolve_secret=lambda r: SecretStr("x" * 8))
+
+
 def test_sudo_wrap_puts_the_env_preamble_inside_sudo():
     argv = pb_mod.sudo_wrap(("restic", "version"))
     assert argv[:3] == ("sudo", "-n", "--") and ENV_PREAMBLE in argv

@@ -175,6 +175,7 @@ def test_every_request_builder_targets_a_listed_adapter_call() -> None:
         px.restore_qemu_request("n", 1, "s:v"), px.clone_qemu_request("n", 1, 2),
         px.vzdump_request("n", all_guests=True), px.storage_content_request("n", "s"),
         px.delete_volume_request("n", "s:v"), px.prune_dry_run_request("n", "s"),
+        px.volume_attributes_request("n", "s:v", protected=True),
         px.prune_request("n", "s", vmid=1), px.backup_jobs_request(),
         px.backup_job_get_request("j"), px.backup_job_create_request("j", schedule="daily",
                                                                      all_guests=True),

@@ -121,6 +121,45 @@ def test_a_value_with_shell_metacharacters_stays_one_argument():
     assert argv == ("printf", "%s", nasty, f"pre-{nasty}")
 
 
+@pytest.mark.parametrize("argv", [
+    '[sh, -c, "echo {{ text }}"]',
+    '[sudo, -u, app, bash, -ec, "rm -rf /srv/{{ text }}"]',
+    '[/bin/sh, -o, pipefail, -c, "x={{ text }}"]',
+    '[su, app, -c, "ls {{ text }}"]',
+    '[python3, -c, "print({{ text }})"]',
+    '[psql, -d, app, -c, "DELETE FROM t WHERE k = {{ text }}"]',
+])
+def test_a_template_inside_a_shell_or_code_string_is_refused_naming_the_field(argv):
+    text = SIMPLE.replace('[printf, "%s", "{{ text }}"]', argv)
+    with pytest.raises(ConfigError) as err:
+        book(text)
+    problem = err.value.problems[0]
+    assert problem.startswith("runbooks/x.yaml:10 steps[0].ssh: argv[")
+    assert "is code" in problem and "positional argument" in problem
+
+
+def test_a_template_as_a_positional_argument_of_a_shell_script_is_accepted():
+    text = SIMPLE.replace('[printf, "%s", "{{ text }}"]',
+                          '[sh, -c, "printf %s \\"$1\\"", sh, "{{ text }}"]')
+    step = book(text).steps[0]
+    nasty = "x; touch /tmp/pwned"
+    assert rb.render_argv(step.ssh.argv, {"text": nasty})[-1] == nasty
+
+
+def test_render_argv_refuses_a_templated_script_even_without_the_model():
+    with pytest.raises(rb.TemplateError, match=r"ssh.argv\[2\] is code"):
+        rb.render_argv(["sh", "-c", "echo {{ text }}"], {"text": "x"})
+
+
+def test_a_template_in_a_sql_check_query_is_refused_naming_the_field():
+    text = SIMPLE + ("  - id: q\n    check: {sql: {database: appdb, "
+                     "query: \"SELECT count(*) FROM t WHERE name = '{{ text }}'\"}}\n")
+    with pytest.raises(ConfigError) as err:
+        book(text)
+    problem = err.value.problems[0]
+    assert "steps[1].check.sql" in problem and "sql.query holds a {{ }} template" in problem
+
+
 def test_a_whole_expression_keeps_its_type_and_partial_ones_become_text():
     ctx = {"dbs": ["a", "b"], "n": 3, "steps": {"r": {"restored": "x_restored_1"}}}
     assert rb.render({"databases": "{{ dbs }}", "count": "{{n}}", "msg": "n={{ n }}",

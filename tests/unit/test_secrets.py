@@ -90,3 +90,54 @@ def test_environment_is_untouched_by_resolution():
     before = dict(os.environ)
     resolve("env:LK_T3", environ={"LK_T3": "some-value-xyz"})
     assert dict(os.environ) == before
+
+
+def _raise_with(value: str) -> None:
+    raise RuntimeError(f"connection failed with key {value}")
+
+
+def test_traceback_of_a_logged_exception_is_redacted_by_the_record_factory(caplog):
+    secrets.install_redaction()
+    resolve("env:LK_T4", environ={"LK_T4": "traceback-secret-4321"})
+    logger = logging.getLogger("labkeeper.test.tb")
+    with caplog.at_level(logging.ERROR, logger="labkeeper.test.tb"):
+        try:
+            _raise_with("traceback-secret-4321")
+        except RuntimeError:
+            logger.exception("step failed")
+    assert "traceback-secret-4321" not in caplog.text
+    assert f"connection failed with key {MASK}" in caplog.text
+    assert "Traceback (most recent call last)" in caplog.text  # the traceback is kept
+
+
+def test_logging_filter_redacts_exception_text_too():
+    resolve("env:LK_T5", environ={"LK_T5": "filter-tb-secret-8765"})
+    try:
+        _raise_with("filter-tb-secret-8765")
+    except RuntimeError:
+        import sys
+
+        record = logging.LogRecord("labkeeper.x", logging.ERROR, __file__, 1, "boom", None,
+                                   sys.exc_info())
+    RedactingFilter().filter(record)
+    text = logging.Formatter().format(record)
+    assert "filter-tb-secret-8765" not in text and MASK in text
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("cloning https://deploy:glpat-77aa@git.example.org/lab/app.git",
+     f"cloning https://deploy:{MASK}@git.example.org/lab/app.git"),
+    ("https://ghp_0123456789abcdef@github.com/me/app", f"https://{MASK}@github.com/me/app"),
+    ("ssh://git@git.example.org/lab/app.git", "ssh://git@git.example.org/lab/app.git"),
+    ("git@github.com:me/app.git", "git@github.com:me/app.git"),
+])
+def test_credentials_inside_urls_are_masked_without_being_resolved(text, shown):
+    assert secrets.redact(text) == shown
+
+
+def test_git_url_credentials_do_not_reach_a_log_record(caplog):
+    secrets.install_redaction()
+    logger = logging.getLogger("labkeeper.test.giturl")
+    with caplog.at_level(logging.INFO, logger="labkeeper.test.giturl"):
+        logger.info("compose git %s", "https://bot:tok-998877@git.example.org/app.git")
+    assert "tok-998877" not in caplog.text and "bot:" in caplog.text

@@ -50,8 +50,14 @@ def facts(**kw) -> st.Facts:
     return st.Facts(now=NOW, **kw)
 
 
+def backup(when: datetime, series: str = "db:db1/app", bid: str = "b1") -> list[Snap]:
+    """A complete database backup: its dump and its manifest (same backup: tag)."""
+    return [Snap(when, ["labkeeper", series, "kind:pg_dump", f"backup:{bid}"]),
+            Snap(when, ["labkeeper", series, "kind:pg_manifest", f"backup:{bid}"])]
+
+
 def test_fresh_backups_are_ok_and_exit_code_is_zero():
-    snaps = {"b2": [Snap(NOW - timedelta(hours=10), ["labkeeper", "db:db1/app", "kind:pg_dump"])]}
+    snaps = {"b2": backup(NOW - timedelta(hours=10))}
     rows = st.evaluate(INV, facts(snapshots=snaps, archives={100: NOW - timedelta(days=3)}))
     by = {(r.section, r.target): r for r in rows}
     assert by[("database", "app")].state == "ok"
@@ -61,16 +67,29 @@ def test_fresh_backups_are_ok_and_exit_code_is_zero():
 
 
 def test_backup_older_than_the_rpo_is_late_and_fails_the_exit_code():
-    snaps = {"b2": [Snap(NOW - timedelta(hours=30), ["labkeeper", "db:db1/app", "kind:pg_dump"])]}
+    snaps = {"b2": backup(NOW - timedelta(hours=30))}
     rows = st.evaluate(INV, facts(snapshots=snaps, archives={100: NOW - timedelta(days=1)}))
     assert [r.state for r in rows if r.section == "database"] == ["late"]
     assert st.exit_code(rows) == 1
 
 
 def test_no_backup_at_all_is_missing_and_other_series_do_not_count():
-    snaps = {"b2": [Snap(NOW, ["labkeeper", "db:db1/other", "kind:pg_dump"])]}
+    snaps = {"b2": backup(NOW, "db:db1/other")}
     rows = st.evaluate(INV, facts(snapshots=snaps))
     assert {r.state for r in rows if r.section in ("database", "guest")} == {"missing"}
+
+
+def test_a_newer_dump_without_its_manifest_does_not_count_as_a_backup():
+    # a failed attempt's leftover (dump stored, manifest never) must not hide that the
+    # last complete backup is late, nor stand in for a missing one
+    leftover = Snap(NOW - timedelta(hours=1), ["labkeeper", "db:db1/app", "kind:pg_dump",
+                                               "backup:failed1"])
+    late = st.evaluate(INV, facts(snapshots={"b2": [*backup(NOW - timedelta(hours=30)),
+                                                    leftover]}))
+    (row,) = [r for r in late if r.section == "database"]
+    assert row.state == "late" and row.last == NOW - timedelta(hours=30)
+    only = st.evaluate(INV, facts(snapshots={"b2": [leftover]}))
+    assert [r.state for r in only if r.section == "database"] == ["missing"]
 
 
 def test_weekly_vzdump_gets_one_period_plus_grace():
@@ -115,7 +134,7 @@ def test_guests_are_not_checked_when_proxmox_cannot_be_read():
 
 
 def test_rows_carry_their_allowance_and_how_far_past_it_they_are():
-    snaps = {"b2": [Snap(NOW - timedelta(hours=30), ["labkeeper", "db:db1/app", "kind:pg_dump"])]}
+    snaps = {"b2": backup(NOW - timedelta(hours=30))}
     (row,) = [r for r in st.evaluate(INV, facts(snapshots=snaps)) if r.section == "database"]
     assert row.allowed == timedelta(hours=26)
     assert row.overdue(NOW) == timedelta(hours=4)

@@ -14,14 +14,28 @@ from labkeeper.errors import ConfigError, is_transient
 from labkeeper.inventory import App, AppApt, MaintenanceWindow, parse_inventory
 
 
-def test_run_ids_make_valid_sortable_snapshot_names():
-    rid = core.new_run_id(datetime(2026, 3, 7, 4, 5, 6, tzinfo=UTC))
-    assert rid == "20260307-040506"
-    name = core.snapshot_name(rid)
-    assert name == "labkeeper-pre-update-20260307-040506" and len(name) <= 40
+def test_run_ids_sort_by_time_and_differ_within_one_second():
+    at = datetime(2026, 3, 7, 4, 5, 6, tzinfo=UTC)
+    assert core.new_run_id(at, token="0a1b2c3d") == "20260307-040506-0a1b2c3d"
+    ids = {core.new_run_id(at) for _ in range(200)}
+    assert len(ids) == 200 and all(i.startswith("20260307-040506-") for i in ids)
+
+
+def test_snapshot_names_carry_app_and_run_and_fit_proxmox():
+    rid = core.new_run_id(datetime(2026, 3, 7, 4, 5, 6, tzinfo=UTC), token="0a1b2c3d")
+    name = core.snapshot_name("immich", rid)
+    assert name == "labkeeper-pre-update-immich-0a1b2c3d" and len(name) <= 40
+    long = core.snapshot_name("a-very-long-application-name", rid)
+    assert len(long) <= 40 and long.endswith("-0a1b2c3d") and core.is_pre_update(long)
     assert core.is_pre_update(name) and not core.is_pre_update("weekly")
-    with pytest.raises(ValueError):
-        core.snapshot_name("x" * 30)
+
+
+def test_two_apps_on_one_guest_in_the_same_second_get_different_snapshots():
+    at = datetime(2026, 3, 7, 4, 5, 6, tzinfo=UTC)
+    a = core.snapshot_name("web", core.new_run_id(at))
+    b = core.snapshot_name("web", core.new_run_id(at))
+    c = core.snapshot_name("api", core.new_run_id(at))
+    assert len({a, b, c}) == 3
 
 
 def snap(name: str, t: int) -> px.Snapshot:
@@ -141,6 +155,88 @@ def test_journal_round_trips_through_json(tmp_path: Path):
     assert back == j and back.protection.text() == "snapshot labkeeper-pre-update-x"
 
 
+def test_journal_of_an_earlier_version_without_new_fields_still_reads():
+    text = ('{"app": "web", "run_id": "20250101-000000", "phase": "updated", "before": {},'
+            ' "protection": {"kind": "compose-images", "node": "n", "vmid": 1, "gtype": "lxc",'
+            ' "images": {"web": "sha256:aa"}}, "attempted": {}, "started": 5.0, "detail": ""}')
+    j = core.Journal.from_json(text)
+    assert j.touched == 0.0 and j.offered == {} and j.protection.refs == {}
+    assert j.protection.images == {"web": "sha256:aa"}
+
+
+def _gate_app(deadline: float = 60, initial_delay: float = 5) -> App:
+    return App(name="web", guest="g", strategy="commands",
+               commands={"update": [["true"]]},
+               gate={"initial_delay": initial_delay, "deadline": deadline, "interval": 1})
+
+
+def test_a_journal_older_than_the_gate_and_the_margin_is_stale():
+    app = _gate_app()
+    prot = core.Protection("snapshot", "pve1", 300, "lxc", snapshot="s")
+    j = core.Journal("web", "r", "updated", prot, touched=1000.0)
+    limit = 5 + 60 + core.STALE_MARGIN
+    assert not core.is_stale(j, app, now=1000.0 + limit - 1)
+    assert core.is_stale(j, app, now=1000.0 + limit + 1)
+    unknown = core.Journal("web", "r", "updated", prot)  # no time at all: never trusted
+    assert core.is_stale(unknown, app, now=1000.0)
+
+
+def test_writing_a_journal_stamps_it_so_a_fresh_one_is_not_stale(tmp_path: Path):
+    inv = parse_inventory(LAB.replace("lab: {name: t}",
+                                      f"lab: {{name: t}}\nsettings: {{state_dir: {tmp_path}}}"))
+    prot = core.Protection("snapshot", "pve1", 300, "lxc", snapshot="s")
+    core.write_journal(inv, core.Journal("a", "r", "updated", prot))
+    (j,) = core.open_journals(inv)
+    assert not core.is_stale(j, inv.app("a"))
+
+
+def test_cleanup_spares_what_other_apps_open_journals_name(tmp_path: Path):
+    inv = parse_inventory(LAB.replace("lab: {name: t}",
+                                      f"lab: {{name: t}}\nsettings: {{state_dir: {tmp_path}}}"))
+    mine = core.Protection("snapshot", "pve1", 300, "lxc", snapshot="labkeeper-pre-update-a-1")
+    other = core.Protection("vzdump", "pve1", 300, "lxc", volid="local:backup/x.tar.zst")
+    core.write_journal(inv, core.Journal("a", "1", "updated", mine))
+    core.write_journal(inv, core.Journal("b", "2", "protected", other))
+    assert core.spared_names(inv, but="a") == {"local:backup/x.tar.zst"}
+    assert core.spared_names(inv) == {"labkeeper-pre-update-a-1", "local:backup/x.tar.zst"}
+    snaps = [snap("labkeeper-pre-update-a-1", 1), snap("labkeeper-pre-update-b-2", 2),
+             snap("labkeeper-pre-update-a-3", 3)]
+    spare = core.spared_names(inv, but="c")
+    assert core.stale_snapshots(snaps, 0, spare=sorted(spare)) == \
+        ["labkeeper-pre-update-b-2", "labkeeper-pre-update-a-3"]
+
+
+def test_the_guest_lock_is_exclusive_and_says_who_holds_it(tmp_path: Path):
+    inv = parse_inventory(LAB.replace("lab: {name: t}",
+                                      f"lab: {{name: t}}\nsettings: {{state_dir: {tmp_path}}}"))
+    with core.guest_lock(inv, "g", holder="update of a", timeout=0):
+        with pytest.raises(core.GuestBusy, match="update of a, pid") as info:
+            with core.guest_lock(inv, "g", holder="update of b", timeout=0):
+                pass
+        assert is_transient(info.value)
+        with core.guest_lock(inv, "other-guest", holder="update of c", timeout=0):
+            pass  # another guest: its own lock
+    with core.guest_lock(inv, "g", holder="update of b", timeout=0):
+        pass  # released on exit
+
+
+def test_a_pin_remembers_bad_digests_and_keeps_them_across_rollbacks(tmp_path: Path):
+    inv = parse_inventory(LAB.replace("lab: {name: t}",
+                                      f"lab: {{name: t}}\nsettings: {{state_dir: {tmp_path}}}"))
+    prot = core.Protection("compose-images", "pve1", 300, "lxc",
+                           images={"web": "sha256:good"}, refs={"web": "r/app:latest"},
+                           digests={"web": "sha256:d-good"})
+    j = core.Journal("a", "1", "updated", prot, offered={"web": "sha256:d-bad1"})
+    core.pin_after_rollback(inv, j, "gate")
+    j2 = core.Journal("a", "2", "updated", prot, offered={"web": "sha256:d-bad2"})
+    pin = core.pin_after_rollback(inv, j2, "gate")
+    assert pin is not None and core.read_pin(inv, "a") == pin
+    assert pin.bad_digests() == {"sha256:d-bad1", "sha256:d-bad2"}
+    assert "pinned to web=sha256:d-good" in pin.text()
+    assert [p.app for p in core.pins(inv)] == ["a"]
+    assert core.clear_pin(inv, "a") and core.read_pin(inv, "a") is None
+
+
 def test_update_errors_are_permanent_so_prefect_does_not_retry_them():
     for exc in (core.UpdateFailed("x"), core.GateFailed("x"), core.RollbackFailed("x")):
         assert not is_transient(exc)
@@ -198,6 +294,16 @@ def test_final_state_rolled_back_is_a_failed_state_named_rolledback():
     assert failed.is_failed() and failed.name == "Failed" and "db" in failed.message
     skipped = _final_state([core.AppResult("web", "skipped", "outside the window")])
     assert skipped.is_completed() and skipped.name == "Skipped"
+
+
+@pytest.mark.parametrize("status", ["blocked", "held", "stale"])
+def test_an_app_not_updated_for_a_reason_is_never_a_green_run(status):
+    from flows.update import _final_state
+
+    state = _final_state([core.AppResult("web", status, "why"),
+                          core.AppResult("db", "updated")])
+    assert state.is_failed() and state.name == "NotUpdated" and "web: " + status in \
+        state.message
     ok = _final_state([core.AppResult("web", "updated"), core.AppResult("x", "skipped")])
     assert isinstance(ok, list) and [r["status"] for r in ok] == ["updated", "skipped"]
 

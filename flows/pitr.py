@@ -1,0 +1,105 @@
+"""Point-in-time recovery jobs: the weekly base backup, the 5-minute WAL ship, the drill.
+
+Read as the runbook: for each PITR server, take a base backup (pg_basebackup into
+restic, proven complete) and then apply retention (older base backups and only the
+WAL no kept one needs); every few minutes ship the completed WAL segments from the
+spool (verified in the repository before they leave the spool) and report lag; on
+the drill schedule restore for real to a random moment and to the newest, and judge
+RTO/RPO. The receiver itself is a service (``labkeeper wal receive``), not a flow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from labkeeper.inventory import Inventory, load_inventory
+from labkeeper.inventory_pitr import pitr_server, pitr_servers
+from labkeeper.secrets import redact
+from tasks import pitr as pitr_tasks
+from tasks.common import RunFailed, failure_of, lab_path
+from tasks.hooks import hooks
+
+
+class PitrRunFailed(RunFailed):
+    """At least one server's step failed."""
+
+
+def select_servers(inv: Inventory, servers: list[str] | None) -> list[str]:
+    names = list(servers) if servers else [s.name for s in pitr_servers(inv)]
+    for n in names:
+        pitr_server(inv, n)  # unknown names fail now
+    return names
+
+
+def _failed(server: str, state: Any) -> dict[str, Any]:
+    exc = failure_of(state)
+    return {"server": server, "status": "failed",
+            "notes": redact(f"{type(exc).__name__}: {exc}" if exc else str(state.name))}
+
+
+def _finish(key: str, rows: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
+    create_table_artifact(key=key, table=rows, description=what)
+    bad = [r["server"] for r in rows if r.get("status") == "failed"]
+    if bad:
+        raise PitrRunFailed(f"{what}: failed for {', '.join(bad)}", rows)
+    return rows
+
+
+@flow(name="pitr_base_backup", timeout_seconds=12 * 3600, **hooks("pitr_base_backup"))
+def pitr_base_backup_flow(lab: str | None = None, servers: list[str] | None = None
+                          ) -> list[dict[str, Any]]:
+    """Take a base backup of each PITR server, then apply its retention."""
+    inv = load_inventory(lab_path(lab))
+    rows: list[dict[str, Any]] = []
+    for name in select_servers(inv, servers):
+        state = pitr_tasks.base_backup(inv, name, return_state=True)
+        if not state.is_completed():
+            rows.append(_failed(name, state))
+            continue
+        rows.append(state.result().row())
+        kept = pitr_tasks.apply_retention(inv, name, return_state=True)
+        if not kept.is_completed():
+            rows.append(_failed(f"{name} retention", kept))
+    return _finish("pitr-base-backup", rows, "PITR base backups")
+
+
+@flow(name="pitr_wal_ship", timeout_seconds=3600, **hooks("pitr_wal_ship"))
+def pitr_wal_ship_flow(lab: str | None = None, servers: list[str] | None = None
+                       ) -> list[dict[str, Any]]:
+    """Ship each server's completed WAL segments into the repository; report lag."""
+    logger = get_run_logger()
+    inv = load_inventory(lab_path(lab))
+    rows: list[dict[str, Any]] = []
+    for name in select_servers(inv, servers):
+        state = pitr_tasks.ship_wal(inv, name, return_state=True)
+        row = state.result().row() if state.is_completed() else _failed(name, state)
+        lag = pitr_tasks.lag_report(inv, name, return_state=True)
+        if lag.is_completed():
+            row["warnings"] = "; ".join(lag.result()["warnings"])
+        else:
+            logger.warning("%s: lag report failed: %s", name, failure_of(lag))
+        rows.append(row)
+    return _finish("pitr-wal-ship", rows, "PITR WAL shipping")
+
+
+@flow(name="pitr_drill", timeout_seconds=12 * 3600, **hooks("pitr_drill"))
+def pitr_drill_flow(lab: str | None = None, servers: list[str] | None = None,
+                    seed: int | None = None) -> list[dict[str, Any]]:
+    """Restore each PITR server for real to a random moment and to the newest."""
+    inv = load_inventory(lab_path(lab))
+    rows: list[dict[str, Any]] = []
+    for name in select_servers(inv, servers):
+        state = pitr_tasks.pitr_drill(inv, name, seed, return_state=True)
+        if not state.is_completed():
+            rows.append(_failed(name, state))
+            continue
+        res = state.result()
+        for r in res.rows:
+            rows.append({"server": name, **r.row()})
+        if res.breaches:
+            rows.append({"server": name, "status": "failed",
+                         "notes": "; ".join(res.breaches)})
+    return _finish("pitr-drill", rows, "PITR drill")

@@ -1,0 +1,202 @@
+"""Failed backup attempts whose cleanup did not finish, remembered until a later backup
+of the same series sweeps them (path sets and PostgreSQL databases alike).
+
+A failed attempt's snapshots carry its unique ``backup:<id>`` tag. When forgetting
+them fails (the repository is unreachable or locked at that moment), a snapshot of
+the attempt may stay in the series, where retention and status would count it. The
+attempt is then recorded in a small JSON file under ``settings.state_dir``, one file
+per series owner (``<state_dir>/<directory>/pending-<part>[.<part>].json``; the parts
+are inventory names, which can hold neither ``.`` nor ``/``). Every change is a
+read-modify-write under an exclusive ``flock`` of the directory and lands with
+``os.replace``; the file is removed when nothing is pending. It holds attempt ids,
+times and redacted reasons only, no secret.
+
+:class:`Owner` says whose file it is (written into the file and checked when it is
+read, so a file copied or renamed by hand is refused rather than read as empty).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from labkeeper import restic
+from labkeeper.errors import PermanentError
+from labkeeper.secrets import redact
+
+PENDING_FORMAT = 1
+_FILE_PART = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Whose pending file: its directory under the state dir, the identity fields
+    (``(json key, value, what it is)``, in file-name order) and the series label."""
+
+    directory: str
+    ident: tuple[tuple[str, str, str], ...]
+    series: str
+
+    @property
+    def label(self) -> str:
+        return "/".join(value for _key, value, _what in self.ident)
+
+
+def pending_path(state_dir: Path, owner: Owner) -> Path:
+    """``<state_dir>/<directory>/pending-<v1>[.<v2>].json``; refuses values that could
+    leave the directory or collide with another owner's file."""
+    for _key, value, what in owner.ident:
+        if not _FILE_PART.fullmatch(value):
+            raise ValueError(f"{what} {value!r} cannot name a state file")
+    name = ".".join(value for _key, value, _what in owner.ident)
+    return Path(state_dir) / owner.directory / f"pending-{name}.json"
+
+
+@dataclass(frozen=True)
+class PendingAttempt:
+    """A failed attempt whose cleanup did not finish."""
+
+    backup_id: str
+    snapshot_host: str
+    """restic's ``--host`` of its snapshots (the lab's name when it ran)."""
+    since: str
+    """When it was recorded (ISO 8601, UTC)."""
+    reason: str = ""
+    """Why the cleanup did not finish (redacted)."""
+
+    @property
+    def tag(self) -> str:
+        return f"backup:{self.backup_id}"
+
+
+def new_pending(backup_id: str, *, snapshot_host: str, reason: str,
+                now: datetime | None = None) -> PendingAttempt:
+    now = now or datetime.now(tz=UTC)
+    return PendingAttempt(backup_id=backup_id, snapshot_host=snapshot_host,
+                          since=now.isoformat(timespec="seconds"), reason=redact(reason)[:1000])
+
+
+def dump_pending(owner: Owner, attempts: Sequence[PendingAttempt]) -> str:
+    data: dict[str, object] = {"format": PENDING_FORMAT}
+    data.update({key: value for key, value, _what in owner.ident})
+    data["series"] = owner.series
+    data["attempts"] = [asdict(a) for a in attempts]
+    return json.dumps(data, indent=1) + "\n"
+
+
+def _attempt(item: object) -> PendingAttempt:
+    if not isinstance(item, dict):
+        raise ValueError(f"attempt {item!r} is not an object")
+    try:
+        attempt = PendingAttempt(backup_id=str(item["backup_id"]),
+                                 snapshot_host=str(item["snapshot_host"]),
+                                 since=str(item.get("since", "")),
+                                 reason=str(item.get("reason", "")))
+    except KeyError as exc:
+        raise ValueError(f"attempt {item!r} has no {exc.args[0]}") from None
+    if not attempt.backup_id or not attempt.snapshot_host:
+        raise ValueError(f"attempt {item!r} has an empty id or host")
+    restic.check_tag(attempt.tag)
+    return attempt
+
+
+def load_pending(text: str, owner: Owner) -> list[PendingAttempt]:
+    """The attempts in ``owner``'s pending file; ValueError when the text is not such a
+    file (any other JSON, another owner's, an id restic could not match)."""
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("format") != PENDING_FORMAT:
+        raise ValueError(f"not a pending-cleanup file of format {PENDING_FORMAT}")
+    found = tuple(data.get(key) for key, _value, _what in owner.ident)
+    if found != tuple(value for _key, value, _what in owner.ident):
+        raise ValueError(f"it belongs to {'/'.join(map(str, found))}, not {owner.label}")
+    attempts = data.get("attempts")
+    if not isinstance(attempts, list):
+        raise ValueError("no list of attempts")
+    return [_attempt(item) for item in attempts]
+
+
+def with_pending(attempts: Sequence[PendingAttempt], new: PendingAttempt
+                 ) -> list[PendingAttempt]:
+    """``attempts`` plus ``new`` (an attempt recorded twice keeps its first record)."""
+    if any(a.backup_id == new.backup_id for a in attempts):
+        return list(attempts)
+    return [*attempts, new]
+
+
+def without_pending(attempts: Sequence[PendingAttempt], ids: Sequence[str]
+                    ) -> list[PendingAttempt]:
+    gone = set(ids)
+    return [a for a in attempts if a.backup_id not in gone]
+
+
+class PendingStore:
+    """One owner's pending-cleanup file (see the module docstring)."""
+
+    def __init__(self, state_dir: Path, owner: Owner) -> None:
+        self.owner = owner
+        self.path = pending_path(state_dir, owner)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def read(self) -> list[PendingAttempt]:
+        """The pending attempts; a file that cannot be read or understood is a
+        :class:`PermanentError` (guessing "nothing pending" could hide a snapshot)."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise PermanentError(f"cannot read the pending-cleanup file {self.path}: "
+                                 f"{exc}") from None
+        try:
+            return load_pending(text, self.owner)
+        except ValueError as exc:
+            series = self.owner.series
+            raise PermanentError(
+                f"the pending-cleanup file {self.path} is not usable ({exc}); attempts it "
+                f"listed may have left snapshots in the series {series}: look at `restic "
+                f"snapshots --tag {series}`, forget those of failed attempts (their "
+                "backup:<id> tag is not in a successful run), then remove the file"
+            ) from None
+
+    def _write(self, attempts: Sequence[PendingAttempt]) -> None:
+        if not attempts:
+            self.path.unlink(missing_ok=True)
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(dump_pending(self.owner, attempts))
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def add(self, attempt: PendingAttempt) -> None:
+        with self._locked():
+            self._write(with_pending(self.read(), attempt))
+
+    def remove(self, ids: Sequence[str]) -> None:
+        if not ids or not self.path.exists():
+            return
+        with self._locked():
+            self._write(without_pending(self.read(), ids))

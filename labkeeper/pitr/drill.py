@@ -1,0 +1,141 @@
+"""The PITR drill: restore for real to a random moment and to the newest, prove each stop.
+
+Targets: a random time inside the window (the oldest complete base backup's end to
+the newest WAL in the repository) and ``latest`` (the end of the archived WAL). Each
+restore goes into a scratch directory on this host and is judged by PostgreSQL's own
+recovery log: for a time target the last replayed commit is at or before the target
+and the commit recovery stopped before is after it. RTO (the restore's duration) and
+RPO (how old the newest archived WAL is) are judged against the server's objectives.
+A missing segment fails the drill and is named. The scratch clusters are removed.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from labkeeper.errors import LabkeeperError
+from labkeeper.pitr import PitrError, restore
+from labkeeper.pitr.target import PitrTarget, complete_bases, list_server, wal_batches
+
+Log = Callable[[str], None]
+
+
+def pg_time(text: str) -> datetime | None:
+    """``2026-12-05 03:23:27.019034+00`` (PostgreSQL's log) -> aware datetime."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def window(bases_end: list[datetime], wal_times: list[datetime]
+           ) -> tuple[datetime, datetime] | None:
+    """The span a restore can reach (pure): from the oldest base backup's end to the newest
+    WAL snapshot; None when there is no base backup or no WAL after it."""
+    if not bases_end or not wal_times:
+        return None
+    lo, hi = min(bases_end), max(wal_times)
+    return (lo, hi) if hi > lo else None
+
+
+def pick_time(span: tuple[datetime, datetime], rng: random.Random) -> datetime:
+    lo, hi = span
+    return lo + timedelta(seconds=rng.uniform(0, (hi - lo).total_seconds()))
+
+
+def stop_problem(outcome: restore.RecoveryOutcome, to: restore.RecoveryTarget) -> str | None:
+    """Why recovery did not stop at ``to`` (pure); None when it provably did."""
+    if outcome.state != "reached":
+        return outcome.error or "recovery did not finish"
+    if to.kind != "time" or to.time is None:
+        return None
+    last = pg_time(outcome.last_commit_time)
+    if last is not None and last > to.time:
+        return f"a commit at {last.isoformat()} after the target {to} was replayed"
+    stopped_at = pg_time(outcome.stop_time)
+    if outcome.stopped and stopped_at is not None and stopped_at <= to.time:
+        return f"recovery stopped at {stopped_at.isoformat()}, before the target {to}"
+    return None
+
+
+@dataclass
+class DrillRow:
+    target: str
+    status: str
+    detail: str
+    duration_s: float = 0.0
+
+    def row(self) -> dict[str, Any]:
+        return {"target": self.target, "status": self.status, "detail": self.detail,
+                "rto s": round(self.duration_s, 1)}
+
+
+@dataclass
+class PitrDrillResult:
+    server: str
+    rows: list[DrillRow] = field(default_factory=list)
+    rpo_s: float | None = None
+    rto_s: float = 0.0
+    breaches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status == "ok" for r in self.rows) and not self.breaches
+
+
+def run_drill(target: PitrTarget, *, log: Log = print, seed: int | None = None,
+              workdir: Path | None = None, timeout: float = 3600) -> PitrDrillResult:
+    result = PitrDrillResult(server=target.name)
+    snaps = list_server(target)
+    bases = complete_bases(snaps)
+    batches = wal_batches(snaps)
+    now = datetime.now(tz=UTC)
+    if batches:
+        result.rpo_s = (now - max(b.snapshot.time for b in batches)).total_seconds()
+    span = window([b.finished_at for b in bases], [b.snapshot.time for b in batches])
+    targets = [restore.RecoveryTarget("latest")]
+    if span is not None:
+        when = pick_time(span, random.Random(seed))  # noqa: S311 - a drill target, not crypto
+        targets.insert(0, restore.RecoveryTarget("time", time=when))
+    base_dir = workdir or Path(tempfile.mkdtemp(prefix="labkeeper-pitr-drill-"))
+    for i, to in enumerate(targets):
+        result.rows.append(_one(target, to, base_dir / f"restore-{i}", log=log,
+                                timeout=timeout))
+    result.rto_s = max((r.duration_s for r in result.rows), default=0.0)
+    obj = target.server.objectives
+    if result.rto_s > obj.rto_minutes * 60:
+        result.breaches.append(f"RTO {result.rto_s:.0f} s > {obj.rto_minutes} min")
+    if result.rpo_s is None or result.rpo_s > obj.rpo_minutes * 60:
+        rpo = "no WAL archived" if result.rpo_s is None else f"{result.rpo_s:.0f} s"
+        result.breaches.append(f"RPO {rpo} > {obj.rpo_minutes} min")
+    return result
+
+
+def _one(target: PitrTarget, to: restore.RecoveryTarget, workdir: Path, *, log: Log,
+         timeout: float) -> DrillRow:
+    started = time.monotonic()
+    try:
+        res = restore.restore_pitr(target, to, workdir, log=log, timeout=timeout)
+    except (PitrError, LabkeeperError) as exc:
+        return DrillRow(str(to), "failed", str(exc), time.monotonic() - started)
+    try:
+        problem = stop_problem(res.outcome, to)
+    finally:
+        if res.cluster is not None:
+            res.cluster.destroy()
+    detail = problem or (f"{res.outcome.stopped or 'end of WAL ' + res.outcome.redo_done_lsn}; "
+                         f"last commit {res.outcome.last_commit_time or 'n/a'}; base "
+                         f"{res.base_backup_id}, {res.wal_segments} segment(s) from "
+                         f"{res.wal_batches} snapshot(s)")
+    log(f"{target.name}: drill to {to}: {detail}")
+    return DrillRow(str(to), "failed" if problem else "ok", detail, res.duration_s)

@@ -1,0 +1,246 @@
+"""PITR for real: PostgreSQL 15, pg_basebackup / pg_receivewal, restic 0.14, moto S3.
+
+One scenario, in order: a writer commits timestamped rows; the receiver runs (and is
+killed once); a base backup is taken (one killed mid-stream first); WAL is shipped
+(once while S3 is frozen); then restores to a time between two commits and to an LSN;
+last, a WAL batch is forgotten and the restore names the missing segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from labkeeper import restic
+from labkeeper.cli import app
+from labkeeper.pitr import PitrError, basebackup, drill, models, restore, retention, wal
+from labkeeper.pitr.target import complete_bases, list_server, wal_batches
+from tests.fixtures.procs import process_argvs
+from tests.integration.pitr_support import DB, PitrLab, Receiver, Writer, start_pitr_lab, wait_until
+
+
+@pytest.fixture
+def restore_dir() -> Iterator[Path]:
+    """Outside pytest's 0700 base directory (which every pytest session on the machine
+    resets), so the postgres user can reach the restored cluster."""
+    path = Path(tempfile.mkdtemp(prefix="labkeeper-pitr-test-"))
+    yield path / "restore"
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class Scenario:
+    plab: PitrLab
+    receiver: Receiver
+    writer: Writer
+    base: basebackup.BaseBackupResult | None = None
+    ships: list[wal.ShipResult] = dataclasses.field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def scenario() -> Iterator[Scenario]:
+    workdir = Path(tempfile.mkdtemp(prefix="labkeeper-pitr-"))  # see restore_dir
+    plab = start_pitr_lab(workdir)
+    receiver = Receiver(plab).start()
+    writer = Writer(plab).start()
+    try:
+        yield Scenario(plab, receiver, writer)
+    finally:
+        writer.stop()
+        receiver.stop()
+        plab.lab.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _pids(name: bytes) -> list[int]:
+    return [pid for pid, argv in process_argvs()
+            if any(a.endswith(name) for a in argv[:4]) and os.getppid() != pid]
+
+
+def test_killed_pg_basebackup_leaves_no_base_backup_counted(scenario: Scenario) -> None:
+    t = scenario.plab.target()
+    slow = dataclasses.replace(t, server=t.server.model_copy(update={"max_rate_kb": 512}))
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            basebackup.run_base_backup(slow, log=lambda _m: None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    th = threading.Thread(target=run)
+    th.start()
+    pids = wait_until(lambda: _pids(b"pg_basebackup"), 60, "pg_basebackup to start")
+    wait_until(lambda: restic_reading(), 60, "restic to read the stream")
+    for pid in pids:  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGKILL)
+    th.join(120)
+    assert errors and isinstance(errors[0], PitrError), errors
+    assert "pg_basebackup" in str(errors[0])
+    snaps = list_server(t)
+    assert not [s for s in snaps if "kind:basebackup" in s.tags], "a killed stream was kept"
+
+
+def restic_reading() -> bool:
+    return bool(_pids(b"restic"))
+
+
+def test_base_backup_records_timeline_and_lsns(scenario: Scenario) -> None:
+    scenario.writer.wait_rows(5)
+    res = basebackup.run_base_backup(scenario.plab.target(), log=lambda _m: None)
+    scenario.base = res
+    assert res.timeline == 1
+    assert models.parse_lsn(res.start_lsn) < models.parse_lsn(res.end_lsn)
+    bases = complete_bases(list_server(scenario.plab.target()))
+    assert [b.backup_id for b in bases] == [res.backup_id]
+    assert bases[0].start_lsn == res.start_lsn and bases[0].end_lsn == res.end_lsn
+
+
+def test_killed_receiver_is_restarted_and_the_slot_keeps_the_wal(scenario: Scenario) -> None:
+    sup = scenario.receiver.sup
+    first = sup.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    scenario.writer.wait_rows(10)  # WAL written while no receiver runs
+    wait_until(lambda: sup.pid not in (None, first), 60, "the receiver to be restarted")
+    assert sup.state.starts >= 2
+    scenario.ships.append(wal.ship(scenario.plab.target(), log=lambda _m: None))
+    assert scenario.ships[-1].files, "nothing was shipped"
+
+
+def test_frozen_s3_keeps_segments_in_the_spool_and_a_later_ship_sends_them(
+        scenario: Scenario) -> None:
+    t = scenario.plab.target()
+    scenario.writer.wait_rows(10)
+    moto = scenario.plab.lab.s3.pid  # type: ignore[union-attr]
+    assert moto is not None
+    os.kill(moto, signal.SIGSTOP)
+    thaw = threading.Timer(12.0, os.kill, (moto, signal.SIGCONT))
+    thaw.start()
+    try:
+        with pytest.raises(PitrError, match="stay in the spool"):
+            wal.ship(t, log=lambda _m: None, stall_timeout=4)
+    finally:
+        thaw.join()
+        os.kill(moto, signal.SIGCONT)
+    waiting = wal.ready_files(t.spool)
+    assert waiting, "the spool was emptied although nothing was shipped"
+    shipped = wal.ship(t, log=lambda _m: None, switch=False)
+    scenario.ships.append(shipped)
+    assert set(waiting) <= set(shipped.files)
+    assert not (set(waiting) & set(wal.ready_files(t.spool)))
+
+
+def test_restore_to_a_time_between_two_commits_has_every_row_before_and_none_after(
+        scenario: Scenario, restore_dir: Path) -> None:
+    scenario.writer.wait_rows(10)
+    t = scenario.plab.target()
+    rows = list(scenario.writer.rows)  # committed before the ship closes the segment
+    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    assert scenario.base is not None
+    # a commit well after the base backup, and the one after it
+    k = len(rows) - 3
+    (_id_k, _at_k), (id_next, at_next) = rows[k], rows[k + 1]
+    to = restore.RecoveryTarget("time", time=at_next - timedelta(microseconds=1))
+    res = restore.restore_pitr(t, to, restore_dir, log=lambda _m: None, timeout=300)
+    try:
+        assert res.cluster is not None
+        got = [int(r[0]) for r in res.cluster.query("SELECT id FROM ticks ORDER BY id", db=DB)]
+    finally:
+        assert res.cluster is not None
+        res.cluster.destroy()
+    before = [i for i, _at in rows if i < id_next]
+    assert got == before
+    assert res.outcome.stopped.startswith("recovery stopping before commit")
+
+
+def test_restore_to_an_lsn_stops_at_the_first_record_past_it(
+        scenario: Scenario, restore_dir: Path) -> None:
+    t = scenario.plab.target()
+    committed = list(scenario.writer.rows)
+    lsn = scenario.plab.sql("SELECT pg_current_wal_lsn();")[0][0]
+    scenario.writer.wait_rows(3)
+    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    res = restore.restore_pitr(t, restore.RecoveryTarget("lsn", lsn=lsn), restore_dir,
+                               log=lambda _m: None, timeout=300)
+    assert res.cluster is not None
+    try:
+        got = {int(r[0]) for r in res.cluster.query("SELECT id FROM ticks", db=DB)}
+    finally:
+        res.cluster.destroy()
+    m = re.search(r'after WAL location \(LSN\) "([0-9A-F]+/[0-9A-F]+)"', res.outcome.stopped)
+    assert m is not None, res.outcome
+    stopped = models.parse_lsn(m.group(1))
+    assert 0 <= stopped - models.parse_lsn(lsn) < 64 * 1024, res.outcome
+    assert {i for i, _at in committed} <= got
+
+
+def test_retention_never_forgets_wal_a_kept_base_backup_needs(scenario: Scenario) -> None:
+    t = scenario.plab.target()
+    second = basebackup.run_base_backup(t, log=lambda _m: None)
+    scenario.writer.wait_rows(3)
+    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    keep_one = dataclasses.replace(t, server=t.server.model_copy(
+        update={"retention": t.server.retention.model_copy(update={"keep_base_backups": 1})}))
+    plan = retention.apply(keep_one, log=lambda _m: None)
+    snaps = list_server(t)
+    bases = complete_bases(snaps)
+    assert [b.backup_id for b in bases] == [second.backup_id]
+    need = models.parse_segment(bases[0].start_segment)[1]
+    kept = wal_batches(snaps)
+    assert all(models.parse_segment(w.last)[1] >= need for w in kept)
+    assert any(models.parse_segment(w.first)[1] <= need for w in kept), \
+        "the batch holding the kept base backup's start segment was forgotten"
+    assert plan.forget, "retention forgot nothing although an older base backup existed"
+
+
+def test_drill_restores_a_random_moment_and_the_newest_within_objectives(
+        scenario: Scenario, restore_dir: Path) -> None:
+    t = scenario.plab.target()
+    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    res = drill.run_drill(t, log=lambda _m: None, seed=7, workdir=restore_dir, timeout=300)
+    assert [r.status for r in res.rows] == ["ok", "ok"], [r.detail for r in res.rows]
+    assert res.rows[0].target != "latest" and res.rows[1].target == "latest"
+    assert res.ok, res.breaches
+    assert res.rpo_s is not None and res.rpo_s < 60
+
+
+def test_wal_status_command_reports_an_active_slot_without_warnings(scenario: Scenario) -> None:
+    result = CliRunner().invoke(app, ["wal", "status", "pg1", "--json",
+                                      "--lab", str(scenario.plab.workdir / "lab.yaml")])
+    facts = json.loads(result.stdout)
+    assert facts["slot_active"] is True, facts
+    assert facts["warnings"] == [] and result.exit_code == 0, facts
+
+
+def test_a_missing_segment_in_the_repository_fails_the_restore_and_names_it(
+        scenario: Scenario, restore_dir: Path) -> None:
+    t = scenario.plab.target()
+    for _ in range(2):
+        scenario.writer.wait_rows(3)
+        scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    snaps = list_server(t)
+    start = models.parse_segment(complete_bases(snaps)[-1].start_segment)[1]
+    later = [b for b in wal_batches(snaps) if models.parse_segment(b.first)[1] > start]
+    assert len(later) >= 2
+    gone = later[0]  # a gap, with WAL after it
+    restic.forget_ids(t.repo, [gone.snapshot.id])
+    with pytest.raises(PitrError, match=f"WAL segment {gone.first} is missing"):
+        restore.restore_pitr(t, restore.RecoveryTarget("latest"), restore_dir,
+                             log=lambda _m: None, timeout=300)
+    res = drill.run_drill(t, log=lambda _m: None, seed=1, workdir=restore_dir.parent / "d",
+                          timeout=300)
+    assert not res.ok
+    assert all(r.status == "failed" and gone.first in r.detail for r in res.rows), res.rows
