@@ -4,7 +4,7 @@
 
 Starts its own local lab (moto S3 + sshd), a private Docker engine and PostgreSQL
 17.x in a container built here (labkeeper.locallab.pgimage; host networking, no
-published port), fills ``bigdb`` with ``--rows`` rows, then measures, warm (one
+published port), fills ``ctrbench`` with ``--rows`` rows, then measures, warm (one
 untimed run of each kind first), interleaved, each kind into its own repository:
 
 | kind | what |
@@ -74,11 +74,11 @@ def main() -> None:
 def bench(lab: LocalLab, engine: LocalDocker, box: pgimage.Pg17Container, work: Path,
           rows: int, repeat: int) -> None:
     pw = "bench-" + os.urandom(6).hex()
-    box.psql(f"CREATE ROLE app LOGIN PASSWORD '{pw}';\nCREATE DATABASE bigdb OWNER app;")
+    box.psql(f"CREATE ROLE app LOGIN PASSWORD '{pw}';\nCREATE DATABASE ctrbench OWNER app;")
     box.psql("SET ROLE app;\nCREATE TABLE events (id bigint PRIMARY KEY, at timestamptz NOT "
              "NULL, payload text NOT NULL);\nINSERT INTO events SELECT i, timestamptz "
              "'2024-01-01' + i * interval '1 s', md5(i::text) || md5((i * 7)::text) || "
-             f"md5((i * 13)::text) FROM generate_series(1, {rows}) i;", db="bigdb",
+             f"md5((i * 13)::text) FROM generate_series(1, {rows}) i;", db="ctrbench",
              timeout=900)
     (work / "pw").write_text(pw + "\n")
     bin_root = work / "pgbin"
@@ -93,7 +93,7 @@ def bench(lab: LocalLab, engine: LocalDocker, box: pgimage.Pg17Container, work: 
     inv["repositories"] = [{**base, "name": n, "url": f"{rootu}/{n}",
                             "cache_dir": str(work / f"cache-{n}")} for n in names.values()]
     ctr = {"name": box.name, "docker_host": engine.host, "pghost": box.sockdir}
-    common = {"port": box.port, "dbname": "bigdb", "globals": False}
+    common = {"port": box.port, "dbname": "ctrbench", "globals": False}
     inv["databases"] = [
         {"name": "sshexec", "host": "labhost", "user": "postgres", "container": ctr,
          "repository": names["ours ssh exec"], **common},
@@ -109,22 +109,22 @@ def bench(lab: LocalLab, engine: LocalDocker, box: pgimage.Pg17Container, work: 
     for r in repos.values():
         restic.init(r)
     sshd = lab.sshd
-    restic_tail = ("restic --compression auto backup --stdin --stdin-filename bigdb.sql "
+    restic_tail = ("restic --compression auto backup --stdin --stdin-filename ctrbench.sql "
                    "--host local-lab --tag bare --json > /dev/null")
     exec_dump = (f"{engine.client} --host {engine.host} exec -u postgres {box.name} "
-                 f"pg_dump -Fp -h {box.sockdir} -p {box.port} -d bigdb")
+                 f"pg_dump -Fp -h {box.sockdir} -p {box.port} -d ctrbench")
     ssh = (f"ssh -T -p {sshd.port} -i {sshd.user_key_path} -o BatchMode=yes "
            f"-o UserKnownHostsFile={sshd.known_hosts_path} {sshd.user}@{sshd.host}")
     bare = {
         "bare exec": f"{exec_dump} | {restic_tail}",
         "bare ssh exec": f"{ssh} {exec_dump} | {restic_tail}",
         "bare tcp 17": (f"{bin_root}/17/bin/pg_dump -Fp -h 127.0.0.1 -p {box.port} -U app "
-                        f"-d bigdb | {restic_tail}"),
+                        f"-d ctrbench | {restic_tail}"),
     }
     ours = {"ours ssh exec": "sshexec", "ours exec": "exec", "ours tcp 17": "tcp"}
     size = len(subprocess.run(["bash", "-o", "pipefail", "-c", exec_dump], check=True,
                               capture_output=True).stdout)
-    print(f"bigdb: {rows} rows, plain dump {size / 1e6:.1f} MB", flush=True)
+    print(f"ctrbench: {rows} rows, plain dump {size / 1e6:.1f} MB", flush=True)
 
     def run(kind: str) -> float:
         t = time.monotonic()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -237,6 +238,7 @@ def main() -> int:
             bench.run("down", "-t", "1")
             if server is not None:
                 server.stop()
+    shutil.rmtree(work, ignore_errors=True)
     bare, ours = median_table(results["bare"]), median_table(results["core"])
     print(f"medians over {args.rounds} round(s), seconds")
     for name, table in (("bare", bare), ("core", ours)):

@@ -256,7 +256,7 @@ def _protected_update(inv: Inventory, app: App, versions: core.Versions,
     core.close_journal(inv, name)
     unpinned = core.clear_pin(inv, name)
     lap("cleanup")
-    digests = {"before": versions.digests, "offered": offer.digests} if offer else {}
+    digests = {"before": versions.digests, "after": offer.digests} if offer else {}
     return core.AppResult(name, "updated", "healthy after the update"
                           + ("; pin removed" if unpinned else ""),
                           protection=prot.text() if prot else "", before=versions.values,
@@ -339,7 +339,8 @@ def _after_rollback(inv: Inventory, app: App, exc: BaseException,
         result.detail = f"{why}; {journal.detail}; healthy again" + \
             (f"; {pin.text()}" if pin else "")
         if pin:
-            result.digests = {"before": pin.digests, "offered": journal.offered}
+            result.digests = {"before and after": pin.digests,
+                              "rolled back from": journal.offered}
     else:
         journal.phase, journal.detail = "rollback-failed", \
             f"{journal.detail}, but still unhealthy: {proof.reason}"

@@ -383,7 +383,8 @@ def serve(
     json_out: Annotated[bool, typer.Option("--json", help="With --schedules: print "
                                                        "JSON rows.")] = False,
     sync_schedules: Annotated[bool, typer.Option(
-        "--sync-schedules", help="Several machines: put the inventory's schedules on the "
+        "--sync-schedules", help="Several machines: put the inventory's schedules and "
+                                 "sites (each deployment on its site's work queue) on the "
                                  "deployments `prefect deploy --all` created on the Prefect "
                                  "server (PREFECT_API_URL), then exit.")] = False,
 ) -> None:

@@ -39,7 +39,7 @@ class CheckSpec:
     """One check to run: which function, on which target."""
 
     check: Literal["proxmox", "ssh", "database", "repository", "bucket", "config",
-                   "restic"]
+                   "restic", "pitr"]
     target: str
 
 
@@ -51,6 +51,7 @@ def plan_checks(inv: Inventory) -> list[CheckSpec]:
     specs += [CheckSpec("repository", r.name) for r in inv.repositories]
     specs += [CheckSpec("bucket", r.name) for r in inv.repositories if r.s3 is not None]
     specs += [CheckSpec("restic", host) for host in restic_hosts(inv)]
+    specs += [CheckSpec("pitr", s.name) for s in inv.pitr]
     specs += [CheckSpec("config", t) for t in dict.fromkeys(
         w.target for w in inventory_warnings.warning_items(inv))]
     return specs
@@ -86,6 +87,7 @@ def repo_for(inv: Inventory, name: str, *, cache_dir: str | None = None) -> rest
         aws_secret_access_key=resolve(s3.secret_access_key) if s3 else None,
         ca_file=(s3.ca_file if s3 else None),
         cache_dir=cache_dir,
+        binary=inv.settings.restic_binary,
     )
 
 
@@ -172,18 +174,20 @@ def _restic_features(v: restic.ResticVersion) -> str:
 
 def check_restic(inv: Inventory, target: str) -> CheckResult:
     """The restic version on ``target``: :data:`LOCAL` (the restic labkeeper runs here:
-    ``$LABKEEPER_RESTIC`` or ``restic`` on PATH), or a path-backup host over SSH (each
-    distinct ``restic_binary`` of its path sets). Missing or older than
-    :data:`labkeeper.path_backup.MIN_RESTIC`: fail, saying what to install."""
+    ``settings.restic_binary``, ``$LABKEEPER_RESTIC`` or ``restic`` on PATH), or a
+    path-backup host over SSH (each distinct ``restic_binary`` of its path sets).
+    Missing or older than :data:`labkeeper.path_backup.MIN_RESTIC`: fail, saying what
+    to install."""
     from labkeeper import path_backup, ssh
 
     started = time.monotonic()
     if target == LOCAL:
-        v = restic.version_info()
+        binary = inv.settings.restic_binary or restic.default_binary()
+        v = restic.version_info(binary)
         if (v.major, v.minor, v.patch) < path_backup.MIN_RESTIC:
             return CheckResult("restic", target, "fail", _ms(started),
                                f"restic {v} is too old; {path_backup.INSTALL_HINT}")
-        where = shutil.which(restic.default_binary()) or restic.default_binary()
+        where = shutil.which(binary) or binary
         return CheckResult("restic", target, "ok", _ms(started),
                            f"restic {v} at {where} ({_restic_features(v)})")
     uses = sorted({(pb.restic_binary, pb.sudo) for pb in inv.path_backups
@@ -197,6 +201,13 @@ def check_restic(inv: Inventory, target: str) -> CheckResult:
     return CheckResult("restic", target, "ok", _ms(started), "; ".join(found))
 
 
+def check_pitr(inv: Inventory, name: str) -> CheckResult:
+    """WAL archiving of one pitr server: slot, lag, newest WAL (labkeeper.pitr.lag)."""
+    from labkeeper.pitr.lag import doctor_check
+
+    return doctor_check(inv, name)  # type: ignore[no-any-return]
+
+
 CHECKS = {
     "proxmox": check_proxmox,
     "ssh": check_ssh,
@@ -205,6 +216,7 @@ CHECKS = {
     "bucket": check_bucket,
     "config": check_config,
     "restic": check_restic,
+    "pitr": check_pitr,
 }
 
 

@@ -523,6 +523,10 @@ class Settings(_Model):
     known_hosts: AbsPath = Path("/etc/labkeeper/known_hosts")
     cache_dir: AbsPath | None = None
     """restic cache root (one sub-directory per repository); default ``state_dir/cache``."""
+    restic_binary: str | None = None
+    """The restic labkeeper runs here for every repository (a full path when the machine
+    has several); default ``$LABKEEPER_RESTIC``, else ``restic`` on PATH. Path sets name
+    their host's restic in ``path_backups[].restic_binary``."""
     work_pool: Name = "homelab"
     sites: Sites = {}
     """Several machines: each site's worker and queue (labkeeper/inventory_sites.py)."""

@@ -85,8 +85,6 @@ class PitrRetention(_Model):
 class PitrWarn(_Model):
     slot_retained_mb: PosInt = 2048
     """Warn when the slot holds more WAL than this on the database server."""
-    receive_lag_mb: PosInt = 64
-    """Warn when the spool is this far behind the server's current WAL position."""
     ship_lag_minutes: PosInt = 20
     """Warn when the oldest completed segment waited this long in the spool."""
 
@@ -105,7 +103,9 @@ class PitrServer(_Model):
     spool_dir: AbsDir | None = None
     """Where received WAL waits for shipping; default ``<state_dir>/pitr/<name>/spool``."""
     base_schedule: CronExpr = "0 3 * * 0"
+    """When the base backup flow runs (weekly by default)."""
     ship_interval_minutes: PosInt = 5
+    """How often the WAL ship flow runs: the RPO to the repository."""
     switch_wal: bool = True
     """Before shipping, ask the server to close its current segment (``pg_switch_wal``)
     when it wrote anything: the RPO is then the ship interval, not a segment's fill."""
@@ -115,6 +115,7 @@ class PitrServer(_Model):
     retention: PitrRetention = PitrRetention()
     warn: PitrWarn = PitrWarn()
     timeout_minutes: PosInt = 240
+    """Longest a base backup stream may take."""
     max_rate_kb: Annotated[int, Field(ge=32, le=1048576)] | None = None
     """Throttle base backups (``pg_basebackup --max-rate``, kB/s) to spare the server's disks."""
 

@@ -32,6 +32,10 @@ from typing import Any
 TARGET_ENV = "LABKEEPER_SSHPIPE_TARGET"
 LOST = 255
 DEFAULT_TIMEOUT = 24 * 3600.0
+LOST_WORDS = "the SSH server closed the connection"
+"""Said when the connection could not be made or was lost: it contains libpq's
+"server closed the connection", which :mod:`labkeeper.restic` and
+:mod:`labkeeper.postgres` already treat as transient (worth a retry)."""
 
 
 def target_json(target: Any) -> str:
@@ -69,7 +73,7 @@ def _write_all(fd: int, data: bytes) -> None:
 def run(argv: Sequence[str], *, environ: Mapping[str, str], timeout: float,
         env_names: Sequence[str]) -> int:
     from labkeeper import ssh
-    from labkeeper.errors import LabkeeperError
+    from labkeeper.errors import LabkeeperError, SSHConnectError
 
     raw = json.loads(environ[TARGET_ENV])
     raw["known_hosts"] = Path(raw["known_hosts"])
@@ -85,12 +89,15 @@ def run(argv: Sequence[str], *, environ: Mapping[str, str], timeout: float,
             res = client.run(tuple(argv), timeout=timeout, env=env or None,
                              stdin=sys.stdin.buffer, stdout_writer=lambda b: _write_all(1, b),
                              on_stderr_line=err_line, check=False)
+    except SSHConnectError as exc:  # retry-worthy: said in words the callers know
+        err_line(f"labkeeper ssh bridge to {target.name}: {exc} ({LOST_WORDS})")
+        return LOST
     except LabkeeperError as exc:
         err_line(f"labkeeper ssh bridge to {target.name}: {exc}")
         return LOST
     except Exception as exc:  # paramiko's EOFError & co.: never a clean end
         err_line(f"labkeeper ssh bridge to {target.name}: connection lost while running "
-                 f"{argv[0]} ({type(exc).__name__}: {exc})")
+                 f"{argv[0]} ({type(exc).__name__}: {exc}; {LOST_WORDS})")
         return LOST
     if not 0 <= res.returncode < LOST:
         err_line(f"labkeeper ssh bridge to {target.name}: {argv[0]} ended without an exit "

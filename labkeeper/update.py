@@ -1102,7 +1102,20 @@ def _compose_after_guest_rollback(s: Session, prot: Protection) -> str:
     them)."""
     if s.app.strategy != "compose" or not prot.images:
         return ""
-    return "; " + restore_images(s, prot)
+    deadline = time.monotonic() + ENGINE_WAIT
+    while True:  # the guest just started: its engine (or sshd) may not answer yet
+        try:
+            return "; " + restore_images(s, prot)
+        except LabkeeperError as exc:
+            if not exc.transient or time.monotonic() >= deadline:
+                raise
+            s.log(f"{s.app.name}: the guest's engine is not ready ({exc}); trying again")
+            s.reconnect()
+            time.sleep(2)
+
+
+ENGINE_WAIT = 120.0
+"""Seconds a restarted guest's Docker engine gets to answer after a guest rollback."""
 
 
 def _ensure_running(s: Session, prot: Protection) -> None:

@@ -283,13 +283,25 @@ class Pg17Container:
             state = self.run("inspect", "-f", "{{.State.Running}}", self.name, check=False)
             if state.stdout.strip() == "false":
                 logs = self.run("logs", "--tail", "20", self.name, check=False)
-                raise RuntimeError(f"container {self.name} exited: {logs.stdout}{logs.stderr}")
+                why = self.run("inspect", "-f", "exit {{.State.ExitCode}} {{.State.Error}} "
+                               "{{.State.StartedAt}}", self.name, check=False)
+                raise RuntimeError(f"container {self.name} exited ({why.stdout.strip()}): "
+                                   f"{logs.stdout}{logs.stderr}")
             time.sleep(0.2)
         raise RuntimeError(f"PostgreSQL in {self.name} not ready after {timeout:g}s: {last}")
 
-    def restart(self) -> None:
+    def restart(self, *, timeout: float = 120) -> None:
+        """Start the container again once it has stopped (data kept)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.run("inspect", "-f", "{{.State.Running}}", self.name,
+                       check=False).stdout.strip() == "true":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"container {self.name} did not stop within {timeout:g}s")
+            time.sleep(0.2)
         self.run("start", self.name)
-        self.wait_ready()
+        self.wait_ready(timeout=timeout)
 
     def stop(self) -> None:
         self.run("rm", "-f", "-v", self.name, check=False)

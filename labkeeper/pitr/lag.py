@@ -127,3 +127,32 @@ def gather(target: PitrTarget, *, repository: bool = True) -> LagFacts:
 def report(target: PitrTarget, *, now: datetime | None = None) -> tuple[LagFacts, list[str]]:
     facts = gather(target)
     return facts, judge(facts, target.server, now=now or datetime.now(tz=UTC))
+
+
+def doctor_status(facts: LagFacts, warnings: list[str]) -> tuple[str, str]:
+    """``(status, detail)`` for ``labkeeper doctor`` (pure): fail when WAL is not being
+    archived at all (no slot, slot lost, server unreachable), warn on any warning."""
+    lost = facts.wal_status == "lost"
+    if facts.errors or not facts.slot_exists or lost:
+        return "fail", "; ".join(warnings) or "WAL is not being archived"
+    if warnings:
+        return "warn", "; ".join(warnings)
+    retained = facts.retained_bytes or 0
+    return "ok", (f"slot active, {retained // MB} MiB retained, {facts.spool_ready} segment(s) "
+                  f"waiting, newest WAL in repository {facts.newest_wal_in_repo}")
+
+
+def doctor_check(inv: Any, name: str) -> Any:
+    """The doctor's ``pitr`` check of one server (a :class:`labkeeper.doctor.CheckResult`)."""
+    from labkeeper.doctor import CheckResult
+    from labkeeper.pitr.target import resolve
+
+    started = time.monotonic()
+    try:
+        facts, warnings = report(resolve(inv, name))
+    except LabkeeperError as exc:
+        return CheckResult("pitr", name, "fail", int((time.monotonic() - started) * 1000),
+                           str(exc))
+    status, detail = doctor_status(facts, warnings)
+    return CheckResult("pitr", name, status,  # type: ignore[arg-type]
+                       int((time.monotonic() - started) * 1000), detail)

@@ -99,11 +99,21 @@ def expand(batch: StoredWal) -> list[str]:
     return [models.segment_name(t1, s) for s in range(s1, s2 + 1)]
 
 
-def plan_wal(base: StoredBase, batches: list[StoredWal], target: RecoveryTarget
-             ) -> tuple[list[StoredWal], list[str]]:
+@dataclass(frozen=True)
+class WalPlan:
+    batches: list[StoredWal]
+    names: list[str]
+    """The contiguous segments from the base backup's start (up to any gap)."""
+    gap: str | None = None
+    """The first segment missing after them, when WAL exists beyond it."""
+
+
+def plan_wal(base: StoredBase, batches: list[StoredWal], target: RecoveryTarget) -> WalPlan:
     """The batches the restore needs and the segments they hold (pure). Raises, naming
-    the segment, when the chain from the base backup's start has a gap or does not
-    reach the base backup's end (it could never become consistent)."""
+    the segment, when the chain from the base backup's start does not reach the base
+    backup's end (it could never become consistent) or, for ``latest``, has a gap
+    anywhere (the end of WAL would silently be the gap). A gap after a time or LSN
+    target's base is returned: recovery may still reach the target before it."""
     start = models.parse_segment(base.start_segment)[1]
     end_seg = models.parse_segment(base.end_segment_name)[1]
     stop = (models.segment_number(models.parse_lsn(target.lsn or ""))
@@ -113,13 +123,19 @@ def plan_wal(base: StoredBase, batches: list[StoredWal], target: RecoveryTarget
     names = sorted({n for b in chosen for n in expand(b)
                     if models.parse_segment(n)[1] >= start})
     gap = models.first_gap(names, base.start_segment)
-    if gap is None and (not names or models.parse_segment(names[-1])[1] < end_seg):
-        gap = models.segment_name(base.timeline, end_seg)
     if gap is not None:
+        names = [n for n in names if models.parse_segment(n)[1] < models.parse_segment(gap)[1]]
+        chosen = [b for b in chosen
+                  if models.parse_segment(b.first)[1] < models.parse_segment(gap)[1]]
+    if not names or models.parse_segment(names[-1])[1] < end_seg:
+        gap = gap or models.segment_name(base.timeline, end_seg)
         raise PitrError(f"WAL segment {gap} is missing from the repository: base backup "
-                        f"{base.backup_id} (WAL {base.start_lsn}..{base.end_lsn}) cannot be "
-                        "recovered past it")
-    return chosen, names
+                        f"{base.backup_id} (WAL {base.start_lsn}..{base.end_lsn}) cannot "
+                        "become consistent without it")
+    if gap is not None and target.kind == "latest":
+        raise PitrError(f"WAL segment {gap} is missing from the repository: WAL after "
+                        f"{names[-1]} exists but cannot be replayed past the gap")
+    return WalPlan(chosen, names, gap)
 
 
 # -- the recovery log (pure) -------------------------------------------------------------
@@ -284,9 +300,13 @@ def restore_pitr(target: PitrTarget, to: RecoveryTarget, workdir: Path, *, log: 
     started = time.monotonic()
     snaps = list_server(target)
     base = choose_base(complete_bases(snaps), to)
-    batches, names = plan_wal(base, wal_batches(snaps), to)
+    plan = plan_wal(base, wal_batches(snaps), to)
+    batches, names = plan.batches, plan.names
     log(f"{target.name}: restoring to {to} from base backup {base.backup_id} (finished "
         f"{base.finished_at.isoformat()}) + {len(names)} WAL segment(s)")
+    if plan.gap:
+        log(f"{target.name}: WARNING WAL segment {plan.gap} is missing from the repository; "
+            f"recovery can use the WAL up to {names[-1]} only")
     scratch.new_workdir(workdir)
     cluster = scratch.ScratchCluster(workdir, scratch.bindir_for(base.major or _installed_major()),
                                      scratch.free_port())
@@ -307,7 +327,8 @@ def restore_pitr(target: PitrTarget, to: RecoveryTarget, workdir: Path, *, log: 
         cluster=cluster)
     if outcome.state != "reached":
         cluster.stop()
-        what = f" (WAL segment {outcome.missing_file})" if outcome.missing_file else ""
+        missing = outcome.missing_file or plan.gap
+        what = f" (WAL segment {missing} is missing from the repository)" if missing else ""
         raise PitrError(f"recovery of {target.name} to {to} failed{what}: {outcome.error}; "
                         f"log: {cluster.logfile}")
     log(f"{target.name}: recovery reached its target: {outcome.stopped or 'end of WAL at '}"

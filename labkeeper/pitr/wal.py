@@ -224,6 +224,19 @@ class ShipResult:
 SWITCH_SQL = "SELECT pg_walfile_name(pg_switch_wal() - 1);"
 
 
+def segment_arrived(name: str, ready: list[str], partial: str | None) -> bool:
+    """Whether the receiver is past segment ``name`` (pure): it is in the spool, or a later
+    segment is (completed or being written). With no new WAL, pg_switch_wal names the
+    segment before the current one, long shipped: the receiver writing a later one
+    says so."""
+    if not models.SEGMENT_RE.match(name):
+        return True
+    segments = [n for n in ready if models.SEGMENT_RE.match(n)]
+    if name in segments or (segments and segments[-1] > name):
+        return True
+    return partial is not None and partial[:24] > name
+
+
 def switch_wal(target: PitrTarget, *, log: Log, wait: float = SWITCH_WAIT_S) -> str | None:
     """Close the server's current segment and wait until the receiver completed it in the
     spool. Returns a note when it could not (the ship then takes what is there)."""
@@ -234,8 +247,7 @@ def switch_wal(target: PitrTarget, *, log: Log, wait: float = SWITCH_WAIT_S) -> 
     name = rows[0][0] if rows and rows[0] else ""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        done = ready_files(target.spool)
-        if not models.SEGMENT_RE.match(name) or name in done or (done and done[-1] > name):
+        if segment_arrived(name, ready_files(target.spool), partial_file(target.spool)):
             return None
         time.sleep(0.2)
     note = (f"segment {name} (closed by pg_switch_wal) did not arrive in the spool within "

@@ -21,7 +21,8 @@ from labkeeper.locallab.s3 import LocalS3, moto_server_path
 from labkeeper.locallab.services import Service
 from labkeeper.pvesim.api import set_rootfs_dir
 from labkeeper.ssh import SshPool, SshTarget
-from tests.integration.test_vzdump_support import VzEnv, archives, job
+from tests.fixtures.waiting import wait_until
+from tests.integration.test_vzdump_support import VzEnv, archives, job, vzdump_tasks
 
 pytestmark = pytest.mark.integration
 FAST = {"poll_max": 0.1, "lock_retry_delay": 0.2}
@@ -154,13 +155,15 @@ def test_a_rerun_after_the_flow_was_killed_mid_run_converges(env: VzEnv, tmp_pat
         child = subprocess.Popen([sys.executable, "-c", code], env=child_env, cwd=REPO_ROOT,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and child.poll() is None:
-            if sum(len(archives(env.sim, v)) for v in vmids) >= 1:
-                break
-            time.sleep(0.05)
-        time.sleep(0.3)  # into the next guest's vzdump (and maybe the first upload)
-        assert child.poll() is None, "the flow finished before it could be killed"
+        def into_the_next_guests_vzdump() -> bool:
+            assert child.poll() is None, "the flow finished before it could be killed"
+            waiting = [v for v in vmids if not archives(env.sim, v)]
+            return len(waiting) < len(vmids) and any(
+                t["status"] == "running" for t in vzdump_tasks(env.sim, waiting))
+
+        # a guest is backed up (its upload maybe under way), the next one's vzdump runs
+        wait_until(into_the_next_guests_vzdump, timeout=120,
+                   what="a guest backed up and the next one's vzdump running")
         os.killpg(child.pid, signal.SIGKILL)
         child.wait(timeout=10)
         done_before = sum(len(archives(env.sim, v)) for v in vmids)

@@ -27,7 +27,7 @@ from labkeeper.errors import SSHConnectError
 from labkeeper.inventory import load_inventory
 from labkeeper.ssh import connect
 from tasks import path_backup as path_tasks
-from tests.fixtures.procs import process_argvs, restic_pids
+from tests.fixtures.procs import io_bytes, own_roots, process_argvs, restic_pids
 from tests.integration.test_doctor_flow import ArgvWatcher, _flow_run_record
 
 SMALL_FILES = 2000
@@ -271,22 +271,24 @@ def _is_drop_restic(argv: list[bytes]) -> bool:
 
 
 class SessionKiller(threading.Thread):
-    """Waits for a remote command whose argv ``match`` matches (default: the restic of path
-    set ``drop``), lets it run ``delay`` s, then SIGKILLs the sshd session process above
-    it: the SSH connection drops mid-command. (If the command ended meanwhile it looks
-    for the next one.)"""
+    """Waits for a remote command of this session whose argv ``match`` matches (default:
+    the restic of path set ``drop``), lets it read ``min_read`` bytes (mid-stream however
+    fast or slow the machine is), then SIGKILLs the sshd session process above it: the
+    SSH connection drops mid-command. (If the command ended meanwhile it looks for the
+    next one.)"""
 
-    def __init__(self, delay: float,
+    def __init__(self, min_read: int = 0,
                  match: Callable[[list[bytes]], bool] = _is_drop_restic) -> None:
         super().__init__(daemon=True)
-        self.delay = delay
+        self.min_read = min_read
         self.match = match
         self.found_pid = 0
         self.killed_sshd = 0
         self.stop = threading.Event()
 
     def _find(self) -> int:
-        return next((pid for pid, argv in process_argvs() if self.match(argv)), 0)
+        # own: another test session's restic of a "drop" set is not ours to cut off
+        return next((pid for pid, argv in process_argvs(own=True) if self.match(argv)), 0)
 
     def run(self) -> None:
         while not self.stop.is_set() and not self.killed_sshd:
@@ -295,9 +297,11 @@ class SessionKiller(threading.Thread):
                 time.sleep(0.02)
                 continue
             self.found_pid = pid
-            time.sleep(self.delay)
             try:
-                while pid > 1:
+                while io_bytes(pid, "rchar") < self.min_read and not self.stop.is_set():
+                    time.sleep(0.005)
+                listeners = own_roots()  # the lab's sshd itself: never
+                while pid > 1 and pid not in listeners:
                     parent, comm = _ppid_comm(pid)
                     if comm == "sshd":  # the session's "sshd: root@notty", not the listener
                         os.kill(pid, signal.SIGKILL)
@@ -314,7 +318,7 @@ def test_ssh_dropped_mid_backup_fails_cleans_up_then_the_retry_succeeds(
                         path_tasks.backup_path_set.with_options(retries=1,
                                                                 retry_delay_seconds=0))
     repo = _repo(inv_path)
-    killer = SessionKiller(delay=0.7)
+    killer = SessionKiller(min_read=8 << 20)  # of DROP_FILES' 64 MiB
     killer.start()
     state = path_backup_flow(lab=str(inv_path), names=["drop"], return_state=True)
     killer.stop.set()
@@ -458,7 +462,7 @@ def test_a_pending_attempt_that_cannot_be_swept_stays_pending_and_no_backup_star
     # it answers again, but the connection drops while the sweep looks for the attempt's
     # restic (one still "runs": a process holding the tag as an argument)
     holder = subprocess.Popen(("sh", "-c", "sleep 60; :", "lost-restic", tag))
-    killer = SessionKiller(0, match=lambda argv: b"labkeeper-pids" in argv
+    killer = SessionKiller(match=lambda argv: b"labkeeper-pids" in argv
                            and tag.encode() in argv)
     killer.start()
     try:
@@ -542,7 +546,7 @@ def test_restic_backend_retries_on_the_host_reach_the_run_log(lab, trees, tmp_pa
     def stop_restic_after_the_first_retry() -> None:
         if retried.wait(60):
             ghost.unlink()  # so the clean-up's own restic runs find no ghost
-            for pid in restic_pids(b"paths:labhost/ghosted"):
+            for pid in restic_pids(b"paths:labhost/ghosted", own=True):
                 os.kill(pid, signal.SIGKILL)
 
     stopper = threading.Thread(target=stop_restic_after_the_first_retry, daemon=True)

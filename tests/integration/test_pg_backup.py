@@ -95,7 +95,7 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            for pid, argv in process_argvs():
+            for pid, argv in process_argvs(own=True):  # never another session's
                 if all(any(n in a for a in argv) for n in self.needles):
                     try:
                         self.wait_for_moment(pid)

@@ -9,6 +9,7 @@ the container itself (``docker stop``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -150,11 +151,11 @@ def test_password_reaches_the_container_by_environment_and_is_never_in_any_argv(
 
 # -- faults mid-dump -----------------------------------------------------------------------
 
-def _find(pred: Callable[[list[bytes]], bool], timeout: float = 60) -> int:
+def _find(pred: Callable[[list[bytes], int], bool], timeout: float = 60) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for pid, argv in process_argvs():
-            if pred(argv):
+            if pred(argv, pid):
                 return pid
         time.sleep(0.005)
     raise AssertionError("the process to interrupt never appeared")
@@ -187,20 +188,38 @@ MID_STREAM = 4 << 20
 """Bytes the process must have written before the fault: the stream is flowing."""
 
 
-def _wait_written(pid: int, nbytes: int, timeout: float = 60) -> bool:
-    """Wait until ``pid`` has written ``nbytes`` (``wchar`` of /proc/PID/io); False
-    when it ended first."""
+def _written(pid: int) -> int | None:
+    """Bytes ``pid`` has written (``wchar`` of /proc/PID/io); None once it is gone."""
+    try:
+        io = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return None
+    return int(next(ln.split()[1] for ln in io.splitlines() if ln.startswith("wchar:")))
+
+
+def _hold_mid_stream(pid: int, nbytes: int, timeout: float = 60) -> bool:
+    """Let ``pid`` run in small steps (SIGSTOP/SIGCONT) until it has written ``nbytes``
+    and return with it stopped: however loaded the machine, the fault then lands
+    mid-stream, never after the dump ended. False when it ended first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            io = Path(f"/proc/{pid}/io").read_text()
-        except OSError:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
             return False
-        wchar = int(next(ln.split()[1] for ln in io.splitlines() if ln.startswith("wchar:")))
-        if wchar >= nbytes:
+        done = _written(pid)
+        if done is None:
+            return False
+        if done >= nbytes:
             return True
-        time.sleep(0.002)
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.005)
     return False
+
+
+def _resume(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
 
 
 def _kill(pid: int) -> None:
@@ -225,7 +244,9 @@ FAULTS = {
     "docker exec killed": (_remote_docker_exec, _kill),
     "pg_dump in the container killed": (_pg_dump_in_container, _kill),
     "ssh connection dropped": (_remote_docker_exec, _drop_ssh),
-    "container stopped": (_remote_docker_exec, None),
+    # held in the container (not the docker client: a stopped exec client would block
+    # the daemon's stop until it reads again)
+    "container stopped": (_pg_dump_in_container, None),
 }
 
 
@@ -244,18 +265,28 @@ def test_cut_container_dump_is_never_counted(ctr_inventory, pg17, fault):
     pick, act = FAULTS[fault]
     mark = big_name(pg17).encode()
 
-    def find(argv: list[bytes]) -> bool:  # only this test's processes
+    def ours(argv: list[bytes]) -> bool:  # only this test's processes
         return any(mark in a for a in argv) and pick(argv)
+
+    # A dump an earlier fault cut may still run in the container (killing the docker
+    # client does not end the exec'd process): never take it for this one.
+    earlier = {pid for pid, argv in process_argvs() if ours(argv)}
+
+    def find(argv: list[bytes], pid: int) -> bool:
+        return pid not in earlier and ours(argv)
 
     hit: dict[str, object] = {}
 
     def inject() -> None:
         pid = _find(find)
-        hit["alive"] = _wait_written(pid, MID_STREAM)  # well into the stream
-        if act is None:
-            pg17.container.run("stop", "-t", "1", pg17.name)
-        else:
-            act(pid)
+        hit["alive"] = _hold_mid_stream(pid, MID_STREAM)  # well into the stream
+        try:
+            if act is None:
+                pg17.container.run("stop", "-t", "1", pg17.name)
+            else:
+                act(pid)
+        finally:
+            _resume(pid)
         hit["done"] = True
 
     injector = threading.Thread(target=inject, daemon=True)
@@ -271,6 +302,10 @@ def test_cut_container_dump_is_never_counted(ctr_inventory, pg17, fault):
     msg = str(info.value)
     assert "no snapshot was finalised" in msg and f"in container {pg17.name} on {SERVER}" in msg
     assert EXPECTED[fault] in msg, msg
+    # a lost connection is worth a retry, a killed dump is not (a stopping server may
+    # be either: pg_dump may have said "terminating connection" before it was killed)
+    if fault != "container stopped":
+        assert info.value.transient == (fault == "ssh connection dropped"), msg
     assert info.value.backup_id
     repo = pg_backup.open_repo(inv, "lab-repo")
     assert not restic.find_snapshots(repo, tags=[pg_backup.backup_tag(info.value.backup_id)],

@@ -16,7 +16,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from labkeeper import restic
 from labkeeper.cli import app
+from labkeeper.doctor import CheckSpec, run_check
 from labkeeper.pitr import PitrError, basebackup, drill, models, restore, retention, wal
 from labkeeper.pitr.target import complete_bases, list_server, wal_batches
 from tests.fixtures.procs import process_argvs
@@ -69,7 +70,9 @@ def _pids(name: bytes) -> list[int]:
             if any(a.endswith(name) for a in argv[:4]) and os.getppid() != pid]
 
 
-def test_killed_pg_basebackup_leaves_no_base_backup_counted(scenario: Scenario) -> None:
+def _interrupted_base_backup(scenario: Scenario, interrupt: Callable[[], object]) -> None:
+    """A slowed base backup (--max-rate) is interrupted while restic reads its stream:
+    it fails, and no base backup snapshot of it is left in the repository."""
     t = scenario.plab.target()
     slow = dataclasses.replace(t, server=t.server.model_copy(update={"max_rate_kb": 512}))
     errors: list[BaseException] = []
@@ -82,15 +85,32 @@ def test_killed_pg_basebackup_leaves_no_base_backup_counted(scenario: Scenario) 
 
     th = threading.Thread(target=run)
     th.start()
-    pids = wait_until(lambda: _pids(b"pg_basebackup"), 60, "pg_basebackup to start")
-    wait_until(lambda: restic_reading(), 60, "restic to read the stream")
-    for pid in pids:  # type: ignore[union-attr]
-        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: _pids(b"pg_basebackup"), 60, "pg_basebackup to start")
+    wait_until(restic_reading, 60, "restic to read the stream")
+    interrupt()
     th.join(120)
     assert errors and isinstance(errors[0], PitrError), errors
-    assert "pg_basebackup" in str(errors[0])
+    assert "pg_basebackup" in str(errors[0]) and "no snapshot was finalised" in str(errors[0])
     snaps = list_server(t)
-    assert not [s for s in snaps if "kind:basebackup" in s.tags], "a killed stream was kept"
+    assert not [s for s in snaps if "kind:basebackup" in s.tags], "a cut stream was kept"
+
+
+def test_killed_pg_basebackup_leaves_no_base_backup_counted(scenario: Scenario) -> None:
+    def kill() -> None:
+        for pid in _pids(b"pg_basebackup"):
+            os.kill(pid, signal.SIGKILL)
+
+    _interrupted_base_backup(scenario, kill)
+
+
+def test_cut_base_backup_connection_leaves_no_base_backup_counted(scenario: Scenario) -> None:
+    def cut() -> None:
+        got = scenario.plab.pg.psql_super(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE backend_type = 'walsender' AND query LIKE 'BASE_BACKUP%';")
+        assert got.strip() == "1", got
+
+    _interrupted_base_backup(scenario, cut)
 
 
 def restic_reading() -> bool:
@@ -217,18 +237,35 @@ def test_drill_restores_a_random_moment_and_the_newest_within_objectives(
     assert res.rpo_s is not None and res.rpo_s < 60
 
 
+def test_base_backup_and_ship_flows_run_each_step_and_report_rows(
+        scenario: Scenario, prefect_harness: None) -> None:
+    from flows.pitr import pitr_base_backup_flow, pitr_wal_ship_flow
+
+    lab = str(scenario.plab.workdir / "lab.yaml")
+    scenario.writer.wait_rows(3)
+    shipped = pitr_wal_ship_flow(lab=lab)
+    assert [r["server"] for r in shipped] == ["pg1"] and shipped[0]["status"] == "ok"
+    assert shipped[0]["files"] >= 1 and shipped[0]["warnings"] == "", shipped
+    based = pitr_base_backup_flow(lab=lab)
+    assert based[0]["status"] == "ok" and based[0]["timeline"] == 1, based
+    bases = complete_bases(list_server(scenario.plab.target()))
+    assert bases[-1].backup_id == based[0]["backup id"]
+
+
 def test_wal_status_command_reports_an_active_slot_without_warnings(scenario: Scenario) -> None:
     result = CliRunner().invoke(app, ["wal", "status", "pg1", "--json",
                                       "--lab", str(scenario.plab.workdir / "lab.yaml")])
     facts = json.loads(result.stdout)
     assert facts["slot_active"] is True, facts
     assert facts["warnings"] == [] and result.exit_code == 0, facts
+    check = run_check(scenario.plab.inv, CheckSpec("pitr", "pg1"))
+    assert check.status == "ok", check
 
 
 def test_a_missing_segment_in_the_repository_fails_the_restore_and_names_it(
         scenario: Scenario, restore_dir: Path) -> None:
     t = scenario.plab.target()
-    for _ in range(2):
+    for _ in range(3):
         scenario.writer.wait_rows(3)
         scenario.ships.append(wal.ship(t, log=lambda _m: None))
     snaps = list_server(t)
@@ -243,4 +280,5 @@ def test_a_missing_segment_in_the_repository_fails_the_restore_and_names_it(
     res = drill.run_drill(t, log=lambda _m: None, seed=1, workdir=restore_dir.parent / "d",
                           timeout=300)
     assert not res.ok
-    assert all(r.status == "failed" and gone.first in r.detail for r in res.rows), res.rows
+    latest = res.rows[-1]
+    assert latest.status == "failed" and f"WAL segment {gone.first} is missing" in latest.detail

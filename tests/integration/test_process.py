@@ -21,6 +21,8 @@ from labkeeper.errors import (
 )
 from labkeeper.process import ExitCode, ExitCodeTable, Stage
 from labkeeper.secrets import REDACTOR, register
+from tests.fixtures.procs import gone, io_bytes, start_time
+from tests.fixtures.waiting import wait_until
 
 PY = sys.executable
 
@@ -164,24 +166,31 @@ def test_producer_failing_with_exit_code_never_gives_consumer_eof(tmp_path: Path
 def test_producer_killed_externally_while_streaming_is_detected(tmp_path: Path):
     marker = tmp_path / "consumer-saw-eof"
     pidfile = tmp_path / "pid"
+    tmp = tmp_path / "pid.tmp"
     producer = (PY, "-c",
-                f"import os,sys,time\nopen({str(pidfile)!r},'w').write(str(os.getpid()))\n"
+                f"import os,sys,time\nopen({str(tmp)!r},'w').write(str(os.getpid()))\n"
+                f"os.replace({str(tmp)!r}, {str(pidfile)!r})\n"  # whole, or not there
                 "while True:\n    sys.stdout.buffer.write(b'x'*65536); sys.stdout.flush();"
                           " time.sleep(0.01)")
     import threading
 
+    killed: list[int] = []
+
     def killer() -> None:
-        deadline = time.monotonic() + 10
-        while not pidfile.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
-        os.kill(int(pidfile.read_text()), 9)
+        wait_until(pidfile.exists, timeout=60, what="the producer's pid file")
+        pid = int(pidfile.read_text())
+        # streaming: it wrote 4x a pipe's capacity, so the consumer has been reading
+        wait_until(lambda: io_bytes(pid, "wchar") >= 4 << 16, timeout=60,
+                   what="the producer to stream")
+        os.kill(pid, 9)
+        killed.append(pid)
 
     t = threading.Thread(target=killer)
     t.start()
     with pytest.raises(PipelineError) as info:
-        process.pipeline([producer, (PY, "-c", _consumer_script(marker))], timeout=20)
+        process.pipeline([producer, (PY, "-c", _consumer_script(marker))], timeout=120)
     t.join()
+    assert killed, "the producer was not killed"
     assert info.value.first.returncode == -9
     assert not marker.exists()
 
@@ -441,26 +450,35 @@ def test_a_consumer_never_sees_end_of_stream_when_the_runner_itself_is_killed(tm
     import subprocess
 
     eof_seen = tmp_path / "consumer-saw-eof"
-    started = tmp_path / "consumer-started"
+    got_data = tmp_path / "consumer-got-data"  # holds the consumer's pid
+    producer_pid = tmp_path / "producer-pid"
+    # The consumer says when the producer's data reached it (mid-stream: the producer
+    # keeps its end open), reads on to end-of-stream and records whether it got one.
+    consumer_sh = (f"head -c 4 >/dev/null && echo $$ > {got_data}.tmp && "
+                   f"mv {got_data}.tmp {got_data}; cat >/dev/null; touch {eof_seen}")
     script = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
 from labkeeper import process
-producer = process.Stage(("sh", "-c", "printf data; exec sleep 30"))
-consumer = process.Stage(("sh", "-c", "touch {started}; cat >/dev/null; touch {eof_seen}"))
-process.pipeline([producer, consumer], timeout=60)
+producer = process.Stage(("sh", "-c", "echo $$ > {producer_pid}; printf data; exec sleep 300"))
+consumer = process.Stage(("sh", "-c", {consumer_sh!r}))
+process.pipeline([producer, consumer], timeout=600)
 """
     runner = subprocess.Popen((PY, "-c", script), start_new_session=True)
     try:
-        deadline = time.monotonic() + 20
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert started.exists(), "the consumer never started"
-        time.sleep(0.3)
+        wait_until(got_data.exists, timeout=60, what="the consumer to get the data")
+        consumer = int(got_data.read_text())
+        consumer_started = start_time(consumer)
         os.kill(runner.pid, signal.SIGKILL)
         runner.wait(10)
-        time.sleep(1.0)
+        # The consumer ends either way: killed with its runner, or at the end-of-stream
+        # our death gave it (the relay's end of its stdin closed), after the touch. Once
+        # it is gone, eof_seen is final: no time window to guess.
+        wait_until(lambda: gone(consumer, consumer_started), timeout=60,
+                   what="the consumer to end after its runner")
         assert not eof_seen.exists(), "the consumer read a clean end-of-stream"
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(runner.pid, signal.SIGKILL)  # the producer (sleep) of that session
+            os.killpg(runner.pid, signal.SIGKILL)
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int(producer_pid.read_text()), signal.SIGKILL)  # its own session

@@ -11,6 +11,7 @@ from proxmoxer import ProxmoxAPI
 from proxmoxer.core import ResourceException
 
 from labkeeper.pvesim import Simulator
+from tests.fixtures.waiting import wait_until
 
 TOKEN_USER = "labkeeper@pve"  # as in tests/fixtures/pvesim.py
 TOKEN_NAME = "ci"
@@ -268,16 +269,17 @@ def test_locked_guest_refuses_snapshot_during_backup(pvesim, pve) -> None:
     pvesim.faults.hang_tasks("vzdump", count=1, vmid=211)
     try:
         upid = pve.nodes("pve1").vzdump.post(vmid="211", storage="local")
-        deadline = time.monotonic() + 5
-        while pvesim.guest(211)["config"].get("lock") != "backup":
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: pvesim.guest(211)["config"].get("lock") == "backup", timeout=60,
+                   what="the backup lock on CT 211")
         with pytest.raises(ResourceException) as exc:
             pve.nodes("pve1").lxc(211).snapshot.post(snapname="s1")
         assert exc.value.status_code == 500
         assert exc.value.content == "CT is locked (backup)"
         second = pve.nodes("pve1").vzdump.post(vmid="211", storage="local")
-        time.sleep(0.2)
+        # it waits for the node's vzdump lock, which the hung first one holds
+        wait_until(lambda: "INFO: trying to get global lock - waiting..." in [
+            line["t"] for line in pve.nodes("pve1").tasks(second).log.get()],
+            timeout=60, what="the second vzdump to wait for the global lock")
         assert pve.nodes("pve1").tasks(second).status.get()["status"] == "running"
     finally:
         pvesim.faults.clear()

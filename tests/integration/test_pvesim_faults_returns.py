@@ -63,9 +63,13 @@ def test_full_storage_makes_vzdump_fail_realistically(pvesim, pve) -> None:
 
 def test_hanging_task_runs_until_cleared_or_stopped(pvesim, pve) -> None:
     make_ct(pve, pvesim, 304)
+    make_ct(pve, pvesim, 305)
     pvesim.faults.hang_tasks("vzstart", count=1)
     upid = pve.nodes("pve2").lxc(304).status.start.post()
-    time.sleep(0.3)
+    # The same task started later, without the fault, runs its course meanwhile (however
+    # slow the machine): the hung one is still running after it, not merely not done yet.
+    control = pve.nodes("pve2").lxc(305).status.start.post()
+    assert pvesim.wait_task(control, timeout=60)["exitstatus"] == "OK"
     assert pve.nodes("pve2").tasks(upid).status.get()["status"] == "running"
     pve.nodes("pve2").tasks(upid).delete()
     record = pvesim.wait_task(upid)

@@ -229,3 +229,20 @@ def test_doctor_names_what_to_install_when_a_path_backup_host_has_no_restic(lab)
     inv = inv.model_copy(update={"path_backups": pbs})
     with pytest.raises(path_backup.ResticMissing, match="apt-get install restic"):
         doctor.run_check(inv, doctor.CheckSpec("restic", pbs[0].host))
+
+
+def test_settings_restic_binary_is_the_restic_of_every_repository_command_and_of_doctor(lab):
+    from labkeeper import doctor
+    from labkeeper.inventory import load_inventory
+
+    inv = load_inventory(lab.inventory_path)
+    new = newer_restic()
+    inv = inv.model_copy(update={"settings": inv.settings.model_copy(
+        update={"restic_binary": new})})
+    repo = doctor.repo_for(inv, inv.repositories[0].name)
+    assert restic.snapshots_argv(repo)[0] == new
+    assert restic.repo_version(repo) == restic.version_info(new)
+    assert restic.repo_config(repo).version == 2  # the lab's repository, opened by that restic
+    row = doctor.check_restic(inv, doctor.LOCAL)
+    assert row.status == "ok" and row.detail.startswith(
+        f"restic {restic.version_info(new)} at {new} ")

@@ -98,6 +98,7 @@ def test_good_update_pulls_recreates_gates_and_records_digests(stack, app_images
     assert digest2[:19] in row["after"] and digest2[:19] in row["attempted"]
     _run, _logs, arts = _flow_run_record(state)
     summary = next(a for a in arts if a.key == "update-summary").data
+    assert "| service | before | after |" in summary
     assert f"| web | {app_images.digest('1')} | {digest2} |" in summary
     assert "protect" in summary and "gate" in summary  # timings per step
     keep = f"{app_images.name}:labkeeper-keep-{app.name}-web"
@@ -167,7 +168,7 @@ def test_bad_update_rolls_back_lastingly_holds_the_bad_digest_then_a_good_one_la
 def test_rollback_pulls_back_a_pruned_old_image_by_its_digest(stack, app_images,
                                                              docker_engine: LocalDocker,
                                                              prefect_harness):
-    app, path = stack("u-prune", 702, gate={**GATE, "initial_delay": 3})
+    app, path = stack("u-prune", 702, gate={**GATE, "initial_delay": 5})
     inv = load(path)
     v1 = image_of(app)
     offer(app_images, "u-prune", "2-bad")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ import pytest
 
 from flows.vzdump import VzdumpRunFailed, vzdump_flow
 from labkeeper.pvesim.api import add_backup
+from tests.fixtures.waiting import wait_until
 from tests.integration.test_doctor_flow import _flow_run_record
 from tests.integration.test_vzdump_support import VzEnv, archives, job, vzdump_tasks
 
@@ -143,12 +145,15 @@ def test_api_503s_for_a_while_during_the_wait_are_ridden_out(clean: VzEnv, prefe
     env.sim.faults.hang_tasks("vzdump", vmid=vmids[0])
 
     def storm() -> None:
-        deadline = time.monotonic() + 20
-        while not vzdump_tasks(env.sim, vmids) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        env.sim.faults.api_errors(503, count=6)
-        time.sleep(0.8)  # the flow polls into the 503s
-        env.sim.faults.release_event.set()
+        try:
+            wait_until(lambda: vzdump_tasks(env.sim, vmids), timeout=60,
+                       what="the guest's vzdump task")
+            env.sim.faults.api_errors(503, count=6)
+            # the flow's polls of the (hung) task ran into every one of the 503s
+            wait_until(lambda: env.sim.faults.snapshot()["api_errors"] == [], timeout=60,
+                       what="the flow to be served the six 503s")
+        finally:
+            env.sim.faults.release_event.set()
 
     t = threading.Thread(target=storm)
     t.start()
@@ -171,17 +176,32 @@ def test_a_locked_guest_is_retried_later_in_the_run_then_reported(clean: VzEnv,
         env.sim.state["guests"][str(stuck)]["config"]["lock"] = "snapshot"
         env.sim.state["guests"][str(freed)]["config"]["lock"] = "migrate"
 
-    def unlock() -> None:
-        time.sleep(0.3)
-        with env.sim.lock:
-            env.sim.state["guests"][str(freed)]["config"].pop("lock", None)
+    class UnlockAfterTheFirstRefusal(logging.Handler):
+        """The guest's migration ends once the run's first try found it locked: as soon
+        as that try says so (in the task's thread, before the run schedules the next)."""
 
-    t = threading.Thread(target=unlock)
-    t.start()
+        def __init__(self) -> None:
+            super().__init__()
+            self.refused = 0
+
+        def emit(self, record: logging.LogRecord) -> None:
+            text = record.getMessage()
+            if text.startswith(f"guest {freed} ") and "locked (migrate)" in text \
+                    and "try again later" in text:
+                self.refused += 1
+                with env.sim.lock:
+                    env.sim.state["guests"][str(freed)]["config"].pop("lock", None)
+
+    unlock = UnlockAfterTheFirstRefusal()
+    task_logger = logging.getLogger("prefect.task_runs")  # get_run_logger() in a task
+    task_logger.addHandler(unlock)
     path = env.inventory([job("locky", "locky")])
-    state = vzdump_flow(job="locky", lab=str(path), return_state=True, lock_retries=2,
-                        poll_max=0.1, lock_retry_delay=0.4)
-    t.join()
+    try:
+        state = vzdump_flow(job="locky", lab=str(path), return_state=True, lock_retries=2,
+                            poll_max=0.1, lock_retry_delay=0.4)
+    finally:
+        task_logger.removeHandler(unlock)
+    assert unlock.refused == 1, "the guest was not refused exactly once while locked"
     rows = _failed_rows(state)
     assert rows[stuck]["status"] == "failed"
     assert "still locked (snapshot) after 3 tries" in rows[stuck]["detail"]
