@@ -91,6 +91,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from labkeeper import health, pg_backup, pg_container, postgres, process, restic
+from labkeeper import progress as progress_mod
 from labkeeper.errors import (
     CommandError,
     ConfigError,
@@ -443,15 +444,17 @@ class RestoreOutcome:
 
 
 def stream_restore(repo: restic.Repo, snapshot_id: str, path: str, conn: postgres.Conn, *,
-                   fmt: str = "plain", timeout: float, stall_timeout: float = STALL_TIMEOUT
-                   ) -> RestoreOutcome:
+                   fmt: str = "plain", timeout: float, stall_timeout: float = STALL_TIMEOUT,
+                   on_bytes: Callable[[int], None] | None = None) -> RestoreOutcome:
     """``restic dump <snapshot> <path> | psql`` (or ``| pg_restore``) into ``conn``'s
     database, no temporary file. The dump must end complete (gate on restic's
     stream) or psql is killed before end-of-stream. Raises :class:`LabkeeperError`
-    (transient for a backend that went away) on any stage failing."""
+    (transient for a backend that went away) on any stage failing. ``on_bytes`` gets
+    each chunk's size (progress)."""
     gate = postgres.plain_dump_complete if fmt == "plain" else postgres.custom_dump_complete
     producer = process.Stage(restic.dump_argv(repo, snapshot_id, path),
-                             codes=restic.EXIT_CODES, env=repo.env(), eof_gate=gate)
+                             codes=restic.EXIT_CODES, env=repo.env(), eof_gate=gate,
+                             on_bytes=on_bytes)
     if fmt == "plain":
         consumer = process.Stage(psql_restore_argv(conn), codes=postgres.PSQL_CODES,
                                  env=conn.env())
@@ -581,8 +584,11 @@ def _database_drill(inv: Inventory, db: Database, result: DrillResult, *, keep: 
         created = True
         result.scratch = scratch
         log(f"{name}: restoring {result.source}:{manifest.dump.path} into {where}")
-        outcome = stream_restore(repo, backup.dump.id, manifest.dump.path, scratch_conn,
-                                 fmt=manifest.dump_format, timeout=db.timeout_minutes * 60)
+        with progress_mod.Progress(f"{name}: restore", total=manifest.dump.bytes, log=log,
+                                   interval=inv.settings.progress_interval) as progress:
+            outcome = stream_restore(repo, backup.dump.id, manifest.dump.path, scratch_conn,
+                                     fmt=manifest.dump_format, timeout=db.timeout_minutes * 60,
+                                     on_bytes=progress.add)
         result.check("dump size", outcome.bytes == manifest.dump.bytes,
                      f"{outcome.bytes} bytes streamed, manifest says {manifest.dump.bytes}")
         if outcome.expected_errors:

@@ -534,6 +534,10 @@ class Settings(_Model):
     """Where jobs without ``site:`` run; default: the first site."""
     metrics: Metrics = Metrics()
     provision: ProvisionSettings = ProvisionSettings()
+    progress_interval: Seconds = 30
+    """Seconds between progress lines (bytes, rate, ETA) of a long stream in the run
+    log: database dumps and restores, drills, vzdump off-site copies; a line also at
+    every 10 % of a known size. A terminal shows a live bar as well."""
 
     @property
     def effective_cache_dir(self) -> Path:

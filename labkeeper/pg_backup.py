@@ -71,6 +71,7 @@ from pydantic import BaseModel, ConfigDict
 
 from labkeeper import pending as pending_mod
 from labkeeper import pg_container, postgres, process, restic
+from labkeeper import progress as progress_mod
 from labkeeper.errors import LabkeeperError
 from labkeeper.inventory import Database, Inventory
 from labkeeper.secrets import redact, resolve
@@ -530,6 +531,7 @@ class _Job:
     log: Log
     pending: pending_mod.PendingStore | None = None
     """Where a failed attempt whose cleanup did not finish is recorded."""
+    progress_interval: float = progress_mod.DEFAULT_INTERVAL
 
     @property
     def filename(self) -> str:
@@ -550,7 +552,8 @@ def backup_database(inv: Inventory, name: str, *, log: Log = print,
     job = _Job(name=name, db=db, repo=open_repo(inv, repo_cfg.name), repo_name=repo_cfg.name,
                compression=repo_cfg.compression, server=inv.database_server(db),
                host=inv.lab.name, conn=client_conn(inv, db), stall_timeout=stall_timeout,
-               log=log, pending=pending_store(inv, name))
+               log=log, pending=pending_store(inv, name),
+               progress_interval=inv.settings.progress_interval)
     backup_id = backup_id or new_backup_id()
     started = time.monotonic()
     lock_deadline = started + repo_cfg.lock_wait_minutes * 60
@@ -629,6 +632,7 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
                             transient=transient, database=name, backup_id=backup_id)
 
     opened: list[tuple[postgres.OpenSnapshot, datetime, _Background]] = []
+    progress = progress_mod.Progress(f"{name}: dump", log=log, interval=job.progress_interval)
 
     def dump_complete(tail: bytes, nbytes: int) -> str | None:
         """The dump's own completeness check; then the dump's restic (and its lock)
@@ -655,9 +659,11 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
                                        postgres.dump_tool_version(session)),
                               name="pg-count-rows")
         opened.append((snap, datetime.now(tz=UTC), counter))
+        progress.set_total(snap.database_size, estimate=True)  # the dump's size differs
         return process.Stage(
             postgres.pg_dump_argv(job.conn, fmt=job.db.format, snapshot=snap.snapshot_id),
-            codes=postgres.codes_for(job.conn, postgres.PG_DUMP_CODES), env=job.conn.env())
+            codes=postgres.codes_for(job.conn, postgres.PG_DUMP_CODES), env=job.conn.env(),
+            on_bytes=progress.add)
 
     try:
         try:
@@ -679,6 +685,7 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
                 raise _Locked(str(exc)) from None
             killed_restic = not exc.eof_given or exc.cause != "producer"
             raise fail(str(exc), transient=exc.transient) from None
+        progress.finish()
         snap, snapshot_at, counter = opened[0]
         try:
             tables, pg_dump_version = counter.result(timeout=600)
@@ -715,6 +722,7 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
         killed_restic = True  # state unknown: remove the stale locks a killed restic left
         raise fail(f"{type(exc).__name__}: {exc}", transient=False) from exc
     finally:
+        progress.finish()
         session.close(kill=not ok)
         pending.abort()
     return BackupResult(

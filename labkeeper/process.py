@@ -165,6 +165,9 @@ class Stage:
     eof_gate: EofGate | None = None
     """On a producer (not the last stage): decides at its clean exit whether its
     consumer may get EOF; see :data:`EofGate`."""
+    on_bytes: Callable[[int], None] | None = None
+    """On a producer: called from the relay with the size of each chunk handed to its
+    consumer (progress, :mod:`labkeeper.progress`); must not raise."""
 
     def __post_init__(self) -> None:
         check_argv(self.argv)
@@ -428,6 +431,7 @@ class _Relay(threading.Thread):
         self.watch = watch
         self.bytes = 0
         self.tail = b""
+        self.on_bytes = run.stages[index].on_bytes
         self.writing_since: float | None = None
         self.consumer_gone = False
         self.refused: str | None = None
@@ -479,6 +483,8 @@ class _Relay(threading.Thread):
             if n == 0:
                 return
             self.bytes += n
+            if self.on_bytes is not None:
+                self.on_bytes(n)
 
     def _copy(self) -> None:
         _grow_pipe(self.src)
@@ -501,6 +507,8 @@ class _Relay(threading.Thread):
                 finally:
                     self.writing_since = None
             self.bytes += n
+            if self.on_bytes is not None:
+                self.on_bytes(n)
             if n >= GATE_TAIL_BYTES:
                 self.tail = bytes(view[n - GATE_TAIL_BYTES:n])
             else:

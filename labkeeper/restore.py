@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from labkeeper import drill, pg_backup, pg_container, postgres, restic
+from labkeeper import progress as progress_mod
 from labkeeper import proxmox as px
 from labkeeper.errors import ConfigError, LabkeeperError, PermanentError
 from labkeeper.inventory import Database, Inventory
@@ -202,9 +203,12 @@ def restore_database(inv: Inventory, name: str, *, snapshot: str = "latest",
     started = time.monotonic()
     try:
         target = pg_container.matching(pg_backup.conn_for(inv, db, dbname=into))
-        outcome = drill.stream_restore(repo, backup.dump.id, manifest.dump.path, target,
-                                       fmt=manifest.dump_format,
-                                       timeout=db.timeout_minutes * 60)
+        with progress_mod.Progress(f"{name}: restore", total=manifest.dump.bytes, log=log,
+                                   interval=inv.settings.progress_interval) as progress:
+            outcome = drill.stream_restore(repo, backup.dump.id, manifest.dump.path, target,
+                                           fmt=manifest.dump_format,
+                                           timeout=db.timeout_minutes * 60,
+                                           on_bytes=progress.add)
         result.bytes = outcome.bytes
         if outcome.bytes != manifest.dump.bytes:
             result.problems.append(f"{outcome.bytes} bytes streamed, manifest says "

@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from labkeeper import b2, offsite
+from labkeeper import progress as progress_mod
 from labkeeper import proxmox as px
 from labkeeper import vzdump as core
 from labkeeper.errors import ConfigError, PermanentError
@@ -144,14 +145,18 @@ def copy_offsite(inv: Inventory, job: VzdumpJob, backup: core.GuestBackup,
         raise PermanentError(f"cannot tell where {backup.volid} is on {backup.node} "
                              "(no vzdump task log names it)")
     verb = "would delete" if dry_run else "deleted"
+    progress = progress_mod.Progress(f"offsite {backup.volid}", total=backup.size,
+                                     log=logger.info, interval=inv.settings.progress_interval)
     if off.host is not None:
         assert off.path is not None  # the inventory requires it with host
         dest = offsite.host_dir(str(off.path), backup.vmid)
         with SshPool() as pool:
             node = pool.get(offsite.node_ssh_target(inv, backup.node))
             host = pool.get(offsite.host_ssh_target(inv, off))
-            copied = offsite.copy_archive_to_host(node, host, path=path, dest_dir=dest,
-                                                  size=backup.size)
+            with progress:
+                copied = offsite.copy_archive_to_host(node, host, path=path, dest_dir=dest,
+                                                      size=backup.size,
+                                                      on_progress=progress.update)
             kept, deleted = offsite.apply_host_retention(
                 host, dest, keep_last=off.keep_last, max_age_days=off.max_age_days,
                 dry_run=dry_run)
@@ -165,9 +170,11 @@ def copy_offsite(inv: Inventory, job: VzdumpJob, backup: core.GuestBackup,
     key = offsite.object_key(off.prefix, backup.vmid, backup.volid)
     with SshPool() as pool:
         ssh = pool.get(offsite.node_ssh_target(inv, backup.node))
-        copied = offsite.copy_archive(ssh, s3, target.bucket, path=path, key=key,
-                                      size=backup.size, vmid=backup.vmid, volid=backup.volid,
-                                      ctime=backup.ctime)
+        with progress:
+            copied = offsite.copy_archive(ssh, s3, target.bucket, path=path, key=key,
+                                          size=backup.size, vmid=backup.vmid,
+                                          volid=backup.volid, ctime=backup.ctime,
+                                          on_part=lambda _n, done: progress.update(done))
     kept, deleted = offsite.apply_offsite_retention(
         s3, target.bucket, off.prefix, backup.vmid, keep_last=off.keep_last,
         max_age_days=off.max_age_days, dry_run=dry_run)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict
 
@@ -99,8 +99,19 @@ def base_info_tags(server: str) -> list[str]:
     return ["labkeeper", server_tag(server), "kind:basebackup_info"]
 
 
-def wal_tags(server: str, first: str, last: str) -> list[str]:
-    return ["labkeeper", server_tag(server), "kind:wal", f"wal:{first}-{last}"]
+def wal_tags(server: str, first: str, last: str, *, covered_until: float | None = None
+             ) -> list[str]:
+    """``walto:<unix s>``: every commit before that moment is in this batch or an earlier
+    one (set when the ship closed the server's segment first)."""
+    tags = ["labkeeper", server_tag(server), "kind:wal", f"wal:{first}-{last}"]
+    return tags + ([f"walto:{int(covered_until)}"] if covered_until is not None else [])
+
+
+def covered_until_of(tags: list[str]) -> datetime | None:
+    for t in tags:
+        if t.startswith("walto:") and t[6:].isdigit():
+            return datetime.fromtimestamp(int(t[6:]), tz=UTC)
+    return None
 
 
 def wal_range_of(tags: list[str]) -> tuple[str, str] | None:

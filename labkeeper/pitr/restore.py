@@ -277,17 +277,43 @@ def prepare_datadir(datadir: Path, settings: str) -> None:
 
 
 def wait_for_recovery(cluster: scratch.ScratchCluster, *, timeout: float,
-                      action: str) -> RecoveryOutcome:
+                      action: str, offset: int = 0) -> RecoveryOutcome:
     deadline = time.monotonic() + timeout
     outcome = RecoveryOutcome()
     while time.monotonic() < deadline:
-        outcome = parse_recovery_log(cluster.log_text(), action=action)
+        outcome = parse_recovery_log(cluster.log_text()[offset:], action=action)
         if outcome.state != "running":
             return outcome
         time.sleep(0.2)
     outcome.state = "failed"
     outcome.error = f"recovery did not reach its target within {timeout:g} s"
     return outcome
+
+
+NOT_REACHED = "recovery ended before configured recovery target was reached"
+
+
+def archive_covers(batches: list[StoredWal], to: RecoveryTarget) -> datetime | None:
+    """When the archived WAL provably holds every commit up to the time target (pure):
+    a batch shipped after closing the server's segment at or after it (its ``walto:``)."""
+    if to.kind != "time" or to.time is None:
+        return None
+    marks = [b.covered_until for b in batches if b.covered_until is not None]
+    reach = max(marks, default=None)
+    return reach if reach is not None and reach >= to.time else None
+
+
+def _to_end_of_wal(cluster: scratch.ScratchCluster, *, timeout: float,
+                   action: str) -> RecoveryOutcome:
+    """Recovery stopped at the end of the archive short of a time target that the archive
+    covers: no commit lies between the last one and the target, so the end of the WAL
+    *is* the target's state. Restart recovery without the target."""
+    cluster.stop()
+    with (cluster.datadir / "postgresql.auto.conf").open("a") as f:
+        f.write("recovery_target_time = ''\n")
+    offset = len(cluster.log_text())
+    cluster.start()
+    return wait_for_recovery(cluster, timeout=timeout, action=action, offset=offset)
 
 
 def restore_pitr(target: PitrTarget, to: RecoveryTarget, workdir: Path, *, log: Log = print,
@@ -318,13 +344,21 @@ def restore_pitr(target: PitrTarget, to: RecoveryTarget, workdir: Path, *, log: 
         port=cluster.port, sockdir=cluster.sockdir, waldir=waldir, target=to, action=action))
     cluster.start()
     outcome = wait_for_recovery(cluster, timeout=timeout, action=action)
+    notes: list[str] = []
+    covered = None if plan.gap else archive_covers(batches, to)
+    if outcome.error.startswith(NOT_REACHED) and covered is not None:
+        notes.append(f"no commit after {outcome.last_commit_time or 'the base backup'} up to "
+                     f"the target; the archive holds every commit until "
+                     f"{covered.isoformat()}: recovered to the end of the archived WAL")
+        log(f"{target.name}: {notes[-1]}")
+        outcome = _to_end_of_wal(cluster, timeout=timeout, action=action)
     result = RestoreResult(
         server=target.name, target=str(to), base_backup_id=base.backup_id,
         base_finished_at=base.finished_at.isoformat(), wal_batches=len(batches),
         wal_segments=len(names), outcome=outcome, workdir=str(workdir), port=cluster.port,
         sockdir=str(cluster.sockdir), fetch_s=fetched - started,
         recover_s=time.monotonic() - fetched, duration_s=time.monotonic() - started,
-        cluster=cluster)
+        notes=notes, cluster=cluster)
     if outcome.state != "reached":
         cluster.stop()
         missing = outcome.missing_file or plan.gap

@@ -261,15 +261,23 @@ def ship(target: PitrTarget, *, log: Log = print, switch: bool | None = None,
     """Ship completed spool files into the repository (see the module docstring)."""
     started = time.monotonic()
     notes: list[str] = []
+    covered_until: float | None = None
     if switch if switch is not None else target.server.switch_wal:
+        switched_at = time.time()
         note = switch_wal(target, log=log)
         if note:
             notes.append(note)
-    names = batch_of(ready_files(target.spool), limit)
+        else:  # every commit before switched_at is in a completed segment now
+            covered_until = switched_at
+    ready = ready_files(target.spool)
+    names = batch_of(ready, limit)
     if not names:
         return ShipResult(target.name, [], duration_s=time.monotonic() - started,
                           notes=[*notes, "nothing to ship"])
-    result = _ship_batch(target, names, log=log, stall_timeout=stall_timeout)
+    if len(names) < len(ready):
+        covered_until = None  # a backlog: this batch does not reach the switch
+    result = _ship_batch(target, names, log=log, stall_timeout=stall_timeout,
+                         covered_until=covered_until)
     for n in names:
         with contextlib.suppress(FileNotFoundError):
             (target.spool / n).unlink()
@@ -282,8 +290,8 @@ def ship(target: PitrTarget, *, log: Log = print, switch: bool | None = None,
     return result
 
 
-def _ship_batch(target: PitrTarget, names: list[str], *, log: Log,
-                stall_timeout: float) -> ShipResult:
+def _ship_batch(target: PitrTarget, names: list[str], *, log: Log, stall_timeout: float,
+                covered_until: float | None = None) -> ShipResult:
     shipped = ShipResult(target.name, names)
     backup_id = pg_backup.new_backup_id()
     tag = pg_backup.backup_tag(backup_id)
@@ -291,7 +299,8 @@ def _ship_batch(target: PitrTarget, names: list[str], *, log: Log,
         stream = restic.stream_backup(
             target.repo, process.Stage(tar_argv(target.spool, names)),
             filename=models.wal_filename(shipped.first, shipped.last), host=target.host,
-            tags=[*models.wal_tags(target.name, shipped.first, shipped.last), tag],
+            tags=[*models.wal_tags(target.name, shipped.first, shipped.last,
+                                   covered_until=covered_until), tag],
             gate=models.tar_tail_problem, timeout=3600, compression=target.compression,
             stall_timeout=stall_timeout)
         found = restic.find_snapshots(target.repo, tags=[tag], host=target.host, timeout=120)

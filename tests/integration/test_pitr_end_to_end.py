@@ -17,7 +17,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -184,6 +184,27 @@ def test_restore_to_a_time_between_two_commits_has_every_row_before_and_none_aft
     before = [i for i, _at in rows if i < id_next]
     assert got == before
     assert res.outcome.stopped.startswith("recovery stopping before commit")
+
+
+def test_restore_to_a_quiet_moment_after_the_last_commit_has_every_row(
+        scenario: Scenario, restore_dir: Path) -> None:
+    """No commit between the last one and the target: PostgreSQL alone would refuse
+    ("recovery ended before configured recovery target was reached")."""
+    t = scenario.plab.target()
+    scenario.writer.stop()
+    rows = list(scenario.writer.rows)
+    quiet = datetime.now(tz=UTC)
+    wait_until(lambda: datetime.now(tz=UTC) > quiet + timedelta(seconds=1), 10, "a quiet second")
+    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    scenario.writer = Writer(scenario.plab).start()
+    res = restore.restore_pitr(t, restore.RecoveryTarget("time", time=quiet), restore_dir,
+                               log=lambda _m: None, timeout=300)
+    assert res.cluster is not None
+    try:
+        got = [int(r[0]) for r in res.cluster.query("SELECT id FROM ticks ORDER BY id", db=DB)]
+    finally:
+        res.cluster.destroy()
+    assert got == [i for i, _at in rows]
 
 
 def test_restore_to_an_lsn_stops_at_the_first_record_past_it(
