@@ -5,14 +5,73 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+if TYPE_CHECKING:
+    from typer import _click as click  # typer vendors click
+
+# Sub-commands that live in their own modules are imported only when named (the
+# runbook, PITR, init and simulator modules cost ~1.5 s of imports together); `--help`
+# lists (and so imports) them all.
+_LAZY: dict[str, tuple[str, str]] = {
+    # name: (module, how it is mounted: "app:<attribute>" | "register")
+    "pvesim": ("labkeeper.pvesim.cli", "app:app"),
+    "runbook": ("labkeeper.cli_runbook", "app:runbook_app"),
+    "init": ("labkeeper.cli_init", "register"),
+    "proxmox": ("labkeeper.cli_init", "register"),
+    "wal": ("labkeeper.cli_pitr", "register"),
+    "basebackup": ("labkeeper.cli_pitr", "register"),
+    "restore": ("labkeeper.cli_pitr", "register"),
+    "pitr": ("labkeeper.cli_pitr", "register"),
+}
+_LAZY_HELP = {"pvesim": "The Proxmox VE simulator.",
+              "runbook": "Runbooks: list, show, run, approve."}
+_loaded: dict[str, click.Command] = {}
+
+
+def _load_lazy(name: str) -> click.Command | None:
+    """The click command for a lazily mounted name (None: its module is absent)."""
+    if name not in _loaded:
+        import importlib
+
+        module_name, how = _LAZY[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # the simulator is an optional part of a partial checkout
+            if module_name != "labkeeper.pvesim.cli":
+                raise
+            return None
+        if how == "register":
+            holder = typer.Typer()
+            module.register(holder)
+            group = typer.main.get_group(holder)
+            _loaded.update({n: c for n, c in group.commands.items() if n in _LAZY})
+        else:
+            cmd = typer.main.get_command(getattr(module, how.split(":", 1)[1]))
+            cmd.name = name
+            cmd.help = _LAZY_HELP.get(name, cmd.help)
+            _loaded[name] = cmd
+    return _loaded.get(name)
+
+
+class _LazyGroup(TyperGroup):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *(n for n in _LAZY if n not in self.commands)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in _LAZY:
+            return _load_lazy(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, cls=_LazyGroup,
                   help="labkeeper: keep a Proxmox homelab provisioned, backed up and restorable.")
 lab_app = typer.Typer(no_args_is_help=True, help="The local lab (real services on loopback).")
 app.add_typer(lab_app, name="lab")
@@ -21,36 +80,6 @@ err_console = Console(stderr=True)
 
 LabOption = Annotated[Path, typer.Option("--lab", "-l", help="Inventory file.",
                                          envvar="LABKEEPER_LAB")]
-
-
-def _mount_pvesim() -> None:
-    try:
-        from labkeeper.pvesim.cli import app as pvesim_app
-    except ImportError:  # the simulator is an optional part of a partial checkout
-        return
-    app.add_typer(pvesim_app, name="pvesim", help="The Proxmox VE simulator.")
-
-
-_mount_pvesim()
-
-
-def _mount_runbook() -> None:
-    from labkeeper.cli_runbook import runbook_app
-
-    app.add_typer(runbook_app, name="runbook", help="Runbooks: list, show, run, approve.")
-
-
-_mount_runbook()
-
-
-def _mount_init() -> None:
-    from labkeeper.cli_init import register
-
-    register(app)
-
-
-_mount_init()
-__import__("labkeeper.cli_pitr").cli_pitr.register(app)  # wal, basebackup, restore, pitr
 
 
 @app.command()
@@ -489,8 +518,83 @@ def metrics_show(lab: LabOption = Path("lab.yaml")) -> None:
     print(metrics.render(metrics.Store(inv.settings.state_dir)), end="")
 
 
+server_app = typer.Typer(no_args_is_help=True, help="The local Prefect server command-line "
+                         "runs record to when PREFECT_API_URL is not set.")
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say which Prefect server a command would use, and whether it answers."""
+    from labkeeper import local_server as ls
+
+    configured = ls.configured_api_url(os.environ)
+    srv = ls.local_server(os.environ)
+    url = configured or srv.api_url
+    up = ls.healthy(url)
+    console.print(f"{'configured' if configured else 'local'}: {url} "
+                  f"{'answers' if up else 'does not answer'}"
+                  + ("" if configured else f" (home {srv.home})"), markup=False)
+    raise typer.Exit(0 if up else 1)
+
+
+@server_app.command("start")
+def server_start() -> None:
+    """Start the local server now (commands start it on first use anyway)."""
+    from labkeeper import local_server as ls
+
+    srv = ls.local_server(os.environ)
+    how = ls.ensure(srv, log=lambda m: err_console.print(m, markup=False))
+    console.print(f"{how}: {srv.url} (home {srv.home})", markup=False)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the local server a command started (by the pid in its pid file)."""
+    from labkeeper import local_server as ls
+
+    srv = ls.local_server(os.environ)
+    console.print("stopped" if ls.stop(srv) else f"no local server recorded in {srv.home}")
+
+
+# Commands that run flows (None: every sub-command). Without a configured Prefect server
+# they use the local one, starting it once if needed; `status` only reads the history.
+_FLOW_COMMANDS: dict[str, frozenset[str] | None] = {
+    "doctor": None, "update": None, "serve": None, "provision": frozenset({"apply"}),
+    "vzdump": frozenset({"run"}), "backup": frozenset({"run"}),
+    "repo": frozenset({"maintain"}), "paths": frozenset({"run"}),
+    "drill": frozenset({"run"}), "runbook": frozenset({"run", "approve"}),
+}
+
+
+def prefect_for_command(argv: list[str], environ: MutableMapping[str, str]) -> str | None:
+    """Before a flow is imported: point Prefect at the configured server, else at the
+    local one (labkeeper/local_server.py). Returns what was done, None for commands
+    that need no server."""
+    if not argv or {"--help", "-h"} & set(argv) or (argv[0] == "serve"
+                                                   and "--schedules" in argv):
+        return None
+    from labkeeper import local_server as ls
+
+    if argv[0] == "status":
+        return ls.use_for_command(environ, start_if_needed=False)
+    if argv[0] not in _FLOW_COMMANDS:
+        return None
+    subs = _FLOW_COMMANDS[argv[0]]
+    if subs is not None and (len(argv) < 2 or argv[1] not in subs):
+        return None
+    return ls.use_for_command(environ, log=lambda m: err_console.print(m, markup=False))
+
+
 def main() -> None:  # pragma: no cover
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from labkeeper.errors import LabkeeperError
+
+    try:
+        prefect_for_command(sys.argv[1:], os.environ)
+    except (LabkeeperError, OSError) as exc:  # no server would start: say why, run nothing
+        err_console.print(f"labkeeper: {exc}", markup=False)
+        raise SystemExit(2) from None
     app()
 
 

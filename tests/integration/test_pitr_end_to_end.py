@@ -54,12 +54,12 @@ class Scenario:
 def scenario() -> Iterator[Scenario]:
     workdir = Path(tempfile.mkdtemp(prefix="labkeeper-pitr-"))  # see restore_dir
     plab = start_pitr_lab(workdir)
-    receiver = Receiver(plab).start()
-    writer = Writer(plab).start()
+    sc = Scenario(plab, Receiver(plab).start(), Writer(plab).start())
     try:
-        yield Scenario(plab, receiver, writer)
+        yield sc
     finally:
-        writer.stop()
+        sc.writer.stop()  # (a test may have replaced it)
+        receiver = sc.receiver
         receiver.stop()
         plab.lab.stop()
         shutil.rmtree(workdir, ignore_errors=True)
