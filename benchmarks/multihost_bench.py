@@ -10,7 +10,9 @@ this host), then measures:
 
 1. trigger -> Completed of the `site-check` deployment, run by the worker in namespace
    `core` (the API through the veth) and by the worker on this host (loopback),
-   rounds interleaved; both workers poll every second;
+   rounds interleaved; both workers poll every second; and the median API round trip
+   (GET /api/health, 200 times) from each place: the load average dominates the first,
+   the second isolates what the other host's network path costs;
 2. the server's RSS (its process group) before and after adding ``--runs`` completed
    flow runs with ``--tasks`` task runs and 5 log lines each, spread over 7 days,
    created through the API;
@@ -74,6 +76,35 @@ def trigger_to_completed(mh: MultiHost, deployment: str) -> float:
                 raise RuntimeError(f"{deployment}: {state.name} {state.message}")
             return time.monotonic() - t0
         time.sleep(0.1)
+
+
+PING = """
+import statistics, sys, time, urllib.request
+url, n = sys.argv[1], int(sys.argv[2])
+times = []
+for _ in range(n):
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=10) as r:
+        r.read()
+    times.append(time.perf_counter() - t0)
+print(statistics.median(times) * 1000)
+"""
+
+
+def api_roundtrip_ms(mh: MultiHost, n: int = 200) -> dict[str, float]:
+    """Median GET /api/health from inside namespace `core` (through its veth and the
+    relay) and from this host (loopback): the per-request cost of being elsewhere."""
+    from labkeeper import process
+
+    assert mh.server is not None
+    port, ns = mh.server.port, mh.hosts["core"]
+    out = {}
+    for label, prefix, host in (("other host (netns core)", ("ip", "netns", "exec", ns.name),
+                                 mh.shared_ip), ("same host", (), "127.0.0.1")):
+        res = process.run((*prefix, sys.executable, "-c", PING,
+                           f"http://{host}:{port}/api/health", str(n)), timeout=300)
+        out[label] = float(res.stdout.strip())
+    return out
 
 
 def fill_history(mh: MultiHost, runs: int, tasks: int) -> float:
@@ -180,10 +211,12 @@ def main() -> None:
         trigger_to_completed(mh, "site-check/site-check")  # warm both paths once
         trigger_to_completed(mh, "site-check/site-check-here")
         lat: dict[str, list[float]] = {"other host (netns core)": [], "same host": []}
+        note("load_average", Path("/proc/loadavg").read_text().split()[:3])
         for _ in range(args.rounds):
             lat["other host (netns core)"].append(
                 trigger_to_completed(mh, "site-check/site-check"))
             lat["same host"].append(trigger_to_completed(mh, "site-check/site-check-here"))
+        note("api_roundtrip_median_ms", api_roundtrip_ms(mh))
         note("trigger_to_completed_s", {k: {"median": statistics.median(v), "all": v}
                                         for k, v in lat.items()})
         pid = mh.server.service.pid  # type: ignore[union-attr]

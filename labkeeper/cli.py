@@ -17,6 +17,11 @@ from typer.core import TyperGroup
 if TYPE_CHECKING:
     from typer import _click as click  # typer vendors click
 
+# The installed command (whatever its entry point) switches Prefect's analytics off
+# unless the user set them, before any Prefect import reads its settings: an offline
+# lab's server must not log "Failed to send telemetry" on every run.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 # Sub-commands that live in their own modules are imported only when named (the
 # runbook, PITR, init and simulator modules cost ~1.5 s of imports together); `--help`
 # lists (and so imports) them all.
@@ -54,7 +59,8 @@ def _load_lazy(name: str) -> click.Command | None:
             group = typer.main.get_group(holder)
             _loaded.update({n: c for n, c in group.commands.items() if n in _LAZY})
         else:
-            cmd = typer.main.get_command(getattr(module, how.split(":", 1)[1]))
+            # a group even when the sub-app has one command (`pvesim serve`)
+            cmd = typer.main.get_group(getattr(module, how.split(":", 1)[1]))
             cmd.name = name
             cmd.help = _LAZY_HELP.get(name, cmd.help)
             _loaded[name] = cmd

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from deployments.serve import declared
 from labkeeper import process
-from labkeeper.locallab.lab import LocalLab
+from labkeeper.locallab.lab import PG_CONTAINER, PG_CONTAINER_DB, LocalLab
 from labkeeper.locallab.ports import free_port
 from labkeeper.locallab.prefect_server import LocalPrefectServer, prefect_env
 from labkeeper.locallab.services import Service, wait_for_interrupt
@@ -53,7 +53,8 @@ def run_demo(workdir: Path, *, wait: bool, port: int, console: Console,
     try:
         console.rule("labkeeper demo")
         console.print("starting the local lab (PostgreSQL, S3, sshd, Proxmox simulator"
-                      + (", Docker engine, registry)…" if docker else ")…"))
+                      + (", Docker engine, registry, PostgreSQL 17 in a container)…"
+                         if docker else ")…"))
         lab.start()
         console.print(f"  inventory: {lab.inventory_path}")
         _say_docker(lab, console, docker)
@@ -104,8 +105,18 @@ def _say_docker(lab: LocalLab, console: Console, wanted: bool) -> None:
                       f"started in {lab.docker.start_seconds:.1f} s); registry "
                       f"{lab.images.registry}; app images built in {built:.1f} s")
     elif wanted:
-        console.print("[yellow]  Docker engine: not available, the Compose update is skipped "
-                      f"and the rest runs. Why:[/]\n{lab.docker_error}")
+        console.print("[yellow]  Docker engine: not available, the Compose update and the "
+                      "containerised database are skipped and the rest runs. Why:[/]\n"
+                      f"{lab.docker_error}")
+        return
+    if lab.db_container is not None:
+        console.print(f"  PostgreSQL 17 in container {PG_CONTAINER} (127.0.0.1:"
+                      f"{lab.db_container.port}, nothing published): database "
+                      f"`{PG_CONTAINER_DB}`, dumped by `docker exec` over SSH")
+    elif wanted:
+        console.print(f"[yellow]  PostgreSQL container: not available, `{PG_CONTAINER_DB}` "
+                      f"is not in the inventory and the rest runs. Why:[/]\n"
+                      f"{lab.db_container_error}")
 
 
 def serve_deployments(lab: LocalLab, server: LocalPrefectServer, env: dict[str, str],
@@ -189,6 +200,7 @@ def jobs(lab: LocalLab) -> list[Job]:
         *_compose_jobs(lab, cli, inv),
         Job("drill: restore appdb for real into a scratch database, verify, time it",
             (*cli, "drill", "run", "db:appdb", "--lab", inv)),
+        *_db_container_jobs(lab, cli, inv),
         Job("drill: restore the proxy guest's latest vzdump into a scratch VMID, boot it",
             (*cli, "drill", "run", "guest:proxy", "--lab", inv)),
         Job("runbook (dry run): restore-database checks every reference, changes nothing",
@@ -214,3 +226,12 @@ def _compose_jobs(lab: LocalLab, cli: tuple[str, ...], inv: str) -> list[Job]:
         expect=frozenset({2}), why="`compose-bad` was rolled back to its previous image and "
                                    "is healthy on version 1 again",
         before=lab.prepare_compose_apps)]
+
+
+def _db_container_jobs(lab: LocalLab, cli: tuple[str, ...], inv: str) -> list[Job]:
+    """The containerised database's drill (none when its container is not there)."""
+    if lab.db_container is None:
+        return []
+    return [Job(f"drill: restore `{PG_CONTAINER_DB}` inside {PG_CONTAINER}, verify vs its "
+                "manifest",
+                (*cli, "drill", "run", f"db:{PG_CONTAINER_DB}", "--lab", inv))]

@@ -478,7 +478,8 @@ def stream_restore(repo: restic.Repo, snapshot_id: str, path: str, conn: postgre
                              f"bytes: {err}", transient=err.transient)
     if res.cause == 1:
         err = process.make_error(c_res)
-        raise LabkeeperError(f"{c_res.argv[0]} failed after {nbytes} bytes: {err}",
+        raise LabkeeperError(f"{c_res.argv[0]} failed after {nbytes} bytes: "
+                             f"{postgres.name_server(str(err), conn)}",
                              transient=err.transient)
     expected, unexpected = restore_errors(c_res.stderr)
     return RestoreOutcome(bytes=nbytes, duration=res.duration, expected_errors=expected,

@@ -55,7 +55,7 @@ from pydantic import (
     model_validator,
 )
 
-from labkeeper import inventory_sites
+from labkeeper import inventory_sites, userdirs
 from labkeeper.errors import ConfigError
 from labkeeper.inventory_pitr import PitrServer
 from labkeeper.inventory_sites import SiteName, Sites
@@ -519,10 +519,17 @@ class ProvisionSettings(_Model):
 
 
 class Settings(_Model):
-    state_dir: AbsPath = Path("/var/lib/labkeeper")
-    known_hosts: AbsPath = Path("/etc/labkeeper/known_hosts")
+    state_dir: AbsPath = Field(default_factory=userdirs.default_state_dir)
+    """Where labkeeper keeps its state (pending cleanups, metrics, restic caches); default
+    ``/var/lib/labkeeper`` for root or a user who can write it, else
+    ``$XDG_STATE_HOME/labkeeper`` (``~/.local/state/labkeeper``)."""
+    known_hosts: AbsPath = Field(default_factory=userdirs.default_known_hosts)
+    """SSH host keys, checked strictly; default ``/etc/labkeeper/known_hosts`` for root
+    or a user who can read it, else ``$XDG_CONFIG_HOME/labkeeper/known_hosts``
+    (``~/.config/labkeeper/known_hosts``)."""
     cache_dir: AbsPath | None = None
-    """restic cache root (one sub-directory per repository); default ``state_dir/cache``."""
+    """restic cache root (one sub-directory per repository); default ``$RESTIC_CACHE_DIR``
+    when the environment sets it, else ``state_dir/cache``."""
     restic_binary: str | None = None
     """The restic labkeeper runs here for every repository (a full path when the machine
     has several); default ``$LABKEEPER_RESTIC``, else ``restic`` on PATH. Path sets name
@@ -538,6 +545,11 @@ class Settings(_Model):
     """Seconds between progress lines (bytes, rate, ETA) of a long stream in the run
     log: database dumps and restores, drills, vzdump off-site copies; a line also at
     every 10 % of a known size. A terminal shows a live bar as well."""
+    pg_backup_parallel: Annotated[int, Field(ge=1, le=16)] = 1
+    """Databases a pg_backup run dumps at the same time (one Prefect run, one globals
+    dump per server either way). Each runs pg_dump and two restics: more than the
+    machine's cores buys nothing; with restic 0.14 a lock released by one backup while
+    another restic of the same repository checks locks costs that restic 45-95 s."""
 
     @property
     def effective_cache_dir(self) -> Path:
@@ -1366,6 +1378,11 @@ class Pricing(_Model):
 class Repository(_Model):
     name: Name
     url: Annotated[str, AfterValidator(_check_restic_url)]
+    """Where the restic repository is: an absolute local path (``/srv/backup/restic``,
+    a disk or NAS mount; run ``restic init`` there once; no credentials besides the
+    password), ``s3:https://host/bucket/path`` (needs the ``s3`` section),
+    ``b2:bucket:path``, ``sftp:user@host:/path``, ``rest:https://...`` or
+    ``rclone:remote:path``."""
     password: Secret
     s3: S3 | None = None
     retention: Retention = Retention(keep_daily=7, keep_weekly=4, keep_monthly=12)

@@ -58,10 +58,11 @@ auto`` uploads the least on a typical night; gzip/``-Fc`` zlib defeat dedup.
 from __future__ import annotations
 
 import json
+import os
 import secrets as pysecrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,7 +73,7 @@ from pydantic import BaseModel, ConfigDict
 from labkeeper import pending as pending_mod
 from labkeeper import pg_container, postgres, process, restic
 from labkeeper import progress as progress_mod
-from labkeeper.errors import LabkeeperError
+from labkeeper.errors import ConfigError, LabkeeperError
 from labkeeper.inventory import Database, Inventory
 from labkeeper.secrets import redact, resolve
 
@@ -209,17 +210,34 @@ def parse_manifest(text: str) -> Manifest:
 
 # -- where things are (inventory → resolved targets) -------------------------------------
 
-def repo_cache_dir(inv: Inventory, repo_name: str) -> Path:
-    """restic's persistent cache for one repository (B2 bills list/download calls)."""
+def repo_cache_dir(inv: Inventory, repo_name: str,
+                   environ: Mapping[str, str] | None = None) -> Path:
+    """restic's persistent cache for one repository (B2 bills list/download calls): the
+    inventory's ``cache_dir`` (the repository's, else ``settings.cache_dir/<name>``),
+    else ``$RESTIC_CACHE_DIR`` when set (never silently overridden), else
+    ``settings.state_dir/cache/<name>``."""
     r = inv.repository(repo_name)
-    return r.cache_dir or inv.settings.effective_cache_dir / repo_name
+    if r.cache_dir is not None:
+        return r.cache_dir
+    if inv.settings.cache_dir is not None:
+        return inv.settings.cache_dir / repo_name
+    from_env = (os.environ if environ is None else environ).get("RESTIC_CACHE_DIR", "")
+    if os.path.isabs(from_env):
+        return Path(from_env)
+    return inv.settings.effective_cache_dir / repo_name
 
 
 def open_repo(inv: Inventory, repo_name: str) -> restic.Repo:
     from labkeeper.doctor import repo_for
 
     cache = repo_cache_dir(inv, repo_name)
-    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:  # say what to set, not only what failed
+        raise ConfigError(
+            f"cannot create restic's cache directory {cache} ({exc.strerror}): set "
+            "settings.cache_dir or settings.state_dir in the inventory (or "
+            "$RESTIC_CACHE_DIR) to a directory this user can write") from None
     return repo_for(inv, repo_name, cache_dir=str(cache))
 
 
@@ -684,7 +702,9 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
                 pending.abort()
                 raise _Locked(str(exc)) from None
             killed_restic = not exc.eof_given or exc.cause != "producer"
-            raise fail(str(exc), transient=exc.transient) from None
+            said = postgres.name_server(str(exc), job.conn) if exc.cause == "producer" \
+                else str(exc)
+            raise fail(said, transient=exc.transient) from None
         progress.finish()
         snap, snapshot_at, counter = opened[0]
         try:

@@ -135,9 +135,22 @@ def parse_csv(stdout: str) -> list[list[str]]:
     return rows[1:] if rows else []  # drop the header
 
 
-def _classify(err: CommandError) -> CommandError:
+def name_server(message: str, conn: Conn) -> str:
+    """``psql failed on localhost (...)`` -> ``psql failed for 127.0.0.1:5432/appdb
+    (...)``: an error names the server address actually used, not only where the
+    client ran; a message without that phrase gets the address appended."""
+    where = f"{conn.address}/{conn.dbname}"
+    if " failed on localhost " in message:
+        return message.replace(" failed on localhost ", f" failed for {where} ", 1)
+    return message if where in message else f"{message} ({where})"
+
+
+def _classify(err: CommandError, conn: Conn | None = None) -> CommandError:
     if not err.transient and any(s in err.stderr_tail for s in _TRANSIENT_STDERR):
         err.transient = True
+    if conn is not None:
+        err.message = name_server(err.message, conn)
+        err.args = (err.message,)
     return err
 
 
@@ -147,7 +160,7 @@ def query(conn: Conn, sql: str, *, timeout: float = 60) -> list[list[str]]:
         res = process.run(psql_argv(conn), timeout=timeout, codes=codes_for(conn, PSQL_CODES),
                           env=conn.env(), input=sql)
     except CommandError as exc:
-        raise _classify(exc) from None
+        raise _classify(exc, conn) from None
     return parse_csv(res.stdout)
 
 
@@ -372,7 +385,7 @@ class PsqlSession:
             "psql ended the session unexpectedly", argv=self.argv, returncode=rc,
             stderr_tail=res.stderr_tail())
         self.proc = None
-        return _classify(err)
+        return _classify(err, self.conn)
 
     def close(self, *, kill: bool = False) -> None:
         proc = self.proc

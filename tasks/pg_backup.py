@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from labkeeper import pg_backup
+from labkeeper import pg_backup, pg_globals
 from labkeeper.inventory import Inventory
 from tasks.common import RETRY
 
@@ -27,10 +27,11 @@ def backup_database(inv: Inventory, name: str, stall_timeout: float = 300.0
       timeout_seconds=GLOBALS_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def backup_globals(inv: Inventory, label: str, databases: list[str],
                    stall_timeout: float = 300.0) -> pg_backup.GlobalsResult:
-    """pg_dumpall --globals-only of one server (a warning when not allowed)."""
+    """pg_dumpall --globals-only of one server (a warning when not allowed); stored only
+    when they changed since the last stored dump (the row then names that snapshot)."""
     logger = get_run_logger()
-    result = pg_backup.backup_globals(inv, label, databases, log=logger.info,
-                                      stall_timeout=stall_timeout)
+    result = pg_globals.backup_globals_if_changed(inv, label, databases, log=logger.info,
+                                                  stall_timeout=stall_timeout)
     if result.status != "ok":
         logger.warning("globals of %s: %s", label, result.detail)
     return result

@@ -42,6 +42,11 @@ DEMO_APPS = {"good": 120, "bad": 121}
 COMPOSE_GUEST = ("docker1", 130)
 COMPOSE_APPS = {"compose-good": "2", "compose-bad": "2-bad"}
 """Compose demo apps on the real engine (name -> the version the registry then offers)."""
+PG_CONTAINER = "immich_postgres"
+"""The containerised database server of the lab (PostgreSQL 17, no published port)."""
+PG_CONTAINER_DB = "immich"
+"""Its database (the ``photos`` sample), in the inventory under the same name."""
+PG_CONTAINER_DRILL_SERVER = "immich-pg"
 
 
 def write_secret(path: Path, value: str) -> Path:
@@ -61,17 +66,22 @@ class LocalLab:
 
     def __init__(self, workdir: Path, *, postgres: bool = True, s3: bool = True,
                  sshd: bool = True, pvesim: bool = True, pve_task_duration: float = 0.2,
-                 docker: bool = False, docker_args: tuple[str, ...] = ()) -> None:
+                 docker: bool = False, docker_args: tuple[str, ...] = (),
+                 db_container: bool | None = None) -> None:
         """``docker``: also start a private Docker engine (``docker_args`` go to dockerd),
         a loopback registry and the app images (:mod:`labkeeper.locallab.docker`); if
         the engine cannot start, the lab runs without it and :attr:`docker_error` says
-        why."""
+        why. ``db_container`` (default: ``docker``): on that engine, also run
+        PostgreSQL 17 in a container (:data:`PG_CONTAINER`, host networking, nothing
+        published) with a seeded database that the inventory reaches by ``docker
+        exec`` over SSH; if it cannot start, :attr:`db_container_error` says why."""
         self.docker_args = docker_args
         self.workdir = workdir.resolve()
         self.secrets_dir = self.workdir / "secrets"
         self.inventory_path = self.workdir / "lab.yaml"
         self.want = {"postgres": postgres, "s3": s3, "sshd": sshd, "pvesim": pvesim,
-                     "docker": docker}
+                     "docker": docker,
+                     "db_container": docker if db_container is None else db_container}
         self.pve_task_duration = pve_task_duration
         self.postgres: LocalPostgres | None = None
         self.s3: LocalS3 | None = None
@@ -85,6 +95,8 @@ class LocalLab:
         self.registry: Any = None
         self.images: Any = None
         self.docker_error: str | None = None
+        self.db_container: Any = None
+        self.db_container_error: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> LocalLab:
@@ -115,6 +127,8 @@ class LocalLab:
                 self.pvesim.start(host="127.0.0.1", port=0)
             if self.want["docker"]:
                 self._start_docker()
+                if self.want["db_container"]:
+                    self._start_db_container()
             self._sample_files()
             self.write_inventory()
             self._write_pids()
@@ -141,7 +155,37 @@ class LocalLab:
             log.warning("the Docker engine is not available: %s", exc)
             self._stop_docker()
 
+    def _start_db_container(self) -> None:
+        """PostgreSQL 17 in a container on the lab's engine (image from the cache of
+        :mod:`labkeeper.locallab.pgimage`), seeded with :data:`PG_CONTAINER_DB`; on
+        failure the lab goes on without it and ``db_container_error`` says why."""
+        from labkeeper.errors import LabkeeperError
+        from labkeeper.locallab import pgimage
+        from labkeeper.locallab.postgres import SAMPLE_SQL
+
+        if self.docker is None:
+            self.db_container_error = ("no Docker engine: "
+                                       f"{self.docker_error or 'not started'}")
+            return
+        box = pgimage.Pg17Container(self.docker.argv(), name=PG_CONTAINER, port=free_port())
+        try:
+            box.start()
+            box.psql(f"CREATE DATABASE {PG_CONTAINER_DB};")
+            box.psql(SAMPLE_SQL["photos"] + "\nANALYZE;", db=PG_CONTAINER_DB)
+        except (LabkeeperError, OSError, RuntimeError) as exc:
+            self.db_container_error = str(exc)
+            log.warning("the PostgreSQL container is not available: %s", exc)
+            box.stop()
+            return
+        self.db_container = box
+
     def _stop_docker(self) -> None:
+        if self.db_container is not None:
+            try:
+                self.db_container.stop()
+            except Exception:
+                log.exception("removing the PostgreSQL container failed")
+            self.db_container = None
         for name in ("registry", "docker"):
             part = getattr(self, name)
             if part is not None:
@@ -286,7 +330,30 @@ class LocalLab:
                 "name": "lab-pg", "host": self.postgres.host, "port": self.postgres.port,
                 "user": self.postgres.app_user, "password": f"file:{sec / 'pg-password'}"}],
                 "repository": {"read_data_period": 1}}
+        if self.db_container is not None and self.sshd is not None and self.repo is not None:
+            self._add_db_container(inv)
         return inv
+
+    def _add_db_container(self, inv: dict[str, Any]) -> None:
+        """The containerised database, the way an Immich stack keeps it: the dump runs
+        as ``docker exec`` in :data:`PG_CONTAINER` on ``labhost`` (the lab's sshd),
+        as ``postgres`` on the container's socket (no password, as Immich's own backup
+        instructions do); drills restore into scratch databases of the same server."""
+        from labkeeper.locallab import pgimage
+
+        box = self.db_container
+        container = {"name": box.name, "docker_host": self.docker.host,
+                     "pghost": pgimage.SERVER_SOCKDIR}
+        inv.setdefault("databases", []).append({
+            "name": PG_CONTAINER_DB, "host": "labhost", "port": box.port,
+            "dbname": PG_CONTAINER_DB, "user": "postgres", "container": container,
+            "repository": "lab-repo",
+            "drill": {"enabled": True, "server": PG_CONTAINER_DRILL_SERVER, "rpo_hours": 26,
+                      "rto_minutes": 30, "smoke_queries": SMOKE_QUERIES["photos"]}})
+        drills = inv.setdefault("drills", {"repository": {"read_data_period": 1}})
+        drills.setdefault("servers", []).append({
+            "name": PG_CONTAINER_DRILL_SERVER, "host": "labhost", "port": box.port,
+            "user": "postgres", "container": container})
 
     def _demo_guests(self) -> dict[str, Any]:
         """Guests for the simulator (provisioned by the demo), a bootstrap role, and a

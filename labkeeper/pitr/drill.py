@@ -22,7 +22,7 @@ from typing import Any
 
 from labkeeper.errors import LabkeeperError
 from labkeeper.pitr import PitrError, restore
-from labkeeper.pitr.target import PitrTarget, complete_bases, list_server, wal_batches
+from labkeeper.pitr.target import PitrTarget, complete_bases, coverage, list_server, wal_batches
 
 Log = Callable[[str], None]
 
@@ -100,9 +100,12 @@ def run_drill(target: PitrTarget, *, log: Log = print, seed: int | None = None,
     bases = complete_bases(snaps)
     batches = wal_batches(snaps)
     now = datetime.now(tz=UTC)
-    if batches:
-        result.rpo_s = (now - max(b.snapshot.time for b in batches)).total_seconds()
-    span = window([b.finished_at for b in bases], [b.snapshot.time for b in batches])
+    # how far the archive provably reaches: closed-segment marks, else snapshot times
+    mark = coverage(snaps)
+    reach = [mark] if mark is not None else [b.snapshot.time for b in batches]
+    if reach:
+        result.rpo_s = (now - max(reach)).total_seconds()
+    span = window([b.finished_at for b in bases], reach)
     targets = [restore.RecoveryTarget("latest")]
     if span is not None:
         when = pick_time(span, random.Random(seed))  # noqa: S311 - a drill target, not crypto

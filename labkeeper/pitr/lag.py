@@ -20,7 +20,7 @@ from labkeeper import postgres
 from labkeeper.errors import LabkeeperError
 from labkeeper.inventory_pitr import PitrServer
 from labkeeper.pitr import wal
-from labkeeper.pitr.target import PitrTarget, complete_bases, list_server, wal_batches
+from labkeeper.pitr.target import PitrTarget, complete_bases, coverage, list_server, wal_batches
 
 MB = 1024 * 1024
 
@@ -117,7 +117,8 @@ def gather(target: PitrTarget, *, repository: bool = True) -> LagFacts:
             snaps = list_server(target)
             batches = wal_batches(snaps)
             bases = complete_bases(snaps)
-            facts.newest_wal_in_repo = max((b.snapshot.time for b in batches), default=None)
+            facts.newest_wal_in_repo = coverage(snaps) or max(
+                (b.snapshot.time for b in batches), default=None)
             facts.newest_base_in_repo = bases[-1].finished_at if bases else None
         except LabkeeperError as exc:
             facts.errors.append(f"cannot list the repository: {exc}")

@@ -107,6 +107,11 @@ def wal_tags(server: str, first: str, last: str, *, covered_until: float | None 
     return tags + ([f"walto:{int(covered_until)}"] if covered_until is not None else [])
 
 
+def walmark_tags(server: str, covered_until: float) -> list[str]:
+    """A ship that found nothing new still proves the archive reaches this moment."""
+    return ["labkeeper", server_tag(server), "kind:walmark", f"walto:{int(covered_until)}"]
+
+
 def covered_until_of(tags: list[str]) -> datetime | None:
     for t in tags:
         if t.startswith("walto:") and t[6:].isdigit():

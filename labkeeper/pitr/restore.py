@@ -33,6 +33,7 @@ from labkeeper.pitr.target import (
     StoredBase,
     StoredWal,
     complete_bases,
+    coverage,
     list_server,
     wal_batches,
 )
@@ -293,13 +294,12 @@ def wait_for_recovery(cluster: scratch.ScratchCluster, *, timeout: float,
 NOT_REACHED = "recovery ended before configured recovery target was reached"
 
 
-def archive_covers(batches: list[StoredWal], to: RecoveryTarget) -> datetime | None:
-    """When the archived WAL provably holds every commit up to the time target (pure):
-    a batch shipped after closing the server's segment at or after it (its ``walto:``)."""
+def archive_covers(reach: datetime | None, to: RecoveryTarget) -> datetime | None:
+    """``reach`` when the archived WAL provably holds every commit up to the time target
+    (pure): a ship closed the server's segment at or after it (``walto:`` marks,
+    :func:`labkeeper.pitr.target.coverage`)."""
     if to.kind != "time" or to.time is None:
         return None
-    marks = [b.covered_until for b in batches if b.covered_until is not None]
-    reach = max(marks, default=None)
     return reach if reach is not None and reach >= to.time else None
 
 
@@ -345,7 +345,7 @@ def restore_pitr(target: PitrTarget, to: RecoveryTarget, workdir: Path, *, log: 
     cluster.start()
     outcome = wait_for_recovery(cluster, timeout=timeout, action=action)
     notes: list[str] = []
-    covered = None if plan.gap else archive_covers(batches, to)
+    covered = None if plan.gap else archive_covers(coverage(snaps), to)
     if outcome.error.startswith(NOT_REACHED) and covered is not None:
         notes.append(f"no commit after {outcome.last_commit_time or 'the base backup'} up to "
                      f"the target; the archive holds every commit until "

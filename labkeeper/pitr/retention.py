@@ -50,6 +50,10 @@ def plan(snapshots: list[restic.Snapshot], keep: int, *, now: datetime | None = 
             out.forget.append(w.snapshot)
             out.reasons.append(f"WAL {w.first}..{w.last}: older than {oldest.start_segment}, "
                                f"the start of the oldest kept base backup {oldest.backup_id}")
+    marks = sorted((s for s in snapshots if "kind:walmark" in s.tags), key=lambda s: s.time)
+    for s in marks[:-1]:
+        out.forget.append(s)
+        out.reasons.append(f"archive mark {s.time.isoformat()}: a newer one exists")
     complete = {b.backup_id for b in bases}
     for s in snapshots:
         bid = pg_backup.backup_id_of(s)

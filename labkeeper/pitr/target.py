@@ -138,6 +138,14 @@ def wal_batches(snapshots: list[restic.Snapshot]) -> list[StoredWal]:
     return sorted(out, key=lambda w: (models.parse_segment(w.first)[1], w.snapshot.time))
 
 
+def coverage(snapshots: list[restic.Snapshot]) -> datetime | None:
+    """How far the archive provably reaches (pure): the newest ``walto:`` mark of a WAL
+    batch or of a ship that found nothing new (``kind:walmark``)."""
+    marks = [models.covered_until_of(s.tags) for s in snapshots
+             if "kind:wal" in s.tags or "kind:walmark" in s.tags]
+    return max((m for m in marks if m is not None), default=None)
+
+
 def list_server(target: PitrTarget, *, timeout: float = 120) -> list[restic.Snapshot]:
     return restic.find_snapshots(target.repo, tags=["labkeeper", models.server_tag(target.name)],
                                  host=target.host, timeout=timeout)

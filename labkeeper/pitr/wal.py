@@ -19,12 +19,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +274,8 @@ def ship(target: PitrTarget, *, log: Log = print, switch: bool | None = None,
     ready = ready_files(target.spool)
     names = batch_of(ready, limit)
     if not names:
+        if covered_until is not None:
+            notes.append(_mark(target, covered_until))
         return ShipResult(target.name, [], duration_s=time.monotonic() - started,
                           notes=[*notes, "nothing to ship"])
     if len(names) < len(ready):
@@ -288,6 +292,21 @@ def ship(target: PitrTarget, *, log: Log = print, switch: bool | None = None,
         f"snapshot {restic.short_id(result.snapshot_id)}; removed them from the spool "
         f"({result.left_in_spool} left)")
     return result
+
+
+def _mark(target: PitrTarget, covered_until: float) -> str:
+    """Nothing new to ship, yet the server's segment was closed: record that the archive
+    reaches this moment (a tiny ``kind:walmark`` snapshot; retention keeps the newest)."""
+    when = datetime.fromtimestamp(covered_until, tz=UTC).isoformat()
+    try:
+        restic.backup_bytes(target.repo, json.dumps({"walto": when}).encode() + b"\n",
+                            filename="walmark.json", host=target.host,
+                            tags=models.walmark_tags(target.name, covered_until),
+                            compression=target.compression, timeout=300)
+    except LabkeeperError as exc:
+        raise PitrError(f"recording the archive mark of {target.name} failed: {exc}",
+                        transient=exc.transient) from None
+    return f"archive complete up to {when}"
 
 
 def _ship_batch(target: PitrTarget, names: list[str], *, log: Log, stall_timeout: float,

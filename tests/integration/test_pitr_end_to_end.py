@@ -27,8 +27,8 @@ from labkeeper import restic
 from labkeeper.cli import app
 from labkeeper.doctor import CheckSpec, run_check
 from labkeeper.pitr import PitrError, basebackup, drill, models, restore, retention, wal
-from labkeeper.pitr.target import complete_bases, list_server, wal_batches
-from tests.fixtures.procs import process_argvs
+from labkeeper.pitr.target import complete_bases, coverage, list_server, wal_batches
+from tests.fixtures.procs import parent_pid, process_argvs
 from tests.integration.pitr_support import DB, PitrLab, Receiver, Writer, start_pitr_lab, wait_until
 
 
@@ -59,15 +59,15 @@ def scenario() -> Iterator[Scenario]:
         yield sc
     finally:
         sc.writer.stop()  # (a test may have replaced it)
-        receiver = sc.receiver
-        receiver.stop()
+        sc.receiver.stop()
         plab.lab.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _pids(name: bytes) -> list[int]:
+    """Our own children running ``name`` (never another session's processes)."""
     return [pid for pid, argv in process_argvs()
-            if any(a.endswith(name) for a in argv[:4]) and os.getppid() != pid]
+            if argv[0].endswith(name) and parent_pid(pid) == os.getpid()]
 
 
 def _interrupted_base_backup(scenario: Scenario, interrupt: Callable[[], object]) -> None:
@@ -196,6 +196,11 @@ def test_restore_to_a_quiet_moment_after_the_last_commit_has_every_row(
     quiet = datetime.now(tz=UTC)
     wait_until(lambda: datetime.now(tz=UTC) > quiet + timedelta(seconds=1), 10, "a quiet second")
     scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    reach = coverage(list_server(t))
+    assert reach is not None and reach > quiet
+    again = wal.ship(t, log=lambda _m: None)  # nothing (or only a little) new to ship
+    later = coverage(list_server(t))
+    assert later is not None and later > reach, again.notes
     scenario.writer = Writer(scenario.plab).start()
     res = restore.restore_pitr(t, restore.RecoveryTarget("time", time=quiet), restore_dir,
                                log=lambda _m: None, timeout=300)

@@ -115,7 +115,8 @@ def test_scratch_vmid_is_the_first_unused_of_the_range():
 def test_plan_targets_all_and_named_targets():
     inv = load_inventory(EXAMPLE)
     assert drill.plan_targets(inv, "all") == [
-        ("database", "immich"), ("database", "nextcloud"), ("guest", "db1"),
+        ("database", "immich"), ("database", "nextcloud"), ("database", "n8n"),
+        ("guest", "db1"),
         ("guest", "vaultwarden"), ("repository", "b2-main"), ("paths", "nas/photos"),
         ("paths", "nextcloud/nextcloud-data"), ("paths", "immich/compose-stacks")]
     assert drill.plan_targets(inv, "db:immich") == [("database", "immich")]

@@ -12,7 +12,7 @@ from labkeeper.inventory import parse_inventory, validate_text
 from labkeeper.inventory_pitr import PitrServer
 from labkeeper.pitr import PitrError, drill, lag, models, restore, retention, scratch
 from labkeeper.pitr import wal as wal_mod
-from labkeeper.pitr.target import complete_bases, lsn_range_tag, wal_batches
+from labkeeper.pitr.target import complete_bases, coverage, lsn_range_tag, wal_batches
 from labkeeper.restic import Snapshot
 
 T0 = datetime(2026, 12, 5, 2, 0, tzinfo=UTC)
@@ -283,3 +283,23 @@ def test_an_idle_servers_switched_segment_counts_as_arrived_once_the_receiver_is
     assert not wal_mod.segment_arrived(seg(5), [], seg(5) + ".partial")
     assert wal_mod.segment_arrived(seg(5), ["00000001.history", seg(5)], None)
     assert not wal_mod.segment_arrived(seg(6), [seg(5)], seg(6) + ".partial")
+
+
+def test_archive_covers_a_time_target_only_up_to_the_last_closed_segment() -> None:
+    shipped = snap(20, [*models.wal_tags("pg1", seg(4), seg(6),
+                                         covered_until=(T0 + timedelta(minutes=5)).timestamp())])
+    reach = coverage([wal(11, 2, 3, 1), shipped])
+    at = restore.RecoveryTarget("time", time=T0 + timedelta(minutes=4))
+    assert restore.archive_covers(reach, at) == T0 + timedelta(minutes=5)
+    later = restore.RecoveryTarget("time", time=T0 + timedelta(minutes=6))
+    assert restore.archive_covers(reach, later) is None
+    assert restore.archive_covers(reach, restore.RecoveryTarget("latest")) is None
+    idle = snap(21, models.walmark_tags("pg1", (T0 + timedelta(minutes=9)).timestamp()))
+    assert restore.archive_covers(coverage([shipped, idle]), later) == T0 + timedelta(minutes=9)
+
+
+def test_retention_keeps_only_the_newest_archive_mark() -> None:
+    marks = [snap(30 + i, models.walmark_tags("pg1", (T0 + timedelta(minutes=i)).timestamp()),
+                  minutes=i) for i in range(3)]
+    plan = retention.plan([*base(1, "a", 2, 2, 0), *marks], keep=1, now=T0)
+    assert {s.id for s in plan.forget} == {marks[0].id, marks[1].id}
