@@ -209,8 +209,9 @@ class Bench:
     def with_server(self) -> None:
         print("with a running server (PREFECT_API_URL set)", flush=True)
         self.pairs("ours, server running", lambda: self.ours(self.env_server, self.inv_one)[0])
-        _w, out, _e = self.ours(self.env_server, self.inv_one)
-        self.globals_line = next((ln for ln in out.splitlines() if "globals" in ln), "")
+        _w, out, err = self.ours(self.env_server, self.inv_one)
+        self.globals_line = next((ln for ln in (err + out).splitlines()
+                                  if "globals of" in ln), "(no globals line in the output)")
 
     def without_server(self) -> None:
         print("no server configured: first command (starts the local one), then later ones",

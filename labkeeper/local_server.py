@@ -133,7 +133,8 @@ def start(srv: LocalServer, *, timeout: float = START_TIMEOUT,
     with open(srv.log_path, "ab") as log:
         proc = subprocess.Popen(server_argv(), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, env=server_env(srv, environ),
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True, cwd=srv.home)
+    srv.pidfile.write_text(json.dumps({"pid": proc.pid, "url": srv.url}))  # stoppable now
     deadline = time.monotonic() + timeout
     while not healthy(srv.api_url, timeout=1.0):
         if proc.poll() is not None:
@@ -145,7 +146,6 @@ def start(srv: LocalServer, *, timeout: float = START_TIMEOUT,
                                f"{timeout:g} s (log: {srv.log_path})", service="prefect",
                                transient=True)
         time.sleep(0.2)
-    srv.pidfile.write_text(json.dumps({"pid": proc.pid, "url": srv.url}))
     proc.returncode = 0  # it outlives us by design: no "still running" warning
     return proc.pid
 
@@ -191,6 +191,12 @@ def stop(srv: LocalServer, *, grace: float = 10.0) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     srv.pidfile.unlink()
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False  # gone already
+    if b"prefect" not in cmdline or b"server" not in cmdline:
+        return False  # the pid was reused by something else: leave it alone
     try:
         os.killpg(pid, 15)
     except ProcessLookupError:

@@ -95,10 +95,6 @@ class StoredWal:
     first: str
     last: str
 
-    @property
-    def covered_until(self) -> datetime | None:
-        return models.covered_until_of(self.snapshot.tags)
-
 
 def lsn_range_tag(timeline: int, start_lsn: str, end_lsn: str) -> str:
     return f"walrange:{timeline}:{start_lsn}:{end_lsn}"

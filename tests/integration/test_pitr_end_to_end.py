@@ -216,7 +216,9 @@ def test_restore_to_an_lsn_stops_at_the_first_record_past_it(
         scenario: Scenario, restore_dir: Path) -> None:
     t = scenario.plab.target()
     committed = list(scenario.writer.rows)
-    lsn = scenario.plab.sql("SELECT pg_current_wal_lsn();")[0][0]
+    # the insert position: the lab runs synchronous_commit = off, so a commit the writer
+    # saw may still be beyond pg_current_wal_lsn() (the write position)
+    lsn = scenario.plab.sql("SELECT pg_current_wal_insert_lsn();")[0][0]
     scenario.writer.wait_rows(3)
     scenario.ships.append(wal.ship(t, log=lambda _m: None))
     res = restore.restore_pitr(t, restore.RecoveryTarget("lsn", lsn=lsn), restore_dir,

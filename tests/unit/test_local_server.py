@@ -58,3 +58,18 @@ def test_status_uses_a_local_server_only_if_one_answers_and_never_starts_one(tmp
            "LABKEEPER_PREFECT_PORT": str(free_port())}
     assert prefect_for_command(["status"], env) == "none"
     assert "PREFECT_API_URL" not in env and not (tmp_path / "p").exists()
+
+
+def test_stop_leaves_a_process_alone_whose_pid_was_reused(tmp_path):
+    import json
+    import subprocess
+
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        srv = ls.LocalServer(home=tmp_path, port=free_port())
+        srv.pidfile.write_text(json.dumps({"pid": other.pid, "url": srv.url}))
+        assert ls.stop(srv) is False
+        assert other.poll() is None and not srv.pidfile.exists()
+    finally:
+        other.kill()
+        other.wait()
