@@ -215,7 +215,7 @@ def rpo(t: pitr_target.PitrTarget, interval: float, ships: int) -> None:
     lands = [landed - sw for sw, landed in marks]
     print(f"RPO at a {interval:g} s ship interval: worst loss {statistics.median(worst):.1f} s "
           f"median / {max(worst):.1f} s max over {len(worst)} intervals (ship itself: "
-          f"{statistics.median(lands):.1f} s median); at 300 s: ~{300 + max(lands):.0f} s")
+          f"{statistics.median(lands):.1f} s median)")
 
 
 if __name__ == "__main__":

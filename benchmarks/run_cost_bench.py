@@ -180,6 +180,7 @@ class Bench:
         self.ours(self.env_server, self.inv_one)
         self.imports()
         self.with_server()
+        self.where()
         self.without_server()
         self.concurrent()
         if not self.args.no_temporary:
@@ -212,6 +213,29 @@ class Bench:
         _w, out, err = self.ours(self.env_server, self.inv_one)
         self.globals_line = next((ln for ln in (err + out).splitlines()
                                   if "globals of" in ln), "(no globals line in the output)")
+
+    def where(self) -> None:
+        """Where a warm one-database run's seconds go (server running): a child that
+        times its imports and the flow call, the backup's own duration from its row."""
+        print("where the time goes (server running)", flush=True)
+        code = ("import time, sys; t0 = time.monotonic()\n"
+                "from flows.pg_backup import pg_backup_flow\n"
+                "t1 = time.monotonic()\n"
+                f"s = pg_backup_flow(lab={str(self.inv_one)!r}, databases=['bench'], "
+                "return_state=True)\n"
+                "t2 = time.monotonic()\n"
+                "rows = {r['database']: r for r in s.result()}\n"
+                "print('PHASES', t1 - t0, t2 - t1, rows['bench']['duration s'])\n")
+        for _ in range(self.args.repeat):
+            pre, _o, _e = timed([sys.executable, "-c", "pass"], self.env_server)
+            wall, out, _e = timed([sys.executable, "-c", code], self.env_server)
+            line = next(ln for ln in out.splitlines() if ln.startswith("PHASES"))
+            imports, flow, backup = (float(x) for x in line.split()[1:])
+            self.add("phase: python start", pre)
+            self.add("phase: imports (flows.pg_backup)", imports)
+            self.add("phase: flow run around the backup", flow - backup)
+            self.add("phase: the backup itself", backup)
+            self.add("phase: process exit (log/event flush)", wall - pre - imports - flow)
 
     def without_server(self) -> None:
         print("no server configured: first command (starts the local one), then later ones",

@@ -8,11 +8,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,7 +27,8 @@ from labkeeper import pg_backup, postgres, process, restic
 from labkeeper.inventory import load_inventory
 from labkeeper.locallab.lab import write_secret
 from tasks import pg_backup as backup_tasks
-from tests.fixtures.procs import HeldStart, process_argvs, restic_pids
+from tests.fixtures.procs import HeldStart, io_bytes, process_argvs, restic_pids
+from tests.fixtures.waiting import wait_until
 from tests.integration.test_doctor_flow import ArgvWatcher, _flow_run_record
 
 BIG = "bigdb"
@@ -80,25 +83,29 @@ def _count_copy_rows(dump: bytes, table: str) -> int:
 
 
 class Killer(threading.Thread):
-    """Sends ``sig`` to the first process whose argv holds every needle, ``delay``
-    seconds after it appears; records whether it was still running then."""
+    """Sends ``sig`` to (or runs ``action`` on) the first of this session's processes
+    whose argv holds every needle, once ``ready(pid)`` says it has reached the moment
+    the fault is for (an observable state, never a delay: a delay lands elsewhere on a
+    loaded machine); records whether it was still running then. Nothing is done once
+    :attr:`stop` is set (the run it was for is over)."""
 
-    def __init__(self, needles: list[bytes], *, delay: float, sig: int = signal.SIGKILL,
-                 action=None) -> None:
+    def __init__(self, needles: list[bytes], *, ready: Callable[[int], bool],
+                 sig: int = signal.SIGKILL, action: Callable[[int], None] | None = None
+                 ) -> None:
         super().__init__(daemon=True)
-        self.needles, self.delay, self.sig, self.action = needles, delay, sig, action
+        self.needles, self.ready, self.sig, self.action = needles, ready, sig, action
         self.killed_pid: int | None = None
         self.stop = threading.Event()
-
-    def wait_for_moment(self, pid: int) -> None:
-        time.sleep(self.delay)
 
     def run(self) -> None:
         while not self.stop.is_set():
             for pid, argv in process_argvs(own=True):  # never another session's
                 if all(any(n in a for a in argv) for n in self.needles):
                     try:
-                        self.wait_for_moment(pid)
+                        while not self.ready(pid):
+                            if self.stop.is_set():
+                                return
+                            time.sleep(0.002)
                         if self.action is not None:
                             self.action(pid)
                         else:
@@ -110,27 +117,14 @@ class Killer(threading.Thread):
             time.sleep(0.005)
 
 
-def _rchar(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as f:
-        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
-
-
 class ReadKiller(Killer):
-    """SIGKILLs the first process whose argv holds every needle once it has read
-    ``min_read`` bytes: mid-stream whatever its start-up cost (key derivation)."""
+    """SIGKILLs (or ``action``) the first process whose argv holds every needle once it
+    has read ``min_read`` bytes: mid-stream whatever its start-up cost (key derivation)."""
 
-    def __init__(self, needles: list[bytes], *, min_read: int) -> None:
-        super().__init__(needles, delay=0)
-        self.min_read = min_read
-
-    def wait_for_moment(self, pid: int) -> None:
-        while _rchar(pid) < self.min_read and not self.stop.is_set():
-            time.sleep(0.002)
-
-
-def _wchar(pid: int) -> int:
-    with open(f"/proc/{pid}/io") as f:
-        return int(next(line for line in f if line.startswith("wchar:")).split()[1])
+    def __init__(self, needles: list[bytes], *, min_read: int,
+                 action: Callable[[int], None] | None = None) -> None:
+        super().__init__(needles, ready=lambda pid: io_bytes(pid, "rchar") >= min_read,
+                         action=action)
 
 
 class WriteKiller(Killer):
@@ -139,12 +133,30 @@ class WriteKiller(Killer):
     delay lets a quick dump finish first on an idle machine)."""
 
     def __init__(self, needles: list[bytes], *, min_written: int) -> None:
-        super().__init__(needles, delay=0)
-        self.min_written = min_written
+        super().__init__(needles, ready=lambda pid: io_bytes(pid, "wchar") >= min_written)
 
-    def wait_for_moment(self, pid: int) -> None:
-        while _wchar(pid) < self.min_written and not self.stop.is_set():
-            time.sleep(0.002)
+
+_READ_SYSCALL = {"x86_64": "0", "aarch64": "63"}.get(platform.machine())
+"""The number of read(2), first field of /proc/PID/task/TID/syscall."""
+
+
+def waiting_on_stdin(pid: int) -> bool:
+    """True while a thread of ``pid`` is blocked in read(2) on its stdin (fd 0). A
+    ``restic backup --stdin`` reads its stdin only once it has opened the repository,
+    taken its lock and loaded the index: blocked there, it holds its lock and has taken
+    all the data written so far (a PendingBackup's primed bytes): it waits for the rest.
+    (restic, a Go program, reads a blocking pipe with read(2) in a thread of its own,
+    0.14 and 0.18 alike.) OSError once the process is gone."""
+    assert _READ_SYSCALL is not None, f"read(2)'s number on {platform.machine()}?"
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/syscall") as f:
+                call = f.read().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if call[:2] == [_READ_SYSCALL, "0x0"]:
+            return True
+    return False
 
 
 def _locks(repo: restic.Repo) -> list[restic.LockInfo]:
@@ -363,7 +375,8 @@ def test_manifest_restic_killed_while_waiting_is_replaced_and_leaves_no_lock(lab
     # The manifest's restic starts with the dump and waits for its data; if it dies
     # meanwhile, a fresh restic stores the manifest and the dead one's lock is removed.
     repo = _repo(big)
-    killer = Killer([b"restic", f"{BIG}.manifest.json".encode()], delay=0.3)
+    # killed once it waits for its data: it holds a lock then, which must be removed
+    killer = Killer([b"restic", f"{BIG}.manifest.json".encode()], ready=waiting_on_stdin)
     killer.start()
     try:
         said: list[str] = []
@@ -387,7 +400,8 @@ def test_pending_backup_stores_its_data_on_finish_and_nothing_when_aborted(lab, 
                                    tags=[*tags, "backup:aborted"])
     kept = restic.PendingBackup(repo, filename="kept.json", host="local-lab",
                                 tags=[*tags, "backup:kept"])
-    time.sleep(1.0)  # both are waiting for their data now
+    wait_until(lambda: waiting_on_stdin(aborted.pid) and waiting_on_stdin(kept.pid),
+               timeout=120, what="both restics to wait for their data (locks taken)")
     aborted.abort()
     summary = kept.finish(b'{"rows": 42}\n', timeout=60)
     assert summary.total_bytes_processed == 13 and summary.files == 1
@@ -498,13 +512,37 @@ def test_gated_relay_hands_the_gate_the_true_tail_of_a_stream_written_in_bursts(
     assert res.bytes_relayed == (len(expected),) and res.eof_given == (True,)
 
 
+_LINGERING_CONSUMER = """\
+import os, signal, time
+os.close(0)
+parent = os.getppid()
+
+def producer_alive():
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except (OSError, ValueError):
+            continue
+        comm = stat[stat.index(b"(") + 1:stat.rindex(b")")]
+        state, ppid = stat[stat.rindex(b")") + 2:].split()[:2]
+        if comm == b"yes" and int(ppid) == parent and state not in (b"Z", b"X"):
+            return True
+    return False
+
+while producer_alive():
+    time.sleep(0.005)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
 def test_consumer_that_stops_reading_then_dies_is_the_cause_not_the_producer_we_stopped():
     # restic killed from outside closes its stdin a moment before it can be reaped;
-    # the producer we then stop must not be blamed (this consumer lingers 0.3 s
-    # between closing its stdin and dying, to make that moment long).
-    consumer = (sys.executable, "-c", "import os, signal, time\nos.close(0)\n"
-                "time.sleep(0.3)\nos.kill(os.getpid(), signal.SIGKILL)\n")
-    res = process.pipeline([("yes",), consumer], timeout=20, check=False)
+    # the producer we then stop must not be blamed. This consumer makes that moment
+    # last until the producer was stopped: it closes its stdin, waits until its
+    # sibling ``yes`` is dead (a zombie or reaped), then dies.
+    consumer = (sys.executable, "-c", _LINGERING_CONSUMER)
+    res = process.pipeline([("yes",), consumer], timeout=60, check=False)
     prod, cons = res.stages
     assert res.cause == 1, (prod.meaning, cons.meaning)
     assert cons.returncode == -9 and cons.meaning == "killed by SIGKILL"
@@ -619,7 +657,9 @@ def test_s3_server_frozen_mid_upload_fails_without_snapshot_then_a_retry_succeed
                 time.sleep(0.05)
             os.kill(s3.pid, signal.SIGCONT)  # ... and comes back
 
-        killer = Killer([b"restic", f"{BIG}.sql".encode()], delay=0.5, action=freeze)
+        # frozen once the upload is under way (restic has read some of the dump)
+        killer = ReadKiller([b"restic", f"{BIG}.sql".encode()], min_read=8 << 20,
+                            action=freeze)
         thaw = threading.Thread(target=thaw_when_restic_is_gone, daemon=True)
         thaw.start()
         killer.start()
@@ -672,7 +712,7 @@ class FreezeThenLock(threading.Thread):
 
     def _next(self, seen: set[int]) -> int | None:
         while not self.stop.is_set():
-            for pid, argv in process_argvs():
+            for pid, argv in process_argvs(own=True):
                 if pid not in seen and all(any(n in a for a in argv) for n in self.needles) \
                         and self._ours(pid):
                     return pid
@@ -683,8 +723,14 @@ class FreezeThenLock(threading.Thread):
         first = self._next(set())
         if first is None:
             return
-        time.sleep(0.3)  # it is waiting for the manifest now (the dump is streaming)
-        os.kill(first, signal.SIGKILL)
+        try:  # killed once it waits for the manifest (lock taken, the dump streaming)
+            while not waiting_on_stdin(first):
+                if self.stop.is_set():
+                    return
+                time.sleep(0.002)
+            os.kill(first, signal.SIGKILL)
+        except OSError:  # it died on its own: the fault is not injected (the test says so)
+            return
         self.killed = first
         second = self._next({first})
         if second is None:
@@ -812,17 +858,29 @@ def test_live_exclusive_lock_is_waited_for_then_the_backup_runs(lab, big):
     holder = _hold_lock(repo, (*repo.base_argv(), "key", "passwd"))  # exclusive, waits
     said: list[str] = []
     released_at: list[float] = []
+    done = threading.Event()
 
-    def release() -> None:
-        time.sleep(2.5)
-        released_at.append(time.monotonic())
-        holder.stdin.close()  # empty new password: restic refuses, releases its lock
-        holder.wait()
+    def waits_for_holder() -> bool:
+        return any("waiting for exclusive lock" in m and f"pid {holder.pid} " in m
+                   for m in said)
+
+    def release() -> None:  # once the backup says it waits for the holder's lock
+        try:
+            wait_until(lambda: done.is_set() or waits_for_holder(), timeout=300,
+                       what="the backup to wait for the lock")
+            if not done.is_set():
+                released_at.append(time.monotonic())
+        finally:
+            holder.stdin.close()  # empty new password: restic refuses, releases its lock
+            holder.wait()
 
     t = threading.Thread(target=release, daemon=True)
     t.start()
-    result = pg_backup.backup_database(load_inventory(big), "photos", log=said.append)
-    t.join()
-    assert any("waiting for exclusive lock" in m for m in said), said
+    try:
+        result = pg_backup.backup_database(load_inventory(big), "photos", log=said.append)
+    finally:
+        done.set()
+        t.join(120)
+    assert waits_for_holder(), said
     assert result.snapshot_id and released_at
     assert holder.returncode == 1

@@ -22,7 +22,7 @@ import yaml
 
 from labkeeper import doctor, drill, pg_backup, restic
 from labkeeper.inventory import load_inventory
-from tests.fixtures.procs import process_argvs
+from tests.fixtures.procs import adopt, process_argvs
 
 SERVER = "labhost"
 BIG_ROWS = 450_000
@@ -151,10 +151,23 @@ def test_password_reaches_the_container_by_environment_and_is_never_in_any_argv(
 
 # -- faults mid-dump -----------------------------------------------------------------------
 
+@pytest.fixture
+def engine_adopted(pg17):
+    """The session's Docker engine counts as this session's (tests/fixtures/procs.py):
+    the shims, and under them the container's processes (the pg_dump ``docker exec``
+    runs in it), are detached from pytest. The remote ``docker exec`` client and the
+    sshd session above it run under the lab's sshd, adopted by the ``lab`` fixture."""
+    undo = adopt(pg17.engine.pids)
+    yield
+    undo()
+
+
 def _find(pred: Callable[[list[bytes], int], bool], timeout: float = 60) -> int:
+    """The first of this session's processes ``pred`` picks (never another session's:
+    the SIGSTOP/SIGKILL that follows must not hit a stranger)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for pid, argv in process_argvs():
+        for pid, argv in process_argvs(own=True):
             if pred(argv, pid):
                 return pid
         time.sleep(0.005)
@@ -259,7 +272,7 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_cut_container_dump_is_never_counted(ctr_inventory, pg17, fault):
+def test_cut_container_dump_is_never_counted(ctr_inventory, pg17, engine_adopted, fault):
     inv = load_inventory(ctr_inventory)
     before = _series(inv, "ctrbig")
     pick, act = FAULTS[fault]
@@ -270,7 +283,7 @@ def test_cut_container_dump_is_never_counted(ctr_inventory, pg17, fault):
 
     # A dump an earlier fault cut may still run in the container (killing the docker
     # client does not end the exec'd process): never take it for this one.
-    earlier = {pid for pid, argv in process_argvs() if ours(argv)}
+    earlier = {pid for pid, argv in process_argvs(own=True) if ours(argv)}
 
     def find(argv: list[bytes], pid: int) -> bool:
         return pid not in earlier and ours(argv)
