@@ -125,13 +125,20 @@ def _result_of(kind: str, name: str, state: Any) -> core.DrillResult:
 
 
 @flow(name="dr_drill", log_prints=False, timeout_seconds=24 * 3600, **hooks("dr_drill"))
-def dr_drill_flow(target: str = "all", lab: str | None = None,
-                  guest_poll: float = 0.5) -> list[dict]:
+def dr_drill_flow(target: str = "all", lab: str | None = None) -> list[dict]:
     """Run the disaster-recovery drills of ``target``: ``all`` (every enabled drill),
     ``db:NAME``, ``guest:NAME``, ``repository[:NAME]``, ``paths[:HOST/SET]`` or a bare
-    name."""
+    name.
+
+    Args:
+        target: Which drills: all (every enabled drill), db:NAME, guest:NAME,
+            repository or repository:NAME, paths or paths:HOST/SET, or a bare name.
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
+    """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
+    guest_poll = inv.settings.tuning.drill_guest_poll
     plan = core.plan_targets(inv, target)
     logger.info("dr_drill %s: %d drill(s): %s", target, len(plan),
                 ", ".join(f"{k}:{n}" for k, n in plan) or "none")

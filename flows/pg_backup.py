@@ -70,10 +70,19 @@ def _failed_row(name: str, detail: str) -> dict[str, Any]:
 
 @flow(name="pg_backup", log_prints=False, timeout_seconds=12 * 3600, **hooks("pg_backup"))
 def pg_backup_flow(lab: str | None = None, databases: list[str] | None = None,
-                   repository: str | None = None, stall_timeout: float = 300.0) -> list[dict]:
-    """Back up the lab's PostgreSQL databases (default: all) into restic."""
+                   repository: str | None = None) -> list[dict]:
+    """Back up the lab's PostgreSQL databases (default: all) into restic.
+
+    Args:
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
+        databases: Only these databases (their names in the inventory); empty: every
+            database.
+        repository: Only the databases that back up into this restic repository.
+    """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
+    stall_timeout = inv.settings.tuning.stall_timeout
     names = select_databases(inv, databases, repository)
     logger.info("pg_backup: %d database(s) of lab %s: %s", len(names), inv.lab.name,
                 ", ".join(names))

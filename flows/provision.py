@@ -26,7 +26,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from labkeeper import bootstrap as bs
 from labkeeper import provision as pv
 from labkeeper.errors import ConfigError, LabkeeperError
 from labkeeper.inventory import Guest, load_inventory
@@ -53,18 +52,24 @@ class ProvisionFailed(Exception):
 @flow(name="provision", log_prints=False, timeout_seconds=12 * 3600, **hooks("provision"))
 def provision_flow(lab: str | None = None, allow_restart: bool = False,
                    allow_destroy: bool = False, yes: bool = False, plan_only: bool = False,
-                   bootstrap: bool = True,
-                   guest_state_dir: str = bs.DEFAULT_STATE_DIR) -> dict[str, Any]:
+                   bootstrap: bool = True) -> dict[str, Any]:
     """Make Proxmox match the inventory's guests, then bootstrap them over SSH.
 
-    ``plan_only`` stops after the plan (nothing changes). ``allow_restart`` lets
-    changes that need a restart restart running guests; ``allow_destroy`` destroys
-    guests marked ``state: absent``; ``yes`` accepts a plan touching more guests than
-    ``settings.provision.max_changes_without_yes``.
+    Args:
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
+        allow_restart: Restart running guests whose changes need a restart.
+        allow_destroy: Destroy the guests the inventory marks state: absent.
+        yes: Accept a plan that touches more guests than
+            settings.provision.max_changes_without_yes.
+        plan_only: Only show the plan (the Artifacts page); change nothing.
+        bootstrap: Bootstrap guests over SSH (packages, files, Compose) after creating
+            them.
     """
     logger = get_run_logger()
     path = lab_path(lab)
     inv = load_inventory(path)
+    guest_state_dir = str(inv.settings.provision.guest_state_dir)
     started = time.monotonic()
     plan: pv.Plan = steps.read_plan(inv)
     create_markdown_artifact(key=PLAN_ARTIFACT, markdown=plan.markdown(),
@@ -200,8 +205,7 @@ def plan_cli(lab: Path, json_out: bool) -> int:
     return 1 if plan.problems else 0
 
 
-def apply_cli(lab: Path, *, allow_restart: bool, allow_destroy: bool, yes: bool,
-              guest_state_dir: str = bs.DEFAULT_STATE_DIR) -> int:
+def apply_cli(lab: Path, *, allow_restart: bool, allow_destroy: bool, yes: bool) -> int:
     """``labkeeper provision apply``: run the provision flow; print every step.
 
     Exit status: 0 converged, 1 a guest failed / the plan has problems / the plan
@@ -213,8 +217,7 @@ def apply_cli(lab: Path, *, allow_restart: bool, allow_destroy: bool, yes: bool,
         print("\n".join([str(exc), *exc.problems]), file=sys.stderr)
         return 2
     state = provision_flow(lab=str(lab), allow_restart=allow_restart,
-                           allow_destroy=allow_destroy, yes=yes,
-                           guest_state_dir=guest_state_dir, return_state=True)
+                           allow_destroy=allow_destroy, yes=yes, return_state=True)
     result = state.result(raise_on_failure=False)
     report = result.report if isinstance(result, ProvisionFailed) else result
     console = _console()

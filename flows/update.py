@@ -87,21 +87,27 @@ Resolve = Literal["keep", "rollback"]
 @flow(name="update-app", log_prints=False, timeout_seconds=12 * 3600, **hooks("update"))
 def update_app_flow(apps: list[str] | None = None, tag: str | None = None,
                     lab: str | None = None, dry_run: bool = False, force: bool = False,
-                    canary: bool = False, lock_timeout: float = 10.0,
-                    resolve: Resolve | None = None) -> Any:
+                    canary: bool = False, resolve: Resolve | None = None) -> Any:
     """Update apps (by name, by ``tag``, or all) with protection, a health gate and
-    automatic rollback.
+    automatic rollback. How long to wait for another update of the same guest is the
+    inventory's ``settings.tuning.update_lock_timeout``.
 
-    ``dry_run`` checks health and shows versions and the commands without changing
-    anything; ``force`` updates outside the maintenance window, apps that are
-    unhealthy now, and images that were rolled back before; ``canary`` stops the
-    batch when the first app rolled back; ``lock_timeout`` is how long to wait for
-    another update of the same guest; ``resolve`` is a person's decision for an
-    unfinished update too old to finish automatically: ``keep`` what runs, or
-    ``rollback`` to its protection.
+    Args:
+        apps: Only these apps (their names in the inventory); empty: every app (or
+            those with the tag below).
+        tag: Only the apps carrying this tag.
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
+        dry_run: Check health and show versions and the commands, changing nothing.
+        force: Also update outside the maintenance window, apps that are unhealthy now,
+            and images that were rolled back before.
+        canary: Stop the batch when the first app was rolled back.
+        resolve: Your decision for an unfinished update too old to finish on its own:
+            keep what runs now, or rollback to its protection. Empty: no decision.
     """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
+    lock_timeout = inv.settings.tuning.update_lock_timeout
     chosen = select_apps(inv, apps, tag)
     logger.info("update: %d app(s): %s%s%s", len(chosen), ", ".join(a.name for a in chosen),
                 " (dry run)" if dry_run else "", " (canary)" if canary else "")
@@ -522,7 +528,7 @@ def _digest_lines(r: core.AppResult) -> list[str]:
 
 
 def run_update_cli(lab: Path, apps: list[str], *, dry_run: bool, force: bool,
-                   resolve: Resolve | None = None, lock_timeout: float = 10.0) -> int:
+                   resolve: Resolve | None = None) -> int:
     """``labkeeper update [APP...] [--dry-run] [--force] [--resolve keep|rollback]``.
 
     Exit 0 when every app updated (or was current, skipped on purpose, dry run), 2
@@ -530,8 +536,7 @@ def run_update_cli(lab: Path, apps: list[str], *, dry_run: bool, force: bool,
     updated and needs attention (blocked by another update of its guest, held on a
     pin, or an old unfinished update waiting for a decision), 1 on failure."""
     state: State = update_app_flow(apps=apps or None, lab=str(lab), dry_run=dry_run,
-                                   force=force, resolve=resolve, lock_timeout=lock_timeout,
-                                   return_state=True)
+                                   force=force, resolve=resolve, return_state=True)
     rows: list[dict] = []
     if state.is_completed():
         result = state.result()

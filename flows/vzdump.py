@@ -134,19 +134,33 @@ class _NodeQueue:
 def vzdump_flow(job: str | None = None, lab: str | None = None,
                 selection: dict[str, Any] | None = None, storage: str | None = None,
                 dry_run_retention: bool = False, force: bool = False,
-                lock_retries: int = 2, lock_retry_delay: float = 30.0,
-                poll_max: float = 5.0, task_timeout: float | None = None) -> list[dict]:
+                task_timeout: float | None = None) -> list[dict]:
     """Back up the guests of vzdump job ``job`` (or an ad-hoc ``selection`` to ``storage``).
 
-    ``dry_run_retention`` lists what retention would remove without removing it;
-    ``force`` backs up guests that already have an archive from this schedule
-    period; ``lock_retries``/``lock_retry_delay`` govern locked guests;
-    ``poll_max`` caps the seconds between task-status polls; ``task_timeout``
-    overrides the job's ``timeout_minutes`` (seconds) for this run. An ad-hoc
-    run (no ``job``) has no retention policy: it prunes nothing, and says so.
+    An ad-hoc run (no ``job``) has no retention policy: it prunes nothing, and says so.
+    Locked guests are tried again (``settings.tuning.vzdump_lock_retries``, every
+    ``vzdump_lock_retry_delay`` s); Proxmox tasks are polled at most every
+    ``vzdump_poll_max`` s.
+
+    Args:
+        job: The vzdump job to run (its name in the inventory's vzdump_jobs). Empty:
+            an ad-hoc backup of the selection below.
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
+        selection: Ad-hoc only: which guests, as a vzdump job's selection
+            (e.g. {"guests": ["web"]} or {"tags": ["critical"]}).
+        storage: Ad-hoc only: the Proxmox backup storage to write to.
+        dry_run_retention: List what retention would remove, without removing it.
+        force: Also back up guests that already have an archive from this schedule
+            period.
+        task_timeout: Seconds to wait for each guest's backup in this run (empty: the
+            job's timeout_minutes).
     """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
+    tuning = inv.settings.tuning
+    lock_retries, lock_retry_delay = tuning.vzdump_lock_retries, tuning.vzdump_lock_retry_delay
+    poll_max = tuning.vzdump_poll_max
     spec = job_for(inv, job, selection, storage)
     adhoc = job is None
     started = time.monotonic()

@@ -209,14 +209,13 @@ def provision_apply(
     allow_destroy: Annotated[bool, typer.Option(help="Destroy guests marked "
                                                      "absent.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Confirm a large plan.")] = False,
-    guest_state_dir: Annotated[str, typer.Option(help="Where bootstrap keeps its markers "
-                                                      "on each guest.")] = "/var/lib/labkeeper",
 ) -> None:
-    """Create, change and bootstrap guests so Proxmox matches the inventory."""
+    """Create, change and bootstrap guests so Proxmox matches the inventory (bootstrap
+    markers on each guest: settings.provision.guest_state_dir)."""
     from flows.provision import apply_cli
 
     raise typer.Exit(apply_cli(lab, allow_restart=allow_restart, allow_destroy=allow_destroy,
-                               yes=yes, guest_state_dir=guest_state_dir))
+                               yes=yes))
 
 
 vzdump_app = typer.Typer(no_args_is_help=True, help="Guest backups with vzdump.")

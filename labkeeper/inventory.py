@@ -516,6 +516,35 @@ class ProvisionSettings(_Model):
     max_changes_without_yes: PositiveInt = 5
     cleanup_on_failure: Literal["destroy", "report"] = "destroy"
     ssh_wait_timeout: Seconds = 300
+    guest_state_dir: AbsPath = Path("/var/lib/labkeeper")
+    """On each guest: where bootstrap keeps its markers (what it already did)."""
+
+
+NonNegSeconds = Annotated[float, Field(ge=0, le=7 * 24 * 3600)]
+
+
+class JobTuning(_Model):
+    """Waits and polls inside the jobs: internal knobs, kept off the Prefect Run forms.
+    The defaults suit a real lab; tests and slow labs change them here."""
+
+    stall_timeout: Seconds = 300
+    """pg_backup: seconds restic may accept no data before the dump and restic are
+    killed (its repository backend is down) and the database is reported failed."""
+    update_lock_timeout: NonNegSeconds = 10
+    """update: seconds to wait for another update of the same guest before the app is
+    reported ``blocked``."""
+    approval_poll: Seconds = 10
+    """runbook: seconds between checks for an operator's answer to an approval step."""
+    drill_guest_poll: Seconds = 0.5
+    """dr_drill: first seconds between Proxmox task polls of a guest drill."""
+    vzdump_poll_max: Seconds = 5
+    """vzdump: most seconds between Proxmox task-status polls."""
+    vzdump_lock_retries: NonNegInt = 2
+    """vzdump: how often a guest that is locked (by another task) is tried again."""
+    vzdump_lock_retry_delay: NonNegSeconds = 30
+    """vzdump: seconds between those tries."""
+    site_check_timeout: Seconds = 3
+    """site-check: seconds per reachability probe."""
 
 
 class Settings(_Model):
@@ -541,6 +570,8 @@ class Settings(_Model):
     """Where jobs without ``site:`` run; default: the first site."""
     metrics: Metrics = Metrics()
     provision: ProvisionSettings = ProvisionSettings()
+    tuning: JobTuning = JobTuning()
+    """Internal waits and polls of the jobs (not on the Run forms)."""
     progress_interval: Seconds = 30
     """Seconds between progress lines (bytes, rate, ETA) of a long stream in the run
     log: database dumps and restores, drills, vzdump off-site copies; a line also at

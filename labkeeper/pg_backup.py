@@ -175,6 +175,11 @@ class Manifest(BaseModel):
     labkeeper_version: str
     tables: list[TableCount]
     dump: DumpInfo | None = None
+    wal_lsn: str | None = None
+    """The WAL insert position read with the snapshot
+    (:data:`labkeeper.postgres.SNAPSHOT_LSN_SQL`): a point-in-time restore to it
+    reproduces these row counts (the PITR drill compares). None in manifests written
+    before it was recorded, and for a dump taken on a standby."""
 
     @property
     def table_count(self) -> int:
@@ -201,6 +206,7 @@ def build_manifest(*, backup_id: str, lab: str, database: str, server: str, dbna
         dump_format=dump_format, compression=compression, pg_dump_version=pg_dump_version,
         labkeeper_version=_labkeeper_version(),
         tables=[TableCount(schema_name=s, name=t, rows=n) for s, t, n in facts.tables],
+        wal_lsn=facts.wal_lsn or None,
     )
 
 
@@ -716,7 +722,8 @@ def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
         summary = stream.summary
         facts = postgres.SnapshotFacts(snapshot_id=snap.snapshot_id,
                                        server_version=snap.server_version,
-                                       database_size=snap.database_size, tables=tables)
+                                       database_size=snap.database_size, tables=tables,
+                                       wal_lsn=snap.wal_lsn)
         manifest = build_manifest(
             backup_id=backup_id, lab=job.host, database=name, server=job.server,
             dbname=job.conn.dbname, facts=facts, dump_format=job.db.format,

@@ -426,6 +426,9 @@ class SnapshotFacts:
     server_version: str
     database_size: int
     tables: tuple[tuple[str, str, int], ...]
+    wal_lsn: str = ""
+    """The WAL insert position read right after the snapshot was taken (see
+    :data:`SNAPSHOT_LSN_SQL`); empty on a standby."""
 
 
 @dataclass(frozen=True)
@@ -435,18 +438,33 @@ class OpenSnapshot:
     snapshot_id: str
     server_version: str
     database_size: int
+    wal_lsn: str = ""
+
+
+SNAPSHOT_LSN_SQL = ("CASE WHEN pg_catalog.pg_is_in_recovery() THEN '' "
+                    "ELSE pg_catalog.pg_current_wal_insert_lsn()::text END")
+"""The WAL position a snapshot corresponds to, read in the statement that takes the
+snapshot (a REPEATABLE READ transaction's snapshot is taken when its first statement
+starts): every commit the snapshot sees was inserted into the WAL before it. The
+*insert* position, not ``pg_current_wal_lsn()`` (the write position): with
+``synchronous_commit = off`` a visible commit may not be written yet. A commit that
+lands between the snapshot and this read is in the WAL before the LSN but not in the
+snapshot: a point-in-time restore to the LSN can differ from the dump by exactly those
+(the PITR drill says so). Empty on a standby (no insert position)."""
 
 
 def open_snapshot(session: PsqlSession) -> OpenSnapshot:
     """Open a REPEATABLE READ, READ ONLY transaction and export its snapshot (for
-    ``pg_dump --snapshot``); the transaction stays open. One round trip."""
+    ``pg_dump --snapshot``) with the WAL position it corresponds to; the transaction
+    stays open. One round trip."""
     rows = session.query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY;\n"
                          "SELECT pg_catalog.pg_export_snapshot(), "
                          "current_setting('server_version'), "
-                         "pg_catalog.pg_database_size(current_database())")
-    snapshot_id, version, size = rows[-1]
+                         "pg_catalog.pg_database_size(current_database()), "
+                         f"{SNAPSHOT_LSN_SQL}")
+    snapshot_id, version, size, lsn = rows[-1]
     return OpenSnapshot(snapshot_id=snapshot_id, server_version=version,
-                        database_size=int(size))
+                        database_size=int(size), wal_lsn=lsn)
 
 
 def count_rows(session: PsqlSession) -> tuple[tuple[str, str, int], ...]:
@@ -472,7 +490,8 @@ def begin_snapshot(session: PsqlSession) -> SnapshotFacts:
     the manifest (exact row counts) in it. The transaction stays open."""
     snap = open_snapshot(session)
     return SnapshotFacts(snapshot_id=snap.snapshot_id, server_version=snap.server_version,
-                         database_size=snap.database_size, tables=count_rows(session))
+                         database_size=snap.database_size, tables=count_rows(session),
+                         wal_lsn=snap.wal_lsn)
 
 
 # =====================================================================================

@@ -639,6 +639,7 @@ def test_s3_server_frozen_mid_upload_fails_without_snapshot_then_a_retry_succeed
             **repo_entry["s3"], "endpoint": s3.endpoint, "bucket": s3.bucket,
             "access_key_id": f"file:{write_secret(sec / 'ak', s3.access_key_id)}",
             "secret_access_key": f"file:{write_secret(sec / 'sk', s3.secret_access_key)}"}
+        inv.setdefault("settings", {}).setdefault("tuning", {})["stall_timeout"] = 3.0
         path = tmp_path / "lab.yaml"
         path.write_text(yaml.safe_dump(inv))
         repo = _repo(path)
@@ -664,8 +665,7 @@ def test_s3_server_frozen_mid_upload_fails_without_snapshot_then_a_retry_succeed
         thaw.start()
         killer.start()
         try:
-            state = pg_backup_flow(lab=str(path), databases=[BIG], return_state=True,
-                                   stall_timeout=3.0)
+            state = pg_backup_flow(lab=str(path), databases=[BIG], return_state=True)
         finally:
             killer.stop.set()
             frozen.set()

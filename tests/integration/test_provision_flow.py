@@ -17,8 +17,9 @@ def test_flow_provisions_an_empty_cluster_and_a_second_run_is_a_no_op(pve: Pve, 
     tmp = pve.workdir / "guest-root"
     roles = {"base": {"packages": ["coreutils"],
                       "files": [{"path": str(tmp / "motd"), "content": "{{ guest.name }}\n"}]}}
-    path = pve.write([lxc("web", 200, pve, roles=["base"]), qemu("vm", 201)], roles=roles)
-    state = provision_flow(lab=str(path), guest_state_dir=str(tmp / "state"), return_state=True)
+    path = pve.write([lxc("web", 200, pve, roles=["base"]), qemu("vm", 201)], roles=roles,
+                     provision={"guest_state_dir": str(tmp / "state")})
+    state = provision_flow(lab=str(path), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert result["ok"] and result["remaining"]["touched"] == 0
@@ -34,7 +35,7 @@ def test_flow_provisions_an_empty_cluster_and_a_second_run_is_a_no_op(pve: Pve, 
     assert any("2 create" in log.message for log in logs)
 
     pve.sim.requests.clear()
-    again = provision_flow(lab=str(path), guest_state_dir=str(tmp / "state"), return_state=True)
+    again = provision_flow(lab=str(path), return_state=True)
     assert again.is_completed(), again.message
     res = again.result()
     assert {r["status"] for r in res["steps"]} <= {"unchanged", "ok"}, res["steps"]

@@ -311,9 +311,9 @@ def test_worker_killed_between_up_and_gate_next_run_converges(stack, app_images,
     child.wait(10)
     assert image_of(app) == app_images.ids["2-bad"]
 
+    upd.tuning["update_lock_timeout"] = 0
     upd.write([app.app_entry("g", gate=GATE)])  # no minute-long delay for the proofs
-    state = update_app_flow(apps=[app.name], lab=str(path), lock_timeout=0,
-                            return_state=True)
+    state = update_app_flow(apps=[app.name], lab=str(path), return_state=True)
     assert state.name == "RolledBack", (state.name, state.message)
     (row,) = result_rows(state)
     assert "died after 'updated'" in row["detail"]

@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,8 @@ class UpdLab:
     secret_file: Path
     guests: dict[str, Guest]
     procs: list[subprocess.Popen[bytes]]
+    tuning: dict[str, Any] = field(default_factory=dict)
+    """settings.tuning of the inventories :meth:`write` writes."""
 
     def guest(self, name: str, vmid: int, *, storage: str = "local-lvm") -> Guest:
         rootfs = self.workdir / f"rootfs-{vmid}"
@@ -115,7 +117,7 @@ class UpdLab:
             })
         inv = {
             "version": 1, "lab": {"name": "update-test"},
-            "settings": {"state_dir": str(self.workdir / "state")},
+            "settings": {"state_dir": str(self.workdir / "state"), "tuning": self.tuning},
             "proxmox": {
                 "host": "127.0.0.1", "port": self.sim.port, "token_id": TOKEN_ID,
                 "token_secret": f"file:{self.secret_file}",
@@ -544,12 +546,12 @@ def hold_lock_in_a_process(lab: Path, guest: str) -> subprocess.Popen[bytes]:
 def test_an_update_of_a_busy_guest_is_blocked_not_a_silent_success(upd: UpdLab,
                                                                    prefect_harness, capsys):
     web = upd.guest("web", 350)
+    upd.tuning["update_lock_timeout"] = 0.5
     path = upd.write([upd.app(web, [web.set_command("2.0")])])
     holder = hold_lock_in_a_process(path, "web")
     try:
         upd.sim.requests.clear()
-        state = update_app_flow(apps=["web"], lab=str(path), lock_timeout=0.5,
-                                return_state=True)
+        state = update_app_flow(apps=["web"], lab=str(path), return_state=True)
         code = run_update_cli(path, ["web"], dry_run=False, force=False)
     finally:
         stop_pid(holder.pid, proc=holder, grace=2)
@@ -565,11 +567,12 @@ def test_a_killed_lock_holder_does_not_lock_the_guest_out(upd: UpdLab, prefect_h
     import signal
 
     web = upd.guest("web", 351)
+    upd.tuning["update_lock_timeout"] = 0
     path = upd.write([upd.app(web, [web.set_command("2.0")])])
     holder = hold_lock_in_a_process(path, "web")
     holder.send_signal(signal.SIGKILL)  # the kernel drops its flock
     holder.wait(10)
-    state = update_app_flow(apps=["web"], lab=str(path), lock_timeout=0, return_state=True)
+    state = update_app_flow(apps=["web"], lab=str(path), return_state=True)
     assert state.is_completed(), state.message
     assert web.version() == "2.0"
 
