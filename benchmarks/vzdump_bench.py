@@ -189,9 +189,11 @@ def flow_run(lab: Path, poll_max: float) -> tuple[float, float]:
 
     from flows.vzdump import vzdump_flow
 
+    inv = yaml.safe_load(lab.read_text())  # the poll cap is the inventory's
+    inv["settings"]["tuning"] = {"vzdump_poll_max": poll_max}
+    lab.write_text(yaml.safe_dump(inv, sort_keys=False))
     started = time.monotonic()
-    state = vzdump_flow(job="bench", lab=str(lab), force=True, poll_max=poll_max,
-                        return_state=True)
+    state = vzdump_flow(job="bench", lab=str(lab), force=True, return_state=True)
     elapsed = time.monotonic() - started
     if not state.is_completed():
         raise SystemExit(f"flow failed: {state.message}")

@@ -120,7 +120,7 @@ def _drills(inv: Inventory) -> list[Planned]:
 
     d = inv.drills
     prefix = {"database": "db", "guest": "guest", "repository": "repository",
-              "paths": "paths"}
+              "paths": "paths", "pitr": "pitr"}
     own: dict[tuple[str, str], str | None] = {}
     for kind, name in plan_targets(inv, "all"):
         if kind == "database":
@@ -130,6 +130,8 @@ def _drills(inv: Inventory) -> list[Planned]:
             own[(kind, name)] = g.drill.schedule if g.drill else None
         elif kind == "paths":
             own[(kind, name)] = d.paths.schedule
+        elif kind == "pitr":
+            own[(kind, name)] = None  # drills.schedule
         else:
             own[(kind, name)] = d.repository.schedule
     if not own:
@@ -141,6 +143,22 @@ def _drills(inv: Inventory) -> list[Planned]:
                     f"inventory: drill {prefix[k]}:{n}"
                     + (" schedule" if cron else " (drills.schedule)"))
             for (k, n), cron in own.items()]
+
+
+def ship_cron(minutes: int) -> str:
+    """A cron firing every ``minutes`` (pure): ``*/m`` below an hour, else every
+    ``minutes // 60`` hours."""
+    return f"*/{minutes} * * * *" if minutes < 60 else f"0 */{min(23, minutes // 60)} * * *"
+
+
+def _pitr_bases(inv: Inventory) -> list[Planned]:
+    return _by_schedule(inv, [(s.name, s.base_schedule) for s in inv.pitr], "servers",
+                        "pitr[].base_schedule")
+
+
+def _pitr_ships(inv: Inventory) -> list[Planned]:
+    return _by_schedule(inv, [(s.name, ship_cron(s.ship_interval_minutes)) for s in inv.pitr],
+                        "servers", "pitr[].ship_interval_minutes")
 
 
 def _backup_watch(inv: Inventory) -> list[Planned]:
@@ -156,6 +174,8 @@ FROM_INVENTORY: dict[str, tuple[str, Callable[[Inventory], list[Planned]]]] = {
     "repo-maintenance": ("flows/repo_maintenance.py:repo_maintenance_flow", _repositories),
     "weekly-dr-drill": ("flows/dr_drill.py:dr_drill_flow", _drills),
     "backup-watch": ("flows/deadman.py:backup_watch_flow", _backup_watch),
+    "pitr-base-backup": ("flows/pitr.py:pitr_base_backup_flow", _pitr_bases),
+    "pitr-wal-ship": ("flows/pitr.py:pitr_wal_ship_flow", _pitr_ships),
 }
 """Shipped deployment name -> (its entrypoint, how the inventory schedules it)."""
 
@@ -179,15 +199,18 @@ def _cron(p: Planned) -> Any:
 def load_deployments(path: Path = REPO / "prefect.yaml", inv: Inventory | None = None
                      ) -> list[Any]:
     """RunnerDeployments for every deployment in prefect.yaml (same names, parameters
-    and tags), scheduled as :func:`plan_schedules` says."""
+    and tags), scheduled as :func:`plan_schedules` says, with the Run forms of
+    deployments/forms.py."""
+    from deployments.forms import apply_form
+
     out = []
     for d in declared(path):
         flow = _flow_for(d["entrypoint"])
-        out.append(flow.to_deployment(
+        out.append(apply_form(flow.to_deployment(
             name=d["name"], description=d.get("description"), tags=d.get("tags") or [],
             parameters=d.get("parameters") or {},
             schedules=[_cron(p) for p in plan_schedules(d, inv)],
-        ))
+        ), flow, inv))
     return out
 
 
@@ -198,8 +221,11 @@ def schedule_table(inv: Inventory | None, path: Path = REPO / "prefect.yaml"
     for d in declared(path):
         planned = plan_schedules(d, inv)
         if not planned:
+            derived = inv is not None and FROM_INVENTORY.get(d["name"], ("",))[0] == \
+                d["entrypoint"]
             rows.append({"deployment": d["name"], "cron": "-", "timezone": "-",
-                         "parameters": {}, "source": "on demand"})
+                         "parameters": {}, "source": "inventory: nothing to schedule"
+                         if derived else "on demand"})
         rows += [{"deployment": d["name"], "cron": p.cron, "timezone": p.timezone,
                   "parameters": p.parameters, "source": p.source} for p in planned]
     return rows
@@ -300,6 +326,8 @@ def sync_schedules(inv: Inventory, path: Path = REPO / "prefect.yaml") -> list[s
 
     from prefect.client.orchestration import get_client
 
+    from deployments.forms import put_forms
+
     async def go() -> list[str]:
         done: list[str] = []
         async with get_client() as client:
@@ -311,6 +339,8 @@ def sync_schedules(inv: Inventory, path: Path = REPO / "prefect.yaml") -> list[s
                                      {p.work_queue for p in placed})
                 for p in placed:
                     done.append(await _apply(client, d, base, p, flow_name))
+                await put_forms(client, _flow_for(d["entrypoint"]), [p.name for p in placed],
+                                inv)
                 await _remove_stale_copies(client, base, {p.name for p in placed})
         return done
 
@@ -402,7 +432,9 @@ def _schedule(p: Planned) -> Any:
 def serve_all(inv: Inventory | None = None, *, metrics_address: str | None = None,
               metrics_port: int | None = None) -> None:
     """Serve every deployment until interrupted; with ``metrics_port`` also serve
-    ``/metrics`` (from the inventory's metrics store) alongside, stopped on the way out."""
+    ``/metrics`` (from the inventory's metrics store) alongside, stopped on the way out;
+    and ``labkeeper wal receive`` for each PITR server as a supervised child, stopped
+    by its PID on the way out."""
     from prefect import serve
 
     from labkeeper import metrics
@@ -413,9 +445,28 @@ def serve_all(inv: Inventory | None = None, *, metrics_address: str | None = Non
 
         state_dir = (inv.settings if inv is not None else Settings()).state_dir
         server = metrics.serve(state_dir, metrics_address or "127.0.0.1", metrics_port)
+    receivers = None
     try:
+        receivers = start_wal_receivers(inv)
         serve(*load_deployments(inv=inv))
     finally:
+        if receivers is not None:
+            receivers.stop()
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+def start_wal_receivers(inv: Inventory | None, lab: str | None = None) -> Any:
+    """One supervised ``labkeeper wal receive SERVER`` child per ``pitr:`` server, reading
+    the inventory serve schedules from (``lab``, else ``$LABKEEPER_LAB``, which
+    `labkeeper serve` sets); None when there is none to start."""
+    import os
+
+    lab = lab or os.environ.get("LABKEEPER_LAB")
+    if inv is None or not inv.pitr or not lab:
+        return None
+    from labkeeper.pitr.service import ReceiverChildren, receiver_argv
+
+    return ReceiverChildren({s.name: receiver_argv(s.name, Path(lab)) for s in inv.pitr}
+                            ).start()

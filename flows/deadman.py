@@ -6,10 +6,15 @@ snapshots and vzdump archives the way `labkeeper status` does, sends one notific
 (event ``missing_backup``) per late or missing series — again only when that changes,
 once a day as a reminder, and once when the series is fine again — and fails the run
 while anything is out of objective, so the run history shows red.
+
+Every run also publishes the whole of `labkeeper status` (backups, drills, updates,
+failed runs) as the markdown artifact ``lab-status``: the Artifacts page always shows
+the latest answer to "is my lab safe?".
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,12 +24,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from labkeeper import notify, status
 from labkeeper.inventory import load_inventory
 from labkeeper.secrets import redact
-from tasks.backup_watch import read_backups, tell
+from tasks.backup_watch import read_backups, read_run_history, tell
 from tasks.common import RunFailed, failure_of, lab_path
 from tasks.hooks import hooks
 
 PING = "missing_backup"
 """The key of this check in ``notifications.healthchecks.pings``."""
+STATUS_KEY = "lab-status"
+"""The artifact with the lab's whole status (`labkeeper status`), replaced every run."""
 
 
 class BackupsLate(RunFailed):
@@ -58,14 +65,24 @@ def _hooks() -> dict[str, list[Any]]:
 def backup_watch_flow(lab: str | None = None, remind_hours: float = 24.0) -> list[dict]:
     """Check every database, path set and guest backup against its objective (RPO, or
     schedule period plus grace); notify per late/missing series; fail while any is.
+    Publishes the lab's whole status as the artifact ``lab-status``.
 
-    ``remind_hours``: how often a series that stays late is notified again.
+    Args:
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
+        remind_hours: Hours between reminders about a series that stays late (a series
+            that becomes late, or fine again, is told at once).
     """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
     now = datetime.now(UTC)
-    facts = read_backups(inv, now)
-    rows = status.watched(status.evaluate(inv, facts))
+    runs, history_errors = read_run_history()
+    facts = read_backups(inv, now, runs)
+    everything = status.evaluate(inv, replace(facts, errors=[*facts.errors, *history_errors]))
+    create_markdown_artifact(key=STATUS_KEY, markdown=status_markdown(inv.lab.name, everything,
+                                                                      now),
+                             description=status_headline(everything)[:500])
+    rows = status.watched(everything)
     bad = [r for r in rows if r.state in status.BAD]
     for r in rows:
         (logger.error if r.state in status.BAD else logger.info)(
@@ -106,6 +123,41 @@ def summary_markdown(lab: str, rows: list[status.Row], now: datetime,
     if told["sent"]:
         lines += ["", "Notified: " + ", ".join(f"{s['key']} ({s['reason']})"
                                              for s in told["sent"])]
+    return "\n".join(lines)
+
+
+_ICON = {"ok": "✅", "late": "❌", "missing": "❌", "failed": "❌", "warn": "⚠️", "info": "·"}
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|") or "-"
+
+
+def status_headline(rows: list[status.Row]) -> str:
+    bad = [r for r in rows if r.state in status.BAD]
+    if not bad:
+        return "all within objectives"
+    return f"{len(bad)} out of objective: " + ", ".join(f"{r.section} {r.target}"
+                                                       for r in bad)
+
+
+def status_markdown(lab: str, rows: list[status.Row], now: datetime) -> str:
+    """`labkeeper status` as a page: the answer first, then one row per series, drill,
+    update and failed run."""
+    bad = any(r.state in status.BAD for r in rows)
+    lines = [f"# Is {lab} safe?", "",
+             f"{'❌' if bad else '✅'} **{status_headline(rows)}**", "",
+             f"As of {now:%Y-%m-%d %H:%M} UTC, from backup-watch (the same rows as "
+             "`labkeeper status`).", "",
+             "| | section | target | state | age | objective | detail |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        age = r.age(now)
+        lines.append(f"| {_ICON.get(r.state, '·')} | {_cell(r.section)} | {_cell(r.target)} | "
+                     f"{r.state} | {status.fmt_age(age) if age is not None else '-'} | "
+                     f"{_cell(r.objective)} | {_cell(r.detail)} |")
+    if not rows:
+        lines.append("| · | - | - | - | - | - | the inventory declares nothing to watch |")
     return "\n".join(lines)
 
 

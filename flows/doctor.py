@@ -23,7 +23,9 @@ class DoctorFailed(RunFailed):
 def doctor_flow(lab: str | None = None) -> list[dict]:
     """Check Proxmox, SSH hosts, databases, restic repositories and buckets of the lab.
 
-    ``lab`` is the inventory file (default: ``$LABKEEPER_LAB``, else ``lab.yaml``).
+    Args:
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
     """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))

@@ -17,6 +17,10 @@ The runbook a person would follow, per drill target (``all``: every enabled dril
 4. **Path set** (``paths:<host>/<set>``): a random sample of files of the latest
    snapshot restored and compared by SHA-256 with the files on the host (SSH);
    files changed since the backup are reported, not failed.
+5. **PITR** (``pitr:<server>``, every server of the ``pitr:`` section): the same
+   restores as the ``pitr_drill`` flow (a random moment, the newest, and each newest
+   dump's WAL LSN with its row counts compared with the manifest) in scratch clusters;
+   RTO and RPO against the server's ``objectives``.
 
 Leaves a markdown artifact ``dr-drill`` (every drill, RPO/RTO against objectives,
 what was verified) and one table artifact per target (``drill-<kind>-<name>``, so
@@ -64,7 +68,8 @@ class DrillRunFailed(RunFailed):
 def artifact_key(kind: str, name: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes."""
     slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "x"
-    short = {"database": "db", "guest": "guest", "repository": "repo", "paths": "paths"}[kind]
+    short = {"database": "db", "guest": "guest", "repository": "repo", "paths": "paths",
+             "pitr": "pitr"}[kind]
     return f"drill-{short}-{slug}"[:100]
 
 
@@ -75,6 +80,8 @@ def _resource(inv: Inventory, result: core.DrillResult) -> dict[str, str]:
         rid = f"labkeeper.guest.{inv.guest(result.target).vmid}"
     elif result.kind == "paths":
         rid = f"labkeeper.paths.{result.target}"
+    elif result.kind == "pitr":
+        rid = f"labkeeper.pitr.{result.target}"
     else:
         rid = f"labkeeper.repository.{result.target}"
     return {"prefect.resource.id": rid, "prefect.resource.name": result.target,

@@ -62,7 +62,14 @@ def _failed_row(inv: Inventory, name: str, detail: str) -> dict[str, Any]:
       **hooks("path_backup"))
 def path_backup_flow(lab: str | None = None, host: str | None = None,
                      names: list[str] | None = None) -> list[dict]:
-    """Back up the lab's path sets (default: all; ``host``: only that host's)."""
+    """Back up the lab's path sets (default: all; ``host``: only that host's).
+
+    Args:
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
+        host: Only the path sets on this host (its name in the inventory).
+        names: Only these path sets (their names in path_backups); empty: all.
+    """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
     chosen = path_backup.select_path_sets(inv, host, names)

@@ -25,7 +25,18 @@ def repo_maintenance_flow(lab: str | None = None, repository: str | None = None,
                           dry_run: bool = False, prune: bool = True, check: bool = True,
                           read_data_subset: str | None = None) -> dict[str, Any]:
     """forget (per series) → prune → check → usage, for one or every repository.
-    ``dry_run`` shows what forget/prune would remove and changes nothing."""
+
+    Args:
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
+        repository: Only this restic repository (its name in the inventory); empty:
+            every repository.
+        dry_run: Show what forget and prune would remove, changing nothing.
+        prune: Prune after forget (free the space of forgotten snapshots).
+        check: Check the repository's integrity afterwards (restic check).
+        read_data_subset: Also read back this part of the data while checking (restic's
+            --read-data-subset, e.g. 1/12 or 5%); empty: structure only.
+    """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
     names = [repository] if repository else [r.name for r in inv.repositories]

@@ -19,7 +19,16 @@ def restore_database_flow(database: str, snapshot: str = "latest", into: str | N
                           lab: str | None = None) -> dict[str, Any]:
     """Restore a database's backup (``latest`` or a snapshot id) into a NEW database
     (``<dbname>_restored_<stamp>``) and verify it against the backup's manifest. The
-    original is not touched; an unverified copy is dropped again."""
+    original is not touched; an unverified copy is dropped again.
+
+    Args:
+        database: The database whose backup to restore (its name in the inventory).
+        snapshot: latest, or the restic snapshot id of the dump (or of its manifest).
+        into: Name of the new database (empty: <dbname>_restored_<stamp>); it must not
+            exist.
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
+    """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
     res = restore.restore_database(inv, database, snapshot=snapshot, into=into,
@@ -43,7 +52,20 @@ def restore_guest_flow(guest: str, archive: str = "latest", vmid: int = 0,
 
     A copy on a new VMID is isolated (NICs unplugged, host mounts and passthrough
     devices removed, ``onboot=0``) and left stopped unless ``start`` is true; over the
-    original, the guest is started again unless ``start`` is false."""
+    original, the guest is started again unless ``start`` is false.
+
+    Args:
+        guest: The guest to restore (its name in the inventory).
+        archive: latest, or the vzdump archive's volume id
+            (e.g. local:backup/vzdump-lxc-101-2026_12_01-01_30_00.tar.zst).
+        vmid: The new guest's VMID (0: the next free one). Ignored over the original.
+        over_original: Replace the original guest (it is stopped and overwritten)
+            instead of restoring a copy beside it.
+        start: Start the restored guest (empty: a copy stays stopped, the original is
+            started again).
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
+    """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
     res = restore.restore_guest(inv, guest, archive=archive, vmid=vmid,

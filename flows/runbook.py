@@ -6,6 +6,11 @@ log and state. Approval steps pause the run (``pause_flow_run`` with
 ``labkeeper runbook approve RUN_ID``; a rejection ends the run as Cancelled (by the
 operator), a timeout fails it. ``dry_run`` changes nothing: it renders every step,
 checks every reference and says what would happen.
+
+Each runbook also has a flow of its own (:data:`RUNBOOK_FLOWS`, module attributes named
+after the runbooks: ``flows/runbook.py:restore_database``) whose parameters are the
+runbook's typed parameters, so its deployment's Run form asks for ``database`` and
+``snapshot`` with their descriptions and defaults instead of a JSON object.
 """
 
 from __future__ import annotations
@@ -13,15 +18,17 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.states import Cancelled
+from pydantic import Field
 
 from labkeeper import restore
 from labkeeper import runbook as rb
@@ -38,8 +45,18 @@ DEFAULT_STEP_TIMEOUT = 3600.0
 class Approval(RunInput):
     """The operator's answer to an approval step."""
 
-    approve: bool
-    comment: str = ""
+    approve: bool = Field(title="Approve", description=(
+        "Tick to let the runbook go on; leave unticked to reject it (the run is cancelled "
+        "and the step's compensations run)."))
+    comment: str = Field(default="", title="Comment", description=(
+        "Why, for the run's record (optional)."))
+
+
+def approval_text(book: str, step: str, message: str) -> str:
+    """What the Resume form of a paused runbook says above its fields."""
+    return (f"**Runbook {book}, step {step}: your approval is needed.**\n\n{message}\n\n"
+            "Tick *Approve* and submit to go on; submit without it to reject (the run ends "
+            "as Cancelled and undoes what the runbook says to undo).")
 
 
 class RunbookFailed(RunFailed):
@@ -152,18 +169,32 @@ def _flow_outputs(result: Any) -> dict[str, Any]:
 
 @flow(name="runbook", log_prints=False, timeout_seconds=24 * 3600, **hooks("runbook"))
 def runbook_flow(name: str, params: dict[str, Any] | None = None, dry_run: bool = False,
-                 yes: bool = False, lab: str | None = None,
-                 approval_poll: int = 10) -> Any:
-    """Run the runbook ``name`` (a file in runbooks/) with ``params``.
+                 yes: bool = False, lab: str | None = None) -> Any:
+    """Run the runbook ``name`` (a file in runbooks/) with ``params``. Each shipped
+    runbook also has a deployment of its own with a form for its parameters.
 
-    ``dry_run`` checks every step's references and says what would happen, changing
-    nothing. ``yes`` approves every approval step up front (unattended use).
+    Args:
+        name: The runbook: a file name in runbooks/ (or $LABKEEPER_RUNBOOKS) without
+            .yaml, e.g. restore-database.
+        params: The runbook's parameters as JSON, e.g. {"database": "appdb"}
+            (labkeeper runbook show NAME lists them).
+        dry_run: Check every step and say what it would do, changing nothing.
+        yes: Approve every approval step up front (unattended use).
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
     """
+    return _run_runbook(rb.find_runbook(name), params or {}, dry_run=dry_run, yes=yes,
+                        lab=lab)
+
+
+def _run_runbook(book: rb.Runbook, params: Mapping[str, Any], *, dry_run: bool, yes: bool,
+                 lab: str | None) -> Any:
+    """The body of every runbook flow: bind the parameters, run the steps, record them."""
     logger = get_run_logger()
     lab_file = lab_path(lab)
     inv = load_inventory(lab_file)
-    book = rb.find_runbook(name)
-    values = rb.bind_params(book, params or {}, inv)
+    name = book.name
+    values = rb.bind_params(book, params, inv)
     ctx_run = get_run_context()
     run_id = str(ctx_run.flow_run.id) if getattr(ctx_run, "flow_run", None) else "local"
     stamp = restore.stamp()
@@ -171,7 +202,7 @@ def runbook_flow(name: str, params: dict[str, Any] | None = None, dry_run: bool 
     logger.info("runbook %s%s with %s", name, " (dry run)" if dry_run else "",
                 ", ".join(f"{k}={v!r}" for k, v in values.items()) or "no parameters")
     runner = _Runner(book, inv, lab_file, ctx, stamp=stamp, dry_run=dry_run, yes=yes,
-                     poll=approval_poll)
+                     poll=inv.settings.tuning.approval_poll)
     started = time.monotonic()
     outcome, error = runner.run()
     elapsed = time.monotonic() - started
@@ -345,7 +376,7 @@ class _Runner:
                             rec.id, message, run_id)
         try:
             answer = pause_flow_run(wait_for_input=Approval.with_initial_data(
-                description=f"**{self.book.name}** — {message}", approve=False),
+                description=approval_text(self.book.name, rec.id, message), approve=False),
                 timeout=int(spec.get("timeout") or 3600), poll_interval=self.poll,
                 key=f"approval-{rec.id}")
         except FlowPauseTimeout:
@@ -357,3 +388,93 @@ class _Runner:
             rec.status, rec.detail = "ok", f"approved{who}: {message}"
         else:
             rec.status, rec.detail = "rejected", f"rejected by the operator{who}: {message}"
+
+
+# -- one flow per runbook: the runbook's own parameters on the Run form ----------------
+
+RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
+    "dry_run": (bool, False, "Check every step and say what it would do, changing nothing."),
+    "yes": (bool, False, "Approve every approval step up front (unattended use)."),
+    "lab": (str | None, None, "Inventory file on the machine that runs the job (empty: "
+                              "$LABKEEPER_LAB, else lab.yaml)."),
+}
+"""The parameters every runbook flow takes besides the runbook's own."""
+
+
+def _param_type(p: rb.Param) -> Any:
+    one: Any = {"int": int, "bool": bool}.get(p.type, str)
+    if p.choices:
+        one = Literal[tuple(p.choices)]
+    return list[one] if p.multiple else one
+
+
+def _param_help(p: rb.Param) -> str:
+    kind = p.type.replace("_", " ")
+    return " ".join(p.description.split()) or f"A {kind}{' (several)' if p.multiple else ''}."
+
+
+def runbook_signature(book: rb.Runbook) -> inspect.Signature:
+    """The runbook's parameters (required ones without a default), then dry_run, yes
+    and lab; all keyword-only."""
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter(n, kw, annotation=_param_type(p),
+                                default=inspect.Parameter.empty if p.required else p.default)
+              for n, p in book.params.items()]
+    params += [inspect.Parameter(n, kw, annotation=t, default=d)
+               for n, (t, d, _) in RUN_OPTIONS.items()]
+    return inspect.Signature(params, return_annotation=Any)
+
+
+def runbook_docstring(book: rb.Runbook) -> str:
+    """The runbook's description and a Google-style ``Args:`` section (Prefect turns it
+    into the parameters' descriptions on the Run form)."""
+    helps = {n: _param_help(p) for n, p in book.params.items()}
+    helps.update({n: h for n, (_, _, h) in RUN_OPTIONS.items()})
+    lines = [" ".join(book.description.split()) or f"Runbook {book.name}.", "", "Args:"]
+    lines += [f"    {n}: {h}" for n, h in helps.items()]
+    return "\n".join(lines)
+
+
+def runbook_as_flow(path: Path) -> Flow[..., Any]:
+    """A flow named ``runbook`` that runs the runbook in ``path``, its parameters those
+    of the runbook (read again from ``path`` when it runs)."""
+    book = rb.load_runbook(path)
+    clash = sorted(set(book.params) & set(RUN_OPTIONS))
+    if clash:
+        raise ConfigError(f"runbook {book.name}: parameter {', '.join(clash)} is taken "
+                          "by the runbook flow itself")
+
+    def run(**given: Any) -> Any:
+        opts = {n: given.pop(n, default) for n, (_, default, _) in RUN_OPTIONS.items()}
+        return _run_runbook(rb.load_runbook(path), given, **opts)
+
+    run.__signature__ = runbook_signature(book)  # type: ignore[attr-defined]
+    run.runbook_path = path  # type: ignore[attr-defined]  # for deployments/forms.py
+    run.__doc__ = runbook_docstring(book)
+    run.__name__ = run.__qualname__ = book.name.replace("-", "_")
+    return flow(name="runbook", log_prints=False, timeout_seconds=24 * 3600,
+                description=" ".join(book.description.split()) or None,
+                **hooks("runbook"))(run)
+
+
+def _runbook_flows() -> dict[str, Flow[..., Any]]:
+    """The shipped runbooks' flows, and those of ``$LABKEEPER_RUNBOOKS`` (which win on
+    a name both have). An invalid runbook gets none (``labkeeper runbook list`` says
+    why)."""
+    files = rb.runbook_files(rb.RUNBOOK_DIR)
+    files.update(rb.runbook_files())
+    out: dict[str, Flow[..., Any]] = {}
+    for name, path in files.items():
+        try:
+            out[name] = runbook_as_flow(path)
+        except ConfigError:
+            continue
+    return out
+
+
+RUNBOOK_FLOWS = _runbook_flows()
+"""Runbook name -> its flow; each is also a module attribute (``-`` as ``_``), the
+entrypoint of its deployment (``flows/runbook.py:restore_database``)."""
+globals().update({name.replace("-", "_"): fl for name, fl in RUNBOOK_FLOWS.items()
+                  if name.replace("-", "_").isidentifier()
+                  and name.replace("-", "_") not in globals()})

@@ -39,10 +39,17 @@ def probe_endpoints(targets: list[tuple[str, str, int]], timeout: float) -> list
 
 
 @flow(name="site-check", log_prints=False, timeout_seconds=600)
-def site_check_flow(lab: str | None = None, timeout: float = 3.0) -> dict[str, Any]:
-    """Report where this run executes and what it reaches."""
+def site_check_flow(lab: str | None = None) -> dict[str, Any]:
+    """Report where this run executes and what it reaches (each probe waits
+    ``settings.tuning.site_check_timeout`` s).
+
+    Args:
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
+            else lab.yaml).
+    """
     log = get_run_logger()
     inv = load_inventory(lab_path(lab))
+    timeout = inv.settings.tuning.site_check_timeout
     where = {"site": os.environ.get("LABKEEPER_SITE", "-"), "hostname": socket.gethostname(),
              "netns": _netns(), "pid": os.getpid()}
     rows = probe_endpoints(endpoints(inv), timeout)

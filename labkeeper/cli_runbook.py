@@ -62,10 +62,9 @@ def run(name: Annotated[str, typer.Argument(help="Runbook name.")],
                                               "nothing.")] = False,
         yes: Annotated[bool, typer.Option("--yes", help="Approve every approval step up "
                                           "front.")] = False,
-        lab: LabOption = Path("lab.yaml"),
-        approval_poll: Annotated[int, typer.Option(help="Seconds between checks for an "
-                                                   "approval.")] = 5) -> None:
-    """Run a runbook now, as a Prefect flow run (approvals pause it unless --yes)."""
+        lab: LabOption = Path("lab.yaml")) -> None:
+    """Run a runbook now, as a Prefect flow run (approvals pause it unless --yes; checked
+    for an answer every settings.tuning.approval_poll seconds)."""
     from flows.runbook import runbook_flow
     from labkeeper.inventory import load_inventory
 
@@ -76,7 +75,7 @@ def run(name: Annotated[str, typer.Argument(help="Runbook name.")],
     except ConfigError as exc:
         _fail(exc)
     state = runbook_flow(name=name, params=params, dry_run=dry_run, yes=yes, lab=str(lab),
-                         approval_poll=approval_poll, return_state=True)
+                         return_state=True)
     raise typer.Exit(report(state))
 
 

@@ -182,8 +182,7 @@ def jobs(lab: LocalLab) -> list[Job]:
     return [
         Job("doctor: is every part of the lab reachable?", (*cli, "doctor", "--lab", inv)),
         Job("provision: make the simulator match the inventory's guests",
-            (*cli, "provision", "apply", "--lab", inv, "--yes",
-             "--guest-state-dir", str(lab.workdir / "guest-state"))),
+            (*cli, "provision", "apply", "--lab", inv, "--yes")),
         Job("provision again: the second plan is empty",
             (*cli, "provision", "plan", "--lab", inv)),
         Job("vzdump: back up the demo guests, verify, prune, copy off-site",

@@ -524,8 +524,7 @@ NonNegSeconds = Annotated[float, Field(ge=0, le=7 * 24 * 3600)]
 
 
 class JobTuning(_Model):
-    """Waits and polls inside the jobs: internal knobs, kept off the Prefect Run forms.
-    The defaults suit a real lab; tests and slow labs change them here."""
+    """Waits and polls inside the jobs (internal knobs, kept off the Prefect Run forms)."""
 
     stall_timeout: Seconds = 300
     """pg_backup: seconds restic may accept no data before the dump and restic are
@@ -533,7 +532,7 @@ class JobTuning(_Model):
     update_lock_timeout: NonNegSeconds = 10
     """update: seconds to wait for another update of the same guest before the app is
     reported ``blocked``."""
-    approval_poll: Seconds = 10
+    approval_poll: PositiveInt = 10
     """runbook: seconds between checks for an operator's answer to an approval step."""
     drill_guest_poll: Seconds = 0.5
     """dr_drill: first seconds between Proxmox task polls of a guest drill."""

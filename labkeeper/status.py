@@ -1,8 +1,9 @@
 """`labkeeper status`: is my lab safe? One row per thing that must be recent enough.
 
 Sources: restic snapshots (database dumps and path sets), Proxmox storage content
-(vzdump archives), the metrics store (drills and updates, recorded by their flows)
-and the Prefect run history (failed runs; read by the caller and passed in).
+(vzdump archives), the metrics store (drills and updates, recorded by their flows),
+PITR archiving (slot, spool and repository: :mod:`labkeeper.pitr.lag`) and the
+Prefect run history (failed runs; read by the caller and passed in).
 Evaluation is pure: :func:`evaluate` turns facts into rows; anything late,
 missing or failed makes :func:`exit_code` non-zero so the command can feed a monitor.
 """
@@ -77,6 +78,8 @@ class Facts:
     """Compose apps pinned to their good images after a rollback (``update.Pin``)."""
     journals: Iterable[tuple[Any, bool]] = ()
     """Unfinished updates (``update.Journal``) and whether each is stale."""
+    pitr: Mapping[str, Any] = field(default_factory=dict)
+    """PITR server -> its :class:`labkeeper.pitr.lag.LagFacts`."""
 
 
 def cron_period(cron: str, tz: str, now: datetime) -> timedelta:
@@ -105,7 +108,7 @@ def fmt_age(td: timedelta) -> str:
     return f"{hours / 24:.1f} d" if hours >= 48 else f"{hours:.1f} h"
 
 
-BACKUP_SECTIONS: frozenset[str] = frozenset({"database", "paths", "guest"})
+BACKUP_SECTIONS: frozenset[str] = frozenset({"database", "paths", "guest", "pitr"})
 """The sections that are backup series (what the dead-man's check watches)."""
 
 
@@ -153,6 +156,7 @@ def evaluate(inv: Inventory, facts: Facts) -> list[Row]:
             last = facts.archives.get(vmid)
             rows.append(_judge("guest", f"{name} ({vmid})", last, grace(period), now,
                                objective, f"vzdump job {job.name}"))
+    rows += _pitr_rows(inv, facts)
     rows += _from_metrics(facts.metrics, now)
     rows += _update_rows(facts.pins, facts.journals)
     for run in facts.failed_runs:
@@ -175,6 +179,94 @@ def _judge(section: str, target: str, last: datetime | None, allowed: timedelta,
                    allowed)
     state: State = "ok" if now - last <= allowed else "late"
     return Row(section, target, state, last, objective, detail, allowed)
+
+
+# -- PITR archiving: receive, slot retention, ship, base backups -------------------------
+
+MB = 1024 * 1024
+
+
+def _pitr_rows(inv: Inventory, facts: Facts) -> list[Row]:
+    from labkeeper.inventory_pitr import pitr_servers
+
+    rows: list[Row] = []
+    for cfg in pitr_servers(inv):
+        lag = facts.pitr.get(cfg.name)
+        if lag is None:
+            rows.append(_unchecked("pitr", f"{cfg.name} ship",
+                                   f"RPO {cfg.objectives.rpo_minutes} min", "the PITR server",
+                                   timedelta(minutes=cfg.objectives.rpo_minutes)))
+            continue
+        rows += [pitr_receive_row(cfg, lag), pitr_slot_row(cfg, lag),
+                 pitr_ship_row(cfg, lag, facts.now),
+                 pitr_base_row(cfg, lag, facts.now, inv.lab.timezone)]
+    return rows
+
+
+def pitr_receive_row(cfg: Any, lag: Any) -> Row:
+    """Is WAL being received? failed when not at all (no slot, slot lost, server not
+    answering), warn when the slot has no receiver (the server's disk fills)."""
+    target, objective, slot = f"{cfg.name} receive", "slot active", cfg.slot_name
+    if lag.errors:
+        return Row("pitr", target, "failed", None, objective, "; ".join(lag.errors))
+    if not lag.slot_exists:
+        return Row("pitr", target, "failed", None, objective, f"replication slot {slot} "
+                   "does not exist: WAL is not being archived (start `labkeeper wal receive`)")
+    if lag.wal_status == "lost":
+        return Row("pitr", target, "failed", None, objective, f"slot {slot} is lost: WAL "
+                   "beyond max_slot_wal_keep_size was removed; take a new base backup")
+    behind = f"{(lag.retained_bytes or 0) // MB} MiB behind the server's WAL"
+    if not lag.slot_active:
+        return Row("pitr", target, "warn", None, objective, f"slot {slot} is inactive: no "
+                   f"receiver is running ({behind}; the server keeps it all)")
+    return Row("pitr", target, "ok", None, objective, f"receiving ({behind})")
+
+
+def pitr_slot_row(cfg: Any, lag: Any) -> Row:
+    """How much WAL the slot makes the server keep: warn past ``warn.slot_retained_mb``
+    or when ``wal_status`` is ``unreserved`` (about to be removed), failed when lost."""
+    limit = cfg.warn.slot_retained_mb
+    target, objective = f"{cfg.name} slot retention", f"<= {limit} MiB on the server"
+    retained = lag.retained_bytes
+    if lag.wal_status == "lost":
+        return Row("pitr", target, "failed", None, objective, "wal_status lost")
+    if retained is None:
+        return Row("pitr", target, "info", None, objective, "no slot to measure")
+    detail = f"{retained // MB} MiB retained (wal_status {lag.wal_status or '?'})"
+    if lag.safe_wal_size is not None:
+        detail += f", {lag.safe_wal_size // MB} MiB left before max_slot_wal_keep_size"
+    if lag.wal_status == "unreserved" or retained > limit * MB:
+        return Row("pitr", target, "warn", None, objective, detail)
+    return Row("pitr", target, "ok", None, objective, detail)
+
+
+def pitr_ship_row(cfg: Any, lag: Any, now: datetime) -> Row:
+    """How old the newest WAL in the repository is (late past the RPO) and how long
+    completed segments wait in the spool (warn past ``warn.ship_lag_minutes``: before
+    the RPO is lost)."""
+    rpo = timedelta(minutes=cfg.objectives.rpo_minutes)
+    target, objective = f"{cfg.name} ship", f"RPO {cfg.objectives.rpo_minutes} min"
+    last = lag.newest_wal_in_repo
+    spool = f"{lag.spool_ready} segment(s) waiting in the spool"
+    waiting = lag.oldest_ready_age_s
+    if waiting is not None:
+        spool += f", the oldest for {waiting / 60:.0f} min"
+    if last is None:
+        return Row("pitr", target, "missing", None, objective, f"no WAL in the repository; "
+                   f"{spool}", rpo)
+    if now - last > rpo:
+        return Row("pitr", target, "late", last, objective, spool, rpo)
+    if waiting is not None and waiting > cfg.warn.ship_lag_minutes * 60:
+        return Row("pitr", target, "warn", last, objective,
+                   f"{spool}: shipping is not keeping up (warn at "
+                   f"{cfg.warn.ship_lag_minutes} min)", rpo)
+    return Row("pitr", target, "ok", last, objective, spool, rpo)
+
+
+def pitr_base_row(cfg: Any, lag: Any, now: datetime, tz: str) -> Row:
+    period = cron_period(cfg.base_schedule, tz, now)
+    return _judge("pitr", f"{cfg.name} base backup", lag.newest_base_in_repo, grace(period),
+                  now, f"every {fmt_age(period)}", f"pg:{cfg.name} base backups")
 
 
 def _pending_row(target: str, attempts: list[Any]) -> Row:
@@ -293,7 +385,7 @@ def exit_code(rows: Iterable[Row]) -> int:
 
 # -- the dead-man's check: which rows make a message ----------------------------------
 
-_WHAT = {"database": "database", "paths": "path set", "guest": "guest"}
+_WHAT = {"database": "database", "paths": "path set", "guest": "guest", "pitr": "PITR"}
 WATCHED_SOURCES = ("repository ", "proxmox")
 
 
@@ -347,9 +439,12 @@ def watch_alerts(rows: Iterable[Row], now: datetime, lab: str) -> WatchMessages:
         if r.section == "source":
             title = f"labkeeper: cannot check backups: {r.target} not readable"
             alerts.append(Alert(key, r.state, title, f"{late_summary(r, now)}\nlab: {lab}"))
-        elif r.state in ("late", "missing"):
+        elif r.state in ("late", "missing") or (r.section == "pitr" and r.state in BAD):
             alerts.append(Alert(key, r.state, f"labkeeper: backup of {what} is {r.state}",
                                 f"{late_summary(r, now)}\n{r.detail}\nlab: {lab}"))
+        elif r.section == "pitr" and r.state == "warn":  # before it hurts
+            alerts.append(Alert(key, r.state, f"labkeeper: {what}: warning",
+                                f"{late_summary(r, now)}\nlab: {lab}"))
         elif r.state == "ok":
             age = r.age(now)
             recoveries[key] = (f"labkeeper: backup of {what} is within its objective again",
@@ -404,7 +499,23 @@ def gather(inv: Inventory, *, failed_runs: Iterable[Mapping[str, Any]] = (),
     pins, journals = _updates(inv, errors)
     return Facts(now=now, snapshots=snapshots, archives=archives, metrics=samples,
                  failed_runs=list(failed_runs), errors=errors, pending=pending, pins=pins,
-                 journals=journals)
+                 journals=journals, pitr=_pitr_lag(inv))
+
+
+def _pitr_lag(inv: Inventory) -> dict[str, Any]:
+    """Each PITR server's lag facts (a server that cannot be resolved: facts whose
+    ``errors`` say why, never an exception)."""
+    from labkeeper.errors import LabkeeperError
+    from labkeeper.inventory_pitr import pitr_servers
+    from labkeeper.pitr import lag, target
+
+    out: dict[str, Any] = {}
+    for cfg in pitr_servers(inv):
+        try:
+            out[cfg.name] = lag.gather(target.resolve(inv, cfg.name, match_client=False))
+        except LabkeeperError as exc:
+            out[cfg.name] = lag.LagFacts(server=cfg.name, errors=[str(exc)])
+    return out
 
 
 def _updates(inv: Inventory, errors: list[tuple[str, str]]

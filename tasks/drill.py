@@ -57,5 +57,18 @@ def paths_drill(inv: Inventory, name: str) -> drill.DrillResult:
     return _settle(drill_paths.paths_drill(inv, name, log=get_run_logger().info))
 
 
+PITR_TASK_TIMEOUT = 6 * 3600
+
+
+@task(name="dr-drill-pitr", task_run_name="drill-pitr-{name}",
+      timeout_seconds=PITR_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
+def pitr_drill(inv: Inventory, name: str) -> drill.DrillResult:
+    """Point-in-time restores (a random moment, the newest, each dump's LSN) in scratch
+    clusters, as the ``pitr_drill`` flow runs them; RTO/RPO against the objectives."""
+    from labkeeper.pitr import drill as pitr_drill_mod
+
+    return _settle(pitr_drill_mod.dr_drill(inv, name, log=get_run_logger().info))
+
+
 BY_KIND = {"database": database_drill, "guest": guest_drill, "repository": repository_drill,
-           "paths": paths_drill}
+           "paths": paths_drill, "pitr": pitr_drill}

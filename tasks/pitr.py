@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from labkeeper.inventory import Inventory
-from labkeeper.pitr import basebackup, drill, lag, retention, target, wal
+from labkeeper.pitr import basebackup, crosscheck, drill, lag, retention, target, wal
 from tasks.common import RETRY
 
 
@@ -50,7 +50,9 @@ def lag_report(inv: Inventory, server: str) -> dict[str, Any]:
 @task(name="pitr-drill", task_run_name="pitr-drill-{server}", timeout_seconds=6 * 3600,
       cache_policy=NO_CACHE)
 def pitr_drill(inv: Inventory, server: str, seed: int | None = None) -> drill.PitrDrillResult:
-    """Restore for real to a random moment and to the newest, in scratch clusters."""
+    """Restore for real to a random moment and to the newest, in scratch clusters;
+    then to each newest dump's WAL LSN, its row counts compared with its manifest."""
     logger = get_run_logger()
+    dumps = crosscheck.newest_dumps(inv, server, log=logger.warning)
     return drill.run_drill(target.resolve(inv, server, match_client=False), log=logger.info,
-                           seed=seed)
+                           seed=seed, dumps=dumps)

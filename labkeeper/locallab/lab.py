@@ -267,7 +267,9 @@ class LocalLab:
         inv: dict[str, Any] = {
             "version": 1,
             "lab": {"name": "local-lab", "timezone": "UTC"},
-            "settings": {"state_dir": str(self.workdir / "state")},
+            "settings": {"state_dir": str(self.workdir / "state"),
+                         # bootstrap markers "on the guests" (the demo's guests are local)
+                         "provision": {"guest_state_dir": str(self.workdir / "guest-state")}},
         }
         if self.pvesim is not None:
             inv["proxmox"] = {

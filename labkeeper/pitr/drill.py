@@ -7,22 +7,36 @@ recovery log: for a time target the last replayed commit is at or before the tar
 and the commit recovery stopped before is after it. RTO (the restore's duration) and
 RPO (how old the newest archived WAL is) are judged against the server's objectives.
 A missing segment fails the drill and is named. The scratch clusters are removed.
+
+Then the cross-check with the logical backups (:mod:`labkeeper.pitr.crosscheck`): for
+the newest dump of each database on the server, a restore to the WAL LSN its manifest
+recorded, counted table by table against the manifest: ``ok`` when they agree,
+``warn`` naming the tables where they differ, ``skipped`` with the reason when the
+archive cannot reach that LSN. These restores do not count towards the RTO.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from labkeeper.errors import LabkeeperError
-from labkeeper.pitr import PitrError, restore
-from labkeeper.pitr.target import PitrTarget, complete_bases, coverage, list_server, wal_batches
+from labkeeper.pitr import PitrError, crosscheck, restore
+from labkeeper.pitr.target import (
+    PitrTarget,
+    StoredBase,
+    complete_bases,
+    coverage,
+    list_server,
+    wal_batches,
+)
 
 Log = Callable[[str], None]
 
@@ -90,11 +104,18 @@ class PitrDrillResult:
 
     @property
     def ok(self) -> bool:
-        return all(r.status == "ok" for r in self.rows) and not self.breaches
+        """Every restore succeeded; a cross-check that differs (``warn``) or could not
+        run (``skipped``) is reported in its row but does not fail the drill."""
+        return all(r.status in PASSING for r in self.rows) and not self.breaches
+
+
+PASSING = ("ok", "warn", "skipped")
 
 
 def run_drill(target: PitrTarget, *, log: Log = print, seed: int | None = None,
-              workdir: Path | None = None, timeout: float = 3600) -> PitrDrillResult:
+              workdir: Path | None = None, timeout: float = 3600,
+              dumps: Sequence[crosscheck.DumpRef] = ()) -> PitrDrillResult:
+    """``dumps``: the dumps to cross-check (:func:`crosscheck.newest_dumps`)."""
     result = PitrDrillResult(server=target.name)
     snaps = list_server(target)
     bases = complete_bases(snaps)
@@ -111,6 +132,19 @@ def run_drill(target: PitrTarget, *, log: Log = print, seed: int | None = None,
         when = pick_time(span, random.Random(seed))  # noqa: S311 - a drill target, not crypto
         targets.insert(0, restore.RecoveryTarget("time", time=when))
     base_dir = workdir or Path(tempfile.mkdtemp(prefix="labkeeper-pitr-drill-"))
+    try:
+        _restores(result, target, targets, dumps, base_dir, mark, bases, log=log,
+                  timeout=timeout)
+    finally:
+        if workdir is None:  # ours, empty unless a failed restore was left to inspect
+            with contextlib.suppress(OSError):
+                base_dir.rmdir()
+    return result
+
+
+def _restores(result: PitrDrillResult, target: PitrTarget, targets: list[restore.RecoveryTarget],
+              dumps: Sequence[crosscheck.DumpRef], base_dir: Path, mark: datetime | None,
+              bases: list[StoredBase], *, log: Log, timeout: float) -> None:
     for i, to in enumerate(targets):
         result.rows.append(_one(target, to, base_dir / f"restore-{i}", log=log,
                                 timeout=timeout))
@@ -121,7 +155,40 @@ def run_drill(target: PitrTarget, *, log: Log = print, seed: int | None = None,
     if result.rpo_s is None or result.rpo_s > obj.rpo_minutes * 60:
         rpo = "no WAL archived" if result.rpo_s is None else f"{result.rpo_s:.0f} s"
         result.breaches.append(f"RPO {rpo} > {obj.rpo_minutes} min")
-    return result
+    for i, ref in enumerate(dumps):
+        result.rows.append(cross_check(target, ref, bases, mark, base_dir / f"dump-{i}",
+                                       log=log, timeout=timeout))
+
+
+def cross_check(target: PitrTarget, ref: crosscheck.DumpRef, bases: list[StoredBase],
+                covered: datetime | None, workdir: Path, *, log: Log = print,
+                timeout: float = 3600) -> DrillRow:
+    """Restore to the dump's WAL LSN (as of it: not inclusive) and compare the row
+    counts of its database with the manifest's."""
+    why = crosscheck.infeasible(ref.manifest, bases, covered)
+    if why is not None:
+        log(f"{target.name}: cross-check with {ref.label} skipped: {why}")
+        return DrillRow(ref.label, "skipped", why)
+    to = restore.RecoveryTarget("lsn", lsn=ref.manifest.wal_lsn, inclusive=False)
+    started = time.monotonic()
+    try:
+        res = restore.restore_pitr(target, to, workdir, log=log, timeout=timeout)
+    except LabkeeperError as exc:
+        return DrillRow(ref.label, "failed", f"restore to its LSN {to}: {exc}",
+                        time.monotonic() - started)
+    try:
+        assert res.cluster is not None
+        db = ref.manifest.dbname
+        tables = [(r[0], r[1]) for r in res.cluster.query(crosscheck.TABLES_SQL, db=db)]
+        rows = res.cluster.query(crosscheck.counts_sql(tables), db=db) if tables else []
+        status, detail = crosscheck.judge(ref, {(r[0], r[1]): int(r[2]) for r in rows})
+    except LabkeeperError as exc:
+        status, detail = "failed", f"counting the restore of {ref.label} failed: {exc}"
+    finally:
+        if res.cluster is not None:
+            res.cluster.destroy()
+    log(f"{target.name}: cross-check: {detail}")
+    return DrillRow(ref.label, status, detail, res.duration_s)
 
 
 def _one(target: PitrTarget, to: restore.RecoveryTarget, workdir: Path, *, log: Log,
@@ -142,3 +209,53 @@ def _one(target: PitrTarget, to: restore.RecoveryTarget, workdir: Path, *, log: 
                          f"{res.wal_batches} snapshot(s)")
     log(f"{target.name}: drill to {to}: {detail}")
     return DrillRow(str(to), "failed" if problem else "ok", detail, res.duration_s)
+
+
+# -- as one of dr_drill's drills -----------------------------------------------------------
+
+def fold(res: PitrDrillResult, result: Any) -> None:
+    """Fill a :class:`labkeeper.drill.DrillResult` (kind ``pitr``) from the PITR drill
+    (pure): one check per restore (a cross-check that differs passes, saying how, and is
+    noted; one that could not run is a note), RTO/RPO judged against its objectives."""
+    from labkeeper import drill as core
+
+    for r in res.rows:
+        if r.status == "skipped":
+            result.notes.append(f"cross-check {r.target} skipped: {r.detail}")
+            continue
+        name = r.target if r.target.startswith("dump ") else f"restore to {r.target}"
+        result.check(name, r.status in PASSING, r.detail)
+        if r.status == "warn":
+            result.notes.append(f"{r.target}: {r.detail}")
+    result.rpo_s = res.rpo_s
+    result.rto_s = res.rto_s if res.rows else None
+    if res.rpo_s is None:
+        result.fail("no WAL is archived in the repository: RPO unknown")
+    core.objective_checks(result)
+
+
+def dr_drill(inv: Any, name: str, *, log: Log = print, seed: int | None = None,
+             workdir: Path | None = None, timeout: float = 3600) -> Any:
+    """The PITR drill of server ``name`` as a :class:`labkeeper.drill.DrillResult`: the
+    same restores as ``pitr_drill`` (a random moment, the newest, each newest dump's
+    LSN), RTO and RPO against the server's ``objectives``."""
+    from labkeeper import drill as core
+    from labkeeper.pitr.target import resolve
+
+    started = time.monotonic()
+    result = core.DrillResult("pitr", name)
+    try:
+        target = resolve(inv, name, match_client=False)
+        obj = target.server.objectives
+        result.rpo_objective_s, result.rto_objective_s = obj.rpo_minutes * 60.0, \
+            obj.rto_minutes * 60.0
+        dumps = crosscheck.newest_dumps(inv, name, log=log)
+        res = run_drill(target, log=log, seed=seed, workdir=workdir, timeout=timeout,
+                        dumps=dumps)
+    except LabkeeperError as exc:
+        result.fail(str(exc), transient=exc.transient)
+    else:
+        fold(res, result)
+        result.source = ", ".join(r.target for r in res.rows)
+    result.duration_s = time.monotonic() - started
+    return result

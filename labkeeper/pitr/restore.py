@@ -49,6 +49,9 @@ class RecoveryTarget:
     kind: TargetKind
     time: datetime | None = None
     lsn: str | None = None
+    inclusive: bool = True
+    """False: stop just before the first record at or after the LSN (the state *as of*
+    the LSN, e.g. a dump manifest's ``wal_lsn``), not after it."""
 
     def __str__(self) -> str:
         if self.kind == "time" and self.time is not None:
@@ -203,6 +206,8 @@ def recovery_settings(*, port: int, sockdir: Path, waldir: Path, target: Recover
         lines["recovery_target_time"] = f"'{target.time.astimezone(UTC).isoformat()}'"
     elif target.kind == "lsn":
         lines["recovery_target_lsn"] = f"'{target.lsn}'"
+        if not target.inclusive:
+            lines["recovery_target_inclusive"] = "off"
     return "\n# labkeeper point-in-time restore\n" + "".join(
         f"{k} = {v}\n" for k, v in lines.items())
 

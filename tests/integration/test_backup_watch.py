@@ -31,11 +31,14 @@ def repo(tmp_path_factory) -> tuple[restic.Repo, Path, Path]:
 
 
 def _backup(repo: restic.Repo, db: str, when: datetime) -> None:
-    """A snapshot of the database's series as pg_backup tags it, taken at ``when``."""
-    argv = restic.backup_stdin_argv(repo, filename=f"{db}.sql", host=LAB,
-                                    tags=["labkeeper", f"db:{HOST}/{db}", "kind:pg_dump"])
-    restic.run_restic(repo, (*argv, "--time", when.strftime("%Y-%m-%d %H:%M:%S")),
-                      timeout=60, input=f"-- dump of {db}\n".encode())
+    """A dump of the database's series and its manifest as pg_backup tags them, taken at
+    ``when`` (a dump counts only with its manifest)."""
+    bid = f"{db}-{when:%Y%m%d%H%M%S}"
+    for kind, name in (("pg_dump", f"{db}.sql"), ("pg_manifest", f"{db}.manifest.json")):
+        argv = restic.backup_stdin_argv(repo, filename=name, host=LAB, tags=[
+            "labkeeper", f"db:{HOST}/{db}", f"kind:{kind}", f"backup:{bid}"])
+        restic.run_restic(repo, (*argv, "--time", when.strftime("%Y-%m-%d %H:%M:%S")),
+                          timeout=60, input=f"-- {kind} of {db}\n".encode())
 
 
 def _inventory(tmp: Path, repo_dir: Path, secret: Path, dbs: list[str], apprise: str) -> Path:

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 TOKEN_ID = "labkeeper@pve!init"
 GiB = 1024**3
-FAST = {"poll_max": 0.1, "lock_retry_delay": 0.2}
+FAST = {"vzdump_poll_max": 0.1, "vzdump_lock_retry_delay": 0.2}  # settings.tuning
 
 
 @dataclass
@@ -165,7 +165,10 @@ def test_an_imported_proxmox_job_runs_with_the_vzdump_flow(recorded: Cluster, pr
 
     path, result = recorded.init()
     assert result.exit_code == 0, result.output
-    state = vzdump_flow(job="backup-83831498-c631", lab=str(path), return_state=True, **FAST)
+    fast = yaml.safe_load(path.read_text())
+    fast["settings"] = {**(fast.get("settings") or {}), "tuning": FAST}
+    path.write_text(yaml.safe_dump(fast, sort_keys=False))
+    state = vzdump_flow(job="backup-83831498-c631", lab=str(path), return_state=True)
     assert state.is_completed(), state.message
     rows = state.result()
     assert [(r["vmid"], r["status"]) for r in rows] == [(100, "ok")]

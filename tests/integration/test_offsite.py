@@ -25,7 +25,6 @@ from tests.fixtures.waiting import wait_until
 from tests.integration.test_vzdump_support import VzEnv, archives, job, vzdump_tasks
 
 pytestmark = pytest.mark.integration
-FAST = {"poll_max": 0.1, "lock_retry_delay": 0.2}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -57,7 +56,7 @@ def test_offsite_copy_has_size_and_sha256_metadata_and_keeps_the_last_n(env: VzE
     prefix = "vz-a/"
     path = env.inventory([job("offa", "offa", offsite={"repository": "lab-repo",
                                                         "prefix": prefix, "keep_last": 1})])
-    first = vzdump_flow(job="offa", lab=str(path), return_state=True, **FAST)
+    first = vzdump_flow(job="offa", lab=str(path), return_state=True)
     assert first.is_completed(), first.message
     row = first.result()[0]
     assert row["offsite"] == "copied"
@@ -70,7 +69,7 @@ def test_offsite_copy_has_size_and_sha256_metadata_and_keeps_the_last_n(env: VzE
     assert obj.metadata["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
     assert obj.metadata["size"] == str(obj.size)
     assert obj.etag.endswith("-2")
-    second = vzdump_flow(job="offa", lab=str(path), return_state=True, force=True, **FAST)
+    second = vzdump_flow(job="offa", lab=str(path), return_state=True, force=True)
     assert second.is_completed(), second.message
     assert second.result()[0]["offsite"] == "copied, 1 old removed"
     (newest,) = _objects(target, prefix)
@@ -90,7 +89,7 @@ def test_s3_stopped_during_an_upload_leaves_no_object_and_a_retry_completes(
         env: VzEnv, tmp_path: Path, prefect_harness):
     vmid = _big_guest(env, "offb", "pve1", tmp_path, mib=20)
     path = env.inventory([job("offb", "offb")])
-    state = vzdump_flow(job="offb", lab=str(path), return_state=True, **FAST)
+    state = vzdump_flow(job="offb", lab=str(path), return_state=True)
     assert state.is_completed(), state.message
     row = state.result()[0]
     file = env.workdir / "pvesim" / "storage" / "pve1" / "local" / row["archive"].split(":")[1]
@@ -148,7 +147,7 @@ def test_a_rerun_after_the_flow_was_killed_mid_run_converges(env: VzEnv, tmp_pat
                               offsite={"repository": "lab-repo", "prefix": prefix,
                                        "keep_last": 2})])
     code = ("from flows.vzdump import vzdump_flow; "
-            f"vzdump_flow(job='killy', lab={str(path)!r}, poll_max=0.1)")
+            f"vzdump_flow(job='killy', lab={str(path)!r})")
     child_env = {**os.environ, "PREFECT_API_URL": _api_url(), "PYTHONPATH": str(REPO_ROOT)}
     env.sim.task_duration = 0.6
     try:
@@ -170,7 +169,7 @@ def test_a_rerun_after_the_flow_was_killed_mid_run_converges(env: VzEnv, tmp_pat
         assert 1 <= done_before < len(vmids)
     finally:
         env.sim.task_duration = 0.05
-    state = vzdump_flow(job="killy", lab=str(path), return_state=True, **FAST)
+    state = vzdump_flow(job="killy", lab=str(path), return_state=True)
     assert state.is_completed(), state.message
     rows = {r["vmid"]: r for r in state.result()}
     assert "skipped" in {r["status"] for r in rows.values()}
@@ -196,7 +195,7 @@ def test_offsite_copy_to_an_ssh_host_has_a_sha256_sidecar_and_keeps_the_last_n(
     dest = tmp_path / "nas"
     path = env.inventory([job("offh", "offh", offsite={"host": "labhost", "path": str(dest),
                                                         "keep_last": 1})])
-    first = vzdump_flow(job="offh", lab=str(path), return_state=True, **FAST)
+    first = vzdump_flow(job="offh", lab=str(path), return_state=True)
     assert first.is_completed(), first.message
     row = first.result()[0]
     assert row["offsite"] == "copied"
@@ -209,11 +208,11 @@ def test_offsite_copy_to_an_ssh_host_has_a_sha256_sidecar_and_keeps_the_last_n(
     check = subprocess.run(("sha256sum", "-c", name + ".sha256"), cwd=copy.parent,
                            capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
-    again = vzdump_flow(job="offh", lab=str(path), return_state=True, **FAST)
+    again = vzdump_flow(job="offh", lab=str(path), return_state=True)
     assert again.is_completed(), again.message
     assert again.result()[0]["status"] == "skipped"
     assert again.result()[0]["offsite"] == "present"
-    forced = vzdump_flow(job="offh", lab=str(path), return_state=True, force=True, **FAST)
+    forced = vzdump_flow(job="offh", lab=str(path), return_state=True, force=True)
     assert forced.is_completed(), forced.message
     assert forced.result()[0]["offsite"] == "copied, 1 old removed"
     newest = forced.result()[0]["archive"].split("/")[-1]
@@ -227,7 +226,7 @@ def test_an_ssh_host_copy_cut_off_half_way_counts_as_nothing_and_the_next_one_co
 
     vmid = _big_guest(env, "offc", "pve2", tmp_path, mib=6)
     path = env.inventory([job("offc", "offc")])
-    state = vzdump_flow(job="offc", lab=str(path), return_state=True, **FAST)
+    state = vzdump_flow(job="offc", lab=str(path), return_state=True)
     assert state.is_completed(), state.message
     row = state.result()[0]
     src = env.workdir / "pvesim" / "storage" / "pve2" / "local" / row["archive"].split(":")[1]
@@ -277,7 +276,7 @@ def test_an_unusable_offsite_host_path_fails_the_guest_loudly_without_retrying(
     path = env.inventory([job("offbad", "offbad", offsite={
         "host": "labhost", "path": str(blocker / "offsite")})])
     started = time.monotonic()
-    state = vzdump_flow(job="offbad", lab=str(path), return_state=True, **FAST)
+    state = vzdump_flow(job="offbad", lab=str(path), return_state=True)
     assert time.monotonic() - started < 30  # a permanent error: no 2+4+8 s of retries
     assert state.is_failed()
     (row,) = state.result(raise_on_failure=False).rows

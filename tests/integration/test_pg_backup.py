@@ -118,13 +118,11 @@ class Killer(threading.Thread):
 
 
 class ReadKiller(Killer):
-    """SIGKILLs (or ``action``) the first process whose argv holds every needle once it
-    has read ``min_read`` bytes: mid-stream whatever its start-up cost (key derivation)."""
+    """SIGKILLs the first process whose argv holds every needle once it has read
+    ``min_read`` bytes: mid-stream whatever its start-up cost (key derivation)."""
 
-    def __init__(self, needles: list[bytes], *, min_read: int,
-                 action: Callable[[int], None] | None = None) -> None:
-        super().__init__(needles, ready=lambda pid: io_bytes(pid, "rchar") >= min_read,
-                         action=action)
+    def __init__(self, needles: list[bytes], *, min_read: int) -> None:
+        super().__init__(needles, ready=lambda pid: io_bytes(pid, "rchar") >= min_read)
 
 
 class WriteKiller(Killer):
@@ -622,7 +620,7 @@ def test_flow_with_a_bad_password_or_missing_database_fails_that_database_only(
 
 
 def test_s3_server_frozen_mid_upload_fails_without_snapshot_then_a_retry_succeeds(
-        lab, big, prefect_harness, no_retries, tmp_path):
+        lab, big, prefect_harness, no_retries, tmp_path, monkeypatch):
     from labkeeper.locallab.s3 import LocalS3
 
     s3 = LocalS3(tmp_path / "s3", bucket="fault-bucket")
@@ -646,32 +644,41 @@ def test_s3_server_frozen_mid_upload_fails_without_snapshot_then_a_retry_succeed
         restic.init(repo)
         assert s3.pid
 
-        frozen = threading.Event()
+        # The S3 server stops answering while the dump's restic opens the repository:
+        # that restic is held before it starts (HeldStart), the server frozen, then
+        # restic let go. Its requests hang, it never reads the dump, the stall
+        # detector stops it; the server comes back once restic is gone (the cleanup
+        # needs it). A restic that got to read the dump first would not stall: it and
+        # the kernel's socket buffers take in the whole dump, then wait for the server
+        # with no data left unaccepted (a freeze at a moment found by polling may come
+        # that late on a loaded machine).
+        done = threading.Event()
+        hit: dict[str, int] = {}
 
-        def freeze(restic_pid: int) -> None:
-            os.kill(s3.pid, signal.SIGSTOP)  # the S3 server stops answering mid-upload
-            frozen.set()
-
-        def thaw_when_restic_is_gone() -> None:
-            frozen.wait(60)
-            while killer.killed_pid and restic.pid_alive(killer.killed_pid):
+        def freeze_then_thaw() -> None:
+            try:
+                pid = held.wait_held(120, unless=done.is_set)
+            except TimeoutError:
+                return
+            os.kill(s3.pid, signal.SIGSTOP)
+            hit["restic"] = pid
+            held.release()  # the wrapper execs restic: the same pid
+            while restic.pid_alive(pid) and not done.is_set():
                 time.sleep(0.05)
-            os.kill(s3.pid, signal.SIGCONT)  # ... and comes back
-
-        # frozen once the upload is under way (restic has read some of the dump)
-        killer = ReadKiller([b"restic", f"{BIG}.sql".encode()], min_read=8 << 20,
-                            action=freeze)
-        thaw = threading.Thread(target=thaw_when_restic_is_gone, daemon=True)
-        thaw.start()
-        killer.start()
-        try:
-            state = pg_backup_flow(lab=str(path), databases=[BIG], return_state=True)
-        finally:
-            killer.stop.set()
-            frozen.set()
-            thaw.join(30)
             os.kill(s3.pid, signal.SIGCONT)
-        assert killer.killed_pid and state.is_failed()
+
+        with HeldStart(restic.default_binary(), f"{BIG}.sql", tmp_path, monkeypatch,
+                       env_var=restic.BINARY_ENV) as held:
+            fault = threading.Thread(target=freeze_then_thaw, daemon=True)
+            fault.start()
+            try:
+                state = pg_backup_flow(lab=str(path), databases=[BIG], return_state=True)
+            finally:
+                done.set()
+                fault.join(60)
+                os.kill(s3.pid, signal.SIGCONT)
+        assert hit.get("restic"), "the fault was not injected"
+        assert state.is_failed()
         text = _message(state)
         assert "restic accepted no data for 3 s" in text
         assert "no snapshot was finalised" in text

@@ -23,10 +23,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from labkeeper import restic
+from labkeeper import pg_backup, restic, status
 from labkeeper.cli import app
 from labkeeper.doctor import CheckSpec, run_check
-from labkeeper.pitr import PitrError, basebackup, drill, models, restore, retention, wal
+from labkeeper.pitr import (
+    PitrError,
+    basebackup,
+    crosscheck,
+    drill,
+    models,
+    restore,
+    retention,
+    wal,
+)
 from labkeeper.pitr.target import complete_bases, coverage, list_server, wal_batches
 from tests.fixtures.procs import parent_pid, process_argvs
 from tests.integration.pitr_support import DB, PitrLab, Receiver, Writer, start_pitr_lab, wait_until
@@ -265,6 +274,51 @@ def test_drill_restores_a_random_moment_and_the_newest_within_objectives(
     assert res.rpo_s is not None and res.rpo_s < 60
 
 
+def test_a_restore_to_a_dumps_wal_lsn_agrees_with_its_manifest_and_a_difference_is_said(
+        scenario: Scenario, restore_dir: Path) -> None:
+    """The nightly dump records its snapshot's WAL LSN; the drill restores to it and
+    counts: the real manifest agrees; one whose count differs is reported, not passed."""
+    t = scenario.plab.target()
+    if not complete_bases(list_server(t)):  # (when run alone)
+        basebackup.run_base_backup(t, log=lambda _m: None)
+    scenario.writer.stop()  # no commit between the dump's snapshot and its LSN
+    try:
+        pg_backup.backup_database(scenario.plab.inv, DB, log=lambda _m: None)
+    finally:
+        scenario.writer = Writer(scenario.plab).start()
+    scenario.writer.wait_rows(3)
+    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    [ref] = crosscheck.newest_dumps(scenario.plab.inv, "pg1")
+    assert ref.manifest.wal_lsn, ref.manifest
+    snaps = list_server(t)
+    bases, covered = complete_bases(snaps), coverage(snaps)
+    same = drill.cross_check(t, ref, bases, covered, restore_dir / "same",
+                             log=lambda _m: None, timeout=300)
+    assert same.status == "ok" and "agrees" in same.detail, same.detail
+    ticks = [x.model_copy(update={"rows": x.rows - 1}) if x.name == "ticks" else x
+             for x in ref.manifest.tables]
+    off = crosscheck.DumpRef(DB, ref.manifest.model_copy(update={"tables": ticks}))
+    differs = drill.cross_check(t, off, bases, covered, restore_dir / "differs",
+                                log=lambda _m: None, timeout=300)
+    assert differs.status == "warn" and "public.ticks" in differs.detail, differs.detail
+    assert "(dump: " in differs.detail and "+1)" in differs.detail, differs.detail
+
+def test_dr_drill_runs_the_pitr_drill_of_each_pitr_server_against_its_objectives(
+        scenario: Scenario, prefect_harness: None) -> None:
+    from flows.dr_drill import dr_drill_flow
+
+    t = scenario.plab.target()
+    if not complete_bases(list_server(t)):  # (when run alone)
+        basebackup.run_base_backup(t, log=lambda _m: None)
+    scenario.writer.wait_rows(3)
+    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    rows = dr_drill_flow(target="pitr", lab=str(scenario.plab.workdir / "lab.yaml"))
+    assert [(r["drill"], r["target"]) for r in rows] == [("pitr", "pg1")], rows
+    row = rows[0]
+    assert row["status"] == "passed", row
+    assert row["rto objective"] != "-" and row["rpo objective"] != "-", row
+    assert "latest" in row["source"], row
+
 def test_base_backup_and_ship_flows_run_each_step_and_report_rows(
         scenario: Scenario, prefect_harness: None) -> None:
     from flows.pitr import pitr_base_backup_flow, pitr_wal_ship_flow
@@ -289,6 +343,48 @@ def test_wal_status_command_reports_an_active_slot_without_warnings(scenario: Sc
     check = run_check(scenario.plab.inv, CheckSpec("pitr", "pg1"))
     assert check.status == "ok", check
 
+
+def test_status_reports_receive_slot_and_ship_rows_of_a_running_receiver(
+        scenario: Scenario) -> None:
+    t = scenario.plab.target()
+    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    rows = {r.target: r for r in status.evaluate(scenario.plab.inv,
+                                                 status.gather(scenario.plab.inv))
+            if r.section == "pitr"}
+    assert rows["pg1 receive"].state == "ok", rows["pg1 receive"]
+    assert rows["pg1 slot retention"].state == "ok", rows["pg1 slot retention"]
+    assert "MiB retained" in rows["pg1 slot retention"].detail
+    assert rows["pg1 ship"].state == "ok" and rows["pg1 ship"].last is not None
+
+def _slot_active(scenario: Scenario) -> bool:
+    slot = scenario.plab.target().server.slot_name
+    rows = scenario.plab.sql("SELECT active FROM pg_replication_slots "
+                             f"WHERE slot_name = '{slot}';")
+    return bool(rows) and rows[0][0] == "t"
+
+
+def test_serve_runs_wal_receive_as_a_child_restarts_it_and_stops_it_by_pid(
+        scenario: Scenario) -> None:
+    from deployments.serve import start_wal_receivers
+
+    scenario.receiver.stop()
+    wait_until(lambda: not _slot_active(scenario), 60, "the test receiver to let go")
+    lab = str(scenario.plab.workdir / "lab.yaml")
+    children = start_wal_receivers(scenario.plab.inv, lab)
+    try:
+        first = wait_until(lambda: children.pid("pg1"), 60, "wal receive to start")
+        wait_until(lambda: _slot_active(scenario), 120, "the child's receiver on the slot")
+        os.kill(first, signal.SIGKILL)  # dies: serve starts it again
+        second = wait_until(lambda: (children.pid("pg1") or first) != first
+                            and children.pid("pg1"), 60, "wal receive to be restarted")
+        wait_until(lambda: _slot_active(scenario), 120, "the restarted receiver on the slot")
+    finally:
+        children.stop()
+    assert children.pid("pg1") is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(second), 0)
+    wait_until(lambda: not _slot_active(scenario), 60, "the receiver to stop with serve")
+    scenario.receiver = Receiver(scenario.plab).start()
 
 def test_a_missing_segment_in_the_repository_fails_the_restore_and_names_it(
         scenario: Scenario, restore_dir: Path) -> None:

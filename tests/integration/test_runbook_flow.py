@@ -37,6 +37,7 @@ def lab_copy(lab: Any, path: Path, *, keep: tuple[str, ...] = ()) -> Path:
     inv["databases"] = [{**base, "name": DB, "dbname": DB,
                          "drill": {**base["drill"], "smoke_queries": []}}]
     inv["settings"]["state_dir"] = str(path.parent / "state")
+    inv["settings"]["tuning"] = {"approval_poll": 1}  # approvals answered within a second
     path.write_text(yaml.safe_dump(inv, sort_keys=False))
     return path
 
@@ -155,7 +156,7 @@ def test_restore_database_with_yes_swaps_in_the_verified_copy_and_keeps_the_orig
 def test_restore_database_waits_for_approval_and_cli_approve_lets_it_finish(rb_lab, lab):
     started = time.time()
     t, box = _run_in_thread(name="restore-database", params={"database": DB},
-                            lab=str(rb_lab), approval_poll=1)
+                            lab=str(rb_lab))
     run_id = _paused_run(started)
     restored = databases_like(lab, f"{DB}\\_restored\\_%")
     assert len(restored) == 1  # restored and verified before the approval
@@ -174,7 +175,7 @@ def test_a_rejected_approval_cancels_the_run_and_drops_the_restored_copy(rb_lab,
     lab.postgres.psql_super("INSERT INTO items VALUES (2002, 'keep me');", db=DB)
     started = time.time()
     t, box = _run_in_thread(name="restore-database", params={"database": DB},
-                            lab=str(rb_lab), approval_poll=1)
+                            lab=str(rb_lab))
     run_id = _paused_run(started)
     res = CliRunner().invoke(cli_app, ["runbook", "approve", run_id, "--reject"])
     assert res.exit_code == 0, res.output
@@ -323,7 +324,7 @@ def test_an_approval_nobody_answers_times_out_and_fails_the_run(rb_lab, own_runb
   - id: after
     note: not reached
 """)
-    state = runbook_flow(name=name, lab=str(rb_lab), approval_poll=1, return_state=True)
+    state = runbook_flow(name=name, lab=str(rb_lab), return_state=True)
     assert state.is_failed()
     # Prefect's server words the final state of a timed-out pause itself ("failed and
     # never resumed"); our error is in the run's log and artifact.

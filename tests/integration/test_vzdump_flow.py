@@ -17,7 +17,6 @@ from tests.integration.test_vzdump_support import VzEnv, archives, job, vzdump_t
 
 pytestmark = pytest.mark.integration
 
-FAST = {"poll_max": 0.1, "lock_retry_delay": 0.2}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +54,7 @@ def test_tagged_guests_are_backed_up_one_per_node_verified_and_pruned(clean: VzE
                    notes="ct", protected=(i == 0), size=100)
     path = env.inventory([job("nightly", "nightly", retention={"keep_last": 2},
                               notes_template="{{guestname}} on {{node}}")])
-    state = vzdump_flow(job="nightly", lab=str(path), return_state=True, **FAST)
+    state = vzdump_flow(job="nightly", lab=str(path), return_state=True)
     assert state.is_completed(), state.message
     rows = _rows_by_vmid(state.result())
     assert set(rows) == set(vmids)
@@ -84,7 +83,7 @@ def test_tagged_guests_are_backed_up_one_per_node_verified_and_pruned(clean: VzE
 def test_selection_matching_nothing_is_a_warning_in_the_artifact(clean: VzEnv,
                                                                  prefect_harness):
     path = clean.inventory([job("nobody", "no-such-tag")])
-    state = vzdump_flow(job="nobody", lab=str(path), return_state=True, **FAST)
+    state = vzdump_flow(job="nobody", lab=str(path), return_state=True)
     assert state.is_completed(), state.message
     rows = state.result()
     assert rows[0]["status"] == "warning"
@@ -99,7 +98,7 @@ def test_a_failing_vzdump_fails_the_run_after_every_guest_was_tried(clean: VzEnv
     vmids = env.guests("failing", {"pve1": 2, "pve2": 1})
     env.sim.faults.fail_tasks("vzdump", "simulated tar failure: exit code 2", vmid=vmids[0])
     path = env.inventory([job("failing", "failing")])
-    state = vzdump_flow(job="failing", lab=str(path), return_state=True, **FAST)
+    state = vzdump_flow(job="failing", lab=str(path), return_state=True)
     assert state.is_failed()
     rows = _failed_rows(state)
     assert rows[vmids[0]]["status"] == "failed"
@@ -114,7 +113,7 @@ def test_task_warnings_show_as_success_with_warnings(clean: VzEnv, prefect_harne
     vmids = env.guests("warny", {"pve2": 1})
     env.sim.faults.warn_tasks("vzdump", "EFI disk lacks the 2023 certificate", vmid=vmids[0])
     path = env.inventory([job("warny", "warny")])
-    state = vzdump_flow(job="warny", lab=str(path), return_state=True, **FAST)
+    state = vzdump_flow(job="warny", lab=str(path), return_state=True)
     assert state.is_completed(), state.message
     row = state.result()[0]
     assert row["status"] == "warning"
@@ -128,8 +127,7 @@ def test_a_hung_vzdump_times_out_is_stopped_and_the_node_moves_on(clean: VzEnv,
     env.sim.faults.hang_tasks("vzdump", vmid=vmids[0])
     path = env.inventory([job("hangy", "hangy")])
     started = time.monotonic()
-    state = vzdump_flow(job="hangy", lab=str(path), return_state=True, task_timeout=1.0,
-                        **FAST)
+    state = vzdump_flow(job="hangy", lab=str(path), return_state=True, task_timeout=1.0)
     assert time.monotonic() - started < 30
     rows = _failed_rows(state)
     assert rows[vmids[0]]["status"] == "failed"
@@ -158,7 +156,7 @@ def test_api_503s_for_a_while_during_the_wait_are_ridden_out(clean: VzEnv, prefe
     t = threading.Thread(target=storm)
     t.start()
     path = env.inventory([job("flaky", "flaky")])
-    state = vzdump_flow(job="flaky", lab=str(path), return_state=True, **FAST)
+    state = vzdump_flow(job="flaky", lab=str(path), return_state=True)
     t.join()
     assert state.is_completed(), state.message
     row = state.result()[0]
@@ -195,10 +193,10 @@ def test_a_locked_guest_is_retried_later_in_the_run_then_reported(clean: VzEnv,
     unlock = UnlockAfterTheFirstRefusal()
     task_logger = logging.getLogger("prefect.task_runs")  # get_run_logger() in a task
     task_logger.addHandler(unlock)
-    path = env.inventory([job("locky", "locky")])
+    path = env.inventory([job("locky", "locky")],
+                         tuning={"vzdump_lock_retries": 2, "vzdump_lock_retry_delay": 0.4})
     try:
-        state = vzdump_flow(job="locky", lab=str(path), return_state=True, lock_retries=2,
-                            poll_max=0.1, lock_retry_delay=0.4)
+        state = vzdump_flow(job="locky", lab=str(path), return_state=True)
     finally:
         task_logger.removeHandler(unlock)
     assert unlock.refused == 1, "the guest was not refused exactly once while locked"
@@ -216,7 +214,7 @@ def test_a_full_storage_fails_that_guest_with_the_log_tail(clean: VzEnv, prefect
     full, fine = env.guests("fully", {"pve3": 1, "pve1": 1})
     env.sim.faults.storage_full("local", node="pve3")
     path = env.inventory([job("fully", "fully")])
-    state = vzdump_flow(job="fully", lab=str(path), return_state=True, **FAST)
+    state = vzdump_flow(job="fully", lab=str(path), return_state=True)
     rows = _failed_rows(state)
     assert rows[full]["status"] == "failed"
     assert "No space left on device" in rows[full]["detail"]
@@ -232,13 +230,13 @@ def test_a_rerun_in_the_same_period_skips_guests_already_backed_up(clean: VzEnv,
     # hourly: make sure both runs fall into the same hour
     while time.gmtime().tm_min == 59 and time.gmtime().tm_sec > 30:
         time.sleep(0.5)
-    first = vzdump_flow(job="again", lab=str(path), return_state=True, **FAST)
-    second = vzdump_flow(job="again", lab=str(path), return_state=True, **FAST)
+    first = vzdump_flow(job="again", lab=str(path), return_state=True)
+    second = vzdump_flow(job="again", lab=str(path), return_state=True)
     assert first.is_completed() and second.is_completed()
     assert {r["status"] for r in second.result()} == {"skipped"}
     for vmid in vmids:
         assert len(archives(env.sim, vmid)) == 1
-    forced = vzdump_flow(job="again", lab=str(path), return_state=True, force=True, **FAST)
+    forced = vzdump_flow(job="again", lab=str(path), return_state=True, force=True)
     assert {r["status"] for r in forced.result()} == {"ok"}
     assert all(len(archives(env.sim, v)) == 2 for v in vmids)
 
@@ -250,8 +248,7 @@ def test_dry_run_retention_lists_but_removes_nothing(clean: VzEnv, prefect_harne
     for i in range(3):
         add_backup(env.sim, vmid, old + i * 86400, node="pve1", notes="x", size=100)
     path = env.inventory([job("dry", "dry", retention={"keep_last": 1})])
-    state = vzdump_flow(job="dry", lab=str(path), return_state=True, dry_run_retention=True,
-                        **FAST)
+    state = vzdump_flow(job="dry", lab=str(path), return_state=True, dry_run_retention=True)
     assert state.is_completed(), state.message
     assert state.result()[0]["pruned"] == "3 (dry run)"
     assert len(archives(env.sim, vmid)) == 4
@@ -266,7 +263,7 @@ def test_an_adhoc_run_prunes_nothing_and_says_so_in_the_logs_and_the_artifact(
         add_backup(env.sim, vmid, old + i * 86400, node="pve2", notes="x", size=100)
     path = env.inventory([job("adhoc-job", "adhoc", retention={"keep_last": 1})])
     state = vzdump_flow(lab=str(path), selection={"tags": ["adhoc"]}, storage="local",
-                        return_state=True, **FAST)
+                        return_state=True)
     assert state.is_completed(), state.message
     (row,) = state.result()
     assert row["status"] == "ok"
@@ -298,7 +295,7 @@ def test_at_most_max_per_node_vzdumps_run_at_once_on_a_node(clean: VzEnv, prefec
     env.sim.task_duration = 0.4
     watcher.start()
     try:
-        state = vzdump_flow(job="pairs", lab=str(path), return_state=True, force=True, **FAST)
+        state = vzdump_flow(job="pairs", lab=str(path), return_state=True, force=True)
     finally:
         stop.set()
         watcher.join()

@@ -53,8 +53,10 @@ class VzEnv:
                 out.append(vmid)
         return out
 
-    def inventory(self, jobs: list[dict[str, Any]], *, s3: Any = None) -> Path:
-        """A copy of the lab inventory pointing at our simulator, with ``jobs``."""
+    def inventory(self, jobs: list[dict[str, Any]], *, s3: Any = None,
+                  tuning: dict[str, Any] | None = None) -> Path:
+        """A copy of the lab inventory pointing at our simulator, with ``jobs``; quick
+        polls and lock retries (``settings.tuning``, over ``tuning``)."""
         inv = yaml.safe_load(self.lab.inventory_path.read_text())
         sshd = self.lab.sshd
         inv["proxmox"] = {
@@ -71,6 +73,7 @@ class VzEnv:
         }
         inv["ssh"]["port"] = sshd.port
         inv["settings"]["state_dir"] = str(self.workdir / "state")
+        inv["settings"]["tuning"] = {**FAST_TUNING, **(tuning or {})}
         if s3 is not None:
             sec = self.workdir / "secrets"
             write_secret(sec / "own-s3-key-id", s3.access_key_id)
@@ -84,6 +87,10 @@ class VzEnv:
         path = self.workdir / f"lab-{next(self._n)}.yaml"
         path.write_text(yaml.safe_dump(inv, sort_keys=False))
         return path
+
+
+FAST_TUNING = {"vzdump_poll_max": 0.1, "vzdump_lock_retry_delay": 0.2}
+"""settings.tuning of the test inventories: polls and lock retries that suit the simulator."""
 
 
 def job(name: str, tag: str, **kw: Any) -> dict[str, Any]:

@@ -14,7 +14,11 @@ from deployments.serve import (
 )
 from labkeeper.inventory import load_inventory, parse_inventory
 
-ON_DEMAND = {"provision", "runbook", "update-apps"}  # update-apps: until apps[].schedule
+RUNBOOK_DEPLOYMENTS = {"restore-database", "restore-guest", "rollback-app", "add-new-service",
+                       "pre-maintenance", "post-maintenance"}
+ON_DEMAND = {"provision", "runbook", "update-apps",  # update-apps: until apps[].schedule
+             "pitr-drill",  # scheduled inside weekly-dr-drill (pitr:<server> targets)
+             *RUNBOOK_DEPLOYMENTS}
 
 
 def test_every_scheduled_deployment_has_a_cron_with_a_time_zone():
