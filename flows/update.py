@@ -23,7 +23,8 @@ batch stops when the first app had to be rolled back):
 
 Never two updates of one guest at once: each app's update holds its guest's lock
 (``flock`` in the state dir; the kernel releases it when the holder dies, however it
-dies). A run that cannot get it within ``lock_timeout`` reports the app ``blocked``.
+dies). A run that cannot get it within ``settings.tuning.update_lock_timeout`` reports
+the app ``blocked``.
 
 The run ends ``Completed`` (``Skipped`` when nothing was due), ``RolledBack``
 (a failed-type state: an app is back on its old version, healthy), ``NotUpdated``

@@ -7,7 +7,7 @@ The runbook a person would follow, per run of a vzdump job:
 2. per node, at most ``max_per_node`` vzdumps at a time, nodes in parallel; one
    Prefect task run per guest (``vzdump-<vmid>-<node>-try<n>``); a locked or
    migrating guest goes to the back of its node's queue and is tried again later
-   in the run (``lock_retries`` times), then reported;
+   in the run (``settings.tuning.vzdump_lock_retries`` times), then reported;
 3. each backup waits on its UPID, reads the log and verifies the new archive
    (``WARNINGS: n`` is success with warnings). The node's slot is held only while
    the PVE task runs: the next guest's task run is already prepared and starts
