@@ -619,7 +619,7 @@ def test_flow_with_a_bad_password_or_missing_database_fails_that_database_only(
     assert _events("labkeeper.backup.failed", "/photos", since=started)
 
 
-def test_s3_server_frozen_while_restic_opens_the_repo_stalls_fails_without_snapshot_then_a_retry_succeeds(
+def test_s3_frozen_as_restic_opens_the_repo_stalls_without_snapshot_then_a_retry_succeeds(
         lab, big, prefect_harness, no_retries, tmp_path, monkeypatch):
     from labkeeper.locallab.s3 import LocalS3
 
