@@ -51,7 +51,13 @@ def _finish(key: str, rows: list[dict[str, Any]], what: str) -> list[dict[str, A
 @flow(name="pitr_base_backup", timeout_seconds=12 * 3600, **hooks("pitr_base_backup"))
 def pitr_base_backup_flow(lab: str | None = None, servers: list[str] | None = None
                           ) -> list[dict[str, Any]]:
-    """Take a base backup of each PITR server, then apply its retention."""
+    """Take a base backup of each PITR server, then apply its retention.
+
+    Args:
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB, else
+            lab.yaml).
+        servers: Only these PITR servers (their names in the inventory); empty: every one.
+    """
     inv = load_inventory(lab_path(lab))
     rows: list[dict[str, Any]] = []
     for name in select_servers(inv, servers):
@@ -69,7 +75,13 @@ def pitr_base_backup_flow(lab: str | None = None, servers: list[str] | None = No
 @flow(name="pitr_wal_ship", timeout_seconds=3600, **hooks("pitr_wal_ship"))
 def pitr_wal_ship_flow(lab: str | None = None, servers: list[str] | None = None
                        ) -> list[dict[str, Any]]:
-    """Ship each server's completed WAL segments into the repository; report lag."""
+    """Ship each server's completed WAL segments into the repository; report lag.
+
+    Args:
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB, else
+            lab.yaml).
+        servers: Only these PITR servers (their names in the inventory); empty: every one.
+    """
     logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
     rows: list[dict[str, Any]] = []
@@ -88,7 +100,14 @@ def pitr_wal_ship_flow(lab: str | None = None, servers: list[str] | None = None
 @flow(name="pitr_drill", timeout_seconds=12 * 3600, **hooks("pitr_drill"))
 def pitr_drill_flow(lab: str | None = None, servers: list[str] | None = None,
                     seed: int | None = None) -> list[dict[str, Any]]:
-    """Restore each PITR server for real to a random moment and to the newest."""
+    """Restore each PITR server for real to a random moment and to the newest.
+
+    Args:
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB, else
+            lab.yaml).
+        servers: Only these PITR servers (their names in the inventory); empty: every one.
+        seed: Seed for the random restore moment, to repeat a drill; empty: a new one.
+    """
     inv = load_inventory(lab_path(lab))
     rows: list[dict[str, Any]] = []
     for name in select_servers(inv, servers):

@@ -12,6 +12,9 @@ pytestmark = pytest.mark.e2e
 
 def test_the_restore_database_deployment_runs_the_runbook_with_its_form_parameters(
         prefect_stack):
+    backup = _run_deployment(prefect_stack, "pg_backup/nightly-pg-backup",
+                             {"databases": ["appdb"]})
+    assert backup.state.is_completed(), backup.state.message  # something to restore
     run = _run_deployment(prefect_stack, "runbook/restore-database",
                           {"database": "appdb", "dry_run": True})
     assert run.state.is_completed(), run.state.message
