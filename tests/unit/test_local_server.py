@@ -73,3 +73,13 @@ def test_stop_leaves_a_process_alone_whose_pid_was_reused(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_the_installed_command_decides_on_the_prefect_server_before_running():
+    """The console script must enter through main() (which points Prefect at the
+    configured or local server before any flow is imported), not the bare typer app:
+    through `app` every flow command started a temporary server again."""
+    from importlib.metadata import entry_points
+
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "labkeeper"]
+    assert script.value == "labkeeper.cli:main"
