@@ -253,7 +253,8 @@ def conn_for(inv: Inventory, db: Database, *, dbname: str | None = None) -> post
     host, port = inv.database_address(db)
     return postgres.Conn(host=host, port=port, dbname=dbname or db.effective_dbname,
                          user=db.user, password=resolve(db.password) if db.password else None,
-                         sslmode=db.sslmode)
+                         sslmode=db.sslmode,
+                         sslrootcert=str(db.sslrootcert) if db.sslrootcert else None)
 
 
 def client_conn(inv: Inventory, db: Database, *, dbname: str | None = None) -> postgres.Conn:

@@ -104,10 +104,14 @@ class Conn:
     sslmode: str = "prefer"
     connect_timeout: int = 10
     client: Client = LOCAL_CLIENT
+    sslrootcert: str | None = None
+    """CA file that verify-ca / verify-full check the server's certificate against."""
 
     def env(self) -> dict[str, str]:
         env = {"PGSSLMODE": self.sslmode, "PGCONNECT_TIMEOUT": str(self.connect_timeout),
                "PGAPPNAME": "labkeeper", **dict(self.client.env)}
+        if self.sslrootcert is not None:
+            env["PGSSLROOTCERT"] = self.sslrootcert
         if self.password is not None:
             env["PGPASSWORD"] = self.password.get_secret_value()
         return env
