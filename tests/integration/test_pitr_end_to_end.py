@@ -290,7 +290,12 @@ def test_a_restore_to_a_dumps_wal_lsn_agrees_with_its_manifest_and_a_difference_
         pg_backup.backup_database(scenario.plab.inv, DB, log=lambda _m: None)
     finally:
         scenario.writer = Writer(scenario.plab).start()
+    dumped = datetime.now(tz=UTC)
     scenario.writer.wait_rows(3)
+    # A ship's walto: mark has whole-second resolution (it claims no more than it knows):
+    # ship in a later second than the dump's snapshot, so the mark provably covers it.
+    wait_until(lambda: datetime.now(tz=UTC) >= dumped + timedelta(seconds=1), 10,
+               "the next whole second after the dump")
     scenario.ships.append(wal.ship(t, log=lambda _m: None))
     [ref] = crosscheck.newest_dumps(scenario.plab.inv, "pg1")
     assert ref.manifest.wal_lsn, ref.manifest
