@@ -5,6 +5,7 @@ Every request is validated against the vendored PVE API structure file; see
 command line.
 """
 
-from labkeeper.pvesim.server import ApiError, Simulator
+from labkeeper.pvesim.errors import ApiError
+from labkeeper.pvesim.server import Simulator
 
 __all__ = ["ApiError", "Simulator"]

@@ -25,6 +25,26 @@ def _write_secret_file(path: Path, secret: str) -> None:
         fh.write(secret + "\n")
 
 
+def _from_env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise typer.BadParameter(f"environment variable {name} is not set")
+    return value
+
+
+def _token_secret(env: str | None, secret_file: Path | None) -> str:
+    """The token secret from ``env``, or a new one written to ``secret_file``."""
+    if env:
+        return _from_env(env)
+    if secret_file is None:
+        raise typer.BadParameter(
+            "give --token-secret-env or --token-secret-file (secrets never go in argv)"
+        )
+    secret = str(uuid.UUID(bytes=secrets.token_bytes(16)))
+    _write_secret_file(secret_file, secret)
+    return secret
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on (loopback).")] = "127.0.0.1",
@@ -45,24 +65,10 @@ def serve(
     ca_file: Annotated[Path | None, typer.Option(help="Copy the certificate (PEM) here.")] = None,
 ) -> None:
     """Serve the simulated PVE API until interrupted (Ctrl-C or SIGTERM)."""
-    if token_secret_env:
-        secret = os.environ.get(token_secret_env)
-        if not secret:
-            raise typer.BadParameter(f"environment variable {token_secret_env} is not set")
-    else:
-        secret = str(uuid.UUID(bytes=secrets.token_bytes(16)))
-        if token_secret_file is None:
-            raise typer.BadParameter(
-                "give --token-secret-env or --token-secret-file (secrets never go in argv)"
-            )
-    if token_secret_file is not None and not token_secret_env:
-        _write_secret_file(token_secret_file, secret)
+    secret = _token_secret(token_secret_env, token_secret_file)
     users = {}
     if root_password_env:
-        password = os.environ.get(root_password_env)
-        if not password:
-            raise typer.BadParameter(f"environment variable {root_password_env} is not set")
-        users["root@pam"] = password
+        users["root@pam"] = _from_env(root_password_env)
     sim = Simulator(
         nodes=tuple(n.strip() for n in nodes.split(",") if n.strip()),
         state_path=state,

@@ -9,7 +9,7 @@ a mapping ``{acl_path: {privs}}`` where a grant on ``/vms`` also covers
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,50 +64,82 @@ def _subst(path: str, params: Mapping[str, Any]) -> str | None:
 def _check(expr: Any, who: Principal, params: Mapping[str, Any]) -> tuple[bool, str]:
     """(ok, detail of the first failing check)."""
     kind = expr[0]
-    if kind == "perm":
-        path_t, privs = expr[1], list(expr[2])
-        opts = dict(zip(expr[3::2], expr[4::2], strict=False))
-        req = opts.get("require_param")
-        if req is not None and params.get(req) is None:
-            return False, f"{path_t}, {','.join(privs)}"
-        path = _subst(path_t, params)
-        if path is None:
-            return False, f"{path_t}, {','.join(privs)}"
-        if opts.get("any"):
-            ok = any(who.has(path, p) for p in privs)
-            return ok, f"{path}, {'|'.join(privs)}"
-        for priv in privs:
-            if not who.has(path, priv):
-                return False, f"{path}, {priv}"
-        return True, ""
-    if kind == "and":
-        for sub in expr[1:]:
-            ok, detail = _check(sub, who, params)
-            if not ok:
-                return False, detail
-        return True, ""
-    if kind == "or":
-        detail = ""
-        for sub in expr[1:]:
-            ok, detail = _check(sub, who, params)
-            if ok:
-                return True, ""
-        return False, detail
-    if kind == "userid-param":
-        userid = str(params.get("userid", ""))
-        if expr[1] == "self":
-            return userid == who.user, "userid-param self"
-        realm = userid.split("@", 1)[-1]
-        return who.has(f"/access/realm/{realm}", expr[1]), f"/access/realm/{realm}, {expr[1]}"
-    if kind == "userid-group":
-        privs = list(expr[1])
-        return any(who.has("/access/groups", p) for p in privs), (
-            f"/access/groups, {'|'.join(privs)}"
-        )
-    if kind == "perm-modify":
-        path = _subst(expr[1], params) or "/"
-        return who.has(path, "Permissions.Modify"), f"{path}, Permissions.Modify"
-    return False, f"unknown check {kind}"
+    check = _CHECKS.get(kind)
+    if check is None:
+        return False, f"unknown check {kind}"
+    return check(expr, who, params)
+
+
+def _check_perm(expr: Any, who: Principal, params: Mapping[str, Any]) -> tuple[bool, str]:
+    """``["perm", path, [privs], "any", 1, "require_param", name]``."""
+    path_t, privs = expr[1], list(expr[2])
+    opts = dict(zip(expr[3::2], expr[4::2], strict=False))
+    req = opts.get("require_param")
+    if req is not None and params.get(req) is None:
+        return False, f"{path_t}, {','.join(privs)}"
+    path = _subst(path_t, params)
+    if path is None:
+        return False, f"{path_t}, {','.join(privs)}"
+    if opts.get("any"):
+        ok = any(who.has(path, p) for p in privs)
+        return ok, f"{path}, {'|'.join(privs)}"
+    for priv in privs:
+        if not who.has(path, priv):
+            return False, f"{path}, {priv}"
+    return True, ""
+
+
+def _check_and(expr: Any, who: Principal, params: Mapping[str, Any]) -> tuple[bool, str]:
+    for sub in expr[1:]:
+        ok, detail = _check(sub, who, params)
+        if not ok:
+            return False, detail
+    return True, ""
+
+
+def _check_or(expr: Any, who: Principal, params: Mapping[str, Any]) -> tuple[bool, str]:
+    detail = ""
+    for sub in expr[1:]:
+        ok, detail = _check(sub, who, params)
+        if ok:
+            return True, ""
+    return False, detail
+
+
+def _check_userid_param(
+    expr: Any, who: Principal, params: Mapping[str, Any]
+) -> tuple[bool, str]:
+    userid = str(params.get("userid", ""))
+    if expr[1] == "self":
+        return userid == who.user, "userid-param self"
+    realm = userid.split("@", 1)[-1]
+    return who.has(f"/access/realm/{realm}", expr[1]), f"/access/realm/{realm}, {expr[1]}"
+
+
+def _check_userid_group(
+    expr: Any, who: Principal, params: Mapping[str, Any]
+) -> tuple[bool, str]:
+    privs = list(expr[1])
+    return any(who.has("/access/groups", p) for p in privs), (
+        f"/access/groups, {'|'.join(privs)}"
+    )
+
+
+def _check_perm_modify(
+    expr: Any, who: Principal, params: Mapping[str, Any]
+) -> tuple[bool, str]:
+    path = _subst(expr[1], params) or "/"
+    return who.has(path, "Permissions.Modify"), f"{path}, Permissions.Modify"
+
+
+_CHECKS: dict[str, Callable[[Any, Principal, Mapping[str, Any]], tuple[bool, str]]] = {
+    "perm": _check_perm,
+    "and": _check_and,
+    "or": _check_or,
+    "userid-param": _check_userid_param,
+    "userid-group": _check_userid_group,
+    "perm-modify": _check_perm_modify,
+}
 
 
 def check_permissions(

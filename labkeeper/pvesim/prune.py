@@ -66,26 +66,32 @@ def mark_group(
     funcs = _period_funcs(tz)
     for option in KEEP_ORDER:
         count = keep.get(option, 0)
-        if count <= 0:
-            continue
-        id_of = funcs[option]
-        already = {id_of(e["ctime"]) for e in ordered if e.get("mark") == "keep"}
-        newly: set[Any] = set()
-        for entry in ordered:
-            if entry.get("mark") is not None:
-                continue
-            pid = id_of(entry["ctime"])
-            if pid in already:
-                continue
-            if pid not in newly:
-                if len(newly) >= count:
-                    break
-                newly.add(pid)
-                entry["mark"] = "keep"
-            else:
-                entry["mark"] = "remove"
+        if count > 0:
+            _keep_periods(ordered, funcs[option], count)
     for entry in ordered:
         if entry.get("mark") is None:
+            entry["mark"] = "remove"
+
+
+def _keep_periods(
+    ordered: list[dict[str, Any]], id_of: Callable[[int], Any], count: int
+) -> None:
+    """Keep the newest backup of each of the ``count`` newest periods not yet kept;
+    mark the other backups of those periods for removal."""
+    already = {id_of(e["ctime"]) for e in ordered if e.get("mark") == "keep"}
+    newly: set[Any] = set()
+    for entry in ordered:
+        if entry.get("mark") is not None:
+            continue
+        pid = id_of(entry["ctime"])
+        if pid in already:
+            continue
+        if pid not in newly:
+            if len(newly) >= count:
+                break
+            newly.add(pid)
+            entry["mark"] = "keep"
+        else:
             entry["mark"] = "remove"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -119,50 +120,72 @@ class _TypeError(Exception):
 def coerce(value: Any, type_: str | None) -> Any:
     """Turn a form-encoded value into the JSON type; raise _TypeError on failure."""
     if type_ in (None, "string"):
-        if isinstance(value, (list, dict)):
-            raise _TypeError(f"type check ('string') failed - got {_ref(value)}")
-        if isinstance(value, bool):
-            return "1" if value else "0"
-        return str(value)
-    if type_ == "integer":
-        if isinstance(value, bool):
-            return int(value)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-            return int(value)
-        raise _TypeError(f"type check ('integer') failed - got '{value}'")
-    if type_ == "number":
-        if isinstance(value, bool):
-            return int(value)
-        if isinstance(value, (int, float)):
-            return value
-        if isinstance(value, str) and re.fullmatch(
-            r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", value.strip()
-        ):
-            num = float(value)
-            return int(num) if num.is_integer() and "." not in value else num
-        raise _TypeError(f"type check ('number') failed - got '{value}'")
-    if type_ == "boolean":
-        if isinstance(value, bool):
-            return int(value)
-        if isinstance(value, int) and value in (0, 1):
-            return value
-        text = str(value).strip().lower()
-        if text in _TRUE:
-            return 1
-        if text in _FALSE:
-            return 0
-        raise _TypeError(f"type check ('boolean') failed - got '{value}'")
-    if type_ == "array":
-        return value if isinstance(value, list) else [value]
-    if type_ == "object":
-        if isinstance(value, dict):
-            return value
-        raise _TypeError(f"type check ('object') failed - got '{value}'")
-    if type_ == "null":
+        return _to_string(value)
+    to_type = _COERCE.get(type_)
+    return value if to_type is None else to_type(value)
+
+
+def _to_string(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        raise _TypeError(f"type check ('string') failed - got {_ref(value)}")
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def _to_integer(value: Any) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
         return value
-    return value
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        return int(value)
+    raise _TypeError(f"type check ('integer') failed - got '{value}'")
+
+
+def _to_number(value: Any) -> int | float:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and re.fullmatch(
+        r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", value.strip()
+    ):
+        num = float(value)
+        return int(num) if num.is_integer() and "." not in value else num
+    raise _TypeError(f"type check ('number') failed - got '{value}'")
+
+
+def _to_boolean(value: Any) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int) and value in (0, 1):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return 1
+    if text in _FALSE:
+        return 0
+    raise _TypeError(f"type check ('boolean') failed - got '{value}'")
+
+
+def _to_array(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _to_object(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    raise _TypeError(f"type check ('object') failed - got '{value}'")
+
+
+_COERCE: dict[str, Callable[[Any], Any]] = {
+    "integer": _to_integer,
+    "number": _to_number,
+    "boolean": _to_boolean,
+    "array": _to_array,
+    "object": _to_object,
+}
 
 
 def _ref(value: Any) -> str:
@@ -187,49 +210,75 @@ def check_value(schema: dict[str, Any], raw: Any, name: str) -> tuple[Any, str |
     except _TypeError as exc:
         return None, str(exc)
     if type_ == "array":
-        items = schema.get("items") or {}
-        out = []
-        for item in value:
-            checked, err = check_value(items, item, name)
-            if err:
-                return None, err
-            out.append(checked)
-        return out, None
-    fmt = schema.get("format")
-    if fmt is not None and not isinstance(value, (list, dict)):
-        text = str(value)
-        if isinstance(fmt, dict):
-            err = check_property_string(fmt, text, name)
-            if err:
-                return None, err
-        elif fmt in NAMED_PROPERTY_STRINGS:
-            err = check_property_string(NAMED_PROPERTY_STRINGS[fmt], text, name)
-            if err:
-                return None, err
-        elif fmt in NAMED:
-            err = NAMED[fmt](text)
-            if err:
-                return None, f"invalid format - {err}\n"
-    if isinstance(value, str):
-        if "maxLength" in schema and len(value) > int(schema["maxLength"]):
-            return None, f"value may only be {schema['maxLength']} characters long"
-        if "minLength" in schema and len(value) < int(schema["minLength"]):
-            return None, f"value must be at least {schema['minLength']} characters long"
-        if "pattern" in schema:
-            regex = compile_pattern(schema["pattern"])
-            if regex is not None and not regex.match(value):
-                return None, "value does not match the regex pattern"
-    if type_ in ("integer", "number"):
-        if "minimum" in schema and value < float(schema["minimum"]):
-            return None, f"value must have a minimum value of {schema['minimum']}"
-        if "maximum" in schema and value > float(schema["maximum"]):
-            return None, f"value must have a maximum value of {schema['maximum']}"
+        return _check_items(schema.get("items") or {}, value, name)
+    err = (
+        _format_error(schema.get("format"), value, name)
+        or _string_error(schema, value)
+        or _number_error(schema, value, type_)
+        or _enum_error(schema, value)
+    )
+    if err:
+        return None, err
+    return value, None
+
+
+def _check_items(items: dict[str, Any], value: list[Any], name: str) -> tuple[Any, str | None]:
+    out = []
+    for item in value:
+        checked, err = check_value(items, item, name)
+        if err:
+            return None, err
+        out.append(checked)
+    return out, None
+
+
+def _format_error(fmt: Any, value: Any, name: str) -> str | None:
+    """A ``format`` (property string or named format) the value does not meet."""
+    if fmt is None or isinstance(value, (list, dict)):
+        return None
+    text = str(value)
+    if isinstance(fmt, dict):
+        return check_property_string(fmt, text, name)
+    if fmt in NAMED_PROPERTY_STRINGS:
+        return check_property_string(NAMED_PROPERTY_STRINGS[fmt], text, name)
+    if fmt in NAMED:
+        err = NAMED[fmt](text)
+        if err:
+            return f"invalid format - {err}\n"
+    return None
+
+
+def _string_error(schema: dict[str, Any], value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    if "maxLength" in schema and len(value) > int(schema["maxLength"]):
+        return f"value may only be {schema['maxLength']} characters long"
+    if "minLength" in schema and len(value) < int(schema["minLength"]):
+        return f"value must be at least {schema['minLength']} characters long"
+    if "pattern" in schema:
+        regex = compile_pattern(schema["pattern"])
+        if regex is not None and not regex.match(value):
+            return "value does not match the regex pattern"
+    return None
+
+
+def _number_error(schema: dict[str, Any], value: Any, type_: str | None) -> str | None:
+    if type_ not in ("integer", "number"):
+        return None
+    if "minimum" in schema and value < float(schema["minimum"]):
+        return f"value must have a minimum value of {schema['minimum']}"
+    if "maximum" in schema and value > float(schema["maximum"]):
+        return f"value must have a maximum value of {schema['maximum']}"
+    return None
+
+
+def _enum_error(schema: dict[str, Any], value: Any) -> str | None:
     if "enum" in schema and str(value) not in map(str, schema["enum"]):
-        return None, (
+        return (
             f"value '{value}' does not have a value in the enumeration "
             f"'{', '.join(map(str, schema['enum']))}'"
         )
-    return value, None
+    return None
 
 
 def split_property_string(text: str) -> list[str]:
@@ -337,30 +386,45 @@ def validate_params(
     values: dict[str, Any] = {}
     errors: dict[str, str] = {}
     for name, value in raw.items():
-        schema = props.get(name)
-        if schema is None or name.endswith("[n]"):
-            family = _family_schema(props, name)
-            schema = family[1] if family else None
+        schema = _param_schema(props, name)
         if schema is None:
             if not additional:
                 errors[name] = NOT_DEFINED
             else:
                 values[name] = value
             continue
-        if isinstance(value, list) and schema.get("type") != "array":
-            if len(value) == 1:
-                value = value[0]
-            else:
-                errors[name] = f"type check ('{schema.get('type', 'string')}') failed - got ARRAY"
-                continue
-        if "oneOf" in schema:
-            values[name] = value
-            continue
-        checked, err = check_value(schema, value, name)
+        checked, err = _check_param(schema, value, name)
         if err:
             errors[name] = err
         else:
             values[name] = checked
+    _add_missing(props, raw, values, errors)
+    return values, errors
+
+
+def _param_schema(props: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """A parameter's schema, a numbered one (``net0``) taken from its family (``net[n]``)."""
+    schema = props.get(name)
+    if schema is None or name.endswith("[n]"):
+        family = _family_schema(props, name)
+        schema = family[1] if family else None
+    return schema
+
+
+def _check_param(schema: dict[str, Any], value: Any, name: str) -> tuple[Any, str | None]:
+    if isinstance(value, list) and schema.get("type") != "array":
+        if len(value) != 1:
+            return None, f"type check ('{schema.get('type', 'string')}') failed - got ARRAY"
+        value = value[0]
+    if "oneOf" in schema:
+        return value, None
+    return check_value(schema, value, name)
+
+
+def _add_missing(
+    props: dict[str, Any], raw: dict[str, Any], values: dict[str, Any], errors: dict[str, str]
+) -> None:
+    """Errors for required parameters not given and for ``requires`` not met."""
     for name, schema in props.items():
         if name.endswith("[n]") or schema.get("optional") or "oneOf" in schema:
             continue
@@ -370,7 +434,6 @@ def validate_params(
         required = schema.get("requires")
         if isinstance(required, str) and name in values and required not in raw:
             errors.setdefault(required, f"missing property - '{name}' requires this property")
-    return values, errors
 
 
 # --------------------------------------------------------------------------- paths
@@ -436,22 +499,46 @@ class ApiSchema:
 
 def check_returns(schema: dict[str, Any], value: Any, where: str = "data") -> list[str]:
     """Problems of ``value`` against a ``returns`` schema (empty list: conforms)."""
-    problems: list[str] = []
     type_ = schema.get("type")
     if value is None:
         if type_ in (None, "null") or schema.get("optional"):
             return []
         return [f"{where}: null but type {type_}"]
-    if type_ == "null":
-        return [f"{where}: expected null, got {value!r}"]
-    if type_ == "string" and not isinstance(value, str):
-        return [f"{where}: expected string, got {value!r}"]
-    if type_ == "integer" and (isinstance(value, bool) or not isinstance(value, int)):
-        return [f"{where}: expected integer, got {value!r}"]
-    if type_ == "number" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        return [f"{where}: expected number, got {value!r}"]
-    if type_ == "boolean" and value not in (0, 1, True, False):
-        return [f"{where}: expected boolean, got {value!r}"]
+    if type_ is None and "properties" in schema:
+        type_ = "object"
+    accepts = _RETURN_TYPES.get(type_ or "")
+    if accepts is not None and not accepts(value):
+        return [f"{where}: expected {type_}, got {value!r}"]
+    problems = _constraint_problems(schema, value, where, type_)
+    if type_ == "array":
+        items = schema.get("items")
+        if isinstance(items, dict):
+            for i, item in enumerate(value):
+                problems += check_returns(items, item, f"{where}[{i}]")
+    if type_ == "object":
+        for name, sub in (schema.get("properties") or {}).items():
+            if name in value:
+                problems += check_returns(sub, value[name], f"{where}.{name}")
+            elif not sub.get("optional"):
+                problems.append(f"{where}.{name}: missing")
+    return problems
+
+
+_RETURN_TYPES: dict[str, Callable[[Any], bool]] = {
+    "null": lambda v: False,
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: v in (0, 1, True, False),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
+def _constraint_problems(
+    schema: dict[str, Any], value: Any, where: str, type_: str | None
+) -> list[str]:
+    problems = []
     if "enum" in schema and value not in schema["enum"]:
         problems.append(f"{where}: {value!r} not in {schema['enum']}")
     if type_ in ("integer", "number"):
@@ -463,20 +550,4 @@ def check_returns(schema: dict[str, Any], value: Any, where: str = "data") -> li
         regex = compile_pattern(schema["pattern"])
         if regex is not None and not regex.match(value):
             problems.append(f"{where}: {value!r} does not match {schema['pattern']}")
-    if type_ == "array":
-        if not isinstance(value, list):
-            return [f"{where}: expected array, got {value!r}"]
-        items = schema.get("items")
-        if isinstance(items, dict):
-            for i, item in enumerate(value):
-                problems += check_returns(items, item, f"{where}[{i}]")
-    if type_ == "object" or (type_ is None and "properties" in schema):
-        if not isinstance(value, dict):
-            return [f"{where}: expected object, got {value!r}"]
-        props = schema.get("properties") or {}
-        for name, sub in props.items():
-            if name in value:
-                problems += check_returns(sub, value[name], f"{where}.{name}")
-            elif not sub.get("optional"):
-                problems.append(f"{where}.{name}: missing")
     return problems

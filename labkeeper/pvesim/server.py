@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from labkeeper.pvesim import api
 from labkeeper.pvesim import state as st
+from labkeeper.pvesim.errors import ApiError
 from labkeeper.pvesim.faults import Faults
 from labkeeper.pvesim.perms import PermissionDenied, Principal, check_permissions
 from labkeeper.pvesim.schema import ApiSchema, validate_params
@@ -28,17 +30,7 @@ from labkeeper.pvesim.tls import generate_cert
 API_PREFIX = "/api2/json"
 TICKET_LIFETIME = 7200
 
-
-class ApiError(Exception):
-    """An HTTP error answer in PVE's shape."""
-
-    def __init__(
-        self, status: int, message: str, errors: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.errors = dict(errors) if errors else None
+__all__ = ["ApiError", "Response", "Simulator", "error_response"]
 
 
 class Response:
@@ -278,27 +270,19 @@ class Simulator:
 
     def set_rootfs_dir(self, vmid: int, path: Path | str) -> None:
         """Give container ``vmid`` a real directory as its root filesystem."""
-        from labkeeper.pvesim import api
-
         api.set_rootfs_dir(self, vmid, path)
 
     def add_guest(self, vmid: int, gtype: str = "lxc", **kwargs: Any) -> dict[str, Any]:
         """Seed a guest directly (node=, config=, status=, disk_storage=, disk_size=)."""
-        from labkeeper.pvesim import api
-
         with self.lock:
             return api.add_guest(self, vmid, gtype, **kwargs)
 
     def add_backup(self, vmid: int, ctime: int, **kwargs: Any) -> str:
         """Seed a backup volume (storage=, node=, gtype=, protected=, notes=); its volid."""
-        from labkeeper.pvesim import api
-
         return api.add_backup(self, vmid, ctime, **kwargs)
 
     def guest(self, vmid: int) -> dict[str, Any] | None:
         """A copy of a guest's simulator record (config, status, snapshots, rootfs_dir)."""
-        from labkeeper.pvesim import api
-
         return api.guest_state(self, vmid)
 
     # ------------------------------------------------------------------ auth
@@ -384,33 +368,39 @@ class Simulator:
         body: bytes,
         record: dict[str, Any],
     ) -> Response:
-        from labkeeper.pvesim import api
-
         if path.startswith("/_sim/"):
             path = API_PREFIX + path
         if not path.startswith(API_PREFIX + "/") and path != API_PREFIX:
             raise ApiError(404, "Not Found")
         rel = path[len(API_PREFIX) :] or "/"
-        params: dict[str, Any] = parse_form(query)
-        ctype = {k.lower(): v for k, v in headers.items()}.get("content-type", "")
-        if body:
-            if "json" in ctype:
-                try:
-                    parsed = json.loads(body)
-                except ValueError as exc:
-                    raise ApiError(400, f"unable to parse JSON body - {exc}") from exc
-                if isinstance(parsed, dict):
-                    params.update(parsed)
-            else:
-                params.update(parse_form(body.decode("utf-8", "replace")))
+        params = request_params(query, headers, body)
         if rel.startswith("/_sim/"):
-            who, err = self._authenticate(method, headers)
-            if who is None:
-                raise ApiError(401, err or "No ticket")
+            self._require_caller(method, headers)
             return Response(200, {"data": api.sim_endpoint(self, method, rel, params)})
         injected = self.faults.take_api_error()
         if injected is not None:
             raise ApiError(injected[0], injected[1])
+        template, path_params, endpoint = self._endpoint(method, rel, record)
+        permissions = endpoint.get("permissions") or {}
+        who = self._caller(method, headers, endpoint)
+        params.update(path_params)
+        record["params"] = dict(params)
+        values, errors = validate_params(endpoint.get("parameters") or {}, params)
+        if errors:
+            raise ApiError(400, "Parameter verification failed.", errors)
+        try:
+            check_permissions(permissions, who, values)
+        except PermissionDenied as exc:
+            raise ApiError(403, str(exc)) from exc
+        data = self._dispatch(method, template, rel.rstrip("/") or "/", who, values)
+        if method != "GET":
+            self.persist()
+        return Response(200, {"data": data})
+
+    def _endpoint(
+        self, method: str, rel: str, record: dict[str, Any]
+    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """(path template, path parameters, schema endpoint) for a request, or 501."""
         segments = [unquote(s) for s in rel.strip("/").split("/")] if rel.strip("/") else []
         matched = self.schema.match(segments)
         display = rel.rstrip("/") or "/"
@@ -421,23 +411,30 @@ class Simulator:
         endpoint = self.schema.endpoint(template, method)
         if endpoint is None:
             raise ApiError(501, f"Method '{method} {display}' not implemented")
+        return template, path_params, endpoint
+
+    def _require_caller(self, method: str, headers: Mapping[str, str]) -> Principal:
+        who, err = self._authenticate(method, headers)
+        if who is None:
+            raise ApiError(401, err or "No ticket")
+        return who
+
+    def _caller(
+        self, method: str, headers: Mapping[str, str], endpoint: Mapping[str, Any]
+    ) -> Principal | None:
+        """The authenticated caller, or None for an endpoint open to the world."""
         permissions = endpoint.get("permissions") or {}
-        who: Principal | None = None
-        if permissions.get("user") != "world":
-            who, err = self._authenticate(method, headers)
-            if who is None:
-                raise ApiError(401, err or "No ticket")
-            if "!" in who.userid and not endpoint.get("allowtoken", 1):
-                raise ApiError(403, "Permission check failed (API token not allowed)")
-        params.update(path_params)
-        record["params"] = dict(params)
-        values, errors = validate_params(endpoint.get("parameters") or {}, params)
-        if errors:
-            raise ApiError(400, "Parameter verification failed.", errors)
-        try:
-            check_permissions(permissions, who, values)
-        except PermissionDenied as exc:
-            raise ApiError(403, str(exc)) from exc
+        if permissions.get("user") == "world":
+            return None
+        who = self._require_caller(method, headers)
+        if "!" in who.userid and not endpoint.get("allowtoken", 1):
+            raise ApiError(403, "Permission check failed (API token not allowed)")
+        return who
+
+    def _dispatch(
+        self, method: str, template: str, display: str, who: Principal | None,
+        values: dict[str, Any],
+    ) -> Any:
         handler = api.ROUTES.get((method, template))
         if handler is None:
             raise ApiError(
@@ -447,9 +444,24 @@ class Simulator:
                 "by the labkeeper Proxmox VE simulator",
             )
         try:
-            data = handler(api.Ctx(self, who, values))
+            return handler(api.Ctx(self, who, values))
         except PermissionDenied as exc:
             raise ApiError(403, str(exc)) from exc
-        if method != "GET":
-            self.persist()
-        return Response(200, {"data": data})
+
+
+def request_params(query: str, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+    """A request's parameters: the query string, then a form or JSON body over it."""
+    params: dict[str, Any] = parse_form(query)
+    if not body:
+        return params
+    ctype = {k.lower(): v for k, v in headers.items()}.get("content-type", "")
+    if "json" in ctype:
+        try:
+            parsed = json.loads(body)
+        except ValueError as exc:
+            raise ApiError(400, f"unable to parse JSON body - {exc}") from exc
+        if isinstance(parsed, dict):
+            params.update(parsed)
+    else:
+        params.update(parse_form(body.decode("utf-8", "replace")))
+    return params

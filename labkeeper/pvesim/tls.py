@@ -27,25 +27,13 @@ def format_fingerprint(der: bytes) -> str:
     return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
 
 
-def generate_cert(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1",)) -> CertFiles:
-    """Write ``pve-ssl.pem``/``pve-ssl.key`` into ``directory`` (key mode 0600)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "PVE Cluster Node (labkeeper pvesim)"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "pvesim.localdomain"),
-        ]
-    )
-    alt: list[x509.GeneralName] = [x509.DNSName("localhost")]
-    for host in {"127.0.0.1", *hosts}:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            alt.append(x509.DNSName(host))
+def _self_signed(
+    key: ec.EllipticCurvePrivateKey, name: x509.Name, alt: list[x509.GeneralName]
+) -> x509.Certificate:
+    """A CA certificate that also serves TLS (what PVE's ``pve-ssl.pem`` is, in one)."""
     now = dt.datetime.now(dt.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -76,6 +64,25 @@ def generate_cert(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1",)) -> C
         )
         .sign(key, hashes.SHA256())
     )
+
+
+def generate_cert(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1",)) -> CertFiles:
+    """Write ``pve-ssl.pem``/``pve-ssl.key`` into ``directory`` (key mode 0600)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "PVE Cluster Node (labkeeper pvesim)"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "pvesim.localdomain"),
+        ]
+    )
+    alt: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    for host in {"127.0.0.1", *hosts}:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            alt.append(x509.DNSName(host))
+    cert = _self_signed(key, name, alt)
     cert_file = directory / "pve-ssl.pem"
     key_file = directory / "pve-ssl.key"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
