@@ -61,7 +61,7 @@ def _default(field: Any) -> str:
 
 def render() -> str:
     lines = ["# Inventory reference", "",
-             "Generated from `labkeeper/inventory.py` by `python -m labkeeper.docgen`; a test",
+             "Generated from `labkeeper/inventory/` by `python -m labkeeper.docgen`; a test",
              "keeps this file equal to the models. `lab.example.yaml` is a complete example.",
              "Fields holding secrets take references (`env:NAME`, `file:/path`,",
              "`prefect-block:NAME`), never values. Unknown keys are errors.", ""]
