@@ -8,6 +8,7 @@ returns ``(what would happen, problems)``.
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -87,8 +88,6 @@ def plan_ssh(lab: Lab, spec: Mapping[str, Any], argv: Sequence[str]) -> tuple[st
         lab.inv.ssh_target(str(spec["host"]))
     except ConfigError as exc:
         problems.append(str(exc))
-    import shlex
-
     return f"on {spec['host']}: {shlex.join(argv)}", problems
 
 
@@ -101,61 +100,82 @@ def _guests_of(lab: Lab, spec: Mapping[str, Any]) -> list[str]:
     return _names(spec["guest"])
 
 
+_POWER_OPS = ("start", "shutdown", "stop")
+
+
 def run_proxmox(lab: Lab, spec: Mapping[str, Any]) -> tuple[str, Outputs]:
     op = spec["op"]
     names = _guests_of(lab, spec)
-    if op in ("start", "shutdown", "stop"):
-        order = start_order(lab.inv, names)
-        if op != "start":
-            order.reverse()
-        done = []
-        for n in order:
-            guest, found = lab.where(n)
-            if found is None:
-                raise StepFailed(f"guest {n} (VMID {guest.vmid}) does not exist in Proxmox")
-            want = "running" if op == "start" else "stopped"
-            if found.status == want:
-                done.append(f"{n} already {want}")
-                continue
-            lab.log(f"{op} {n} (VMID {guest.vmid} on {found.node})")
-            if op == "start":
-                upid = px.start_guest(lab.api, found.node, guest.vmid, guest.type)
-            elif op == "stop":
-                upid = px.stop_guest(lab.api, found.node, guest.vmid, guest.type)
-            else:
-                upid = px.shutdown_guest(lab.api, found.node, guest.vmid, guest.type)
-            lab.wait(upid)
-            done.append(f"{n} {want}")
-        return "; ".join(done), {"order": order}
+    if op in _POWER_OPS:
+        return _power(lab, op, names)
     if len(names) != 1:
         raise ConfigError(f"proxmox {op}: one guest, not {len(names)}")
     name = names[0]
     guest, found = lab.where(name)
     if found is None:
         raise StepFailed(f"guest {name} (VMID {guest.vmid}) does not exist in Proxmox")
-    node = found.node
-    if op == "snapshot":
-        snap = str(spec["snapshot"])
-        lab.wait(px.create_snapshot(lab.api, node, guest.vmid, guest.type, snap))
-        return f"snapshot {snap} of {name}", {"snapshot": snap}
-    if op == "rollback":
-        snap = resolve_snapshot(lab, name, str(spec["snapshot"]))
-        lab.wait(px.rollback_snapshot(lab.api, node, guest.vmid, guest.type, snap))
-        status = px.guest_status(lab.api, node, guest.vmid, guest.type)
-        if status.status != "running":
-            lab.wait(px.start_guest(lab.api, node, guest.vmid, guest.type))
-        return f"{name} rolled back to {snap} and running", {"snapshot": snap}
-    if op == "tag":
-        tag = str(spec["tag"])
-        if tag in found.tags:
-            return f"{name} already tagged {tag}", {"tags": list(found.tags)}
-        tags = [*found.tags, tag]
-        px.configure(lab.api, node, guest.vmid, guest.type, {"tags": px.format_tags(tags)})
-        return f"{name} tagged {tag}", {"tags": tags}
     if op == "destroy":
         raise ConfigError("proxmox destroy is only for guests a runbook created "
                           "(use restore_guest to a new VMID and destroy it by vmid)")
-    raise ConfigError(f"proxmox op {op!r} unknown")
+    one = _ONE_GUEST_OPS.get(op)
+    if one is None:
+        raise ConfigError(f"proxmox op {op!r} unknown")
+    return one(lab, spec, name, guest, found)
+
+
+def _power(lab: Lab, op: str, names: list[str]) -> tuple[str, Outputs]:
+    """Start guests in dependency order; shut down or stop them in the reverse order."""
+    order = start_order(lab.inv, names)
+    if op != "start":
+        order.reverse()
+    want = "running" if op == "start" else "stopped"
+    action = {"start": px.start_guest, "stop": px.stop_guest,
+              "shutdown": px.shutdown_guest}[op]
+    done = []
+    for n in order:
+        guest, found = lab.where(n)
+        if found is None:
+            raise StepFailed(f"guest {n} (VMID {guest.vmid}) does not exist in Proxmox")
+        if found.status == want:
+            done.append(f"{n} already {want}")
+            continue
+        lab.log(f"{op} {n} (VMID {guest.vmid} on {found.node})")
+        lab.wait(action(lab.api, found.node, guest.vmid, guest.type))
+        done.append(f"{n} {want}")
+    return "; ".join(done), {"order": order}
+
+
+def _snapshot(lab: Lab, spec: Mapping[str, Any], name: str, guest: Any, found: px.Guest
+              ) -> tuple[str, Outputs]:
+    snap = str(spec["snapshot"])
+    lab.wait(px.create_snapshot(lab.api, found.node, guest.vmid, guest.type, snap))
+    return f"snapshot {snap} of {name}", {"snapshot": snap}
+
+
+def _rollback(lab: Lab, spec: Mapping[str, Any], name: str, guest: Any, found: px.Guest
+              ) -> tuple[str, Outputs]:
+    node = found.node
+    snap = resolve_snapshot(lab, name, str(spec["snapshot"]))
+    lab.wait(px.rollback_snapshot(lab.api, node, guest.vmid, guest.type, snap))
+    status = px.guest_status(lab.api, node, guest.vmid, guest.type)
+    if status.status != "running":
+        lab.wait(px.start_guest(lab.api, node, guest.vmid, guest.type))
+    return f"{name} rolled back to {snap} and running", {"snapshot": snap}
+
+
+def _tag(lab: Lab, spec: Mapping[str, Any], name: str, guest: Any, found: px.Guest
+         ) -> tuple[str, Outputs]:
+    tag = str(spec["tag"])
+    if tag in found.tags:
+        return f"{name} already tagged {tag}", {"tags": list(found.tags)}
+    tags = [*found.tags, tag]
+    px.configure(lab.api, found.node, guest.vmid, guest.type, {"tags": px.format_tags(tags)})
+    return f"{name} tagged {tag}", {"tags": tags}
+
+
+_ONE_GUEST_OPS: dict[str, Callable[..., tuple[str, Outputs]]] = {
+    "snapshot": _snapshot, "rollback": _rollback, "tag": _tag,
+}
 
 
 def resolve_snapshot(lab: Lab, guest_name: str, wanted: str) -> str:
