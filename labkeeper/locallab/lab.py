@@ -272,26 +272,7 @@ class LocalLab:
                          "provision": {"guest_state_dir": str(self.workdir / "guest-state")}},
         }
         if self.pvesim is not None:
-            inv["proxmox"] = {
-                "host": self.pvesim.host,
-                "port": self.pvesim.port,
-                "token_id": PVE_TOKEN_ID,
-                "token_secret": f"file:{sec / 'pve-token'}",
-                "tls": {"verify": True, "ca_file": str(self.pvesim.ca_file),
-                        "fingerprint": self.pvesim.fingerprint},
-                # The lab's sshd stands in for every node's SSH (off-site copies read
-                # archives from the node over SFTP).
-                "nodes": [{"name": n, **({"address": self.sshd.host,
-                                          "ssh_user": self.sshd.user}
-                                         if self.sshd is not None else {})}
-                          for n in PVE_NODES],
-                "storages": [
-                    {"name": "local", "type": "dir",
-                     "content": ["iso", "vztmpl", "backup", "snippets"], "snapshots": False},
-                    {"name": "local-lvm", "type": "lvmthin", "content": ["images", "rootdir"],
-                     "snapshots": True},
-                ],
-            }
+            inv["proxmox"] = self._proxmox_section()
         if self.sshd is not None:
             inv["ssh"] = {
                 "user": self.sshd.user,
@@ -316,25 +297,56 @@ class LocalLab:
                 "retention": {"keep_last": 3, "keep_daily": 7, "keep_weekly": 4},
             }]
         if self.postgres is not None:
-            write_secret(sec / "pg-password", self.postgres.password_file.read_text().strip())
-            inv["databases"] = [
-                {"name": db, "host": self.postgres.host, "port": self.postgres.port,
-                 "dbname": db, "user": self.postgres.app_user,
-                 "password": f"file:{sec / 'pg-password'}",
-                 **({"repository": "lab-repo"} if self.repo else {}),
-                 "drill": {"enabled": True, "server": "lab-pg", "rpo_hours": 26,
-                           "rto_minutes": 30, "smoke_queries": SMOKE_QUERIES.get(db, [])}}
-                for db in self.postgres.database_names
-            ]
-            # Drills restore into scratch databases named labkeeper_drill_* on the same
-            # server (the lab role may create databases).
-            inv["drills"] = {"servers": [{
-                "name": "lab-pg", "host": self.postgres.host, "port": self.postgres.port,
-                "user": self.postgres.app_user, "password": f"file:{sec / 'pg-password'}"}],
-                "repository": {"read_data_period": 1}}
+            self._add_databases(inv)
         if self.db_container is not None and self.sshd is not None and self.repo is not None:
             self._add_db_container(inv)
         return inv
+
+    def _proxmox_section(self) -> dict[str, Any]:
+        """The simulated Proxmox cluster: its API, nodes and storages."""
+        assert self.pvesim is not None
+        return {
+            "host": self.pvesim.host,
+            "port": self.pvesim.port,
+            "token_id": PVE_TOKEN_ID,
+            "token_secret": f"file:{self.secrets_dir / 'pve-token'}",
+            "tls": {"verify": True, "ca_file": str(self.pvesim.ca_file),
+                    "fingerprint": self.pvesim.fingerprint},
+            # The lab's sshd stands in for every node's SSH (off-site copies read
+            # archives from the node over SFTP).
+            "nodes": [{"name": n, **({"address": self.sshd.host,
+                                      "ssh_user": self.sshd.user}
+                                     if self.sshd is not None else {})}
+                      for n in PVE_NODES],
+            "storages": [
+                {"name": "local", "type": "dir",
+                 "content": ["iso", "vztmpl", "backup", "snippets"], "snapshots": False},
+                {"name": "local-lvm", "type": "lvmthin", "content": ["images", "rootdir"],
+                 "snapshots": True},
+            ],
+        }
+
+    def _add_databases(self, inv: dict[str, Any]) -> None:
+        """The lab's PostgreSQL databases (password written as a file: secret) and the
+        drill server they restore into."""
+        assert self.postgres is not None
+        sec = self.secrets_dir
+        write_secret(sec / "pg-password", self.postgres.password_file.read_text().strip())
+        inv["databases"] = [
+            {"name": db, "host": self.postgres.host, "port": self.postgres.port,
+             "dbname": db, "user": self.postgres.app_user,
+             "password": f"file:{sec / 'pg-password'}",
+             **({"repository": "lab-repo"} if self.repo else {}),
+             "drill": {"enabled": True, "server": "lab-pg", "rpo_hours": 26,
+                       "rto_minutes": 30, "smoke_queries": SMOKE_QUERIES.get(db, [])}}
+            for db in self.postgres.database_names
+        ]
+        # Drills restore into scratch databases named labkeeper_drill_* on the same
+        # server (the lab role may create databases).
+        inv["drills"] = {"servers": [{
+            "name": "lab-pg", "host": self.postgres.host, "port": self.postgres.port,
+            "user": self.postgres.app_user, "password": f"file:{sec / 'pg-password'}"}],
+            "repository": {"read_data_period": 1}}
 
     def _add_db_container(self, inv: dict[str, Any]) -> None:
         """The containerised database, the way an Immich stack keeps it: the dump runs

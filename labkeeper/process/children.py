@@ -1,0 +1,51 @@
+"""Child-process primitives: dying with this process, liveness without reaping,
+killing a whole process group."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+
+from labkeeper.errors import CommandNotFound
+from labkeeper.secrets import REDACTOR
+
+KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL on timeout
+
+_SETPRIV = shutil.which("setpriv")
+
+
+def dies_with_parent(argv: Sequence[str]) -> tuple[str, ...]:
+    """``argv`` run so that it is SIGKILLed when this process dies (``setpriv
+    --pdeathsig KILL``, util-linux): a consumer whose stdin we feed must never see a
+    clean end-of-stream because *we* were killed (restic would store a truncated
+    dump). ``argv`` unchanged where setpriv is missing. The command must exist (checked
+    here, so a missing one is still :class:`CommandNotFound`)."""
+    if _SETPRIV is None:
+        return tuple(argv)
+    if shutil.which(argv[0]) is None:
+        raise CommandNotFound(f"{argv[0]}: command not found",
+                              argv=REDACTOR.redact_argv(tuple(argv)))
+    return (_SETPRIV, "--pdeathsig", "KILL", "--", *argv)
+
+
+def alive(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether ``proc`` has not exited yet, without reaping it. (``Popen.poll`` answers
+    None while another thread holds its wait lock, which would make us count a child
+    that died on its own as one we killed.)"""
+    if proc.returncode is not None:
+        return False
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:  # reaped meanwhile by another thread
+        return False
+
+
+def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
