@@ -155,6 +155,6 @@ def _failure(results: list[CommandResult], failed: list[int], cause: int,
     if len(norm) == 1:
         return first
     return PipelineError(
-        f"pipeline failed at stage {cause + 1} ({norm[cause].argv[0]}): {first}",
+        f"pipeline failed at stage {cause + 1} ({results[cause].argv[0]}): {first}",
         failures=errors, first=first,
     )

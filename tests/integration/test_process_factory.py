@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from labkeeper import process
+from labkeeper.errors import PipelineError
 from labkeeper.process import Stage
 
 PY = sys.executable
@@ -74,3 +75,15 @@ def test_only_the_first_stage_may_be_a_factory():
         process.pipeline([Stage(("true",)), lambda: Stage(("true",))], timeout=5)
     with pytest.raises(ValueError, match="first stage"):
         process.pipeline([lambda: Stage(("true",))], timeout=5)
+
+
+def test_a_failing_factory_made_first_stage_raises_a_pipeline_error_naming_its_command(
+        tmp_path):
+    def make() -> Stage:
+        return Stage((PY, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"))
+
+    with pytest.raises(PipelineError) as err:
+        process.pipeline([make, Stage((PY, "-c", CONSUMER, str(tmp_path)))], timeout=60,
+                         check=True)
+    assert f"pipeline failed at stage 1 ({PY})" in str(err.value)
+    assert not (tmp_path / "eof").exists()  # the consumer never saw a clean end of stream
