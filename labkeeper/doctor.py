@@ -15,6 +15,7 @@ from typing import Literal
 
 from labkeeper import b2, inventory_warnings, postgres, restic
 from labkeeper.inventory import Inventory
+from labkeeper.restic.repository import repo_for
 from labkeeper.secrets import redact, resolve
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -74,21 +75,6 @@ def check_database(inv: Inventory, name: str) -> CheckResult:
     return CheckResult("database", name, "ok", _ms(started),
                        f"PostgreSQL {info.version}, {info.database_size / 1e6:.1f} MB, "
                        f"client: {client}")
-
-
-def repo_for(inv: Inventory, name: str, *, cache_dir: str | None = None) -> restic.Repo:
-    """The restic repository of the inventory with its secrets resolved."""
-    r = inv.repository(name)
-    s3 = r.s3
-    return restic.Repo(
-        url=r.url,
-        password=resolve(r.password),
-        aws_access_key_id=resolve(s3.access_key_id) if s3 else None,
-        aws_secret_access_key=resolve(s3.secret_access_key) if s3 else None,
-        ca_file=(s3.ca_file if s3 else None),
-        cache_dir=cache_dir,
-        binary=inv.settings.restic_binary,
-    )
 
 
 def s3_target_for(inv: Inventory, name: str) -> b2.S3Target:

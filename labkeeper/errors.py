@@ -6,15 +6,42 @@ connection reset, a lock held by someone else, an HTTP 5xx) or *permanent*
 Prefect tasks retry only when :func:`is_transient` says so.
 
 Errors carry structured fields (never secret values: messages and fields are
-redacted by the code that raises them).
+redacted by the code that raises them). They cross process boundaries (Prefect
+results, subprocess workers), so every one pickles with its fields, whatever its
+constructor looks like (:class:`PicklableError`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 
-class LabkeeperError(Exception):
+class PicklableError(Exception):
+    """An exception that pickles as its arguments and its attributes: it is rebuilt
+    without calling ``__init__``, so keyword-only or computed constructor arguments
+    need no hand-written ``__reduce__``. Attributes named in ``_pickle_omit`` (large
+    or process-local ones) arrive as None."""
+
+    _pickle_omit: ClassVar[tuple[str, ...]] = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = dict(self.__dict__)
+        for name in self._pickle_omit:
+            if name in state:
+                state[name] = None
+        return (_rebuild_error, (type(self), self.args, state))
+
+
+def _rebuild_error(cls: type[PicklableError], args: tuple[Any, ...],
+                   state: dict[str, Any]) -> PicklableError:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+class LabkeeperError(PicklableError):
     """Base of every labkeeper error."""
 
     transient: bool = False

@@ -13,6 +13,8 @@ times and redacted reasons only, no secret.
 
 :class:`Owner` says whose file it is (written into the file and checked when it is
 read, so a file copied or renamed by hand is refused rather than read as empty).
+:func:`record` adds a failed attempt, :func:`sweep` finishes the cleanups before a
+new backup (each kind of backup says how to clean one attempt up).
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from labkeeper import restic
-from labkeeper.errors import PermanentError
+from labkeeper.errors import LabkeeperError, PermanentError
 from labkeeper.secrets import redact
 
 PENDING_FORMAT = 1
@@ -200,3 +202,65 @@ class PendingStore:
             return
         with self._locked():
             self._write(without_pending(self.read(), ids))
+
+
+def record(store: PendingStore | None, backup_id: str, *, snapshot_host: str, reason: str,
+           by_hand: str, next_backup: str) -> str:
+    """Remember a failed attempt whose cleanup did not finish; returns the note saying
+    so (``next_backup``: what the next backup does about it), or how to clean it up
+    ``by_hand`` when there is no store or even recording it failed."""
+    if store is None:
+        return f"attempt {backup_id} is not cleaned up: {by_hand}"
+    try:
+        store.add(new_pending(backup_id, snapshot_host=snapshot_host, reason=reason))
+    except (OSError, LabkeeperError) as exc:
+        return (f"attempt {backup_id} is not cleaned up and could not be recorded as pending "
+                f"in {store.path} ({exc}): {by_hand}")
+    return f"recorded attempt {backup_id} as pending cleanup in {store.path}: {next_backup}"
+
+
+def forget_attempt(repo: restic.Repo, backup_id: str, *, host: str, timeout: float
+                   ) -> tuple[bool, str]:
+    """Forget every snapshot of ``host`` tagged with a failed attempt's ``backup:<id>``:
+    (done, the note saying what happened or why it could not be done)."""
+    try:
+        leftovers = restic.forget_tagged(repo, f"backup:{backup_id}", host=host,
+                                         timeout=timeout)
+    except LabkeeperError as exc:
+        return False, f"could not list/forget snapshots of attempt {backup_id}: {exc}"
+    if not leftovers:
+        return True, f"no snapshot of attempt {backup_id} exists"
+    return True, ("forgot snapshot(s) " + ", ".join(s.short_id or s.id[:8] for s in leftovers)
+                  + f" of failed attempt {backup_id}")
+
+
+Clean = Callable[[PendingAttempt], tuple[bool, str]]
+"""Finishes one pending attempt's cleanup: (all done, the note saying what happened).
+It may raise to stop the sweep; the attempts done so far still leave the file."""
+
+
+def sweep(store: PendingStore, clean: Clean, *, log: Callable[[str], None]
+          ) -> tuple[list[str], list[PendingAttempt]]:
+    """Run ``clean`` on every pending attempt of ``store`` (each note logged); an
+    attempt leaves the file only when its cleanup was all done. Returns (the notes,
+    the attempts still pending). Failing to update the file is a note, not an error:
+    the attempt is swept again next time, which is harmless."""
+    notes: list[str] = []
+    left: list[PendingAttempt] = []
+    done: list[str] = []
+    try:
+        for attempt in store.read():
+            ok, note = clean(attempt)
+            if ok:
+                done.append(attempt.backup_id)
+            else:
+                left.append(attempt)
+            notes.append(note)
+            log(note)
+    finally:
+        try:
+            store.remove(done)
+        except (OSError, LabkeeperError) as exc:
+            notes.append(f"could not update the pending-cleanup file {store.path}: {exc}")
+            log(notes[-1])
+    return notes, left

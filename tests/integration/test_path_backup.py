@@ -522,7 +522,7 @@ def test_restic_backend_retries_on_the_host_reach_the_run_log(lab, trees, tmp_pa
     # A lock the repository lists but restic cannot load (what a lock that vanished
     # under it looks like): restic 0.14 retries it for 45-95 s; the run log says so.
     # (The lock check before the backup gives up on reading it sooner.)
-    monkeypatch.setattr(restic, "CAT_LOCK_TIMEOUT", 2.0)
+    monkeypatch.setattr(restic.locks, "CAT_LOCK_TIMEOUT", 2.0)
     inv = yaml.safe_load(lab.inventory_path.read_text())
     ghost_repo = tmp_path / "repo"
     inv["repositories"].append({"name": "local-repo", "url": str(ghost_repo),
