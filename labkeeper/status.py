@@ -463,7 +463,7 @@ def gather(inv: Inventory, *, failed_runs: Iterable[Mapping[str, Any]] = (),
     """Read restic snapshots, vzdump archives and the metrics store. A source that
     cannot be read becomes an error row, never an exception."""
     from labkeeper import metrics, path_backup, restic
-    from labkeeper.doctor import repo_for
+    from labkeeper.restic.repository import repo_for
 
     now = now or datetime.now(UTC)
     errors: list[tuple[str, str]] = []

@@ -152,6 +152,3 @@ class DrillFailed(LabkeeperError):
     def __init__(self, result: DrillResult) -> None:
         super().__init__(f"{result.label}: {result.summary()}", transient=result.transient)
         self.result = result
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (DrillFailed, (self.result,))

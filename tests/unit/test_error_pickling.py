@@ -9,6 +9,7 @@ import pickle
 import pytest
 
 from labkeeper import errors
+from labkeeper.drill import DrillFailed, DrillResult
 from labkeeper.errors import (
     CommandError,
     CommandNotFound,
@@ -59,6 +60,8 @@ EXAMPLES: list[LabkeeperError] = [
     AttemptStillRunning("pid 42 survived SIGKILL"),
     BackupFailed("backup of appdb failed", transient=True, database="appdb",
                  backup_id="20260101T020000Z-4d5e6f"),
+    DrillFailed(DrillResult(kind="database", target="appdb", error="restore failed",
+                            transient=True, notes=["scratch dropped"])),
 ]
 
 
