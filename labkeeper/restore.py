@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from labkeeper import drill, pg_backup, pg_container, postgres, restic
+from labkeeper import drill, pg_backup, pg_container, pg_drop, postgres, restic
 from labkeeper import progress as progress_mod
 from labkeeper import proxmox as px
 from labkeeper.errors import ConfigError, LabkeeperError, PermanentError
@@ -235,7 +235,8 @@ def restore_database(inv: Inventory, name: str, *, snapshot: str = "latest",
 
 def _drop_quietly(admin: postgres.Conn, name: str, log: Log) -> None:
     try:
-        postgres.query(admin, drop_sql(name), timeout=300)
+        drop_sql(name)  # refuses anything labkeeper did not make
+        pg_drop.drop_database(admin, name, timeout=300)
         log(f"dropped {name}")
     except LabkeeperError as exc:  # reported, the original failure wins
         log(f"could not drop {name}: {exc}")
@@ -280,10 +281,10 @@ def drop_database(inv: Inventory, name: str, target: str, *, made: Made,
     """Drop a restored copy or set-aside original of database ``name`` that this run
     made (see :data:`Made`)."""
     db = inv.database(name)
-    sql = drop_sql(target)  # refuses anything else
+    drop_sql(target)  # refuses anything else
     made_by_run(made, name, target, field_name="name")
     present = exists(inv, db, target)
-    postgres.query(admin_conn(inv, db), sql, timeout=300)
+    pg_drop.drop_database(admin_conn(inv, db), target, timeout=300)
     log(f"{name}: dropped {target}" if present else f"{name}: {target} was not there")
     return present
 

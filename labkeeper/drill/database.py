@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from labkeeper import pg_backup, pg_container, postgres, process, restic
+from labkeeper import pg_backup, pg_container, pg_drop, postgres, process, restic
 from labkeeper import progress as progress_mod
 from labkeeper.drill.pgrestore import compare_tables, judge_smoke, restored_counts, stream_restore
 from labkeeper.drill.result import DrillResult, Log, dur, nolog, objective_checks
@@ -260,7 +260,8 @@ def _drop_or_keep(admin: postgres.Conn, scratch: str, where: str, name: str,
         log(f"{name}: drill failed; kept {where}")
         return
     try:
-        postgres.query(admin, drop_db_sql(scratch), timeout=300)
+        drop_db_sql(scratch)  # refuses anything but a scratch name
+        pg_drop.drop_database(admin, scratch, timeout=300)
         result.notes.append(f"scratch database {scratch} dropped")
     except LabkeeperError as exc:
         result.fail(f"could not drop scratch database {where}: {exc}")
