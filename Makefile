@@ -18,7 +18,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 help:
 	@echo "make demo   start the local lab + Prefect server, run the lab's jobs, show the UI"
 	@echo "make test   run the whole test suite (installs what it needs first)"
-	@echo "make lint   ruff (with the bandit rules)"
+	@echo "make lint   ruff (bandit, complexity), layer contracts, mypy on the core"
 	@echo "make ui     browse the demo's run history in the Prefect UI"
 
 setup: apt-deps venv
@@ -56,8 +56,12 @@ demo: setup
 ui: setup
 	$(VENV)/bin/labkeeper ui
 
+# ruff (bandit rules, complexity <= 12), the layer contracts in .importlinter, and mypy on
+# the core at the strictness set in pyproject.toml ([tool.mypy]).
 lint: setup
-	$(VENV)/bin/ruff check labkeeper flows tasks deployments tests benchmarks
+	$(VENV)/bin/ruff check labkeeper flows tasks deployments cli tests benchmarks
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf .demo .lab .prefect .pytest_cache

@@ -17,7 +17,7 @@ a Prefect server, then times whole commands (a fresh process each, imports inclu
    local server, the other waits for it and uses it);
 5. a night of ``--small`` small databases on one server (one run) against one small
    database, with ``settings.pg_backup_parallel`` 1 and 2;
-6. import times: ``import labkeeper.cli``, ``import flows.pg_backup``.
+6. import times: ``import cli.main``, ``import flows.pg_backup``.
 
 Ratios are per pair (bare run next to it), medians (min-max). The machine is shared:
 say the load average with the numbers (printed at the start and the end).
@@ -49,7 +49,7 @@ from labkeeper.locallab.lab import LocalLab  # noqa: E402
 from labkeeper.locallab.ports import free_port  # noqa: E402
 from labkeeper.locallab.prefect_server import LocalPrefectServer  # noqa: E402
 
-CLI = (sys.executable, "-m", "labkeeper.cli")
+CLI = (sys.executable, "-m", "cli.main")
 
 
 def timed(argv: list[str] | tuple[str, ...], env: dict[str, str]) -> tuple[float, str, str]:
@@ -189,7 +189,7 @@ class Bench:
         self.report()
 
     def imports(self) -> None:
-        for what in ("labkeeper.cli", "flows.pg_backup", "prefect"):
+        for what in ("cli.main", "flows.pg_backup", "prefect"):
             for _ in range(2):
                 wall, _o, _e = timed([sys.executable, "-c", f"import {what}"], dict(os.environ))
                 self.add(f"import {what}", wall)

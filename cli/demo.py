@@ -125,7 +125,7 @@ def serve_deployments(lab: LocalLab, server: LocalPrefectServer, env: dict[str, 
     """``labkeeper serve`` in a child process against the demo's server: registers every
     deployment of prefect.yaml (schedules, Run buttons) and runs what is started from the
     UI while the demo stays up. Stopped by PID with the rest."""
-    svc = Service("labkeeper-serve", (sys.executable, "-m", "labkeeper.cli", "serve"),
+    svc = Service("labkeeper-serve", (sys.executable, "-m", "cli.main", "serve"),
                   log_path=workdir / "serve.log",
                   env={**env, "LABKEEPER_LAB": str(lab.inventory_path),
                        "LABKEEPER_HOME": str(Path(__file__).resolve().parents[1])})
@@ -178,7 +178,7 @@ def jobs(lab: LocalLab) -> list[Job]:
     """The demo's jobs, in order."""
     py = sys.executable
     inv = str(lab.inventory_path)
-    cli = (py, "-m", "labkeeper.cli")
+    cli = (py, "-m", "cli.main")
     return [
         Job("doctor: is every part of the lab reachable?", (*cli, "doctor", "--lab", inv)),
         Job("provision: make the simulator match the inventory's guests",

@@ -28,13 +28,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 _LAZY: dict[str, tuple[str, str]] = {
     # name: (module, how it is mounted: "app:<attribute>" | "register")
     "pvesim": ("labkeeper.pvesim.cli", "app:app"),
-    "runbook": ("labkeeper.cli_runbook", "app:runbook_app"),
-    "init": ("labkeeper.cli_init", "register"),
-    "proxmox": ("labkeeper.cli_init", "register"),
-    "wal": ("labkeeper.cli_pitr", "register"),
-    "basebackup": ("labkeeper.cli_pitr", "register"),
-    "restore": ("labkeeper.cli_pitr", "register"),
-    "pitr": ("labkeeper.cli_pitr", "register"),
+    "runbook": ("cli.runbook", "app:runbook_app"),
+    "init": ("cli.init", "register"),
+    "proxmox": ("cli.init", "register"),
+    "wal": ("cli.pitr", "register"),
+    "basebackup": ("cli.pitr", "register"),
+    "restore": ("cli.pitr", "register"),
+    "pitr": ("cli.pitr", "register"),
 }
 _LAZY_HELP = {"pvesim": "The Proxmox VE simulator.",
               "runbook": "Runbooks: list, show, run, approve."}
@@ -165,7 +165,7 @@ def demo(workdir: Annotated[Path, typer.Option("--dir")] = Path(".demo"),
                                                  "interactive).")] = sys.stdin.isatty(),
          port: Annotated[int, typer.Option(help="Prefect UI port.")] = 4200) -> None:
     """Start the local lab and a Prefect server, run the lab's jobs, show the UI address."""
-    from labkeeper import demo as demo_mod
+    from cli import demo as demo_mod
 
     code = demo_mod.run_demo(workdir.resolve(), wait=wait, port=port, console=console)
     raise typer.Exit(code)

@@ -81,7 +81,7 @@ def run(name: Annotated[str, typer.Argument(help="Runbook name.")],
 
 def report(state: object) -> int:
     """Print a finished runbook run's steps; 0 completed, 3 cancelled by the operator."""
-    from flows.report import print_run
+    from cli.report import print_run
     from tasks.common import failure_of
 
     cols = ("step", "kind", "status", "seconds", "detail")

@@ -19,10 +19,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from labkeeper import notify, status
 from labkeeper.inventory import load_inventory
+from labkeeper.run_report.backup_watch import BackupWatchReport
 from labkeeper.secrets import redact
 from tasks.backup_watch import read_backups, read_run_history, tell
 from tasks.common import RunFailed, failure_of, lab_path
@@ -79,27 +79,13 @@ def backup_watch_flow(lab: str | None = None, remind_hours: float = 24.0) -> lis
     runs, history_errors = read_run_history()
     facts = read_backups(inv, now, runs)
     everything = status.evaluate(inv, replace(facts, errors=[*facts.errors, *history_errors]))
-    create_markdown_artifact(key=STATUS_KEY, markdown=status_markdown(inv.lab.name, everything,
-                                                                      now),
-                             description=status_headline(everything)[:500])
+    report = BackupWatchReport(inv, "backup-watch", logger)
+    report.lab_status(STATUS_KEY, everything, now)
     rows = status.watched(everything)
     bad = [r for r in rows if r.state in status.BAD]
-    for r in rows:
-        (logger.error if r.state in status.BAD else logger.info)(
-            "%-8s %-28s %-7s %s", r.section, r.target, r.state,
-            status.late_summary(r, now) if r.state in status.BAD else r.detail)
+    report.log_series(rows, now)
     told = tell(inv, rows, now, timedelta(hours=remind_hours))
-    for s in told["sent"]:
-        logger.info("notified %s (%s)%s", s["key"], s["reason"],
-                    "" if s["delivered"] else " — not delivered, will retry")
-    if told["unchanged"]:
-        logger.info("already notified, unchanged: %s", ", ".join(told["unchanged"]))
-    table = [r.as_dict(now) for r in rows]
-    create_table_artifact(key="backup-watch", table=table,
-                          description=f"backup series of {inv.lab.name}: "
-                                      f"{len(rows) - len(bad)} ok / {len(bad)} out of objective")
-    create_markdown_artifact(key="backup-watch-summary", markdown=summary_markdown(
-        inv.lab.name, rows, now, told))
+    table = report.series(rows, now, told)
     if not rows:
         logger.warning("backup-watch: the inventory declares no backup series")
     if bad:
@@ -107,58 +93,6 @@ def backup_watch_flow(lab: str | None = None, remind_hours: float = 24.0) -> lis
                           + "; ".join(status.late_summary(r, now) for r in bad)[:4000], table)
     logger.info("backup-watch: all %d backup series within their objectives", len(rows))
     return table
-
-
-def summary_markdown(lab: str, rows: list[status.Row], now: datetime,
-                     told: dict[str, Any]) -> str:
-    icon = {"ok": "✅", "late": "❌", "missing": "❌", "failed": "❌"}
-    lines = [f"# Backup watch of {lab}", "", f"checked {now:%Y-%m-%d %H:%M} UTC", "",
-             "| | series | age | objective | detail |", "|---|---|---|---|---|"]
-    for r in rows:
-        age = r.age(now)
-        detail = (status.late_summary(r, now) if r.state in status.BAD else r.detail)
-        lines.append(f"| {icon.get(r.state, '·')} | {r.section} {r.target} | "
-                     f"{status.fmt_age(age) if age is not None else '-'} | {r.objective} | "
-                     f"{detail.replace('|', chr(92) + '|')} |")
-    if told["sent"]:
-        lines += ["", "Notified: " + ", ".join(f"{s['key']} ({s['reason']})"
-                                             for s in told["sent"])]
-    return "\n".join(lines)
-
-
-_ICON = {"ok": "✅", "late": "❌", "missing": "❌", "failed": "❌", "warn": "⚠️", "info": "·"}
-
-
-def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|") or "-"
-
-
-def status_headline(rows: list[status.Row]) -> str:
-    bad = [r for r in rows if r.state in status.BAD]
-    if not bad:
-        return "all within objectives"
-    return f"{len(bad)} out of objective: " + ", ".join(f"{r.section} {r.target}"
-                                                       for r in bad)
-
-
-def status_markdown(lab: str, rows: list[status.Row], now: datetime) -> str:
-    """`labkeeper status` as a page: the answer first, then one row per series, drill,
-    update and failed run."""
-    bad = any(r.state in status.BAD for r in rows)
-    lines = [f"# Is {lab} safe?", "",
-             f"{'❌' if bad else '✅'} **{status_headline(rows)}**", "",
-             f"As of {now:%Y-%m-%d %H:%M} UTC, from backup-watch (the same rows as "
-             "`labkeeper status`).", "",
-             "| | section | target | state | age | objective | detail |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        age = r.age(now)
-        lines.append(f"| {_ICON.get(r.state, '·')} | {_cell(r.section)} | {_cell(r.target)} | "
-                     f"{r.state} | {status.fmt_age(age) if age is not None else '-'} | "
-                     f"{_cell(r.objective)} | {_cell(r.detail)} |")
-    if not rows:
-        lines.append("| · | - | - | - | - | - | the inventory declares nothing to watch |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,20 +16,16 @@ backup metrics; the flow hooks ping healthchecks for ``path_backup``.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.events import emit_event
 
-from flows.report import print_run
-from labkeeper import metrics, path_backup
-from labkeeper.inventory import Inventory, load_inventory
-from labkeeper.secrets import redact
+from cli.report import print_run
+from labkeeper import path_backup
+from labkeeper.inventory import load_inventory
+from labkeeper.run_report.backups import PathBackupReport
 from tasks import path_backup as path_tasks
-from tasks.common import RunFailed, failure_of, lab_path
+from tasks.common import RunFailed, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "path-backup"
@@ -37,25 +33,6 @@ ARTIFACT_KEY = "path-backup"
 
 class PathBackupRunFailed(RunFailed):
     """At least one path set failed."""
-
-
-def _emit(inv: Inventory, name: str, ok: bool, payload: dict[str, Any]) -> None:
-    pb = inv.path_backup(name)
-    emit_event(
-        event=f"labkeeper.backup.{'succeeded' if ok else 'failed'}",
-        resource={"prefect.resource.id": f"labkeeper.paths.{pb.host}/{name}",
-                  "prefect.resource.name": f"{pb.host}/{name}", "labkeeper.lab": inv.lab.name,
-                  "labkeeper.kind": "paths"},
-        payload=payload,
-    )
-
-
-def _failed_row(inv: Inventory, name: str, detail: str) -> dict[str, Any]:
-    pb = inv.path_backup(name)
-    return {"path set": f"{pb.host}/{name}", "status": "failed", "snapshot": "", "files": 0,
-            "bytes": 0, "bytes added (uncompressed)": 0, "new/changed/unmodified": "",
-            "duration s": 0, "restic s": 0, "throughput MB/s": 0, "unreadable": 0,
-            "restic": "", "backup id": "", "notes": redact(detail)}
 
 
 @flow(name="path_backup", log_prints=False, timeout_seconds=26 * 3600,
@@ -75,85 +52,14 @@ def path_backup_flow(lab: str | None = None, host: str | None = None,
     chosen = path_backup.select_path_sets(inv, host, names)
     logger.info("path_backup: %d path set(s) of lab %s: %s", len(chosen), inv.lab.name,
                 ", ".join(f"{inv.path_backup(n).host}/{n}" for n in chosen))
-    started = time.monotonic()
-    rows: list[dict[str, Any]] = []
-    results: list[path_backup.PathBackupResult] = []
-    failed: list[str] = []
-    samples: list[metrics.Sample] = []
+    report = PathBackupReport(inv, ARTIFACT_KEY, logger)
     for name in chosen:
-        pb = inv.path_backup(name)
-        state = path_tasks.backup_path_set(inv, name, return_state=True)
-        series = {"series": path_backup.series_label(pb.host, name), "kind": "paths"}
-        samples.append(metrics.Sample("labkeeper_backup_last_run_timestamp_seconds", series,
-                                      time.time()))
-        samples.append(metrics.Sample("labkeeper_backup_success", series,
-                                      1 if state.is_completed() else 0))
-        if state.is_completed():
-            res: path_backup.PathBackupResult = state.result()
-            results.append(res)
-            samples += [
-                metrics.Sample("labkeeper_backup_last_success_timestamp_seconds", series,
-                               time.time()),
-                metrics.Sample("labkeeper_backup_duration_seconds", series, res.duration_s),
-                metrics.Sample("labkeeper_backup_dumped_bytes", series, res.bytes_processed),
-                metrics.Sample("labkeeper_backup_added_bytes", series, res.data_added),
-            ]
-            rows.append(res.row())
-            _emit(inv, name, True, {"snapshot_id": res.snapshot_id, "backup_id": res.backup_id,
-                                    "status": res.status, "files": res.files,
-                                    "bytes": res.bytes_processed,
-                                    "unreadable": res.unreadable_count,
-                                    "duration_s": round(res.duration_s, 2)})
-        else:
-            exc = failure_of(state)
-            detail = f"{type(exc).__name__}: {exc}" if exc else (state.message or state.name)
-            logger.error("%s/%s: %s", pb.host, name, redact(detail))
-            failed.append(f"{pb.host}/{name}")
-            rows.append(_failed_row(inv, name, detail))
-            _emit(inv, name, False, {"error": redact(detail)[:2000]})
-    try:
-        metrics.record(inv.settings.state_dir, inv.settings.metrics.textfile, samples)
-    except OSError as exc:
-        logger.warning("metrics not recorded: %s", exc)
-    elapsed = time.monotonic() - started
-    warned = [r for r in results if r.status != "ok"]
-    create_table_artifact(key=ARTIFACT_KEY, table=rows,
-                          description=f"path_backup of {inv.lab.name}: "
-                                      f"{len(chosen) - len(failed)} ok / {len(failed)} failed"
-                                      f" / {len(warned)} warning(s)")
-    create_markdown_artifact(key=f"{ARTIFACT_KEY}-summary",
-                             markdown=summary_markdown(rows, results, elapsed))
-    if failed:
-        raise PathBackupRunFailed(f"{len(failed)} of {len(chosen)} path set backups failed: "
-                                  f"{', '.join(failed)}", rows)
-    return rows
-
-
-def summary_markdown(rows: list[dict[str, Any]], results: list[path_backup.PathBackupResult],
-                     elapsed: float) -> str:
-    icon = {"ok": "✅", "warning": "⚠️", "failed": "❌"}
-    lines = ["# labkeeper path_backup", "", f"{len(rows)} path set(s) in {elapsed:.1f} s", "",
-             "| | path set | snapshot | files | bytes | added | MB/s | unreadable | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        notes = str(r["notes"]).replace("|", "\\|")[:500]
-        lines.append(f"| {icon.get(r['status'], '')} | {r['path set']} | {r['snapshot']} | "
-                     f"{r['files']} | {r['bytes']} | {r['bytes added (uncompressed)']} | "
-                     f"{r['throughput MB/s']} | {r['unreadable']} | {notes} |")
-    for res in results:
-        lines += ["", f"## {res.host}/{res.name}: restic summary", "", "```json",
-                  _json(res.summary), "```"]
-        if res.unreadable_count:
-            lines += ["", f"### {res.host}/{res.name}: {res.unreadable_count} unreadable "
-                          "path(s) — the snapshot does not hold them", ""]
-            lines += [f"- `{line}`" for line in path_backup.iter_unreadable_lines(res)]
-    return redact("\n".join(lines))
-
-
-def _json(data: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(data, indent=2, sort_keys=True)
+        report.path_set_done(name, path_tasks.backup_path_set(inv, name, return_state=True))
+    report.finish(len(chosen))
+    if report.failed:
+        raise PathBackupRunFailed(f"{len(report.failed)} of {len(chosen)} path set backups "
+                                  f"failed: {', '.join(report.failed)}", report.rows)
+    return report.rows
 
 
 def run_path_backup_cli(lab: Path, host: str | None, name: str | None) -> int:

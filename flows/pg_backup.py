@@ -11,24 +11,21 @@ hooks ping the inventory's healthchecks URL for ``pg_backup`` and notify on fail
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.events import emit_event
 from prefect.futures import PrefectFuture
 from prefect.states import State
 
-from flows.report import print_run
-from labkeeper import metrics, pg_backup
+from cli.report import print_run
+from labkeeper import pg_backup
 from labkeeper.errors import ConfigError
 from labkeeper.inventory import Inventory, load_inventory
-from labkeeper.secrets import redact
+from labkeeper.run_report.backups import PgBackupReport
 from tasks import pg_backup as backup_tasks
-from tasks.common import RunFailed, failure_of, lab_path
+from tasks.common import RunFailed, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "pg-backup"
@@ -51,23 +48,6 @@ def select_databases(inv: Inventory, databases: list[str] | None,
     return names
 
 
-def _emit(inv: Inventory, name: str, ok: bool, payload: dict[str, Any]) -> None:
-    db = inv.database(name)
-    server = inv.database_server(db)
-    emit_event(
-        event=f"labkeeper.backup.{'succeeded' if ok else 'failed'}",
-        resource={"prefect.resource.id": f"labkeeper.database.{server}/{name}",
-                  "prefect.resource.name": name, "labkeeper.lab": inv.lab.name},
-        payload=payload,
-    )
-
-
-def _failed_row(name: str, detail: str) -> dict[str, Any]:
-    return {"database": name, "status": "failed", "snapshot": "", "bytes dumped": 0,
-            "bytes added (uncompressed)": 0, "duration s": 0, "throughput MB/s": 0,
-            "tables": 0, "backup id": "", "notes": redact(detail)}
-
-
 @flow(name="pg_backup", log_prints=False, timeout_seconds=12 * 3600, **hooks("pg_backup"))
 def pg_backup_flow(lab: str | None = None, databases: list[str] | None = None,
                    repository: str | None = None) -> list[dict]:
@@ -86,72 +66,18 @@ def pg_backup_flow(lab: str | None = None, databases: list[str] | None = None,
     names = select_databases(inv, databases, repository)
     logger.info("pg_backup: %d database(s) of lab %s: %s", len(names), inv.lab.name,
                 ", ".join(names))
-    started = time.monotonic()
-    rows: list[dict[str, Any]] = []
-    failed: list[str] = []
-    warnings: list[str] = []
+    report = PgBackupReport(inv, ARTIFACT_KEY, logger)
     for label, dbs in pg_backup.globals_servers(inv, names).items():
-        state = backup_tasks.backup_globals(inv, label, dbs, stall_timeout=stall_timeout,
-                                            return_state=True)
-        if state.is_completed():
-            g: pg_backup.GlobalsResult = state.result()
-            rows.append(g.row())
-            if g.status != "ok":
-                warnings.append(f"globals {label}: {g.detail}")
-        else:
-            exc = failure_of(state)
-            detail = f"globals NOT backed up: {exc}"
-            warnings.append(f"globals {label}: {detail}")
-            logger.warning("globals of %s: %s", label, detail)
-            rows.append({**_failed_row(f"globals {label}", detail), "status": "warning"})
-    samples: list[metrics.Sample] = []
+        report.globals_done(label, backup_tasks.backup_globals(
+            inv, label, dbs, stall_timeout=stall_timeout, return_state=True))
     states = _database_states(inv, names, stall_timeout, inv.settings.pg_backup_parallel)
     for name in names:
-        state = states[name]
-        series = {"series": f"db:{inv.database_server(name)}/{name}", "kind": "pg_dump"}
-        samples.append(metrics.Sample("labkeeper_backup_last_run_timestamp_seconds", series,
-                                      time.time()))
-        samples.append(metrics.Sample("labkeeper_backup_success", series,
-                                      1 if state.is_completed() else 0))
-        if state.is_completed():
-            res: pg_backup.BackupResult = state.result()
-            samples += [
-                metrics.Sample("labkeeper_backup_last_success_timestamp_seconds", series,
-                               time.time()),
-                metrics.Sample("labkeeper_backup_duration_seconds", series, res.duration_s),
-                metrics.Sample("labkeeper_backup_dumped_bytes", series, res.bytes_dumped),
-                metrics.Sample("labkeeper_backup_added_bytes", series, res.data_added),
-            ]
-            rows.append(res.row())
-            _emit(inv, name, True, {"snapshot_id": res.snapshot_id,
-                                    "backup_id": res.backup_id,
-                                    "bytes_dumped": res.bytes_dumped,
-                                    "duration_s": round(res.duration_s, 2),
-                                    "tables": res.table_count})
-        else:
-            exc = failure_of(state)
-            detail = f"{type(exc).__name__}: {exc}" if exc else (state.message or state.name)
-            logger.error("%s: %s", name, redact(detail))
-            failed.append(name)
-            rows.append(_failed_row(name, detail))
-            _emit(inv, name, False, {"error": redact(detail)[:2000]})
-    try:
-        metrics.record(inv.settings.state_dir, inv.settings.metrics.textfile, samples)
-    except OSError as exc:
-        logger.warning("metrics not recorded: %s", exc)
-    elapsed = time.monotonic() - started
-    ok = len(names) - len(failed)
-    create_table_artifact(key=ARTIFACT_KEY, table=rows,
-                          description=f"pg_backup of {inv.lab.name}: {ok} ok / "
-                                      f"{len(failed)} failed / {len(warnings)} warning(s)")
-    create_markdown_artifact(key=f"{ARTIFACT_KEY}-summary",
-                             markdown=_summary(rows, warnings, elapsed))
-    for w in warnings:
-        logger.warning(w)
-    if failed:
-        raise BackupRunFailed(f"{len(failed)} of {len(names)} database backups failed: "
-                              f"{', '.join(failed)}", rows)
-    return rows
+        report.database_done(name, states[name])
+    report.finish(len(names))
+    if report.failed:
+        raise BackupRunFailed(f"{len(report.failed)} of {len(names)} database backups "
+                              f"failed: {', '.join(report.failed)}", report.rows)
+    return report.rows
 
 
 def _database_states(inv: Inventory, names: list[str], stall_timeout: float,
@@ -174,20 +100,6 @@ def _database_states(inv: Inventory, names: list[str], stall_timeout: float,
         fut.wait()
         states[done] = fut.state
     return states
-
-
-def _summary(rows: list[dict[str, Any]], warnings: list[str], elapsed: float) -> str:
-    icon = {"ok": "✅", "warning": "⚠️", "failed": "❌"}
-    lines = ["# labkeeper pg_backup", "", f"{len(rows)} item(s) in {elapsed:.1f} s", "",
-             "| | database | snapshot | bytes | MB/s | tables | notes |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        notes = str(r["notes"]).replace("|", "\\|")
-        lines.append(f"| {icon.get(r['status'], '')} | {r['database']} | {r['snapshot']} | "
-                     f"{r['bytes dumped']} | {r['throughput MB/s']} | {r['tables']} | {notes} |")
-    if warnings:
-        lines += ["", "## Warnings", ""] + [f"- {redact(w)}" for w in warnings]
-    return "\n".join(lines)
 
 
 def run_backup_cli(lab: Path, db: str | None) -> int:

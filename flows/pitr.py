@@ -10,6 +10,7 @@ RTO/RPO. The receiver itself is a service (``labkeeper wal receive``), not a flo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -40,6 +41,18 @@ def _failed(server: str, state: Any) -> dict[str, Any]:
             "notes": redact(f"{type(exc).__name__}: {exc}" if exc else str(state.name))}
 
 
+def _per_server(inv: Inventory, servers: list[str] | None, run: Callable[[str], Any],
+                rows_of: Callable[[str, Any], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Run one step per server (task run states); the rows of its result, or a failed
+    row."""
+    rows: list[dict[str, Any]] = []
+    for name in select_servers(inv, servers):
+        state = run(name)
+        rows += rows_of(name, state.result()) if state.is_completed() else \
+            [_failed(name, state)]
+    return rows
+
+
 def _finish(key: str, rows: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
     create_table_artifact(key=key, table=rows, description=what)
     bad = [r["server"] for r in rows if r.get("status") == "failed"]
@@ -59,16 +72,14 @@ def pitr_base_backup_flow(lab: str | None = None, servers: list[str] | None = No
         servers: Only these PITR servers (their names in the inventory); empty: every one.
     """
     inv = load_inventory(lab_path(lab))
-    rows: list[dict[str, Any]] = []
-    for name in select_servers(inv, servers):
-        state = pitr_tasks.base_backup(inv, name, return_state=True)
-        if not state.is_completed():
-            rows.append(_failed(name, state))
-            continue
-        rows.append(state.result().row())
+
+    def backed_up(name: str, res: Any) -> list[dict[str, Any]]:
         kept = pitr_tasks.apply_retention(inv, name, return_state=True)
-        if not kept.is_completed():
-            rows.append(_failed(f"{name} retention", kept))
+        return [res.row()] + ([] if kept.is_completed() else [_failed(f"{name} retention",
+                                                                     kept)])
+
+    rows = _per_server(inv, servers, lambda name: pitr_tasks.base_backup(
+        inv, name, return_state=True), backed_up)
     return _finish("pitr-base-backup", rows, "PITR base backups")
 
 
@@ -109,16 +120,13 @@ def pitr_drill_flow(lab: str | None = None, servers: list[str] | None = None,
         seed: Seed for the random restore moment, to repeat a drill; empty: a new one.
     """
     inv = load_inventory(lab_path(lab))
-    rows: list[dict[str, Any]] = []
-    for name in select_servers(inv, servers):
-        state = pitr_tasks.pitr_drill(inv, name, seed, return_state=True)
-        if not state.is_completed():
-            rows.append(_failed(name, state))
-            continue
-        res = state.result()
-        for r in res.rows:
-            rows.append({"server": name, **r.row()})
+
+    def drilled(name: str, res: Any) -> list[dict[str, Any]]:
+        rows = [{"server": name, **r.row()} for r in res.rows]
         if res.breaches:
-            rows.append({"server": name, "status": "failed",
-                         "notes": "; ".join(res.breaches)})
+            rows.append({"server": name, "status": "failed", "notes": "; ".join(res.breaches)})
+        return rows
+
+    rows = _per_server(inv, servers, lambda name: pitr_tasks.pitr_drill(
+        inv, name, seed, return_state=True), drilled)
     return _finish("pitr-drill", rows, "PITR drill")

@@ -19,16 +19,16 @@ template, a disk that would have to shrink, a vmid held by a foreign guest).
 from __future__ import annotations
 
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from labkeeper import provision as pv
 from labkeeper.errors import ConfigError, LabkeeperError
-from labkeeper.inventory import Guest, load_inventory
+from labkeeper.inventory import Guest, Inventory, load_inventory
+from labkeeper.run_report.provision import ProvisionReport
 from labkeeper.secrets import redact
 from tasks import provision as steps
 from tasks.common import lab_path
@@ -69,83 +69,52 @@ def provision_flow(lab: str | None = None, allow_restart: bool = False,
     logger = get_run_logger()
     path = lab_path(lab)
     inv = load_inventory(path)
-    guest_state_dir = str(inv.settings.provision.guest_state_dir)
-    started = time.monotonic()
+    report = ProvisionReport(inv, RESULT_ARTIFACT, logger)
     plan: pv.Plan = steps.read_plan(inv)
-    create_markdown_artifact(key=PLAN_ARTIFACT, markdown=plan.markdown(),
-                             description=plan.headline())
-    logger.info(plan.headline())
-    for row in plan.rows():
-        if row["action"] not in ("leave", "absent"):
-            logger.info("%-16s %6s %-4s %-5s %-9s %s", row["guest"], row["vmid"], row["type"],
-                        row["node"], row["action"], row["details"])
-    for problem in plan.problems:
-        logger.error("plan problem: %s", problem)
+    report.plan(plan, PLAN_ARTIFACT)
     if plan_only:
         return plan.to_dict()
 
     opts = pv.ApplyOptions(allow_restart=allow_restart, allow_destroy=allow_destroy, yes=yes,
                            bootstrap=bootstrap)
-    base_dir = str(Path(path).resolve().parent)
-
-    def run(step: str, guest: Guest, reason: str) -> pv.StepResult:
-        if step == "create":
-            return steps.create_guest(inv, guest)
-        if step == "configure":
-            return steps.configure_guest(inv, guest, allow_restart)
-        if step == "start":
-            return steps.start_guest(inv, guest)
-        if step == "wait-ssh":
-            return steps.wait_for_ssh(inv, guest)
-        if step == "bootstrap":
-            return steps.bootstrap_guest(inv, guest, base_dir, guest_state_dir)
-        if step == "protect":
-            return steps.protect_guest(inv, guest)
-        if step == "destroy":
-            return steps.destroy_guest(inv, guest)
-        if step == "cleanup":
-            return steps.cleanup_guest(inv, guest, reason)
-        raise ValueError(f"unknown provisioning step {step!r}")
-
+    run = _step_runner(inv, allow_restart, base_dir=str(Path(path).resolve().parent),
+                       guest_state_dir=str(inv.settings.provision.guest_state_dir))
     try:
-        report = pv.apply_plan(plan, inv, opts, run, log=logger.warning)
+        applied = pv.apply_plan(plan, inv, opts, run, log=logger.warning)
     except pv.TooManyChanges as exc:
         logger.error(str(exc))
         raise ProvisionFailed(str(exc), {"ok": False, "needs_yes": True,
                                          "plan": plan.to_dict()}) from None
     after: pv.Plan = steps.read_plan(inv)
-    result = report.to_dict()
+    result = applied.to_dict()
     result["remaining"] = after.to_dict()
-    result["seconds"] = round(time.monotonic() - started, 2)
-    create_table_artifact(key=RESULT_ARTIFACT, table=report.rows(),
-                          description=report.summary())
-    create_markdown_artifact(key=f"{RESULT_ARTIFACT}-summary",
-                             markdown=_summary(report, after, result["seconds"]))
-    for r in report.results:
-        log = logger.error if r.status == "failed" else logger.info
-        log("%-16s %-10s %-9s %s", r.guest, r.step, r.status, redact(r.detail))
-    logger.info("after apply: %s", after.headline())
-    if not report.ok:
-        raise ProvisionFailed(report.summary(), result)
+    result["seconds"] = round(report.elapsed, 2)
+    report.applied(applied, after, result["seconds"])
+    if not applied.ok:
+        raise ProvisionFailed(applied.summary(), result)
     return result
 
 
-def _summary(report: pv.ApplyReport, after: pv.Plan, seconds: float) -> str:
-    icon = {"changed": "✏️", "unchanged": "·", "ok": "✅", "held": "⏸️", "skipped": "·",
-            "failed": "❌", "cleanup": "🧹"}
-    lines = [f"# Provisioning — {report.plan.lab}", "", f"{report.summary()} in {seconds:.1f} s",
-             "", "| | guest | step | status | detail |", "|---|---|---|---|---|"]
-    for r in report.results:
-        detail = redact(r.detail).replace("|", "\\|")
-        lines.append(f"| {icon.get(r.status, '')} | {r.guest} | {r.step} | {r.status} | "
-                     f"{detail} |")
-    if report.left_for_cleanup:
-        lines += ["", "## Left for cleanup", *(f"- {g}" for g in report.left_for_cleanup)]
-    lines += ["", "## Plan after apply", "", after.headline()]
-    for g in after.guests:
-        if g.touches or g.problems:
-            lines.append(f"- {g.name} ({g.vmid}): {g.action} — {g.summary()}")
-    return "\n".join(lines)
+def _step_runner(inv: Inventory, allow_restart: bool, *, base_dir: str,
+                 guest_state_dir: str) -> Callable[[str, Guest, str], pv.StepResult]:
+    """The task run of each provisioning step, for :func:`labkeeper.provision.apply_plan`."""
+    by_step: dict[str, Callable[[Guest, str], pv.StepResult]] = {
+        "create": lambda g, _r: steps.create_guest(inv, g),
+        "configure": lambda g, _r: steps.configure_guest(inv, g, allow_restart),
+        "start": lambda g, _r: steps.start_guest(inv, g),
+        "wait-ssh": lambda g, _r: steps.wait_for_ssh(inv, g),
+        "bootstrap": lambda g, _r: steps.bootstrap_guest(inv, g, base_dir, guest_state_dir),
+        "protect": lambda g, _r: steps.protect_guest(inv, g),
+        "destroy": lambda g, _r: steps.destroy_guest(inv, g),
+        "cleanup": lambda g, reason: steps.cleanup_guest(inv, g, reason),
+    }
+
+    def run(step: str, guest: Guest, reason: str) -> pv.StepResult:
+        if step not in by_step:
+            raise ValueError(f"unknown provisioning step {step!r}")
+        return by_step[step](guest, reason)
+
+    return run
 
 
 # ====================================================================== CLI entry points

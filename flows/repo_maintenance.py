@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from labkeeper.inventory import load_inventory
+from labkeeper.run_report.repo_maintenance import RepoMaintenanceReport
 from tasks import repo_maintenance as mt
 from tasks.common import lab_path
 from tasks.hooks import hooks
@@ -43,6 +43,7 @@ def repo_maintenance_flow(lab: str | None = None, repository: str | None = None,
     for n in names:
         inv.repository(n)
     report: dict[str, Any] = {}
+    artifacts = RepoMaintenanceReport(inv, "repo-maintenance", logger)
     for name in names:
         rows = mt.forget(inv, name, dry_run=dry_run)
         entry: dict[str, Any] = {"forget": rows}
@@ -52,26 +53,7 @@ def repo_maintenance_flow(lab: str | None = None, repository: str | None = None,
             entry["check"] = mt.check(inv, name, read_data_subset=read_data_subset)
         entry["usage"] = mt.usage(inv, name)
         report[name] = entry
-        removed = [r for r in rows if r["action"] != "keep"]
-        create_table_artifact(
-            key=f"repo-maintenance-{name}", table=rows or [{"series": "-", "snapshot": "-",
-                                                           "time": "-", "action": "-"}],
-            description=f"{name}: {len(removed)} snapshot(s) "
-                        f"{'would be ' if dry_run else ''}removed, "
-                        f"{len(rows) - len(removed)} kept")
-        usage = entry["usage"]
-        md = [f"# {name}{' (dry run)' if dry_run else ''}", ""]
-        if usage:
-            md += [f"- bucket {usage['bucket']}/{usage['prefix']}: {usage['objects']} objects,"
-                   f" {usage['GB']} GB, about {usage['monthly cost']} per month",
-                   f"- versioning: {usage['versioning']}; object lock: {usage['object lock']}"]
-        if "prune" in entry:
-            md += ["", "## prune", "```", entry["prune"], "```"]
-        if "check" in entry:
-            md += ["", "## check", "```", entry["check"], "```"]
-        create_markdown_artifact(key=f"repo-maintenance-{name}-summary", markdown="\n".join(md))
-        logger.info("%s: %d removed%s, usage %s", name, len(removed),
-                    " (dry run)" if dry_run else "", usage)
+        artifacts.repository(name, entry, dry_run=dry_run)
     return report
 
 

@@ -6,7 +6,8 @@ batch stops when the first app had to be rolled back):
 1. an unfinished update left by a crashed run? finish it first: prove health and keep
    the update (cleaning up), or roll back to its protection — only while its journal
    is recent; an older one (``stale``) is reported and waits for a person, who
-   passes ``resolve="keep"`` or ``resolve="rollback"`` (or runs ``rollback-app``);
+   passes ``resolve="keep"`` or ``resolve="rollback"`` (or runs ``rollback-app``) —
+   the journal's state machine is ``labkeeper.update.recovery``;
 2. preflight: outside the maintenance window → skipped; already unhealthy → not
    touched (``force`` overrides both);
 3. record the versions that run now; ``dry_run`` stops here and shows the plan;
@@ -38,19 +39,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.events import emit_event
 from prefect.states import Completed, Failed, State
 from prefect.transactions import transaction
 
-from labkeeper import metrics, notify
+from labkeeper import notify
 from labkeeper import update as core
 from labkeeper.errors import ConfigError
 from labkeeper.inventory import App, Inventory, load_inventory
+from labkeeper.run_report.update import UpdateReport
+from labkeeper.run_report.update import summary as summary  # tests import it here
 from labkeeper.secrets import redact
+from labkeeper.update.recovery import Resolve
 from tasks import pg_backup as pg_tasks
 from tasks import update as tu
 from tasks.common import RunFailed, failure_of, lab_path
@@ -80,9 +82,6 @@ def select_apps(inv: Inventory, apps: list[str] | str | None, tag: str | None) -
     if not chosen:
         raise ConfigError(f"no app matches (apps={apps or []}, tag={tag!r})")
     return chosen
-
-
-Resolve = Literal["keep", "rollback"]
 
 
 @flow(name="update-app", log_prints=False, timeout_seconds=12 * 3600, **hooks("update"))
@@ -130,7 +129,9 @@ def update_app_flow(apps: list[str] | None = None, tag: str | None = None,
                 result.status in ("rolled-back", "failed"):
             stop_reason = f"canary {app.name} {result.status}: batch stopped"
             logger.error(stop_reason)
-    _report(inv, results, dry_run)
+    UpdateReport(inv, ARTIFACT_KEY, logger).finish(results, dry_run)
+    if not dry_run:
+        _notify_rollbacks(inv, results)
     return _final_state(results)
 
 
@@ -152,7 +153,7 @@ def _update_one(inv: Inventory, app: App, *, dry_run: bool, force: bool,
     name = app.name
     journal = core.read_journal(inv, name)
     if journal is not None:
-        finished = _unfinished(inv, app, journal, dry_run=dry_run, resolve=resolve)
+        finished = _recovery(inv).unfinished(app, journal, dry_run=dry_run, resolve=resolve)
         if finished is not None:
             return finished
 
@@ -254,14 +255,14 @@ def _protected_update(inv: Inventory, app: App, versions: core.Versions,
             gate_task(inv, name)
             lap("gate")
     except Exception as exc:
-        result = _after_rollback(inv, app, exc, prot, versions.values, attempted, run_id)
+        result = _recovery(inv).after_rollback(app, exc, prot, versions.values, attempted,
+                                               run_id)
         result.timings = timings
         return result
 
     removed = tu.cleanup(inv, name)
     after = tu.versions_after(inv, name, versions.values)
-    core.close_journal(inv, name)
-    unpinned = core.clear_pin(inv, name)
+    unpinned = core.close_updated(inv, name)
     lap("cleanup")
     digests = {"before": versions.digests, "after": offer.digests} if offer else {}
     return core.AppResult(name, "updated", "healthy after the update"
@@ -271,142 +272,9 @@ def _protected_update(inv: Inventory, app: App, versions: core.Versions,
                           plan=plan, digests=digests, timings=timings)
 
 
-def _unfinished(inv: Inventory, app: App, journal: core.Journal, *, dry_run: bool,
-                resolve: Resolve | None) -> core.AppResult | None:
-    """An update a crashed run left: a result when it decides this run, else None
-    (the journal was closed: go on with a fresh update)."""
-    name = app.name
-    base = core.AppResult(name, "failed", protection=journal.protection.text(),
-                          before=journal.before, attempted=journal.attempted,
-                          run_id=journal.run_id)
-    if dry_run:
-        base.status = "dry-run"
-        base.detail = (f"run {journal.run_id} stopped after '{journal.phase}': the next "
-                       "run finishes it (proves health, keeps or rolls back) before any "
-                       "new update")
-        return base
-    if journal.phase == "rollback-failed":
-        base.detail = (f"an earlier rollback (run {journal.run_id}) failed: "
-                       f"{journal.detail}; repair the app, then delete "
-                       f"{core.journal_path(inv, name)}")
-        return base
-    if journal.phase == "rolled-back":
-        core.close_journal(inv, name)  # the run died after rolling back: it is done
-        return None
-    if resolve is None and core.is_stale(journal, app):
-        return _stale(inv, app, journal, base)
-    if tu.protection_exists(inv, name, journal.protection):
-        return _recover(inv, app, journal, resolve=resolve)
-    get_run_logger().warning("%s: the journal of run %s names %s, which is gone; "
-                             "starting afresh", name, journal.run_id,
-                             journal.protection.text())
-    core.close_journal(inv, name)
-    return None
-
-
-def _stale(inv: Inventory, app: App, journal: core.Journal,
-           base: core.AppResult) -> core.AppResult:
-    """Too old to act on alone: rolling back now could throw away days of data."""
-    age = core.journal_age(journal)
-    base.status = "stale"
-    base.detail = (f"run {journal.run_id} stopped after '{journal.phase}' "
-                   f"{age / 3600:.1f} h ago (protected by {journal.protection.text()}); "
-                   "too old to finish automatically (data may have changed since): "
-                   "check the app, then run the update with resolve=keep (keep what "
-                   "runs) or resolve=rollback (back to that protection), or the "
-                   "rollback-app runbook")
-    get_run_logger().error("%s: %s", app.name, base.detail)
-    return base
-
-
-def _after_rollback(inv: Inventory, app: App, exc: BaseException,
-                    prot: core.Protection | None, before: dict[str, str],
-                    attempted: dict[str, str], run_id: str) -> core.AppResult:
-    """The transaction failed: what did the rollback hook do, and is the app healthy?"""
-    name = app.name
-    why = redact(f"{type(exc).__name__}: {exc}")
-    journal = core.read_journal(inv, name)
-    if prot is None or journal is None or journal.run_id != run_id:
-        # protect itself failed: nothing was changed on the guest
-        if journal is not None and journal.run_id == run_id and journal.phase == "protecting":
-            core.close_journal(inv, name)
-        return core.AppResult(name, "failed", f"not updated: protection failed: {why}",
-                              before=before, run_id=run_id)
-    result = core.AppResult(name, "failed", why, protection=prot.text(), before=before,
-                            attempted=attempted or journal.attempted, run_id=run_id)
-    if journal.phase != "rolled-back":
-        result.detail = f"{why}; rollback: {journal.phase} {journal.detail}".strip()
-        return result
-    proof: Any = tu.gate(inv, name, raise_on_failure=False)
-    result.after = tu.versions_after(inv, name, before)
-    if proof.passed:
-        pin = core.pin_after_rollback(inv, journal, why)
-        core.close_journal(inv, name)
-        result.status = "rolled-back"
-        result.detail = f"{why}; {journal.detail}; healthy again" + \
-            (f"; {pin.text()}" if pin else "")
-        if pin:
-            result.digests = {"before and after": pin.digests,
-                              "rolled back from": journal.offered}
-    else:
-        journal.phase, journal.detail = "rollback-failed", \
-            f"{journal.detail}, but still unhealthy: {proof.reason}"
-        core.write_journal(inv, journal)
-        result.detail = f"{why}; {journal.detail}"
-    return result
-
-
-def _recover(inv: Inventory, app: App, journal: core.Journal, *,
-             resolve: Resolve | None = None) -> core.AppResult:
-    """Finish the update a crashed run left behind (recent, or as a person decided)."""
-    logger = get_run_logger()
-    name = app.name
-    logger.warning("%s: run %s stopped after '%s' (protected by %s): finishing it%s", name,
-                   journal.run_id, journal.phase, journal.protection.text(),
-                   f" ({resolve}, as decided)" if resolve else "")
-    base = core.AppResult(name, "recovered", protection=journal.protection.text(),
-                          before=journal.before, attempted=journal.attempted,
-                          run_id=journal.run_id)
-    if resolve == "rollback":
-        why = f"run {journal.run_id} left '{journal.phase}'; rollback as decided"
-    elif resolve == "keep":
-        return _keep(inv, app, journal, base, "kept as decided")
-    else:
-        outcome: Any = tu.gate(inv, name, raise_on_failure=False)
-        if outcome.passed and journal.phase != "rolling-back":
-            return _keep(inv, app, journal, base, "healthy: kept the update")
-        if outcome.passed and _back_on_before(inv, name, journal):
-            # the rollback had finished before the run died: do not roll back again
-            journal.phase, journal.detail = "rolled-back", "the rollback had completed"
-            core.write_journal(inv, journal)
-            return _after_rollback(inv, app, core.GateFailed(
-                f"run {journal.run_id} died while rolling back"), journal.protection,
-                journal.before, journal.attempted, journal.run_id)
-        why = f"run {journal.run_id} died after '{journal.phase}'; {outcome.reason}"
-    try:
-        tu.rollback(inv, name)
-    except Exception as exc:
-        base.status, base.detail = "failed", f"{why}; rollback failed: {redact(str(exc))}"
-        return base
-    return _after_rollback(inv, app, core.GateFailed(why), journal.protection, journal.before,
-                           journal.attempted, journal.run_id)
-
-
-def _keep(inv: Inventory, app: App, journal: core.Journal, base: core.AppResult,
-          how: str) -> core.AppResult:
-    base.removed = tu.cleanup(inv, app.name)
-    base.after = tu.versions_after(inv, app.name, journal.before)
-    base.detail = f"run {journal.run_id} died after '{journal.phase}'; {how}"
-    core.close_journal(inv, app.name)
-    core.clear_pin(inv, app.name)
-    return base
-
-
-def _back_on_before(inv: Inventory, name: str, journal: core.Journal) -> bool:
-    """Does the app run exactly what it ran before the update (a finished rollback)?"""
-    if not journal.before:
-        return False
-    return tu.versions_after(inv, name, journal.before) == journal.before
+def _recovery(inv: Inventory) -> core.Recovery:
+    """The journal's state machine, acting through this flow's task runs."""
+    return core.Recovery(inv, tu.TaskSteps(inv), get_run_logger())
 
 
 # ====================================================================== reporting
@@ -437,92 +305,13 @@ def _final_state(results: list[core.AppResult]) -> Any:
     return rows
 
 
-def _report(inv: Inventory, results: list[core.AppResult], dry_run: bool) -> None:
-    table = [r.row() for r in results]
-    counts: dict[str, int] = {}
+def _notify_rollbacks(inv: Inventory, results: list[core.AppResult]) -> None:
     for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    description = "update: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    create_table_artifact(key=ARTIFACT_KEY, table=table, description=description)
-    create_markdown_artifact(key=f"{ARTIFACT_KEY}-summary", markdown=summary(results),
-                             description=description)
-    if dry_run:
-        return
-    for r in results:
-        kind = {"updated": "succeeded", "recovered": "succeeded", "current": "succeeded",
-                "rolled-back": "rolled_back", "failed": "failed", "blocked": "blocked",
-                "held": "held", "stale": "stale"}.get(r.status, "skipped")
-        emit_event(event=f"labkeeper.update.{kind}",
-                   resource={"prefect.resource.id": f"labkeeper.app.{r.app}",
-                             "prefect.resource.name": r.app, "labkeeper.lab": inv.lab.name},
-                   payload=r.row())
         if r.status == "rolled-back":
             notify.notify(inv, "rollback", f"labkeeper: {r.app} update rolled back",
                           f"{redact(r.detail)}\nbefore: {core.fmt_versions(r.before)}\n"
                           f"attempted: {core.fmt_versions(r.attempted)}\n"
                           f"now: {core.fmt_versions(r.after)}\nlab: {inv.lab.name}")
-    _record_metrics(inv, results)
-
-
-def _record_metrics(inv: Inventory, results: list[core.AppResult]) -> None:
-    now = time.time()
-    samples: list[metrics.Sample] = []
-    for r in results:
-        if r.status == "skipped":
-            continue
-        labels = {"app": r.app}
-        samples += [
-            metrics.Sample("labkeeper_update_success", labels,
-                           1 if r.status in ("updated", "recovered", "current") else 0),
-            metrics.Sample("labkeeper_update_rolled_back", labels,
-                           1 if r.status == "rolled-back" else 0),
-            *(metrics.Sample(f"labkeeper_update_{status}", labels,
-                             1 if r.status == status else 0) for status in core.NOT_DONE),
-            metrics.Sample("labkeeper_update_last_run_timestamp_seconds", labels, now),
-        ]
-    if samples:
-        try:
-            metrics.record(inv.settings.state_dir, inv.settings.metrics.textfile, samples)
-        except OSError as exc:
-            get_run_logger().warning("metrics not recorded: %s", exc)
-
-
-def summary(results: list[core.AppResult]) -> str:
-    icon = {"updated": "✅", "recovered": "♻️", "rolled-back": "↩️", "failed": "❌",
-            "skipped": "⏭️", "dry-run": "📝", "current": "✅", "blocked": "⛔", "held": "📌",
-            "stale": "⚠️"}
-    lines = ["# Application updates", "",
-             "| | app | status | protection | before | attempted | after | detail |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        cells = [icon.get(r.status, ""), r.app, r.status, r.protection or "-",
-                 core.fmt_versions(r.before), core.fmt_versions(r.attempted),
-                 core.fmt_versions(r.after), redact(r.detail)]
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    for r in results:
-        if r.plan:
-            lines += ["", f"## {r.app}: commands", ""] + [f"    {p}" for p in r.plan]
-        if r.removed:
-            lines += ["", f"{r.app}: removed {', '.join(r.removed)}"]
-        lines += _digest_lines(r)
-        if r.timings:
-            lines += ["", f"{r.app}: seconds " + ", ".join(
-                f"{k} {v:.2f}" for k, v in r.timings.items())]
-    return "\n".join(lines)
-
-
-def _digest_lines(r: core.AppResult) -> list[str]:
-    """The registry digests per service: before, offered by the registry, after."""
-    if not r.digests:
-        return []
-    services = sorted({svc for d in r.digests.values() for svc in d})
-    cols = list(r.digests)
-    lines = ["", f"## {r.app}: image digests", "", "| service | " + " | ".join(cols) + " |",
-             "|---|" + "---|" * len(cols)]
-    for svc in services:
-        lines.append(f"| {svc} | " + " | ".join(r.digests[c].get(svc, "-") or "-"
-                                                   for c in cols) + " |")
-    return lines
 
 
 # ====================================================================== CLI entry point

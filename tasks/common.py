@@ -1,4 +1,7 @@
-"""What every labkeeper task shares: retry only transient errors, with backoff."""
+"""What every labkeeper task shares: retry only transient errors, with backoff.
+
+(``failure_of`` lives in :mod:`labkeeper.run_report`; flows import it from here too.)
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,10 @@ from typing import Any
 from prefect.tasks import exponential_backoff
 
 from labkeeper.errors import is_transient
+from labkeeper.run_report import failure_of
 from labkeeper.secrets import install_redaction
+
+__all__ = ["RETRY", "RunFailed", "failure_of", "lab_path", "retry_if_transient"]
 
 install_redaction()
 
@@ -27,18 +33,6 @@ class _ThreadTimeoutNotice(logging.Filter):
 
 
 logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutNotice())
-
-
-def failure_of(state: Any) -> BaseException | None:
-    """The exception a Failed state carries, without raising it."""
-    data = getattr(state, "data", None)
-    if isinstance(data, BaseException):
-        return data
-    try:
-        result = state.result(raise_on_failure=False)
-    except Exception as exc:  # the result could not be read: judge that error
-        return exc
-    return result if isinstance(result, BaseException) else None
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:

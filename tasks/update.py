@@ -3,13 +3,12 @@
 ``protect`` carries an ``on_rollback`` hook: inside the flow's
 ``with transaction():`` block (protect → update → gate), an update command that
 fails or a gate that does not open makes Prefect run the hook, which puts the guest
-back to the recorded protection. The hook writes its outcome to the update journal,
-where the flow reads it.
+back to the recorded protection. Every journal change is
+:mod:`labkeeper.update.recovery`'s; the flow reads the outcome there.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -17,12 +16,9 @@ from prefect.cache_policies import NO_CACHE
 
 from labkeeper import health
 from labkeeper import update as core
-from labkeeper.errors import is_transient
 from labkeeper.inventory import Inventory
-from labkeeper.secrets import redact
+from labkeeper.update import recovery
 from tasks.common import RETRY
-
-ROLLBACK_ATTEMPTS = 3
 
 
 def _session(inv: Inventory, app: str) -> core.Session:
@@ -80,22 +76,9 @@ def fetch(inv: Inventory, app: str, versions: core.Versions, retry_bad: bool = F
       cache_policy=NO_CACHE, **RETRY)
 def protect(inv: Inventory, app: str, run_id: str, versions: core.Versions,
             offered: dict[str, str] | None = None) -> core.Protection:
-    """Snapshot (or vzdump, or the compose images), the journal opened first: it names
-    the protection before it exists, so a retry of this run knows it is its own."""
-    journal = core.read_journal(inv, app)
-    resume = journal is not None and journal.run_id == run_id
+    """Snapshot (or vzdump, or the compose images), the journal opened first."""
     with _session(inv, app) as s:
-        if not resume:
-            core.write_journal(inv, core.Journal(
-                app=app, run_id=run_id, phase="protecting",
-                protection=core.planned_protection(s, run_id, versions),
-                before=dict(versions.values), started=time.time(),
-                offered=dict(offered or {}), guest=s.guest.name))
-        prot = core.protect(s, run_id, versions, resume=resume)
-    core.write_journal(inv, core.Journal(app=app, run_id=run_id, phase="protected",
-                                         protection=prot, before=dict(versions.values),
-                                         started=time.time(), offered=dict(offered or {}),
-                                         guest=inv.app(app).guest))
+        prot = recovery.protect_journaled(s, run_id, versions, offered)
     get_run_logger().info("%s: protected by %s", app, prot.text())
     return prot
 
@@ -105,44 +88,14 @@ def _roll_back(txn: Any) -> None:
     """Prefect calls this when the update or the gate failed inside the transaction."""
     inv: Inventory = txn.get("inv")
     app: str = txn.get("app")
-    roll_back_now(inv, app)
-
-
-def roll_back_now(inv: Inventory, app: str) -> str:
-    """Roll back to the journal's protection (a few tries on transient errors);
-    the outcome lands in the journal (``rolled-back`` / ``rollback-failed``)."""
-    logger = get_run_logger()
-    journal = core.read_journal(inv, app)
-    if journal is None:
-        raise core.RollbackFailed(f"{app}: no update journal: nothing recorded to roll back to")
-    journal.phase = "rolling-back"
-    core.write_journal(inv, journal)
-    last: BaseException | None = None
-    for attempt in range(1, ROLLBACK_ATTEMPTS + 1):
-        try:
-            with core.Session(inv, app, log=logger.info) as s:
-                detail = core.rollback(s, journal.protection)
-            journal.phase, journal.detail = "rolled-back", detail
-            core.write_journal(inv, journal)
-            logger.warning("%s: %s", app, detail)
-            return detail
-        except Exception as exc:
-            last = exc
-            if not is_transient(exc) or attempt == ROLLBACK_ATTEMPTS:
-                break
-            logger.warning("%s: rollback try %d failed (%s); trying again", app, attempt, exc)
-            time.sleep(2 * attempt)
-    journal.phase, journal.detail = "rollback-failed", redact(f"{type(last).__name__}: {last}")
-    core.write_journal(inv, journal)
-    logger.error("%s: ROLLBACK FAILED: %s", app, journal.detail)
-    raise core.RollbackFailed(f"{app}: rollback failed: {journal.detail}")
+    recovery.roll_back(inv, app, get_run_logger())
 
 
 @task(name="update-rollback", task_run_name="rollback-{app}", timeout_seconds=4 * 3600,
       cache_policy=NO_CACHE, **RETRY)
 def rollback(inv: Inventory, app: str) -> str:
     """Roll back outside a transaction (crash recovery)."""
-    return roll_back_now(inv, app)
+    return recovery.roll_back(inv, app, get_run_logger())
 
 
 @task(name="update-run", task_run_name="update-{app}", timeout_seconds=4 * 3600,
@@ -151,10 +104,7 @@ def run_update(inv: Inventory, app: str) -> list[str]:
     """The strategy's commands, output streamed to the run log."""
     with _session(inv, app) as s:
         done = core.run_update(s)
-    journal = core.read_journal(inv, app)
-    if journal is not None:
-        journal.phase = "updated"
-        core.write_journal(inv, journal)
+    recovery.mark_updated(inv, app)
     return done
 
 
@@ -172,12 +122,7 @@ def record_attempted(inv: Inventory, app: str, versions: core.Versions) -> dict[
                 attempted, digests = now.values, now.digests
             else:
                 attempted = core.versions_after(s, versions.values)
-    journal = core.read_journal(inv, app)
-    if journal is not None:
-        journal.attempted = attempted
-        if not journal.offered:
-            journal.offered = {k: v for k, v in digests.items() if v}
-        core.write_journal(inv, journal)
+    recovery.note_attempted(inv, app, attempted, digests)
     return attempted
 
 
@@ -209,3 +154,25 @@ def cleanup(inv: Inventory, app: str) -> list[str]:
     """Old pre-update snapshots / archives beyond keep_snapshots."""
     with _session(inv, app) as s:
         return core.cleanup(s)
+
+
+class TaskSteps:
+    """Crash recovery's steps on the guest as task runs (:class:`recovery.Steps`)."""
+
+    def __init__(self, inv: Inventory) -> None:
+        self.inv = inv
+
+    def gate(self, app: str) -> health.GateOutcome:
+        return gate(self.inv, app, raise_on_failure=False)
+
+    def versions_after(self, app: str, before: dict[str, str]) -> dict[str, str]:
+        return versions_after(self.inv, app, before)
+
+    def cleanup(self, app: str) -> list[str]:
+        return cleanup(self.inv, app)
+
+    def protection_exists(self, app: str, protection: core.Protection) -> bool:
+        return protection_exists(self.inv, app, protection)
+
+    def rollback(self, app: str) -> str:
+        return rollback(self.inv, app)

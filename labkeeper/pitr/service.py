@@ -30,7 +30,7 @@ Log = Callable[[str], None]
 
 def receiver_argv(server: str, lab: Path, python: str = sys.executable) -> tuple[str, ...]:
     """``labkeeper wal receive SERVER --lab LAB`` in this interpreter (pure)."""
-    return (python, "-m", "labkeeper.cli", "wal", "receive", server, "--lab", str(lab))
+    return (python, "-m", "cli.main", "wal", "receive", server, "--lab", str(lab))
 
 
 def next_backoff(previous: float, ran_s: float, *, max_backoff: float = 60.0) -> float:

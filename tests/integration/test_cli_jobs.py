@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from labkeeper.cli import app
+from cli.main import app
 
 
 def test_backup_run_of_one_database_prints_its_row_and_exits_zero(lab, prefect_harness):

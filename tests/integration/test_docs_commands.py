@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer import _click as click  # typer vendors click (as labkeeper/cli.py uses it)
+from typer import _click as click  # typer vendors click (as cli/main.py uses it)
 
-from labkeeper import cli
+from cli import main as cli
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

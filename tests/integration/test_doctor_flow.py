@@ -194,7 +194,7 @@ def test_doctor_command_prints_the_table_and_exits_nonzero_on_failure(lab, prefe
                                                                       tmp_path: Path):
     from typer.testing import CliRunner
 
-    from labkeeper.cli import app
+    from cli.main import app
 
     ok = CliRunner().invoke(app, ["doctor", "--lab", str(lab.inventory_path), "--json"])
     assert ok.exit_code == 0, ok.output

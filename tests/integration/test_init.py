@@ -22,9 +22,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from cli.main import app
 from labkeeper import provision as pv
 from labkeeper import proxmox as px
-from labkeeper.cli import app
 from labkeeper.inventory import Inventory, load_inventory
 from labkeeper.pvesim import Simulator
 from tests.recorded import PVE

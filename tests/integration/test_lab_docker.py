@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from cli.demo import _compose_jobs, _db_container_jobs, _say_docker
 from labkeeper import drill, pg_backup
-from labkeeper.demo import _compose_jobs, _db_container_jobs, _say_docker
 from labkeeper.inventory import load_inventory
 from labkeeper.locallab.images import image_id
 from labkeeper.locallab.lab import COMPOSE_APPS, PG_CONTAINER, PG_CONTAINER_DB, LocalLab

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cli.main import app
 from labkeeper import pg_backup, restic, status
-from labkeeper.cli import app
 from labkeeper.doctor import CheckSpec, run_check
 from labkeeper.pitr import (
     PitrError,

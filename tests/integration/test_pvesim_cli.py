@@ -28,7 +28,7 @@ def test_pvesim_serve_answers_version_through_the_adapter_with_pinned_fingerprin
     secret = str(uuid.uuid4())
     fp_file = tmp_path / "fingerprint"
     env = {**os.environ, "PVESIM_TEST_SECRET": secret}
-    argv = [sys.executable, "-m", "labkeeper.cli", "pvesim", "serve",
+    argv = [sys.executable, "-m", "cli.main", "pvesim", "serve",
             "--port", str(port), "--nodes", "pve1,pve2",
             "--token-id", "labkeeper@pve!cli", "--token-secret-env", "PVESIM_TEST_SECRET",
             "--task-duration", "0.05", "--state", str(tmp_path / "state.json"),

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from cli.main import app as cli_app
 from flows.runbook import runbook_flow
 from labkeeper import pg_backup
-from labkeeper.cli import app as cli_app
 from labkeeper.inventory import load_inventory
 from tests.integration.test_doctor_flow import _flow_run_record
 

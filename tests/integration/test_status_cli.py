@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
+from cli.main import app
 from labkeeper import pg_backup
-from labkeeper.cli import app
 from labkeeper.inventory import load_inventory
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from labkeeper.cli import app
+from cli.main import app
 
 ROOT = Path(__file__).resolve().parents[2]
 

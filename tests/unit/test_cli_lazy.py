@@ -8,15 +8,15 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from labkeeper.cli import app
+from cli.main import app
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAVY = ("labkeeper.cli_runbook", "labkeeper.cli_pitr", "labkeeper.cli_init",
+HEAVY = ("cli.runbook", "cli.pitr", "cli.init",
          "labkeeper.pvesim.cli", "prefect")
 
 
 def test_importing_the_command_line_imports_no_sub_command_module_nor_prefect():
-    code = ("import sys; import labkeeper.cli; "
+    code = ("import sys; import cli.main; "
             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True, timeout=120).stdout.strip()

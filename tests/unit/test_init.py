@@ -186,7 +186,7 @@ def test_a_job_the_inventory_refuses_is_written_as_a_comment_saying_why():
 
 
 def test_a_fingerprint_without_colons_is_written_as_the_inventory_wants_it():
-    from labkeeper.cli_init import build_options
+    from cli.init import build_options
 
     opts = build_options(proxmox="https://pve1:8006", token_id="a@pve!b",
                          token_secret="env:PVE", fingerprint="ab" * 32, ca_file=None,

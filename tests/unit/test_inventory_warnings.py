@@ -9,8 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from cli.main import app
 from labkeeper import doctor
-from labkeeper.cli import app
 from labkeeper.inventory import parse_inventory
 from labkeeper.inventory_warnings import is_loopback, plain_http_host, warnings
 

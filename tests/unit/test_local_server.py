@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cli.main import prefect_for_command
 from labkeeper import local_server as ls
-from labkeeper.cli import prefect_for_command
 from labkeeper.locallab.ports import free_port
 
 
@@ -82,4 +82,4 @@ def test_the_installed_command_decides_on_the_prefect_server_before_running():
     from importlib.metadata import entry_points
 
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "labkeeper"]
-    assert script.value == "labkeeper.cli:main"
+    assert script.value == "cli.main:main"

@@ -53,7 +53,7 @@ def test_serve_starts_one_wal_receiver_per_pitr_server_and_none_without_any() ->
 
     assert start_wal_receivers(parse_inventory(MINIMAL, "t.yaml"), "/l.yaml") is None
     assert receiver_argv("pg1", Path("/l.yaml"), "/py") == (
-        "/py", "-m", "labkeeper.cli", "wal", "receive", "pg1", "--lab", "/l.yaml")
+        "/py", "-m", "cli.main", "wal", "receive", "pg1", "--lab", "/l.yaml")
 
 
 def test_a_child_that_keeps_dying_waits_longer_and_a_long_run_resets_the_wait() -> None:

@@ -1,0 +1,5 @@
+"""``python -m cli`` runs the labkeeper command line."""
+
+from cli.main import main
+
+main()
