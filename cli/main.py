@@ -196,7 +196,7 @@ app.add_typer(provision_app, name="provision")
 def provision_plan(lab: LabOption = Path("lab.yaml"),
                    json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show what apply would change (reads only; never changes anything)."""
-    from flows.provision import plan_cli
+    from cli.jobs import plan_cli
 
     raise typer.Exit(plan_cli(lab, json_out))
 
@@ -212,7 +212,7 @@ def provision_apply(
 ) -> None:
     """Create, change and bootstrap guests so Proxmox matches the inventory (bootstrap
     markers on each guest: settings.provision.guest_state_dir)."""
-    from flows.provision import apply_cli
+    from cli.jobs import apply_cli
 
     raise typer.Exit(apply_cli(lab, allow_restart=allow_restart, allow_destroy=allow_destroy,
                                yes=yes))
@@ -232,7 +232,7 @@ def vzdump_run(
                                                          "remove nothing.")] = False,
 ) -> None:
     """Back up the job's guests now: verify each archive, prune, copy off-site."""
-    from flows.vzdump import run_vzdump_cli
+    from cli.jobs import run_vzdump_cli
 
     raise typer.Exit(run_vzdump_cli(lab, job, force=force, dry_run_retention=dry_run_retention))
 
@@ -241,7 +241,7 @@ def vzdump_run(
 def vzdump_sync_jobs(lab: LabOption = Path("lab.yaml"),
                      apply: Annotated[bool, typer.Option("--apply")] = False) -> None:
     """Show (and with --apply make) Proxmox's own backup jobs match the inventory."""
-    from flows.vzdump import sync_jobs_cli
+    from cli.jobs import sync_jobs_cli
 
     raise typer.Exit(sync_jobs_cli(lab, apply))
 
@@ -257,7 +257,7 @@ def backup_run(lab: LabOption = Path("lab.yaml"),
                db: Annotated[str | None, typer.Option("--db", help="Only this database.")]
                = None) -> None:
     """Dump the databases now, stream them into restic, verify; print the table."""
-    from flows.pg_backup import run_backup_cli
+    from cli.jobs import run_backup_cli
 
     raise typer.Exit(run_backup_cli(lab, db))
 
@@ -290,7 +290,7 @@ def paths_run(lab: LabOption = Path("lab.yaml"),
               name: Annotated[str | None, typer.Option("--name", help="One path set.")] = None,
               ) -> None:
     """Back up the inventory's path sets now (restic on each host, over SSH)."""
-    from flows.path_backup import run_path_backup_cli
+    from cli.jobs import run_path_backup_cli
 
     raise typer.Exit(run_path_backup_cli(lab, host, name))
 
@@ -310,7 +310,7 @@ def update(apps: Annotated[list[str] | None, typer.Argument(help="Apps (default:
     """Update apps: protect, update, prove health, roll back automatically.
     Exit 0 updated/current/skipped, 2 rolled back (healthy on the old version), 3 not
     updated and needs attention (blocked, held, stale), 1 failed."""
-    from flows.update import run_update_cli
+    from cli.jobs import run_update_cli
 
     if resolve not in (None, "keep", "rollback"):
         raise typer.BadParameter("--resolve takes keep or rollback")
@@ -328,7 +328,7 @@ def drill_run(target: Annotated[str | None, typer.Argument(
                   help="all (default), db:NAME, guest:NAME|VMID, repository[:NAME]")] = None,
               lab: LabOption = Path("lab.yaml")) -> None:
     """Run restore drills now; exit 1 when a drill failed or breached an objective."""
-    from flows.dr_drill import run_drill_cli
+    from cli.jobs import run_drill_cli
 
     raise typer.Exit(run_drill_cli(lab, target))
 

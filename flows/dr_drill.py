@@ -33,7 +33,6 @@ objective fails the run (the flow hooks ping ``dr_drill`` and notify on failure)
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -43,9 +42,8 @@ from labkeeper import notify
 from labkeeper.inventory import load_inventory
 from labkeeper.run_report.drill import DrillReport
 from labkeeper.run_report.drill import artifact_key as artifact_key  # tests import it here
-from labkeeper.secrets import redact
 from tasks import drill as drill_tasks
-from tasks.common import RunFailed, failure_of, lab_path
+from tasks.common import RunFailed, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "dr-drill"
@@ -97,39 +95,6 @@ def dr_drill_flow(target: str = "all", lab: str | None = None) -> list[dict]:
     if not plan:
         logger.warning("dr_drill %s: no drill is enabled in the inventory", target)
     return rows
-
-
-def run_drill_cli(lab: Path, target: str | None) -> int:
-    """``labkeeper drill run [TARGET]``: run the drills now, print them; 0 when all passed."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    state = dr_drill_flow(target=target or "all", lab=str(lab), return_state=True)
-    rows: list[dict[str, Any]] = []
-    if state.is_completed():
-        rows = state.result()
-    else:
-        exc = failure_of(state)
-        rows = getattr(exc, "rows", []) or []
-        if not rows:
-            console.print(f"[red]drill failed:[/red] {redact(str(exc) if exc else state.name)}",
-                          markup=True)
-    if rows:
-        cols = ("drill", "target", "status", "rpo", "rpo objective", "rto", "rto objective",
-                "checks", "source")
-        table = Table(title="DR drills")
-        for col in cols:
-            table.add_column(col, overflow="fold")
-        for r in rows:
-            table.add_row(*(str(r[c]) for c in cols))
-        console.print(table)
-        for r in rows:
-            if r["status"] != "passed":
-                console.print(f"{r['drill']}:{r['target']}: {r['detail']}", markup=False)
-            if r.get("kept"):
-                console.print(f"{r['drill']}:{r['target']}: kept {r['kept']}", markup=False)
-    return 0 if state.is_completed() else 1
 
 
 if __name__ == "__main__":

@@ -16,11 +16,8 @@ backup metrics; the flow hooks ping healthchecks for ``path_backup``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger
 
-from cli.report import print_run
 from labkeeper import path_backup
 from labkeeper.inventory import load_inventory
 from labkeeper.run_report.backups import PathBackupReport
@@ -60,16 +57,6 @@ def path_backup_flow(lab: str | None = None, host: str | None = None,
         raise PathBackupRunFailed(f"{len(report.failed)} of {len(chosen)} path set backups "
                                   f"failed: {', '.join(report.failed)}", report.rows)
     return report.rows
-
-
-def run_path_backup_cli(lab: Path, host: str | None, name: str | None) -> int:
-    """``labkeeper paths run [--host H] [--name SET]``: run the flow, print the table,
-    return the exit code (0 ok or warnings only, 1 when a set failed)."""
-    state = path_backup_flow(lab=str(lab), host=host, names=[name] if name else None,
-                             return_state=True)
-    return print_run(state, title="path_backup", name_col="path set", what="path backup",
-                     cols=("path set", "status", "snapshot", "files", "bytes", "duration s",
-                           "throughput MB/s", "unreadable"))
 
 
 if __name__ == "__main__":

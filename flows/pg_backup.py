@@ -12,14 +12,12 @@ hooks ping the inventory's healthchecks URL for ``pg_backup`` and notify on fail
 from __future__ import annotations
 
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.states import State
 
-from cli.report import print_run
 from labkeeper import pg_backup
 from labkeeper.errors import ConfigError
 from labkeeper.inventory import Inventory, load_inventory
@@ -100,14 +98,6 @@ def _database_states(inv: Inventory, names: list[str], stall_timeout: float,
         fut.wait()
         states[done] = fut.state
     return states
-
-
-def run_backup_cli(lab: Path, db: str | None) -> int:
-    """``labkeeper backup run [--db NAME]``: run the flow, print the table, exit code."""
-    state = pg_backup_flow(lab=str(lab), databases=[db] if db else None, return_state=True)
-    return print_run(state, title="pg_backup", name_col="database", what="backup",
-                     cols=("database", "status", "snapshot", "bytes dumped", "duration s",
-                           "throughput MB/s", "tables"))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ template, a disk that would have to shrink, a vmid held by a foreign guest).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from labkeeper import provision as pv
-from labkeeper.errors import ConfigError, LabkeeperError
+from labkeeper.errors import PicklableError
 from labkeeper.inventory import Guest, Inventory, load_inventory
 from labkeeper.run_report.provision import ProvisionReport
-from labkeeper.secrets import redact
 from tasks import provision as steps
 from tasks.common import lab_path
 from tasks.hooks import hooks
@@ -38,15 +36,12 @@ PLAN_ARTIFACT = "provision-plan"
 RESULT_ARTIFACT = "provision"
 
 
-class ProvisionFailed(Exception):
+class ProvisionFailed(PicklableError):
     """A guest failed, the plan has problems, or the guardrails refused the run."""
 
     def __init__(self, message: str, report: dict | None = None) -> None:
         super().__init__(message)
         self.report = report or {}
-
-    def __reduce__(self) -> tuple:
-        return (ProvisionFailed, (str(self), self.report))
 
 
 @flow(name="provision", log_prints=False, timeout_seconds=12 * 3600, **hooks("provision"))
@@ -115,95 +110,6 @@ def _step_runner(inv: Inventory, allow_restart: bool, *, base_dir: str,
         return by_step[step](guest, reason)
 
     return run
-
-
-# ====================================================================== CLI entry points
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console()
-
-
-def print_plan(plan: pv.Plan) -> None:
-    from rich.table import Table
-
-    style = {"create": "green", "change": "yellow", "destroy": "bold red", "conflict": "bold red",
-             "protected": "magenta", "unmanaged": "dim", "leave": "", "absent": "dim"}
-    table = Table(title=plan.headline())
-    for col in ("guest", "vmid", "type", "node", "action", "restart", "details"):
-        table.add_column(col, overflow="fold")
-    for r in plan.rows():
-        st = style.get(r["action"], "")
-        action = f"[{st}]{r['action']}[/]" if st else r["action"]
-        table.add_row(str(r["guest"]), str(r["vmid"]), r["type"], r["node"], action,
-                      r["restart"], r["details"], )
-    console = _console()
-    console.print(table)
-    for p in plan.problems:
-        console.print(f"[bold red]problem:[/] {p}", highlight=False)
-    if plan.needs_yes:
-        console.print(f"apply will need --yes: {len(plan.touched)} guests touched "
-                      f"(max {plan.max_changes_without_yes} without it)")
-
-
-def plan_cli(lab: Path, json_out: bool) -> int:
-    """``labkeeper provision plan``: print the plan; changes nothing (GET requests only).
-
-    Exit status: 0 the plan is clean, 1 it has problems, 2 the inventory or the
-    cluster could not be read.
-    """
-    from labkeeper import proxmox as px
-
-    try:
-        inv = load_inventory(lab)
-        if inv.proxmox is None:
-            raise ConfigError(f"{lab}: no proxmox section: nothing to provision")
-        plan = pv.read_plan(px.connect(inv.proxmox), inv)
-    except ConfigError as exc:
-        print("\n".join([str(exc), *exc.problems]), file=sys.stderr)
-        return 2
-    except LabkeeperError as exc:
-        print(f"provision plan: {redact(str(exc))}", file=sys.stderr)
-        return 2
-    if json_out:
-        print(plan.to_json())
-    else:
-        print_plan(plan)
-    return 1 if plan.problems else 0
-
-
-def apply_cli(lab: Path, *, allow_restart: bool, allow_destroy: bool, yes: bool) -> int:
-    """``labkeeper provision apply``: run the provision flow; print every step.
-
-    Exit status: 0 converged, 1 a guest failed / the plan has problems / the plan
-    needs ``--yes``, 2 the inventory is invalid.
-    """
-    try:
-        load_inventory(lab)
-    except ConfigError as exc:
-        print("\n".join([str(exc), *exc.problems]), file=sys.stderr)
-        return 2
-    state = provision_flow(lab=str(lab), allow_restart=allow_restart,
-                           allow_destroy=allow_destroy, yes=yes, return_state=True)
-    result = state.result(raise_on_failure=False)
-    report = result.report if isinstance(result, ProvisionFailed) else result
-    console = _console()
-    if isinstance(report, dict) and report.get("steps"):
-        from rich.table import Table
-
-        table = Table(title="labkeeper provision")
-        for col in ("guest", "step", "status", "seconds", "detail"):
-            table.add_column(col, overflow="fold")
-        for r in report["steps"]:
-            table.add_row(str(r["guest"]), r["step"], r["status"], str(r["seconds"]),
-                          str(r["detail"]))
-        console.print(table)
-    if not state.is_completed():
-        print(f"provision: {state.name}: {redact(str(result))}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

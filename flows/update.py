@@ -38,11 +38,10 @@ skipped,blocked,held,stale}``.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, Failed
 from prefect.transactions import transaction
 
 from labkeeper import notify
@@ -55,7 +54,7 @@ from labkeeper.secrets import redact
 from labkeeper.update.recovery import Resolve
 from tasks import pg_backup as pg_tasks
 from tasks import update as tu
-from tasks.common import RunFailed, failure_of, lab_path
+from tasks.common import RunFailed, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "update"
@@ -312,35 +311,6 @@ def _notify_rollbacks(inv: Inventory, results: list[core.AppResult]) -> None:
                           f"{redact(r.detail)}\nbefore: {core.fmt_versions(r.before)}\n"
                           f"attempted: {core.fmt_versions(r.attempted)}\n"
                           f"now: {core.fmt_versions(r.after)}\nlab: {inv.lab.name}")
-
-
-# ====================================================================== CLI entry point
-
-
-def run_update_cli(lab: Path, apps: list[str], *, dry_run: bool, force: bool,
-                   resolve: Resolve | None = None) -> int:
-    """``labkeeper update [APP...] [--dry-run] [--force] [--resolve keep|rollback]``.
-
-    Exit 0 when every app updated (or was current, skipped on purpose, dry run), 2
-    when an app was rolled back (healthy on its old version), 3 when an app was not
-    updated and needs attention (blocked by another update of its guest, held on a
-    pin, or an old unfinished update waiting for a decision), 1 on failure."""
-    state: State = update_app_flow(apps=apps or None, lab=str(lab), dry_run=dry_run,
-                                   force=force, resolve=resolve, return_state=True)
-    rows: list[dict] = []
-    if state.is_completed():
-        result = state.result()
-        rows = result if isinstance(result, list) else []
-    else:
-        exc = failure_of(state)
-        rows = getattr(exc, "rows", [])
-        print(f"update: {state.name}: {redact(state.message or str(exc))}")
-    for r in rows:
-        print(f"{r['status']:12} {r['app']:16} before {r['before']} → attempted "
-              f"{r['attempted']} → now {r['after']}  {r['detail']}")
-    if state.is_completed():
-        return 0
-    return {"RolledBack": 2, "NotUpdated": 3}.get(state.name or "", 1)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ still completes their retention and off-site copy.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -37,9 +36,8 @@ from prefect.utilities.annotations import quote
 from labkeeper import vzdump as core
 from labkeeper.inventory import load_inventory
 from labkeeper.run_report.vzdump import VzdumpReport
-from labkeeper.secrets import redact
 from tasks import vzdump as vt
-from tasks.common import RunFailed, failure_of, lab_path
+from tasks.common import RunFailed, lab_path
 from tasks.hooks import hooks
 
 ARTIFACT_KEY = "vzdump"
@@ -148,50 +146,6 @@ def _after_backup(qinv: Any, qspec: Any, res: core.GuestBackup, *, retention: bo
         started.append((res.vmid, "offsite", vt.copy_offsite.submit(qinv, qspec, res,
                                                                      dry_run)))
     return started
-
-
-# ====================================================================== CLI entry points
-
-
-def run_vzdump_cli(lab: Path, job: str, *, force: bool = False,
-                   dry_run_retention: bool = False) -> int:
-    """``labkeeper vzdump run JOB``: run the flow now; 0 when every guest is good."""
-    state = vzdump_flow(job=job, lab=str(lab), force=force,
-                        dry_run_retention=dry_run_retention, return_state=True)
-    rows: list[dict] = []
-    if state.is_completed():
-        rows = state.result()
-    else:
-        exc = failure_of(state)
-        rows = getattr(exc, "rows", [])
-        print(f"vzdump {job}: {redact(str(exc)) if exc else state.name}")
-    for r in rows:
-        print(f"{r['status']:8} {r['vmid']:>6} {r['node']:6} {r['archive'] or '-'} "
-              f"{r['detail']}")
-    return 0 if state.is_completed() else 1
-
-
-def sync_jobs_cli(lab: Path, apply: bool) -> int:
-    """``labkeeper vzdump sync-jobs [--apply]``: show (and apply) the native job plan."""
-    from labkeeper import proxmox as px
-
-    inv = load_inventory(str(lab))
-    api = vt.api_for(inv)
-    plan = core.plan_native_jobs(inv.vzdump_jobs, px.list_backup_jobs(api),
-                                 px.list_guests(api), core.inventory_vmids(inv))
-    if not plan:
-        print("no vzdump job is marked native: true; nothing to sync")
-        return 0
-    for change in plan:
-        print(change.line())
-    changes = [c for c in plan if c.action != "unchanged"]
-    if not apply:
-        if changes:
-            print(f"{len(changes)} change(s); run again with --apply to make them")
-        return 0
-    for line in core.apply_native_plan(api, changes):
-        print(f"done: {line}")
-    return 0
 
 
 if __name__ == "__main__":

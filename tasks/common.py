@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect.tasks import exponential_backoff
 
-from labkeeper.errors import is_transient
+from labkeeper.errors import PicklableError, is_transient
 from labkeeper.run_report import failure_of
 from labkeeper.secrets import install_redaction
 
@@ -55,13 +55,10 @@ def lab_path(lab: str | None) -> str:
     return lab or os.environ.get("LABKEEPER_LAB") or "lab.yaml"
 
 
-class RunFailed(Exception):
+class RunFailed(PicklableError):
     """A flow run failed after trying everything; ``rows`` holds its whole result table
     (so the CLI and the UI can still show what succeeded). Picklable with its rows."""
 
     def __init__(self, message: str, rows: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
         self.rows = rows or []
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (str(self), self.rows))

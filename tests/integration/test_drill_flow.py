@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from flows.dr_drill import DrillRunFailed, dr_drill_flow, run_drill_cli
+from cli.jobs import run_drill_cli
+from flows.dr_drill import DrillRunFailed, dr_drill_flow
 from labkeeper import metrics
 from tests.integration.test_doctor_flow import _flow_run_record
 from tests.integration.test_drill_support import load, scratch_databases

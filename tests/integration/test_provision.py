@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from flows.provision import plan_cli
+from cli.jobs import plan_cli
 from labkeeper import provision as pv
 from labkeeper import proxmox as px
 from labkeeper.errors import ServiceError

@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from flows.update import run_update_cli, update_app_flow
+from cli.jobs import run_update_cli
+from flows.update import update_app_flow
 from labkeeper import status
 from labkeeper import update as core
 from labkeeper.errors import is_transient

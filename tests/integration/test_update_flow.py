@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from flows.update import run_update_cli, update_app_flow
+from cli.jobs import run_update_cli
+from flows.update import update_app_flow
 from labkeeper import update as core
 from labkeeper.inventory import Inventory, load_inventory
 from labkeeper.locallab.ports import free_port, wait_for_port

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from flows.vzdump import sync_jobs_cli
+from cli.jobs import sync_jobs_cli
 from labkeeper import proxmox as px
 from labkeeper.inventory import load_inventory
 from tests.integration.test_vzdump_support import VzEnv, job

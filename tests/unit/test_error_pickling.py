@@ -117,3 +117,14 @@ def test_an_error_with_keyword_only_fields_needs_no_reduce_of_its_own():
     back = pickle.loads(pickle.dumps(_KeywordOnly("two rows", rows=[1, 2])))
     assert type(back) is _KeywordOnly
     assert str(back) == "two rows" and back.args == ("two rows",) and back.rows == [1, 2]
+
+
+def test_run_failures_of_flows_pickle_with_their_rows_and_report():
+    from flows.provision import ProvisionFailed
+    from tasks.common import RunFailed
+
+    rows = [{"database": "appdb", "status": "failed"}]
+    run = pickle.loads(pickle.dumps(RunFailed("1 of 2 backups failed", rows)))
+    assert (str(run), run.rows) == ("1 of 2 backups failed", rows)
+    prov = pickle.loads(pickle.dumps(ProvisionFailed("web1 failed", {"steps": [1]})))
+    assert (str(prov), prov.report) == ("web1 failed", {"steps": [1]})
