@@ -39,9 +39,16 @@ $(STAMP): pyproject.toml overrides.txt
 
 venv: $(STAMP)
 
+# Two pytest workers (pytest-xdist), one test module each at a time: the suite waits on
+# real services much of the time (about 690 s of CPU in a 1,030 s serial run), so two
+# workers finish it in about two thirds of the time on two cores. Coverage of the
+# in-process code is measured on the way; its floor is [tool.coverage.report] in
+# pyproject.toml (raise it, never lower it).
+TEST_WORKERS ?= 2
 test: setup
 	@start=$$(date +%s); \
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15 \
+	  --cov --cov-report=term:skip-covered $(PYTEST_ARGS); rc=$$?; \
 	echo "test suite wall time: $$(( $$(date +%s) - start )) s"; exit $$rc
 
 test-unit: setup
