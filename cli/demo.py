@@ -35,6 +35,22 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _run_job(job: Job, env: dict[str, str], console: Console) -> bool:
+    """Run one demo job as the command a user would type; True when it exited as expected."""
+    console.rule(job.title)
+    if job.before is not None:
+        job.before()
+    res = process.run(job.argv, timeout=900, env=env, on_stdout_line=_echo,
+                      on_stderr_line=_echo, check=False)
+    if res.returncode not in job.expect:
+        console.print(f"[red]{job.title}: exit {res.returncode}[/] "
+                      f"(expected {sorted(job.expect)})")
+        return False
+    if res.returncode:
+        console.print(f"[yellow]exit {res.returncode}, as expected:[/] {job.why}")
+    return True
+
+
 def run_demo(workdir: Path, *, wait: bool, port: int, console: Console,
              docker: bool = True) -> int:
     started = time.monotonic()
@@ -64,18 +80,7 @@ def run_demo(workdir: Path, *, wait: bool, port: int, console: Console,
         server.start()
         console.print(f"  Prefect UI: {server.url}")
         env = prefect_env(server.home, server.api_url)
-        for job in jobs(lab):
-            console.rule(job.title)
-            if job.before is not None:
-                job.before()
-            res = process.run(job.argv, timeout=900, env=env, on_stdout_line=_echo,
-                              on_stderr_line=_echo, check=False)
-            if res.returncode not in job.expect:
-                failures += 1
-                console.print(f"[red]{job.title}: exit {res.returncode}[/] "
-                              f"(expected {sorted(job.expect)})")
-            elif res.returncode:
-                console.print(f"[yellow]exit {res.returncode}, as expected:[/] {job.why}")
+        failures = sum(not _run_job(job, env, console) for job in jobs(lab))
         console.rule("serve: every deployment, with its schedule and Run button")
         served = serve_deployments(lab, server, env, workdir, console)
         console.rule("done")
