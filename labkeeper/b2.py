@@ -24,7 +24,8 @@ _TRANSIENT_CODES = {"500", "502", "503", "504", "RequestTimeout", "SlowDown",
 class S3Target:
     endpoint: str
     bucket: str
-    region: str
+    region: str | None
+    """None: boto3's default (AWS_DEFAULT_REGION or its config)."""
     access_key_id: SecretStr
     secret_access_key: SecretStr
     ca_file: str | None = None

@@ -84,7 +84,7 @@ def s3_target_for(inv: Inventory, name: str) -> b2.S3Target:
     return b2.S3Target(endpoint=str(r.s3.endpoint), bucket=r.s3.bucket, region=r.s3.region,
                        access_key_id=resolve(r.s3.access_key_id),
                        secret_access_key=resolve(r.s3.secret_access_key),
-                       ca_file=r.s3.ca_file)
+                       ca_file=str(r.s3.ca_file) if r.s3.ca_file else None)
 
 
 def check_repository(inv: Inventory, name: str) -> CheckResult:
@@ -191,7 +191,7 @@ def check_pitr(inv: Inventory, name: str) -> CheckResult:
     """WAL archiving of one pitr server: slot, lag, newest WAL (labkeeper.pitr.lag)."""
     from labkeeper.pitr.lag import doctor_check
 
-    return doctor_check(inv, name)  # type: ignore[no-any-return]
+    return doctor_check(inv, name)
 
 
 CHECKS = {

@@ -128,7 +128,7 @@ def backup_globals_if_changed(inv: Inventory, label: str, databases: list[str], 
         conn = None
     with_passwords = _may_read_passwords(conn) if conn is not None else None
     digest = _dump_hash(conn, with_passwords) if conn and with_passwords is not None else None
-    if digest is not None and with_passwords is not None:
+    if digest is not None and with_passwords is not None and conn is not None:
         held_by = reusable(read_record(path), sha256=digest, repository=repo_cfg.name,
                            repo_url=repo_cfg.url, role_passwords=with_passwords, now=now)
         if held_by is not None:

@@ -225,7 +225,7 @@ def pg_dump_argv(conn: Conn, *, fmt: str = "plain", snapshot: str | None = None,
 def pg_dumpall_globals_argv(conn: Conn, *, role_passwords: bool = True) -> tuple[str, ...]:
     """``pg_dumpall --globals-only`` (roles, tablespaces); ``conn.dbname`` is the
     database it connects to (``-l``)."""
-    argv = ("pg_dumpall", "--no-password", "--globals-only")
+    argv: tuple[str, ...] = ("pg_dumpall", "--no-password", "--globals-only")
     if not role_passwords:
         argv += ("--no-role-passwords",)
     return conn.argv((*argv, "-h", conn.host, "-p", str(conn.port), "-U", conn.user,

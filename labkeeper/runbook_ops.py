@@ -322,7 +322,7 @@ def run_check(lab: Lab, spec: Mapping[str, Any], *, sleep: Callable[[float], Non
 
 
 def plan_check(lab: Lab, spec: Mapping[str, Any]) -> tuple[str, list[str]]:
-    problems = []
+    problems: list[str] = []
     try:
         if spec.get("health") is not None:
             names = _apps(lab, spec["health"])

@@ -20,7 +20,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 from pydantic import AfterValidator, SecretStr
 
@@ -196,7 +196,7 @@ def install_redaction() -> None:
     previous = logging.getLogRecordFactory()
 
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:
-        record = previous(*args, **kwargs)  # type: ignore[arg-type]
+        record = previous(*args, **kwargs)
         redact_record(record)
         return record
 
@@ -253,7 +253,10 @@ def _resolve_prefect_block(ref: str, name: str) -> str:
     except ImportError:  # pragma: no cover - prefect is a dependency
         raise SecretError(f"secret {ref}: prefect is not installed", reference=ref) from None
     try:
-        block = Secret.load(name)
+        # _sync: Prefect's load returns a coroutine where it sees a running event loop
+        # or an async flow; resolve is synchronous everywhere. Its type omits _sync and
+        # keeps the coroutine arm, hence the ignore and the cast.
+        block = cast(Secret, Secret.load(name, _sync=True))  # type: ignore[call-arg]
     except ValueError:
         raise SecretError(f"secret {ref}: no Secret block named {name!r}",
                           reference=ref) from None

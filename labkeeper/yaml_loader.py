@@ -268,6 +268,7 @@ class Document:
 
     def _load(self, text: str, *, max_nodes: int, max_depth: int) -> None:
         loader: _BoundedLoader | None = None
+        line: int | None
         try:
             # the reader checks every character while the loader is constructed
             loader = _BoundedLoader(text, max_nodes=max_nodes, max_depth=max_depth)

@@ -128,6 +128,7 @@ def _database_drill(inv: Inventory, db: Database, result: DrillResult, *, keep: 
     if found is None:
         return
     backup, manifest = found
+    assert manifest.dump is not None  # _latest_backup fails the drill otherwise
     drill_server = inv.drill_server(db.drill.server)
     # The drill server's own client (or the matching installed one), and a server at
     # least as new as the dump's.

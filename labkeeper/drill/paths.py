@@ -69,6 +69,17 @@ SOURCE_SCRIPT = (
 )
 """Fixed text; the file's path only ever arrives as ``$1`` (quoted expansions)."""
 
+SOURCE_SCRIPT_SUDO_SHA256SUM = (
+    '[ -e "$1" ] || [ -L "$1" ] || { [ -x "${1%/*}/" ] && exit 66; exit 67; }\n'
+    'stat -c "%s %Y %Z" -- "$1" || exit 67\n'
+    'sudo -n -- sha256sum -- "$1" || exit 68\n'
+    'exec stat -c "%s %Y %Z" -- "$1"\n'
+)
+"""For ``sudo: restic``, whose sudoers allows restic and sha256sum but no shell: the
+script runs as the SSH user and only the hash runs under sudo. A file is "gone" only
+when its directory can be searched; otherwise it is a stat error, never a silent
+"deleted"."""
+
 _HASH = re.compile(r"\\?([0-9a-f]{64})\b")
 
 
@@ -77,15 +88,19 @@ _HASH = re.compile(r"\\?([0-9a-f]{64})\b")
 # =====================================================================================
 
 
-def source_hash_argv(path: str, *, sudo: bool = False) -> tuple[str, ...]:
+def source_hash_argv(path: str, *,
+                     sudo: bool | Literal["restic"] = False) -> tuple[str, ...]:
     """The remote argv hashing one file on the host: ``sh -c SCRIPT labkeeper-drill
-    PATH`` (``sudo -n --`` first for a set backed up with ``sudo``). The SSH runner
-    quotes every element, so PATH reaches the script as one argument whatever it
-    holds (spaces, quotes, ``$``, ``*``, a leading ``-``)."""
+    PATH`` (``sudo -n --`` first for a set backed up with ``sudo: true``; for
+    ``sudo: restic`` only sha256sum runs under sudo). The SSH runner quotes every
+    element, so PATH reaches the script as one argument whatever it holds (spaces,
+    quotes, ``$``, ``*``, a leading ``-``)."""
     if not path.startswith("/"):
         raise ValueError(f"not an absolute path: {path!r}")
     if "\x00" in path:
         raise ValueError("a path cannot contain NUL")
+    if sudo == "restic":
+        return ("sh", "-c", SOURCE_SCRIPT_SUDO_SHA256SUM, "labkeeper-drill", path)
     argv = ("sh", "-c", SOURCE_SCRIPT, "labkeeper-drill", path)
     return ("sudo", "-n", "--", *argv) if sudo else argv
 

@@ -40,9 +40,10 @@ MAX_LOCK_CONFLICTS = 3
 def pg_basebackup_argv(conn: postgres.Conn, *, label: str,
                        max_rate_kb: int | None = None) -> tuple[str, ...]:
     """One tar on stdout, no WAL in it, manifest appended, fast checkpoint (pure)."""
-    argv = ("pg_basebackup", "-h", conn.host, "-p", str(conn.port), "-U", conn.user,
-            "--no-password", "-D", "-", "-Ft", "-X", "none", "--checkpoint=fast",
-            "--label", label, "--verbose")
+    argv: tuple[str, ...] = (
+        "pg_basebackup", "-h", conn.host, "-p", str(conn.port), "-U", conn.user,
+        "--no-password", "-D", "-", "-Ft", "-X", "none", "--checkpoint=fast",
+        "--label", label, "--verbose")
     if max_rate_kb:
         argv += (f"--max-rate={max_rate_kb}k",)
     return conn.argv(argv)

@@ -9,6 +9,7 @@ Snapshot tags: ``labkeeper``, ``pg:<server>``, ``kind:basebackup`` |
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 from dataclasses import dataclass
@@ -171,7 +172,7 @@ class BaseBackupInfo(BaseModel):
     def end_segment(self) -> str:
         return segment_of_lsn(self.timeline, parse_lsn(self.end_lsn))
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> builtins.bytes:  # the field ``bytes`` shadows the builtin here
         return (json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
                 + "\n").encode()
 

@@ -19,14 +19,22 @@ from labkeeper.secrets import resolve
 
 
 class ProxmoxSpec(Protocol):
-    """What the adapter needs from the inventory's ``proxmox`` section."""
+    """What the adapter needs from the inventory's ``proxmox`` section (read only)."""
 
-    host: str
-    port: int
-    token_id: str
-    token_secret: str
-    timeout: int
-    tls: Any
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def token_id(self) -> str: ...
+    @property
+    def token_secret(self) -> str: ...
+    @property
+    def timeout(self) -> float:
+        """Seconds per API request."""
+        ...
+    @property
+    def tls(self) -> Any: ...
 
 
 @dataclass(frozen=True)

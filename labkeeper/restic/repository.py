@@ -80,7 +80,7 @@ def repo_for(inv: Inventory, name: str, *, cache_dir: str | None = None) -> Repo
         password=resolve(r.password),
         aws_access_key_id=resolve(s3.access_key_id) if s3 else None,
         aws_secret_access_key=resolve(s3.secret_access_key) if s3 else None,
-        ca_file=(s3.ca_file if s3 else None),
+        ca_file=str(s3.ca_file) if s3 and s3.ca_file else None,
         cache_dir=cache_dir,
         binary=inv.settings.restic_binary,
     )

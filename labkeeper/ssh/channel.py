@@ -127,7 +127,7 @@ def _send_signal(chan: paramiko.Channel, name: str) -> None:
     m.add_string("signal")
     m.add_boolean(False)
     m.add_string(name)
-    chan.transport._send_user_message(m)  # type: ignore[union-attr]
+    chan.transport._send_user_message(m)
 
 
 def stop_remote(chan: paramiko.Channel) -> None:

@@ -214,7 +214,7 @@ class SshClient:
             raise self._lost("cannot open SFTP", exc) from None
         if client is None:  # pragma: no cover - from_transport returns None on failure
             raise SSHConnectError(f"ssh {self.target.name}: cannot open SFTP")
-        client.get_channel().settimeout(timeout)  # type: ignore[union-attr]
+        client.get_channel().settimeout(timeout)
         try:
             yield client
         except (paramiko.SSHException, EOFError, TimeoutError) as exc:
@@ -316,7 +316,7 @@ def _chunks(source: Source) -> Iterator[bytes]:
             if not isinstance(chunk, bytes | bytearray):
                 raise TypeError("put_stream needs a binary file object")
             yield bytes(chunk)
-    for chunk in source:  # type: ignore[union-attr]
+    for chunk in source:
         if not isinstance(chunk, bytes | bytearray | memoryview):
             raise TypeError(f"put_stream needs bytes chunks, got {type(chunk).__name__}")
         yield bytes(chunk)

@@ -202,9 +202,9 @@ def rollback(s: Session, prot: Protection) -> str:
     if prot.kind == "vzdump":
         assert prot.volid is not None
         s.log(f"{s.app.name}: restoring {gtype} {vmid} from {prot.volid}")
-        status = px.guest_status(s.api, node, vmid, gtype)  # type: ignore[arg-type]
+        status = px.guest_status(s.api, node, vmid, gtype)
         if status.status == "running":
-            s.wait(px.stop_guest(s.api, node, vmid, gtype))  # type: ignore[arg-type]
+            s.wait(px.stop_guest(s.api, node, vmid, gtype))
         storage = s.guest.resources.storage
         if gtype == "lxc":
             s.wait(px.restore_lxc(s.api, node, vmid, prot.volid, storage=storage, force=True))
@@ -261,9 +261,9 @@ ENGINE_WAIT = 120.0
 
 
 def _ensure_running(s: Session, prot: Protection) -> None:
-    status = px.guest_status(s.api, prot.node, prot.vmid, prot.gtype)  # type: ignore[arg-type]
+    status = px.guest_status(s.api, prot.node, prot.vmid, prot.gtype)
     if status.status != "running":
-        s.wait(px.start_guest(s.api, prot.node, prot.vmid, prot.gtype))  # type: ignore[arg-type]
+        s.wait(px.start_guest(s.api, prot.node, prot.vmid, prot.gtype))
 
 
 # --- cleanup ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from labkeeper import health
 from labkeeper.errors import PermanentError, TransientError
+from labkeeper.proxmox import GuestType
 from labkeeper.secrets import redact
 
 PREFIX = "labkeeper-pre-update-"
@@ -46,7 +47,7 @@ class Protection:
     kind: Mode
     node: str
     vmid: int
-    gtype: str
+    gtype: GuestType
     snapshot: str | None = None
     volid: str | None = None
     images: dict[str, str] = field(default_factory=dict)

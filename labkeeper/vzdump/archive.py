@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -40,8 +41,13 @@ def render_notes(template: str, *, guestname: str, vmid: int, node: str,
         values["cluster"] = cluster
     out = template
     for key, value in values.items():
-        out = re.sub(r"\{\{\s*" + key + r"\s*\}\}", lambda _m, v=value: v, out)
+        out = re.sub(r"\{\{\s*" + key + r"\s*\}\}", partial(_literal, value), out)
     return out.replace("\\n", "\n")
+
+
+def _literal(value: str, _match: re.Match[str]) -> str:
+    """A replacement taken as is (no backslash escapes, unlike a template string)."""
+    return value
 
 
 def notes_match(template: str, notes: str, *, guestname: str, vmid: int, node: str) -> bool:

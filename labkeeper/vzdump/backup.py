@@ -150,7 +150,7 @@ def _run_vzdump(api: Any, job: VzdumpJob, base: GuestBackup, upid: px.Upid | Non
     if upid is None:
         try:
             upid = px.vzdump(api, node, vmids=[vmid], mode=job.mode,
-                             compress=job.compress, storage=job.storage,  # type: ignore[arg-type]
+                             compress=job.compress, storage=job.storage,
                              notes_template=job.notes_template or None, remove=False)
         except px.GuestLocked as exc:
             return replace(base, detail=f"locked ({exc.lock})")

@@ -33,7 +33,7 @@ class NativeChange:
         return f"{self.action:9} {self.job_id}{': ' + what if what else ''}{extra}"
 
 
-_CRON_NAMES = (
+_CRON_NAMES: tuple[dict[str, int], ...] = (
     {}, {}, {},
     {m: i + 1 for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug",
                                      "sep", "oct", "nov", "dec"))},

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from cli.main import app
 from labkeeper import runbook as rb
-from labkeeper.cli import app
 from labkeeper.errors import ConfigError
 from labkeeper.inventory import validate_file, validate_text
 from tests.unit.test_inventory import BASE, line_of

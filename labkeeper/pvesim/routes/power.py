@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from labkeeper.pvesim.errors import ApiError
 from labkeeper.pvesim.perms import PermissionDenied
@@ -46,6 +47,6 @@ def _power(ctx: Ctx, gtype: str, action: str) -> str:
 
 for _gtype in ("lxc", "qemu"):
     for _action in ("start", "stop", "shutdown", "reboot"):
-        ROUTES[("POST", f"/nodes/{{node}}/{_gtype}/{{vmid}}/status/{_action}")] = (
-            lambda ctx, _g=_gtype, _a=_action: _power(ctx, _g, _a)
+        ROUTES[("POST", f"/nodes/{{node}}/{_gtype}/{{vmid}}/status/{_action}")] = partial(
+            _power, gtype=_gtype, action=_action
         )

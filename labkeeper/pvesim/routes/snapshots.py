@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -162,11 +163,9 @@ def _snap_delete(ctx: Ctx, gtype: str) -> str:
 
 for _gtype in ("lxc", "qemu"):
     _base = f"/nodes/{{node}}/{_gtype}/{{vmid}}/snapshot"
-    ROUTES[("GET", _base)] = lambda ctx, _g=_gtype: _snap_list(ctx, _g)
-    ROUTES[("POST", _base)] = lambda ctx, _g=_gtype: _snap_create(ctx, _g)
-    ROUTES[("GET", _base + "/{snapname}")] = lambda ctx, _g=_gtype: _snap_get(ctx, _g)
-    ROUTES[("DELETE", _base + "/{snapname}")] = lambda ctx, _g=_gtype: _snap_delete(ctx, _g)
-    ROUTES[("GET", _base + "/{snapname}/config")] = lambda ctx, _g=_gtype: _snap_config(ctx, _g)
-    ROUTES[("POST", _base + "/{snapname}/rollback")] = (
-        lambda ctx, _g=_gtype: _snap_rollback(ctx, _g)
-    )
+    ROUTES[("GET", _base)] = partial(_snap_list, gtype=_gtype)
+    ROUTES[("POST", _base)] = partial(_snap_create, gtype=_gtype)
+    ROUTES[("GET", _base + "/{snapname}")] = partial(_snap_get, gtype=_gtype)
+    ROUTES[("DELETE", _base + "/{snapname}")] = partial(_snap_delete, gtype=_gtype)
+    ROUTES[("GET", _base + "/{snapname}/config")] = partial(_snap_config, gtype=_gtype)
+    ROUTES[("POST", _base + "/{snapname}/rollback")] = partial(_snap_rollback, gtype=_gtype)

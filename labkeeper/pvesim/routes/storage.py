@@ -75,7 +75,9 @@ def storage_status(ctx: Ctx) -> Any:
 
 
 def _content_entry(entry: dict[str, Any]) -> dict[str, Any]:
-    out = {k: entry[k] for k in ("volid", "content", "format", "size", "ctime") if k in entry}
+    out: dict[str, Any] = {
+        k: entry[k] for k in ("volid", "content", "format", "size", "ctime") if k in entry
+    }
     for key in ("vmid", "notes", "subtype"):
         if entry.get(key) not in (None, ""):
             out[key] = entry[key]
