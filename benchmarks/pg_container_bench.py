@@ -36,7 +36,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from labkeeper import pg_backup, postgres, restic  # noqa: E402
+from labkeeper import pg_backup, pg_client, restic  # noqa: E402
 from labkeeper.inventory import load_inventory  # noqa: E402
 from labkeeper.locallab import pgimage  # noqa: E402
 from labkeeper.locallab.docker import LocalDocker  # noqa: E402
@@ -84,7 +84,7 @@ def bench(lab: LocalLab, engine: LocalDocker, box: pgimage.Pg17Container, work: 
     bin_root = work / "pgbin"
     pgimage.link_host_client(bin_root, 15)
     pgimage.client_wrappers(bin_root, pgimage.rootfs_dir().path, 17)
-    os.environ[postgres.BIN_ROOT_ENV] = str(bin_root)
+    os.environ[pg_client.BIN_ROOT_ENV] = str(bin_root)
 
     inv = yaml.safe_load(lab.inventory_path.read_text())
     base = inv["repositories"][0]

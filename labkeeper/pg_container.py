@@ -20,16 +20,16 @@ Containerised PostgreSQL (``container:`` in the inventory)
     on the container's socket is trusted (peer/trust), as in the official image.
 
 A matching client for a server over TCP
-    :func:`labkeeper.postgres.with_matching_client` asks the server its version and
+    :func:`labkeeper.pg_client.with_matching_client` asks the server its version and
     picks ``<bin root>/<major>/bin`` (the same major, else the newest newer one);
-    none fits: :class:`labkeeper.postgres.ClientMissing`, naming the package.
+    none fits: :class:`labkeeper.pg_client.ClientMissing`, naming the package.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from labkeeper import postgres, sshpipe
+from labkeeper import pg_client, postgres, sshpipe
 from labkeeper.errors import ConfigError
 from labkeeper.inventory import (
     LOCAL_DOCKER_HOST,
@@ -103,17 +103,17 @@ def drill_container_conn(inv: Inventory, server: DrillServer, *, dbname: str | N
 
 def matching(conn: postgres.Conn) -> postgres.Conn:
     """``conn`` ready to use: a container's own tools as they are; over TCP, the
-    installed client matching the server (:func:`postgres.with_matching_client`)."""
+    installed client matching the server (:func:`pg_client.with_matching_client`)."""
     if conn.client.prefix:
         return conn
-    return postgres.with_matching_client(conn)
+    return pg_client.with_matching_client(conn)
 
 
 def server_major(conn: postgres.Conn) -> int:
     """The server's major version (known already when the client was matched)."""
     if conn.client.server_major is not None:
         return conn.client.server_major
-    return postgres.major_of(postgres.server_version_num(conn))
+    return pg_client.major_of(pg_client.server_version_num(conn))
 
 
 def with_major(conn: postgres.Conn, major: int) -> postgres.Conn:

@@ -12,14 +12,12 @@ import io
 import os
 import re
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 from pydantic import SecretStr
 
 from labkeeper import process
-from labkeeper.errors import CommandError, CommandTimeout, PermanentError
+from labkeeper.errors import CommandError, CommandTimeout
 from labkeeper.process import ExitCode, ExitCodeTable
 
 PSQL_CODES = ExitCodeTable("psql", {
@@ -496,110 +494,3 @@ def begin_snapshot(session: PsqlSession) -> SnapshotFacts:
     return SnapshotFacts(snapshot_id=snap.snapshot_id, server_version=snap.server_version,
                          database_size=snap.database_size, tables=count_rows(session),
                          wal_lsn=snap.wal_lsn)
-
-
-# =====================================================================================
-# The client matching the server (issue 23)
-# =====================================================================================
-
-BIN_ROOT_ENV = "LABKEEPER_PG_BIN_ROOT"
-DEFAULT_BIN_ROOT = Path("/usr/lib/postgresql")
-CLIENT_PACKAGE = "postgresql-client-{major}"
-"""Debian's (and PGDG's) package of one major version's client tools."""
-
-
-class ClientMissing(PermanentError):
-    """No installed client can talk to this server (pg_dump refuses a newer server)."""
-
-    def __init__(self, message: str, *, server_major: int, package: str) -> None:
-        super().__init__(message)
-        self.server_major = server_major
-        self.package = package
-
-
-def bin_root() -> Path:
-    """Where major-version client directories live: ``$LABKEEPER_PG_BIN_ROOT`` or
-    ``/usr/lib/postgresql`` (``<root>/<major>/bin/pg_dump``)."""
-    return Path(os.environ.get(BIN_ROOT_ENV) or DEFAULT_BIN_ROOT)
-
-
-def installed_clients(root: Path | None = None) -> dict[int, Path]:
-    """Major version -> bin directory, for every ``<root>/<major>/bin`` holding pg_dump,
-    psql and pg_restore."""
-    root = root or bin_root()
-    out: dict[int, Path] = {}
-    try:
-        entries = list(root.iterdir())
-    except OSError:
-        return out
-    for entry in entries:
-        bindir = entry / "bin"
-        if entry.name.isdigit() and all(os.access(bindir / t, os.X_OK)
-                                        for t in ("pg_dump", "psql", "pg_restore")):
-            out[int(entry.name)] = bindir
-    return dict(sorted(out.items()))
-
-
-def choose_client(server_major: int, installed: Mapping[int, Path | None]) -> int | None:
-    """The client major to use for a server: the same major, else the newest newer one
-    (pg_dump dumps older servers, never newer ones); None when none fits."""
-    if server_major in installed:
-        return server_major
-    newer = [m for m in installed if m > server_major]
-    return max(newer) if newer else None
-
-
-def major_of(version_num: int) -> int:
-    """``server_version_num`` -> major: 170012 -> 17, 150018 -> 15, 90624 -> 9.6 as 9."""
-    return version_num // 10000
-
-
-def missing_client_message(server_major: int, address: str,
-                           installed: Mapping[int, Path | None], root: Path) -> str:
-    have = ", ".join(str(m) for m in installed) or "none"
-    package = CLIENT_PACKAGE.format(major=server_major)
-    return (f"the PostgreSQL server at {address} is version {server_major}, but no client "
-            f"tools of version {server_major} or newer are installed under {root} "
-            f"(installed: {have}); pg_dump refuses a newer server. Install "
-            f"{package} (apt install {package}, from the PostgreSQL apt repository "
-            "(PGDG) or a newer Debian release)")
-
-
-def server_version_num(conn: Conn, *, timeout: float = 30) -> int:
-    rows = query(conn, "SHOW server_version_num;", timeout=timeout)
-    try:
-        return int(rows[0][0])
-    except (IndexError, ValueError):
-        raise CommandError(f"unexpected answer to SHOW server_version_num: {rows!r}",
-                           argv=psql_argv(conn), returncode=0) from None
-
-
-def _path_client() -> dict[int, Path | None]:
-    """The major of the ``pg_dump`` on PATH (bin directory None: use PATH), when the
-    bin root has no versioned directories (a non-Debian layout)."""
-    try:
-        version = pg_dump_version()
-    except CommandError:
-        return {}
-    head = version.split(".", 1)[0]
-    return {int(head): None} if head.isdigit() else {}
-
-
-def with_matching_client(conn: Conn, *, root: Path | None = None,
-                         timeout: float = 30) -> Conn:
-    """``conn`` with the client tools matching its server (detected with the newest
-    installed psql). Raises :class:`ClientMissing`, naming the package to install and
-    the address used, when no installed client is new enough; connection problems
-    raise as :func:`query` does."""
-    root = root or bin_root()
-    installed: dict[int, Path | None] = {**installed_clients(root)} or _path_client()
-    newest = installed[max(installed)] if installed else None
-    probe = replace(conn, client=replace(conn.client, bindir=str(newest) if newest else None))
-    major = major_of(server_version_num(probe, timeout=timeout))
-    chosen = choose_client(major, installed)
-    if chosen is None:
-        raise ClientMissing(missing_client_message(major, conn.address, installed, root),
-                            server_major=major, package=CLIENT_PACKAGE.format(major=major))
-    bindir = installed[chosen]
-    return replace(conn, client=replace(conn.client, bindir=str(bindir) if bindir else None,
-                                        server_major=major))

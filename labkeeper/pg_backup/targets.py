@@ -3,7 +3,7 @@ the installed client matching its major version) and its server's label."""
 
 from __future__ import annotations
 
-from labkeeper import pg_container, postgres
+from labkeeper import pg_client, pg_container, postgres
 from labkeeper.errors import LabkeeperError
 from labkeeper.inventory import Database, Inventory
 from labkeeper.pg_backup.results import BackupFailed
@@ -29,7 +29,7 @@ def client_conn(inv: Inventory, db: Database, *, dbname: str | None = None) -> p
     conn = conn_for(inv, db, dbname=dbname)
     try:
         return pg_container.matching(conn)
-    except postgres.ClientMissing as exc:
+    except pg_client.ClientMissing as exc:
         raise BackupFailed(f"backup of {db.name} failed before dumping: {exc}",
                            transient=False, database=db.name) from None
     except LabkeeperError:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from labkeeper import doctor, drill, pg_backup, postgres, restic
+from labkeeper import doctor, drill, pg_backup, pg_client, restic
 from labkeeper.inventory import load_inventory
 from tests.fixtures.procs import process_argvs
 
@@ -46,7 +46,7 @@ def _series(inv, name: str) -> list[restic.Snapshot]:
 
 def test_server_newer_than_every_client_fails_before_any_restic_run_naming_the_package(
         pg17_inventory, pg_bin_roots, monkeypatch):
-    monkeypatch.setenv(postgres.BIN_ROOT_ENV, str(pg_bin_roots.only15))
+    monkeypatch.setenv(pg_client.BIN_ROOT_ENV, str(pg_bin_roots.only15))
     inv = load_inventory(pg17_inventory)
     before = _series(inv, NAME)
     seen_restic: list[list[bytes]] = []
@@ -67,16 +67,16 @@ def test_server_newer_than_every_client_fails_before_any_restic_run_naming_the_p
 
 def test_doctor_says_which_client_package_is_missing_for_a_newer_server(
         pg17_inventory, pg_bin_roots, monkeypatch):
-    monkeypatch.setenv(postgres.BIN_ROOT_ENV, str(pg_bin_roots.only15))
+    monkeypatch.setenv(pg_client.BIN_ROOT_ENV, str(pg_bin_roots.only15))
     inv = load_inventory(pg17_inventory)
-    with pytest.raises(postgres.ClientMissing) as info:
+    with pytest.raises(pg_client.ClientMissing) as info:
         doctor.check_database(inv, NAME)
     assert info.value.package == "postgresql-client-17" and info.value.server_major == 17
 
 
 def test_server_15_keeps_using_client_15_when_17_is_installed_too(
         pg17_inventory, pg_bin_roots, monkeypatch):
-    monkeypatch.setenv(postgres.BIN_ROOT_ENV, str(pg_bin_roots.with17))
+    monkeypatch.setenv(pg_client.BIN_ROOT_ENV, str(pg_bin_roots.with17))
     inv = load_inventory(pg17_inventory)
     conn = pg_backup.client_conn(inv, inv.database("appdb"))
     assert conn.client.server_major == 15 and conn.client.bindir.endswith("/15/bin")
@@ -84,7 +84,7 @@ def test_server_15_keeps_using_client_15_when_17_is_installed_too(
 
 def test_server_17_with_client_17_installed_backs_up_and_its_drill_verifies_the_manifest(
         pg17_inventory, pg_bin_roots, monkeypatch):
-    monkeypatch.setenv(postgres.BIN_ROOT_ENV, str(pg_bin_roots.with17))
+    monkeypatch.setenv(pg_client.BIN_ROOT_ENV, str(pg_bin_roots.with17))
     inv = load_inventory(pg17_inventory)
     detail = doctor.check_database(inv, NAME).detail
     assert "PostgreSQL 17." in detail and "/17/bin" in detail, detail
@@ -106,7 +106,7 @@ def test_server_17_with_client_17_installed_backs_up_and_its_drill_verifies_the_
 
 def test_dump_of_server_17_is_not_restored_into_a_server_15_drill_target(
         pg17_inventory, pg_bin_roots, monkeypatch, tmp_path):
-    monkeypatch.setenv(postgres.BIN_ROOT_ENV, str(pg_bin_roots.with17))
+    monkeypatch.setenv(pg_client.BIN_ROOT_ENV, str(pg_bin_roots.with17))
     data = yaml.safe_load(pg17_inventory.read_text())
     for db in data["databases"]:
         if db["name"] == NAME:
@@ -126,7 +126,7 @@ def test_dump_of_server_17_is_not_restored_into_a_server_15_drill_target(
 
 def test_without_versioned_client_dirs_the_client_on_path_is_used_only_when_new_enough(
         pg17_inventory, monkeypatch, tmp_path):
-    monkeypatch.setenv(postgres.BIN_ROOT_ENV, str(tmp_path))  # no <major>/bin under it
+    monkeypatch.setenv(pg_client.BIN_ROOT_ENV, str(tmp_path))  # no <major>/bin under it
     inv = load_inventory(pg17_inventory)
     conn = pg_backup.client_conn(inv, inv.database("appdb"))  # the host's 15 server
     assert conn.client.bindir is None and conn.client.server_major == 15

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from labkeeper import pg_backup, pg_container, postgres, sshpipe
+from labkeeper import pg_backup, pg_client, pg_container, postgres, sshpipe
 from labkeeper.inventory import Inventory, validate_text
 from labkeeper.locallab import pgimage
 from tests.unit.test_inventory import BASE
@@ -27,23 +27,23 @@ CONTAINER_DB = {"name": "photos", "guest": "app1", "dbname": "immich", "reposito
 
 
 def test_same_major_client_is_chosen_when_installed():
-    assert postgres.choose_client(15, {13: Path("a"), 15: Path("b"), 17: Path("c")}) == 15
+    assert pg_client.choose_client(15, {13: Path("a"), 15: Path("b"), 17: Path("c")}) == 15
 
 
 def test_newest_newer_client_is_chosen_when_the_same_major_is_missing():
-    assert postgres.choose_client(16, {15: Path("a"), 17: Path("b"), 18: Path("c")}) == 18
+    assert pg_client.choose_client(16, {15: Path("a"), 17: Path("b"), 18: Path("c")}) == 18
 
 
 def test_no_client_is_chosen_when_every_installed_one_is_older_than_the_server():
-    assert postgres.choose_client(17, {13: Path("a"), 15: Path("b")}) is None
+    assert pg_client.choose_client(17, {13: Path("a"), 15: Path("b")}) is None
 
 
 def test_major_of_server_version_num():
-    assert postgres.major_of(170012) == 17 and postgres.major_of(150018) == 15
+    assert pg_client.major_of(170012) == 17 and pg_client.major_of(150018) == 15
 
 
 def test_missing_client_message_names_the_package_the_address_and_what_is_installed():
-    msg = postgres.missing_client_message(17, "127.0.0.1:5433", {15: Path("/x/15/bin")},
+    msg = pg_client.missing_client_message(17, "127.0.0.1:5433", {15: Path("/x/15/bin")},
                                           Path("/usr/lib/postgresql"))
     assert "postgresql-client-17" in msg and "127.0.0.1:5433" in msg and "installed: 15" in msg
 
@@ -56,7 +56,7 @@ def test_installed_clients_lists_only_major_dirs_with_the_three_tools(tmp_path):
             f.write_text("#!/bin/sh\n")
             f.chmod(0o755)
     (tmp_path / "common").mkdir()
-    assert postgres.installed_clients(tmp_path) == {15: tmp_path / "15" / "bin"}
+    assert pg_client.installed_clients(tmp_path) == {15: tmp_path / "15" / "bin"}
 
 
 def test_client_bindir_and_prefix_shape_every_tool_argv_without_secrets():
