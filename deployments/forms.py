@@ -20,7 +20,7 @@ parameters at all: they live in the inventory's ``settings.tuning``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from labkeeper.inventory import Inventory
@@ -100,6 +100,23 @@ CHOICES: dict[tuple[str, str], Callable[[Inventory], list[str]]] = {
        for f in ("pitr_base_backup", "pitr_wal_ship", "pitr_drill")},
 }
 """(flow name, parameter) -> what it may name in this lab."""
+
+
+def valid_defaults(flow_name: str, params: Mapping[str, Any], inv: Inventory | None
+                   ) -> dict[str, Any]:
+    """prefect.yaml's default parameters that this lab can run. A default naming
+    something the inventory does not have (``job: weekly-all`` in a lab whose only
+    vzdump job is ``demo``) would fail the Run form's choices, so it is left out and the
+    form asks instead (a scheduled run always carries its own parameters)."""
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        pick = CHOICES.get((flow_name, name))
+        known = pick(inv) if pick is not None and inv is not None else []
+        values = value if isinstance(value, list) else [value]
+        if known and any(v not in known for v in values):
+            continue
+        out[name] = value
+    return out
 
 
 def title(flow_name: str, param: str) -> str:

@@ -201,14 +201,14 @@ def load_deployments(path: Path = REPO / "prefect.yaml", inv: Inventory | None =
     """RunnerDeployments for every deployment in prefect.yaml (same names, parameters
     and tags), scheduled as :func:`plan_schedules` says, with the Run forms of
     deployments/forms.py."""
-    from deployments.forms import apply_form
+    from deployments.forms import apply_form, valid_defaults
 
     out = []
     for d in declared(path):
         flow = _flow_for(d["entrypoint"])
         out.append(apply_form(flow.to_deployment(
             name=d["name"], description=d.get("description"), tags=d.get("tags") or [],
-            parameters=d.get("parameters") or {},
+            parameters=valid_defaults(flow.name, d.get("parameters") or {}, inv),
             schedules=[_cron(p) for p in plan_schedules(d, inv)],
         ), flow, inv))
     return out
@@ -326,13 +326,15 @@ def sync_schedules(inv: Inventory, path: Path = REPO / "prefect.yaml") -> list[s
 
     from prefect.client.orchestration import get_client
 
-    from deployments.forms import put_forms
+    from deployments.forms import put_forms, valid_defaults
 
     async def go() -> list[str]:
         done: list[str] = []
         async with get_client() as client:
             for d in declared(path):
                 flow_name = _flow_for(d["entrypoint"]).name
+                d = {**d, "parameters": valid_defaults(flow_name, d.get("parameters") or {},
+                                                       inv)}
                 base = await client.read_deployment_by_name(f"{flow_name}/{d['name']}")
                 placed = place(d, inv)
                 await _ensure_queues(client, base.work_pool_name,

@@ -188,3 +188,21 @@ def test_the_approval_form_says_what_is_asked_and_how_to_answer():
     assert "Put x in place of y?" in text and "without it to reject" in text
     fields = Approval.model_json_schema()["properties"]
     assert fields["approve"]["title"] == "Approve" and fields["comment"]["description"]
+
+
+def test_every_default_parameter_is_one_the_labs_form_accepts():
+    """prefect.yaml's `job: weekly-all` in a lab whose only vzdump job is `nightly`: the
+    default is left out (the server would refuse the deployment: 422), the form asks."""
+    import jsonschema
+
+    one_node = load_inventory(ROOT / "examples" / "one-node.yaml")
+    assert [j.name for j in one_node.vzdump_jobs] == ["nightly"]
+    for inv in (EXAMPLE, one_node):
+        for dep in load_deployments(inv=inv):
+            schema = dep._parameter_openapi_schema.model_dump_for_openapi()
+            schema.pop("required", None)  # defaults only: a run supplies the rest
+            jsonschema.validate(dep.parameters, schema)  # what enforce_parameter_schema does
+    by_name = {d.name: d for d in load_deployments(inv=one_node)}
+    assert "job" not in by_name["weekly-vzdump"].parameters
+    assert {d.name: d for d in load_deployments(inv=EXAMPLE)}[
+        "weekly-vzdump"].parameters == {"job": "weekly-all"}
