@@ -48,7 +48,7 @@ TEST_WORKERS ?= 2
 test: setup
 	@start=$$(date +%s); \
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15 \
-	  --cov --cov-report=term:skip-covered $(PYTEST_ARGS); rc=$$?; \
+	  --cov --cov-report= $(PYTEST_ARGS); rc=$$?; \
 	echo "test suite wall time: $$(( $$(date +%s) - start )) s"; exit $$rc
 
 test-unit: setup
