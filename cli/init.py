@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -16,25 +15,6 @@ from labkeeper.errors import ConfigError, LabkeeperError
 from labkeeper.secrets import redact
 
 proxmox_app = typer.Typer(no_args_is_help=True, help="Proxmox helpers.")
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """The connection init uses (the shape :func:`labkeeper.proxmox.connect` reads)."""
-
-    host: str
-    port: int
-    token_id: str
-    token_secret: str
-    timeout: int
-    tls: Any
-
-
-@dataclass(frozen=True)
-class _Tls:
-    verify: bool = True
-    ca_file: str | None = None
-    fingerprint: str | None = None
 
 
 def build_options(*, proxmox: str | None, token_id: str | None, token_secret: str | None,
@@ -54,8 +34,7 @@ def build_options(*, proxmox: str | None, token_id: str | None, token_secret: st
         raise lk_init.InitError("--proxmox needs --token-id and --token-secret (a reference)")
     host, port = lk_init.parse_proxmox_url(proxmox)
     if fingerprint:
-        digits = px.normalise_fingerprint(fingerprint).upper()
-        fingerprint = ":".join(digits[i:i + 2] for i in range(0, 64, 2))
+        fingerprint = px.format_fingerprint(fingerprint)
     default_name = lk_init.sanitize_name(host.split(".")[0], 0) if not host[0].isdigit() \
         else "homelab"
     return lk_init.InitOptions(lab_name=name or default_name, proxmox_host=host,
@@ -67,9 +46,10 @@ def read_and_render(opts: lk_init.InitOptions) -> str:
     """Read the cluster and the database server (when given), render the inventory."""
     facts = None
     if opts.proxmox_host is not None:
-        spec = _Spec(opts.proxmox_host, opts.proxmox_port, opts.token_id or "",
-                     opts.token_secret or "", 30,
-                     _Tls(ca_file=opts.ca_file, fingerprint=opts.fingerprint))
+        spec = px.ConnectionSpec(opts.proxmox_host, opts.proxmox_port, opts.token_id or "",
+                                 opts.token_secret or "", 30,
+                                 px.TlsOptions(ca_file=opts.ca_file,
+                                               fingerprint=opts.fingerprint))
         facts = lk_init.read_cluster(px.connect(spec))
     databases = lk_init.read_databases(opts.postgres) if opts.postgres else []
     return lk_init.render_valid(opts, facts, databases)
