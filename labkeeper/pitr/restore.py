@@ -242,12 +242,21 @@ class RestoreResult:
                 "connect": f"psql -h {self.sockdir} -p {self.port}"}
 
 
+def extract_argv(dest: Path) -> tuple[str, ...]:
+    """tar extracting a stream into ``dest``. ``--ignore-zeros``: read the stream to its
+    end. Without it tar stops at the end-of-archive blocks and may close its input while
+    the producer still writes the archive's padding; the producer then dies of EPIPE and
+    the tar still finishing its files is killed with it (seen under load)."""
+    return ("tar", "--extract", "--ignore-zeros", "--file=-", f"--directory={dest}",
+            "--no-same-owner")
+
+
 def _dump_into(repo: restic.Repo, snapshot: restic.Snapshot, filename: str, dest: Path, *,
                timeout: float) -> None:
     process.pipeline([
         process.Stage(restic.dump_argv(repo, snapshot.id, f"/{filename}"), env=repo.env(),
                       codes=restic.EXIT_CODES),
-        ("tar", "--extract", "--file=-", f"--directory={dest}", "--no-same-owner"),
+        extract_argv(dest),
     ], timeout=timeout)
 
 
