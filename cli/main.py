@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from labkeeper import log_setup
+
 if TYPE_CHECKING:
     from typer import _click as click  # typer vendors click
 
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
 # unless the user set them, before any Prefect import reads its settings: an offline
 # lab's server must not log "Failed to send telemetry" on every run.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# labkeeper's module loggers reach each run's log in the UI (Prefect's extra loggers),
+# here and in every flow-run process this one starts (`serve`).
+log_setup.prefect_environment(os.environ)
 
 # Sub-commands that live in their own modules are imported only when named (the
 # runbook, PITR, init and simulator modules cost ~1.5 s of imports together); `--help`
@@ -83,6 +88,14 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, cls=_LazyGroup,
                   help="labkeeper: keep a Proxmox homelab provisioned, backed up and restorable.")
 lab_app = typer.Typer(no_args_is_help=True, help="The local lab (real services on loopback).")
 app.add_typer(lab_app, name="lab")
+
+
+@app.callback()
+def _print_records() -> None:
+    """Every command prints labkeeper's log records on stderr as plain lines."""
+    log_setup.print_to_stderr()
+
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -497,6 +510,7 @@ def main() -> None:  # pragma: no cover
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from labkeeper.errors import LabkeeperError
 
+    log_setup.print_to_stderr()  # the local server's start is reported, too
     try:
         prefect_for_command(sys.argv[1:], os.environ)
     except (LabkeeperError, OSError) as exc:  # no server would start: say why, run nothing
