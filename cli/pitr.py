@@ -45,7 +45,7 @@ def _say(line: str) -> None:
 
 def _targets(lab: Path, server: str | None, *, match_client: bool = True) -> list[Any]:
     from labkeeper.inventory import load_inventory
-    from labkeeper.inventory_pitr import pitr_servers
+    from labkeeper.inventory.pitr import pitr_servers
     from labkeeper.pitr import target
 
     inv = load_inventory(lab)

@@ -81,7 +81,7 @@ def _names(items: Iterable[Any]) -> list[str]:
 
 
 def _pitr_servers(inv: Inventory) -> list[Any]:
-    from labkeeper.inventory_pitr import pitr_servers
+    from labkeeper.inventory.pitr import pitr_servers
 
     return pitr_servers(inv)
 

@@ -262,7 +262,7 @@ class Placement:
 
 
 def _split_groups(decl: Mapping[str, Any], inv: Inventory) -> dict[str | None, list[Any]]:
-    from labkeeper.inventory_sites import site_of
+    from labkeeper.inventory.sites import site_of
 
     section, _param = SPLIT[decl["name"]]
     groups: dict[str | None, list[Any]] = {}
@@ -275,7 +275,7 @@ def place(decl: Mapping[str, Any], inv: Inventory | None) -> list[Placement]:
     """Where a declared deployment runs: on its items' site's queue, one deployment per
     site when its items are on several; whole-lab jobs on the site that lists them (or
     the default site). Without an inventory or sites: the pool's ``default`` queue."""
-    from labkeeper.inventory_sites import (
+    from labkeeper.inventory.sites import (
         DEFAULT_QUEUE,
         default_site,
         queue_of,

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from labkeeper.inventory import Inventory, load_inventory
-from labkeeper.inventory_pitr import pitr_server, pitr_servers
+from labkeeper.inventory.pitr import pitr_server, pitr_servers
 from labkeeper.secrets import redact
 from tasks import pitr as pitr_tasks
 from tasks.common import RunFailed, failure_of, lab_path

@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 
 from labkeeper.health import tcp_check
 from labkeeper.inventory import load_inventory
-from labkeeper.inventory_sites import endpoints
+from labkeeper.inventory.sites import endpoints
 from tasks.common import lab_path
 
 

@@ -13,8 +13,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from labkeeper import b2, inventory_warnings, postgres, restic
+from labkeeper import b2, postgres, restic
 from labkeeper.inventory import Inventory
+from labkeeper.inventory import advice as inventory_warnings
 from labkeeper.restic.repository import repo_for
 from labkeeper.secrets import redact, resolve
 
@@ -131,7 +132,7 @@ def check_proxmox(inv: Inventory, name: str) -> CheckResult:
 
 
 def check_config(inv: Inventory, target: str) -> CheckResult:
-    """The inventory's warnings about ``target`` (:mod:`labkeeper.inventory_warnings`:
+    """The inventory's warnings about ``target`` (:mod:`labkeeper.inventory.advice`:
     unverified TLS to PostgreSQL, plain HTTP to a repository) as a ``warn`` row."""
     found = [w.text for w in inventory_warnings.warning_items(inv) if w.target == target]
     if not found:

@@ -59,7 +59,7 @@ def capture_in_prefect_runs() -> logging.Logger:
     return logger
 
 
-class _ConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _ConsoleHandler(logging.StreamHandler):
     """Message-only lines on stderr, quiet while Prefect's console prints the root's.
 
     Without a fixed stream it writes to whatever ``sys.stderr`` is at the moment (a

@@ -187,7 +187,7 @@ MB = 1024 * 1024
 
 
 def _pitr_rows(inv: Inventory, facts: Facts) -> list[Row]:
-    from labkeeper.inventory_pitr import pitr_servers
+    from labkeeper.inventory.pitr import pitr_servers
 
     rows: list[Row] = []
     for cfg in pitr_servers(inv):
@@ -506,7 +506,7 @@ def _pitr_lag(inv: Inventory) -> dict[str, Any]:
     """Each PITR server's lag facts (a server that cannot be resolved: facts whose
     ``errors`` say why, never an exception)."""
     from labkeeper.errors import LabkeeperError
-    from labkeeper.inventory_pitr import pitr_servers
+    from labkeeper.inventory.pitr import pitr_servers
     from labkeeper.pitr import lag, target
 
     out: dict[str, Any] = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from labkeeper.errors import ConfigError
 from labkeeper.inventory import Inventory, PathBackup
-from labkeeper.inventory_pitr import pitr_server
+from labkeeper.inventory.pitr import pitr_server
 
 KINDS = ("database", "guest", "repository", "paths", "pitr")
 _ALIASES = {"db": "database", "database": "database", "guest": "guest", "vm": "guest",

@@ -30,8 +30,8 @@ from labkeeper.inventory.fields import (
 )
 from labkeeper.inventory.guests import check_guest_ref
 from labkeeper.inventory.repositories import check_repo
+from labkeeper.inventory.sites import SiteName
 from labkeeper.inventory.xref import CrossCheck, unknown
-from labkeeper.inventory_sites import SiteName
 
 DRILL_DB_PREFIX = "labkeeper_drill_"
 LOCAL_DRILL_SERVER = "local"

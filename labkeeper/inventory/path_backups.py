@@ -11,8 +11,8 @@ from pydantic import Field
 from labkeeper.inventory.base import _Model
 from labkeeper.inventory.fields import AbsPath, Cron, GuestName, Minutes, Name, Seconds, Secret
 from labkeeper.inventory.repositories import Retention, check_repo
+from labkeeper.inventory.sites import SiteName
 from labkeeper.inventory.xref import CrossCheck, unknown
-from labkeeper.inventory_sites import SiteName
 
 
 class HostS3Keys(_Model):

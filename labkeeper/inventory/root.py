@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import ValidationInfo, model_validator
 
-from labkeeper import inventory_sites
 from labkeeper.errors import ConfigError
+from labkeeper.inventory import sites
 from labkeeper.inventory.apps import App, check_app_names, check_apps
 from labkeeper.inventory.base import _SKIP_XREF_KEY, _did_you_mean, _Model
 from labkeeper.inventory.databases import (
@@ -51,6 +51,7 @@ from labkeeper.inventory.path_backups import (
     check_path_backup_names,
     check_path_backups,
 )
+from labkeeper.inventory.pitr import PitrServer
 from labkeeper.inventory.proxmox import (
     Node,
     Proxmox,
@@ -65,7 +66,6 @@ from labkeeper.inventory.settings import Lab, Settings
 from labkeeper.inventory.view import view_of_model
 from labkeeper.inventory.vzdump import VzdumpJob, check_vzdump_job_names, check_vzdump_jobs
 from labkeeper.inventory.xref import CrossCheck, Loc, View
-from labkeeper.inventory_pitr import PitrServer
 from labkeeper.yaml_loader import format_path
 
 
@@ -90,7 +90,7 @@ class Inventory(_Model):
     @model_validator(mode="after")
     def _cross_references(self, info: ValidationInfo) -> Inventory:
         ctx = info.context
-        inventory_sites.check(self)
+        sites.check(self)
         if isinstance(ctx, dict) and ctx.get(_SKIP_XREF_KEY):
             return self  # the loader checks them itself, with line numbers
         found = cross_reference(view_of_model(self))

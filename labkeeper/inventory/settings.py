@@ -23,7 +23,7 @@ from labkeeper.inventory.fields import (
     Tag,
     TimeZone,
 )
-from labkeeper.inventory_sites import SiteName, Sites
+from labkeeper.inventory.sites import SiteName, Sites
 
 
 class Lab(_Model):
@@ -104,7 +104,7 @@ class Settings(_Model):
     their host's restic in ``path_backups[].restic_binary``."""
     work_pool: Name = "homelab"
     sites: Sites = {}
-    """Several machines: each site's worker and queue (labkeeper/inventory_sites.py)."""
+    """Several machines: each site's worker and queue (labkeeper/inventory/sites.py)."""
     default_site: SiteName | None = None
     """Where jobs without ``site:`` run; default: the first site."""
     metrics: Metrics = Metrics()

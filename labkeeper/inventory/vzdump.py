@@ -30,8 +30,8 @@ from labkeeper.inventory.fields import (
 )
 from labkeeper.inventory.proxmox import check_storage
 from labkeeper.inventory.repositories import check_repo
+from labkeeper.inventory.sites import SiteName
 from labkeeper.inventory.xref import CrossCheck, unknown
-from labkeeper.inventory_sites import SiteName
 
 
 class Selection(_Model):

@@ -20,7 +20,7 @@ from datetime import datetime
 from labkeeper import pg_backup, postgres
 from labkeeper.errors import LabkeeperError
 from labkeeper.inventory import Inventory
-from labkeeper.inventory_pitr import pitr_database, pitr_server
+from labkeeper.inventory.pitr import pitr_database, pitr_server
 from labkeeper.pitr import models
 from labkeeper.pitr.target import StoredBase
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from labkeeper import postgres
 from labkeeper.errors import LabkeeperError
-from labkeeper.inventory_pitr import PitrServer
+from labkeeper.inventory.pitr import PitrServer
 from labkeeper.pitr import wal
 from labkeeper.pitr.target import PitrTarget, complete_bases, coverage, list_server, wal_batches
 

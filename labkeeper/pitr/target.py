@@ -13,7 +13,7 @@ from pathlib import Path
 
 from labkeeper import pg_backup, postgres, restic
 from labkeeper.inventory import Inventory
-from labkeeper.inventory_pitr import (
+from labkeeper.inventory.pitr import (
     PitrServer,
     pitr_database,
     pitr_repository,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from labkeeper.inventory import load_inventory
-from labkeeper.inventory_warnings import warnings
+from labkeeper.inventory.advice import warnings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from labkeeper import doctor
 from labkeeper.inventory import parse_inventory
-from labkeeper.inventory_warnings import is_loopback, plain_http_host, warnings
+from labkeeper.inventory.advice import is_loopback, plain_http_host, warnings
 
 
 def _inv_text(*, db: dict | None = None, url: str = "s3:https://s3.example/bkt/r",

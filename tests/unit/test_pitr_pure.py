@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from labkeeper.inventory import parse_inventory, validate_text
-from labkeeper.inventory_pitr import PitrServer
+from labkeeper.inventory.pitr import PitrServer
 from labkeeper.pitr import PitrError, drill, lag, models, restore, retention, scratch
 from labkeeper.pitr import wal as wal_mod
 from labkeeper.pitr.target import complete_bases, coverage, lsn_range_tag, wal_batches

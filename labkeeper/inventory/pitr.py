@@ -3,27 +3,27 @@
 Each entry names one PostgreSQL *server* through a ``databases:`` entry on it (its
 host, port, user, password and TLS settings are reused; the role needs the
 ``REPLICATION`` attribute, and ``EXECUTE`` on ``pg_switch_wal()`` when
-``switch_wal`` is on). Strict models, like the rest of the inventory. This module
-imports nothing from :mod:`labkeeper.inventory` at import time (that module imports
-this one); look-ups that need the whole inventory are plain functions here.
+``switch_wal`` is on). Strict models, like the rest of the inventory; look-ups that
+need the whole inventory are plain functions here.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import AfterValidator, Field
 
 from labkeeper.errors import ConfigError
+from labkeeper.inventory.base import _Model
+from labkeeper.inventory.fields import check_cron
 
 if TYPE_CHECKING:
     from labkeeper.inventory import Database, Inventory, Repository
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SLOT = re.compile(r"^[a-z0-9_]{1,63}$")
-_FIELDS_KEY = "labkeeper.fields"  # the loader's "did you mean" map (labkeeper.inventory)
 
 
 def _name(value: str) -> str:
@@ -39,8 +39,6 @@ def _slot(value: str) -> str:
 
 
 def _cron(value: str) -> str:
-    from labkeeper.inventory import check_cron
-
     return check_cron(value)
 
 
@@ -55,19 +53,6 @@ SlotName = Annotated[str, AfterValidator(_slot)]
 CronExpr = Annotated[str, AfterValidator(_cron)]
 AbsDir = Annotated[Path, AfterValidator(_abs)]
 PosInt = Annotated[int, Field(ge=1)]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True,
-                              use_attribute_docstrings=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _remember_fields(cls, data: Any, info: ValidationInfo) -> Any:
-        ctx = info.context
-        if isinstance(ctx, dict) and isinstance(data, dict):
-            ctx.setdefault(_FIELDS_KEY, {})[id(data)] = tuple(cls.model_fields)
-        return data
 
 
 class PitrObjectives(_Model):

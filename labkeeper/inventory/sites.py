@@ -1,4 +1,4 @@
-"""Sites: where each job runs when labkeeper spans several machines (issue 20).
+"""Inventory section ``settings.sites``: where each job runs when labkeeper spans several machines.
 
 A *site* is a place with its own Prefect worker (a Proxmox node, the NAS, an off-site
 box): ``settings.sites`` names them and the work queue each one's worker polls (in the
@@ -13,7 +13,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator
+
+from labkeeper.inventory.base import _Model
 
 if TYPE_CHECKING:
     from labkeeper.inventory import Inventory
@@ -33,11 +35,8 @@ def _check_name(value: str) -> str:
 SiteName = Annotated[str, AfterValidator(_check_name)]
 
 
-class Site(BaseModel):
+class Site(_Model):
     """One place with its own worker."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True,
-                              use_attribute_docstrings=True)
 
     work_queue: SiteName | None = None
     """The queue this site's worker polls (``prefect worker start --pool homelab

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from labkeeper.inventory import Inventory
+from labkeeper.inventory.root import Inventory
 
 VERIFYING_SSLMODES = ("verify-ca", "verify-full")
 GUIDE = "docs/ADMIN_GUIDE.md"
