@@ -86,9 +86,9 @@ def bench(lab: LocalLab, work: Path, rows: int, rounds: int) -> None:
     path.write_text(yaml.safe_dump(inv_data, sort_keys=False))
     inv = load_inventory(path)
     db = inv.database(DB)
-    pg_backup.backup_globals(inv, pg_backup.server_label(inv, db), [DB], log=lambda _: None)
+    pg_backup.backup_globals(inv, pg_backup.server_label(inv, db), [DB])
     t0 = time.monotonic()
-    res = pg_backup.backup_database(inv, DB, log=lambda _: None)
+    res = pg_backup.backup_database(inv, DB)
     size = res.bytes_dumped
     print(f"backup: {size / 1e6:.1f} MB plain dump in {time.monotonic() - t0:.1f} s, "
           f"snapshot {res.snapshot_id[:8]}")

@@ -156,8 +156,7 @@ def bench(lab: LocalLab, work: Path, scale: int, repeat: int, cold_repeat: int) 
                 f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
                 "from labkeeper import pg_backup\n"
                 "from labkeeper.inventory import load_inventory\n"
-                f"r = pg_backup.backup_database(load_inventory({str(paths[i])!r}), 'bench',\n"
-                "                              log=lambda m: None)\n"
+                f"r = pg_backup.backup_database(load_inventory({str(paths[i])!r}), 'bench')\n"
                 "print(r.duration_s, r.stream_s)\n"]
 
     stream_cmd = [sys.executable, "-c",

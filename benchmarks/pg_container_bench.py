@@ -22,6 +22,7 @@ Times are of the call in this process (bare: the shell pipeline's wall time).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import statistics
@@ -132,7 +133,7 @@ def bench(lab: LocalLab, engine: LocalDocker, box: pgimage.Pg17Container, work: 
             subprocess.run(["bash", "-o", "pipefail", "-c", bare[kind]], check=True,
                            env={**os.environ, **repos[kind].env(), "PGPASSWORD": pw})
         else:
-            pg_backup.backup_database(loaded, ours[kind], log=lambda _m: None)
+            pg_backup.backup_database(loaded, ours[kind])
         return time.monotonic() - t
 
     for kind in KINDS:  # warm-up, untimed
@@ -146,9 +147,15 @@ def bench(lab: LocalLab, engine: LocalDocker, box: pgimage.Pg17Container, work: 
     for kind in ("ours ssh exec", "ours exec"):  # where the time goes, one run each
         t0 = time.monotonic()
         print(f"\n{kind}, one run with its log:")
-        pg_backup.backup_database(loaded, ours[kind],
-                                  log=lambda m, t0=t0: print(f"  {time.monotonic() - t0:6.2f} "
-                                                             f"{m[:110]}"))
+        class Timed(logging.Handler):  # the run's log lines, timed from t0
+            def emit(self, record: logging.LogRecord, t0: float = t0) -> None:
+                print(f"  {time.monotonic() - t0:6.2f} {record.getMessage()[:110]}")
+
+        handler = Timed()
+        logging.getLogger("labkeeper").addHandler(handler)
+        logging.getLogger("labkeeper").setLevel(logging.INFO)
+        pg_backup.backup_database(loaded, ours[kind])
+        logging.getLogger("labkeeper").removeHandler(handler)
         print(f"  {time.monotonic() - t0:6.2f} done")
     print("\nmedians (s):")
     for kind in KINDS:

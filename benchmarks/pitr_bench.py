@@ -113,7 +113,7 @@ def main() -> None:
     pg.psql_super(f"ALTER SYSTEM SET wal_compression = '{args.wal_compression}';\n"
                   "SELECT pg_reload_conf();")
     t = pitr_target.resolve(inv, "pg1")
-    sup = wal.WalReceiver(t, log=lambda _m: None)
+    sup = wal.WalReceiver(t)
     th = threading.Thread(target=sup.run, daemon=True)
     th.start()
     try:
@@ -122,7 +122,7 @@ def main() -> None:
         size = postgres.query(t.conn, f"SELECT pg_database_size('{DB}')")[0][0]
         print(f"database {DB}: pgbench scale {args.scale}, {int(size) / 1e6:.0f} MB")
         b1, base_bytes, base_s = growth(lab, "restic/",
-                                        lambda: basebackup.run_base_backup(t, log=lambda _m: None))
+                                        lambda: basebackup.run_base_backup(t))
         print(f"base backup #1: {b1.bytes / 1e6:.0f} MB stream, +{base_bytes / 1e6:.1f} MB in "
               f"the repository, {base_s:.1f} s")
         _, d1, d1_s = growth(lab, "dumps/", lambda: dump_into(dumps, pg, env, conn))
@@ -139,22 +139,22 @@ def main() -> None:
                 rows = f"aid BETWEEN {first} AND {first + per_hour - 1}"
             pg.psql_super(f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE {rows};"
                           "\nCHECKPOINT;", db=DB, timeout=600)
-            _, g, _s = growth(lab, "restic/", lambda: wal.ship(t, log=lambda _m: None))
+            _, g, _s = growth(lab, "restic/", lambda: wal.ship(t))
             wal_total += g
         print(f"WAL for {args.hours} h of 1% {args.churn} churn per hour (wal_compression "
               f"{args.wal_compression}): "
               f"+{wal_total / 1e6:.1f} MB in the repository")
         _, d2, d2_s = growth(lab, "dumps/", lambda: dump_into(dumps, pg, env, conn))
         print(f"nightly plain dump #2 after that day: +{d2 / 1e6:.1f} MB, {d2_s:.1f} s")
-        wal.ship(t, log=lambda _m: None)
+        wal.ship(t)
         before_base2 = datetime.now(tz=UTC)
         _, base2, _ = growth(lab, "restic/",
-                             lambda: basebackup.run_base_backup(t, log=lambda _m: None))
+                             lambda: basebackup.run_base_backup(t))
         print(f"base backup #2 after that day: +{base2 / 1e6:.1f} MB")
         print(f"per day: WAL + weekly base = {(wal_total + base2 / 7) / 1e6:.1f} MB "
               f"(first base/7: {(wal_total + base_bytes / 7) / 1e6:.1f} MB) vs nightly plain "
               f"dump {d2 / 1e6:.1f} MB")
-        wal.ship(t, log=lambda _m: None)
+        wal.ship(t)
         # restore times: a day after the weekly base (base #1 + the day's WAL), and
         # right after a base backup (base #2 + the last segments)
         timings = {}
@@ -162,8 +162,7 @@ def main() -> None:
                            restore.RecoveryTarget("time", time=before_base2)),
                           ("fresh base", restore.RecoveryTarget("latest"))):
             t0 = time.monotonic()
-            res = restore.restore_pitr(t, to, workdir / f"restore-{len(timings)}",
-                                       log=lambda _m: None)
+            res = restore.restore_pitr(t, to, workdir / f"restore-{len(timings)}")
             timings[label] = (time.monotonic() - t0, res)
             assert res.cluster is not None
             count = res.cluster.query("SELECT count(*) FROM pgbench_accounts", db=DB)[0][0]
@@ -206,7 +205,7 @@ def rpo(t: pitr_target.PitrTarget, interval: float, ships: int) -> None:
             time.sleep(max(0.0, nxt - time.monotonic()))
             nxt += interval
             switched = time.monotonic()
-            wal.ship(t, log=lambda _m: None)
+            wal.ship(t)
             marks.append((switched, time.monotonic()))
     finally:
         stop.set()

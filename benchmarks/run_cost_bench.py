@@ -214,28 +214,51 @@ class Bench:
         self.globals_line = next((ln for ln in (err + out).splitlines()
                                   if "globals of" in ln), "(no globals line in the output)")
 
+    WHERE = """\
+import sys, time
+t0 = time.monotonic()
+from flows import pg_backup as f
+t1 = time.monotonic()
+marks = {}
+def marked(name, fn):
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            marks[name] = time.monotonic()
+    return wrapper
+# the flow body's first step (reading the inventory) and its last (the report)
+f.load_inventory = marked("body start", f.load_inventory)
+f.PgBackupReport.finish = marked("body end", f.PgBackupReport.finish)
+s = f.pg_backup_flow(lab=sys.argv[1], databases=["bench"], return_state=True)
+t2 = time.monotonic()
+backup = {r["database"]: r for r in s.result()}["bench"]["duration s"]
+print("PHASES", t1 - t0, t2 - t1, backup, marks["body start"] - t1,
+      marks["body end"] - marks["body start"] - backup, t2 - marks["body end"], flush=True)
+"""
+
     def where(self) -> None:
         """Where a warm one-database run's seconds go (server running): a child that
-        times its imports and the flow call, the backup's own duration from its row."""
+        times its imports and the flow call, the backup's own duration from its row,
+        and the flow run around it in three parts: before the flow body (the run
+        created, the start hook), the body's other steps (globals, the report), after
+        the body (the final state, the end hook, Prefect's heartbeat thread joined)."""
         print("where the time goes (server running)", flush=True)
-        code = ("import time, sys; t0 = time.monotonic()\n"
-                "from flows.pg_backup import pg_backup_flow\n"
-                "t1 = time.monotonic()\n"
-                f"s = pg_backup_flow(lab={str(self.inv_one)!r}, databases=['bench'], "
-                "return_state=True)\n"
-                "t2 = time.monotonic()\n"
-                "rows = {r['database']: r for r in s.result()}\n"
-                "print('PHASES', t1 - t0, t2 - t1, rows['bench']['duration s'])\n")
         for _ in range(self.args.repeat):
             pre, _o, _e = timed([sys.executable, "-c", "pass"], self.env_server)
-            wall, out, _e = timed([sys.executable, "-c", code], self.env_server)
+            wall, out, _e = timed([sys.executable, "-c", self.WHERE, str(self.inv_one)],
+                                  self.env_server)
             line = next(ln for ln in out.splitlines() if ln.startswith("PHASES"))
-            imports, flow, backup = (float(x) for x in line.split()[1:])
+            imports, flow, backup, before, body, after = (float(x) for x in line.split()[1:])
             self.add("phase: python start", pre)
             self.add("phase: imports (flows.pg_backup)", imports)
             self.add("phase: flow run around the backup", flow - backup)
+            self.add("phase:   before the flow body", before)
+            self.add("phase:   body steps besides the backup", body)
+            self.add("phase:   after the flow body", after)
             self.add("phase: the backup itself", backup)
-            self.add("phase: process exit (log/event flush)", wall - pre - imports - flow)
+            self.add("phase: process exit (interpreter teardown)",
+                     wall - pre - imports - flow)
 
     def without_server(self) -> None:
         print("no server configured: first command (starts the local one), then later ones",
@@ -272,7 +295,7 @@ class Bench:
         print("the old way once: no API URL at all (Prefect's temporary server)", flush=True)
         env = {k: v for k, v in self.env_none.items() if not k.startswith("LABKEEPER_PREFECT")}
         env["PREFECT_HOME"] = str(self.work / "temporary-home")
-        code = ("import sys; from pathlib import Path; from flows.pg_backup import "
+        code = ("import sys; from pathlib import Path; from cli.jobs import "
                 f"run_backup_cli; sys.exit(run_backup_cli(Path({str(self.inv_one)!r}), "
                 "'bench'))")
         t = time.monotonic()

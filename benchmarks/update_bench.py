@@ -151,7 +151,7 @@ class Bench:
         out: dict[str, float] = {}
         t0 = time.monotonic()
         lap = t0
-        with core.Session(inv, "bench", log=lambda _m: None) as s:
+        with core.Session(inv, "bench") as s:
             def mark(step: str) -> None:
                 nonlocal lap
                 now = time.monotonic()

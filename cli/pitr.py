@@ -40,7 +40,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _say(line: str) -> None:
-    console.print(line, markup=False, highlight=False)
+    """The command's own result (JSON rows, a hint) on stdout; progress is logged (stderr)."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)  # JSON: one line
 
 
 def _targets(lab: Path, server: str | None, *, match_client: bool = True) -> list[Any]:
@@ -70,10 +71,11 @@ def _guarded(fn: Callable[[], int]) -> None:
 @wal_app.command("receive")
 def wal_receive(server: ServerArg = None, lab: LabOption = Path("lab.yaml")) -> None:
     """Run pg_receivewal (supervised, restarted with backoff) until SIGTERM/SIGINT."""
+    from labkeeper import log_setup
     from labkeeper.pitr import wal
 
     def go() -> int:
-        sups = [wal.WalReceiver(t, log=_say) for t in _targets(lab, server)]
+        sups = [wal.WalReceiver(t) for t in _targets(lab, server)]
         stop = threading.Event()
 
         def on_signal(_sig: int, _frame: object) -> None:
@@ -81,8 +83,9 @@ def wal_receive(server: ServerArg = None, lab: LabOption = Path("lab.yaml")) -> 
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        threads = [threading.Thread(target=s.run, name=f"receive-{s.target.name}",
-                                    daemon=True) for s in sups]
+        threads = [threading.Thread(target=log_setup.in_context(s.run),
+                                    name=f"receive-{s.target.name}", daemon=True)
+                   for s in sups]
         for th in threads:
             th.start()
         stop.wait()
@@ -107,7 +110,7 @@ def wal_ship(server: ServerArg = None, lab: LabOption = Path("lab.yaml"),
         failed = 0
         for t in _targets(lab, server):
             try:
-                res = wal.ship(t, log=_say, switch=False if no_switch else None)
+                res = wal.ship(t, switch=False if no_switch else None)
                 _say(json.dumps(res.row()))
             except LabkeeperError as exc:
                 failed += 1
@@ -150,7 +153,7 @@ def basebackup_run(server: ServerArg = None, lab: LabOption = Path("lab.yaml")) 
 
     def go() -> int:
         for t in _targets(lab, server):
-            _say(json.dumps(basebackup.run_base_backup(t, log=_say).row()))
+            _say(json.dumps(basebackup.run_base_backup(t).row()))
         return 0
 
     _guarded(go)
@@ -161,30 +164,60 @@ def restore_pitr(
     server: Annotated[str, typer.Argument(help="The pitr server to restore.")],
     to: Annotated[str, typer.Option("--to", help="ISO time, LSN or 'latest'.")],
     lab: LabOption = Path("lab.yaml"),
-    on: Annotated[str, typer.Option("--on", help="Where: 'local' (this host).")] = "local",
+    on: Annotated[str, typer.Option("--on", help=(
+        "Where the result goes: 'local' (the recovered cluster stays running on this "
+        "host), or a drill server of the inventory (drills.servers): the recovered "
+        "databases are copied there as labkeeper_drill_* databases."))] = "local",
+    database: Annotated[list[str] | None, typer.Option(
+        "--database", help="With --on DRILL-SERVER: only this database (repeatable).")
+    ] = None,
     directory: Annotated[Path | None, typer.Option(
         "--dir", help="New directory for the restored cluster.")] = None,
     pause: Annotated[bool, typer.Option(help="Pause at the target instead of promoting.")
                      ] = False,
 ) -> None:
     """Restore SERVER as of --to into a new scratch directory on this host (never onto the
-    live server); the restored cluster keeps running for inspection."""
+    live server); the restored cluster keeps running for inspection. With --on
+    DRILL-SERVER the recovered databases are copied onto that drill server and the
+    scratch cluster is removed."""
     from labkeeper.pitr import restore
 
     def go() -> int:
         if on != "local":
-            raise ConfigError(f"--on {on}: only 'local' (a scratch cluster on this host) is "
-                              "supported")
+            return _restore_onto_drill_server(lab, server, to, on, database)
+        if database:
+            raise ConfigError("--database: only with --on DRILL-SERVER (locally the whole "
+                              "cluster is restored)")
         t = _targets(lab, server, match_client=False)[0]
         where = directory or Path(t.spool).parent / "restores" / to.replace("/", "_").replace(
             ":", "")
-        res = restore.restore_pitr(t, restore.parse_target(to), where, log=_say,
+        res = restore.restore_pitr(t, restore.parse_target(to), where,
                                    action="pause" if pause else "promote")
         _say(json.dumps(res.row()))
         _say(f"stop it with: pg_ctl -D {res.workdir}/data stop")
         return 0
 
     _guarded(go)
+
+
+def _restore_onto_drill_server(lab: Path, server: str, to: str, on: str,
+                               databases: list[str] | None) -> int:
+    from labkeeper.inventory import load_inventory
+    from labkeeper.pitr import copy as pitr_copy
+
+    res, copies = pitr_copy.drill_copies(load_inventory(lab), server, to, on,
+                                         databases=databases)
+    row = res.row()
+    for key in ("connect", "status"):
+        row.pop(key, None)
+    _say(json.dumps({**row, "status": "copied", "on": on, "scratch cluster": "removed",
+                     "copies": [{"database": c.source, "copy": c.into, "where": c.where,
+                                 "tables": len(c.counts), "rows": c.rows,
+                                 "privileges": c.privileges} for c in copies]}))
+    for c in copies:
+        _say(f"{c.source} as of {res.target}: {c.into} on {c.where} ({c.rows} rows in "
+             f"{len(c.counts)} tables)")
+    return 0
 
 
 @pitr_app.command("drill")
@@ -197,7 +230,7 @@ def pitr_drill(server: ServerArg = None, lab: LabOption = Path("lab.yaml"),
     def go() -> int:
         failed = 0
         for t in _targets(lab, server, match_client=False):
-            res = drill.run_drill(t, log=_say, seed=seed)
+            res = drill.run_drill(t, seed=seed)
             for row in res.rows:
                 _say(json.dumps(row.row()))
             for b in res.breaches:
@@ -216,7 +249,7 @@ def pitr_retention(server: ServerArg = None, lab: LabOption = Path("lab.yaml"),
 
     def go() -> int:
         for t in _targets(lab, server, match_client=False):
-            retention.apply(t, log=_say, dry_run=dry_run)
+            retention.apply(t, dry_run=dry_run)
         return 0
 
     _guarded(go)

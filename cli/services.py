@@ -1,6 +1,6 @@
 """``labkeeper metrics serve|show`` and ``labkeeper server status|start|stop``: the
 long-running helpers beside the jobs (the Prometheus endpoint, the local Prefect
-server). Mounted lazily by cli/main.py."""
+server and the warm runner beside it). Mounted lazily by cli/app.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from cli.main import LabOption
+from cli.app import LabOption
 
 console = Console()
 err_console = Console(stderr=True)
@@ -99,6 +99,8 @@ def server_status() -> None:
     console.print(f"{'configured' if configured else 'local'}: {url} "
                   f"{'answers' if up else 'does not answer'}"
                   + ("" if configured else f" (home {srv.home})"), markup=False)
+    console.print(f"warm runner: {ls.runner_socket(srv)} "
+                  f"{'serves' if ls.runner_alive(srv) else 'is not running'}", markup=False)
     raise typer.Exit(0 if up else 1)
 
 
@@ -108,7 +110,7 @@ def server_start() -> None:
     from labkeeper import local_server as ls
 
     srv = ls.local_server(os.environ)
-    how = ls.ensure(srv, log=lambda m: err_console.print(m, markup=False))
+    how = ls.ensure(srv)
     console.print(f"{how}: {srv.url} (home {srv.home})", markup=False)
 
 
@@ -118,4 +120,6 @@ def server_stop() -> None:
     from labkeeper import local_server as ls
 
     srv = ls.local_server(os.environ)
-    console.print("stopped" if ls.stop(srv) else f"no local server recorded in {srv.home}")
+    stopped = ls.stop(srv)  # its warm runner too
+    ls.stop_runner(srv)  # also the one beside a server this command did not start
+    console.print("stopped" if stopped else f"no local server recorded in {srv.home}")

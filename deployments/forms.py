@@ -101,6 +101,11 @@ CHOICES: dict[tuple[str, str], Callable[[Inventory], list[str]]] = {
 }
 """(flow name, parameter) -> what it may name in this lab."""
 
+RUNBOOK_CHOICES: dict[tuple[str, str], Callable[[Inventory], list[str]]] = {
+    ("pitr-restore-database", "server"): lambda inv: _names(_pitr_servers(inv)),
+}
+"""(runbook name, parameter) -> what a plain ``string`` parameter may name in this lab."""
+
 
 def valid_defaults(flow_name: str, params: Mapping[str, Any], inv: Inventory | None
                    ) -> dict[str, Any]:
@@ -135,8 +140,11 @@ def _choices(flow: Any, inv: Inventory | None) -> dict[str, list[str]]:
     if inv is None:
         return out
     if path is not None:
-        for pname, p in rb.load_runbook(path).params.items():
-            known = p.choices or rb.inventory_choices(inv, p.type)
+        book = rb.load_runbook(path)
+        for pname, p in book.params.items():
+            pick = RUNBOOK_CHOICES.get((book.name, pname))
+            known = p.choices or rb.inventory_choices(inv, p.type) or (
+                pick(inv) if pick is not None else None)
             if known:
                 out[pname] = list(known)
     for (fname, pname), pick in CHOICES.items():

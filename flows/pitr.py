@@ -6,6 +6,11 @@ WAL no kept one needs); every few minutes ship the completed WAL segments from t
 spool (verified in the repository before they leave the spool) and report lag; on
 the drill schedule restore for real to a random moment and to the newest, and judge
 RTO/RPO. The receiver itself is a service (``labkeeper wal receive``), not a flow.
+
+The runbook ``pitr-restore-database`` puts one database back on the live server as of a
+moment through the small flows at the end (each a ``flow`` step): copy it out of a
+scratch recovery, compare it with the live one, swap it in after approval, swap back
+or drop the copy when something goes wrong.
 """
 
 from __future__ import annotations
@@ -130,3 +135,84 @@ def pitr_drill_flow(lab: str | None = None, servers: list[str] | None = None,
     rows = _per_server(inv, servers, lambda name: pitr_tasks.pitr_drill(
         inv, name, seed, return_state=True), drilled)
     return _finish("pitr-drill", rows, "PITR drill")
+
+
+# -- one database back on the live server (the steps of runbook pitr-restore-database) --
+
+def _step(state: Any) -> dict[str, Any]:
+    if not state.is_completed():
+        raise PitrRunFailed(redact(str(failure_of(state) or state.name)), [])
+    result: dict[str, Any] = state.result()
+    return result
+
+
+@flow(name="pitr_restore_copy", timeout_seconds=12 * 3600, **hooks("pitr_restore_copy"))
+def pitr_restore_copy_flow(server: str, database: str, to: str, lab: str | None = None
+                           ) -> dict[str, Any]:
+    """Recover SERVER to TO in a scratch cluster on this host and copy DATABASE onto the
+    live server as a new database <db>_pitr_<stamp>; the live database is not touched
+    and the scratch cluster is removed.
+
+    Args:
+        server: The PITR server (its name in the inventory's pitr section).
+        database: The database to bring back (its name in the inventory).
+        to: The moment: an ISO time (2026-12-05T14:04:00Z), an LSN, or latest.
+        lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB, else
+            lab.yaml).
+    """
+    inv = load_inventory(lab_path(lab))
+    return _step(pitr_tasks.live_copy(inv, server, database, to, return_state=True))
+
+
+@flow(name="pitr_compare_copy", timeout_seconds=3600, **hooks("pitr_compare_copy"))
+def pitr_compare_copy_flow(database: str, copy_db: str, lab: str | None = None
+                           ) -> dict[str, Any]:
+    """Row counts of the point-in-time copy against the live database now.
+
+    Args:
+        database: The database (its name in the inventory).
+        copy_db: The copy pitr_restore_copy made (<db>_pitr_<stamp>).
+        lab: Inventory file (empty: $LABKEEPER_LAB, else lab.yaml).
+    """
+    inv = load_inventory(lab_path(lab))
+    return _step(pitr_tasks.compare_copy(inv, database, copy_db, return_state=True))
+
+
+@flow(name="pitr_swap_copy", timeout_seconds=3600, **hooks("pitr_swap_copy"))
+def pitr_swap_copy_flow(database: str, copy_db: str, lab: str | None = None) -> dict[str, Any]:
+    """Put the copy in place of the database; the original is kept as
+    <db>_before_pitr_<stamp>.
+
+    Args:
+        database: The database (its name in the inventory).
+        copy_db: The copy pitr_restore_copy made (<db>_pitr_<stamp>).
+        lab: Inventory file (empty: $LABKEEPER_LAB, else lab.yaml).
+    """
+    inv = load_inventory(lab_path(lab))
+    return _step(pitr_tasks.swap_copy(inv, database, copy_db, return_state=True))
+
+
+@flow(name="pitr_swap_back", timeout_seconds=3600, **hooks("pitr_swap_back"))
+def pitr_swap_back_flow(database: str, copy_db: str, lab: str | None = None) -> dict[str, Any]:
+    """Undo pitr_swap_copy: the original under its name again, the copy under its own.
+
+    Args:
+        database: The database (its name in the inventory).
+        copy_db: The copy pitr_restore_copy made (<db>_pitr_<stamp>).
+        lab: Inventory file (empty: $LABKEEPER_LAB, else lab.yaml).
+    """
+    inv = load_inventory(lab_path(lab))
+    return _step(pitr_tasks.swap_back(inv, database, copy_db, return_state=True))
+
+
+@flow(name="pitr_drop_copy", timeout_seconds=3600, **hooks("pitr_drop_copy"))
+def pitr_drop_copy_flow(database: str, copy_db: str, lab: str | None = None) -> dict[str, Any]:
+    """Drop a point-in-time copy that was not swapped in.
+
+    Args:
+        database: The database (its name in the inventory).
+        copy_db: The copy pitr_restore_copy made (<db>_pitr_<stamp>).
+        lab: Inventory file (empty: $LABKEEPER_LAB, else lab.yaml).
+    """
+    inv = load_inventory(lab_path(lab))
+    return _step(pitr_tasks.drop_copy(inv, database, copy_db, return_state=True))

@@ -75,7 +75,7 @@ def provision_flow(lab: str | None = None, allow_restart: bool = False,
     run = _step_runner(inv, allow_restart, base_dir=str(Path(path).resolve().parent),
                        guest_state_dir=str(inv.settings.provision.guest_state_dir))
     try:
-        applied = pv.apply_plan(plan, inv, opts, run, log=logger.warning)
+        applied = pv.apply_plan(plan, inv, opts, run)
     except pv.TooManyChanges as exc:
         logger.error(str(exc))
         raise ProvisionFailed(str(exc), {"ok": False, "needs_yes": True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from labkeeper import restore
@@ -29,10 +29,8 @@ def restore_database_flow(database: str, snapshot: str = "latest", into: str | N
         lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
             else lab.yaml).
     """
-    logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
-    res = restore.restore_database(inv, database, snapshot=snapshot, into=into,
-                                   log=logger.info)
+    res = restore.restore_database(inv, database, snapshot=snapshot, into=into)
     create_markdown_artifact(
         key=f"restore-db-{database}".lower().replace("_", "-"),
         markdown=(f"# Restore of `{database}`\n\nbackup `{res.backup_id}` (snapshot "
@@ -66,10 +64,9 @@ def restore_guest_flow(guest: str, archive: str = "latest", vmid: int = 0,
         lab: Inventory file on the machine that runs the job (empty: $LABKEEPER_LAB,
             else lab.yaml).
     """
-    logger = get_run_logger()
     inv = load_inventory(lab_path(lab))
     res = restore.restore_guest(inv, guest, archive=archive, vmid=vmid,
-                                over_original=over_original, start=start, log=logger.info)
+                                over_original=over_original, start=start)
     return {"vmid": res.vmid, "node": res.node, "archive": res.archive,
             "over_original": res.over_original, "started": res.started,
             "isolation": res.isolation, "seconds": round(res.seconds, 2)}

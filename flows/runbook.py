@@ -81,6 +81,10 @@ def flow_function(name: str) -> Any:
         from flows.restore import restore_database_flow as fn
     elif name == "restore_guest":
         from flows.restore import restore_guest_flow as fn
+    elif name in rb.models.PITR_FLOWS:
+        import flows.pitr
+
+        fn = getattr(flows.pitr, f"{name}_flow")
     else:
         raise ConfigError(f"flow: unknown flow {name!r} (known: {', '.join(rb.FLOWS)})")
     return fn
@@ -121,7 +125,7 @@ def run_step(lab_file: str, kind: str, spec: dict[str, Any], step_id: str, stamp
     """Do one ssh / proxmox / database / check step of a runbook."""
     logger = get_run_logger()
     inv = load_inventory(lab_file)
-    lab = ops.Lab(inv, log=logger.info)
+    lab = ops.Lab(inv)
     try:
         if kind == "ssh":
             detail, outputs = ops.run_ssh(lab, spec, tuple(spec["argv"]), timeout)
@@ -230,7 +234,7 @@ class _Runner:
         """Databases this run created (restored copies, set-aside originals), by database:
         the only ones its swap and drop steps accept."""
         self.logger = get_run_logger()
-        self.lab = ops.Lab(inv, log=self.logger.info) if dry_run else None
+        self.lab = ops.Lab(inv) if dry_run else None
 
     def run(self) -> tuple[str, str | None]:
         failures: list[str] = []

@@ -273,7 +273,7 @@ def _protected_update(inv: Inventory, app: App, versions: core.Versions,
 
 def _recovery(inv: Inventory) -> core.Recovery:
     """The journal's state machine, acting through this flow's task runs."""
-    return core.Recovery(inv, tu.TaskSteps(inv), get_run_logger())
+    return core.Recovery(inv, tu.TaskSteps(inv))
 
 
 # ====================================================================== reporting

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import re
 import time
@@ -43,6 +44,8 @@ from labkeeper.errors import CommandError, ConfigError, LabkeeperError, ServiceE
 from labkeeper.inventory import ComposeStack, Guest, Inventory, Role, RoleFile, check_git_ref
 from labkeeper.provision import StepResult
 from labkeeper.secrets import redact, resolve
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "/var/lib/labkeeper"
 """Where markers live on the guest (``roles/<role>.sha256``, ``compose/<project>.sha256``)."""
@@ -530,10 +533,9 @@ class BootstrapReport:
 
 
 def bootstrap_guest(client: Any, inv: Inventory, guest: Guest, *, base_dir: Path,
-                    state_dir: str = DEFAULT_STATE_DIR,
-                    log: Callable[[str], None] | None = None) -> BootstrapReport:
-    """Run every role step of ``guest`` over ``client``; stops at the first failure
-    (raising it, with what was done so far in the log)."""
+                    state_dir: str = DEFAULT_STATE_DIR) -> BootstrapReport:
+    """Run every role step of ``guest`` over ``client`` (each outcome logged); stops at
+    the first failure (raising it, with what was done so far in the log)."""
     report = BootstrapReport(guest.name)
     host = f"{guest.name} ({client.target.host})" if hasattr(client, "target") else guest.name
     timeout = inv.ssh.command_timeout
@@ -544,15 +546,13 @@ def bootstrap_guest(client: Any, inv: Inventory, guest: Guest, *, base_dir: Path
             raise BootstrapError(f"{guest.name}: role {role}, {step.name}: {exc}",
                                  transient=exc.transient) from exc
         report.outcomes.append((role, outcome))
-        if log is not None:
-            log(f"{guest.name}: {role}/{outcome.step}: {outcome.status}"
-                + (f" — {outcome.detail}" if outcome.detail else ""))
+        logger.info("%s: %s/%s: %s%s", guest.name, role, outcome.step, outcome.status,
+                    f" — {outcome.detail}" if outcome.detail else "")
     return report
 
 
 def run_bootstrap(inv: Inventory, guest: Guest, *, base_dir: Path,
-                  state_dir: str = DEFAULT_STATE_DIR,
-                  log: Callable[[str], None] | None = None) -> StepResult:
+                  state_dir: str = DEFAULT_STATE_DIR) -> StepResult:
     """Connect to the guest (host key checked) and bootstrap it: one :class:`StepResult`."""
     from labkeeper import ssh
 
@@ -561,6 +561,5 @@ def run_bootstrap(inv: Inventory, guest: Guest, *, base_dir: Path,
     if spec is None:
         return StepResult(guest.name, "bootstrap", "skipped", "no ssh section")
     with ssh.connect(ssh.SshTarget.from_spec(spec)) as client:
-        report = bootstrap_guest(client, inv, guest, base_dir=base_dir, state_dir=state_dir,
-                                 log=log)
+        report = bootstrap_guest(client, inv, guest, base_dir=base_dir, state_dir=state_dir)
     return report.result(time.monotonic() - started)

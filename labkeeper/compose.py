@@ -3,16 +3,10 @@
 Nothing here runs anything: the update code runs these argv over SSH on the app's
 guest (``SshClient.run``) and hands the output to the parsers.
 
-The parsers accept every shape real ``docker compose`` releases print
-(see ``../shared/fixtures/README.md``):
-
-- ``ps --format json``: one JSON **array** up to 2.20.x; **one object per line**
-  (NDJSON) from 2.21.0; empty output when nothing runs.
-- ``images --format json``: a list (≤2.36, ≥2.37.1, ≥2.38 with ContainerName and
-  Platform, ≥5.0 with Created), a **map keyed by container** in 2.37.0 only, and
-  ``null`` when there are no images.
-- container health: ``""`` (no healthcheck), ``starting``, ``healthy``, ``unhealthy``;
-  older outputs only show it inside ``Status`` (``(health: starting)``, ``(healthy)``).
+The parsers accept every shape real ``docker compose`` releases print: ``ps`` as one
+JSON array or one object per line (or nothing), ``images`` as a list, a map keyed by
+container or ``null``, a container's health in its own field or only inside
+``Status``. Which release prints which: ``benchmarks/README.md`` (tool versions).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ and sleep.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,8 @@ from labkeeper.inventory import (
     Probe,
 )
 from labkeeper.secrets import redact
+
+logger = logging.getLogger(__name__)
 
 BODY_LIMIT = 1024 * 1024
 """Bytes of an HTTP body read when looking for ``body_contains``."""
@@ -253,8 +256,9 @@ class GateOutcome:
 def run_gate(round_fn: Callable[[], list[ProbeResult]], gate: Gate, *,
              clock: Callable[[], float] = time.monotonic,
              sleep: Callable[[float], None] = time.sleep,
-             log: Callable[[str], object] = lambda _m: None) -> GateOutcome:
-    """Run rounds until the gate opens or its deadline passes."""
+             label: str = "") -> GateOutcome:
+    """Run rounds until the gate opens or its deadline passes; each round logged
+    (prefixed ``<label>: `` when a label is given)."""
     tracker = GateTracker(gate)
     start = clock()
     sleep(tracker.first_wait())
@@ -264,8 +268,9 @@ def run_gate(round_fn: Callable[[], list[ProbeResult]], gate: Gate, *,
         elapsed = clock() - start
         ok = round_ok(last)
         verdict = tracker.record(elapsed, ok)
-        log(f"health round {tracker.rounds}: {'ok' if ok else summary(last)} "
-            f"({tracker.streak}/{gate.successes} in a row, {elapsed:.1f}s)")
+        logger.info("%shealth round %d: %s (%d/%d in a row, %.1fs)",
+                    f"{label}: " if label else "", tracker.rounds,
+                    "ok" if ok else summary(last), tracker.streak, gate.successes, elapsed)
         if verdict == "passed":
             return GateOutcome(True, tracker.rounds, elapsed,
                                f"{gate.successes} healthy round(s) in a row", last)

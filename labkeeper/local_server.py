@@ -1,7 +1,7 @@
 """The Prefect server a command-line run records to when no server is configured.
 
 A flow needs a Prefect API. Without ``PREFECT_API_URL`` Prefect would start a
-*temporary* server inside every command (≈8 s a run here, and two commands at once
+*temporary* server inside every command (seconds a run, and two commands at once
 share one SQLite file: ``database is locked``). Instead the command line:
 
 1. uses ``PREFECT_API_URL`` when it is set (environment or the active Prefect profile);
@@ -15,7 +15,9 @@ share one SQLite file: ``database is locked``). Instead the command line:
    same moment take a file lock around steps 2-3: one starts the server, the others
    wait for it and use it.
 
-Probing costs a few milliseconds; the one start ≈4-9 s. Nothing here imports Prefect.
+Nothing here imports Prefect; what probing and the start cost is measured in
+``benchmarks/README.md`` (``run_cost_bench.py``). The start is logged
+(``labkeeper.local_server``): the command line prints labkeeper's records on stderr.
 """
 
 from __future__ import annotations
@@ -23,18 +25,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 import tomllib
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from labkeeper import process
 from labkeeper.errors import ServiceError
+
+logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
@@ -147,34 +152,36 @@ def start(srv: LocalServer, *, timeout: float = START_TIMEOUT,
                                transient=True)
         time.sleep(0.2)
     proc.returncode = 0  # it outlives us by design: no "still running" warning
+    start_runner(srv, environ)
     return proc.pid
 
 
-def ensure(srv: LocalServer, *, log: Callable[[str], None] = lambda m: None,
-           timeout: float = START_TIMEOUT, environ: Mapping[str, str] = os.environ) -> str:
+def ensure(srv: LocalServer, *, timeout: float = START_TIMEOUT,
+           environ: Mapping[str, str] = os.environ) -> str:
     """Use the local server if it answers, else start it (once, under a file lock).
     Returns ``"running"`` or ``"started"``."""
     if healthy(srv.api_url):
+        start_runner(srv, environ)  # unless one serves: a no-op after a flock probe
         return "running"
     with _start_lock(srv):
         if healthy(srv.api_url):  # another command started it while we waited
             return "running"
-        log(f"labkeeper: no Prefect server configured or running: starting a local one on "
-            f"{srv.url} (kept for later commands; history in {srv.home}; "
-            "`labkeeper server stop` stops it)")
+        logger.info("labkeeper: no Prefect server configured or running: starting a local "
+                    "one on %s (kept for later commands; history in %s; `labkeeper server "
+                    "stop` stops it)", srv.url, srv.home)
         start(srv, timeout=timeout, environ=environ)
         return "started"
 
 
-def use_for_command(environ: MutableMapping[str, str], *, start_if_needed: bool = True,
-                    log: Callable[[str], None] = lambda m: None) -> str:
+def use_for_command(environ: MutableMapping[str, str], *, start_if_needed: bool = True
+                    ) -> str:
     """Point this process's Prefect client at a server (see the module docstring).
     Returns what it did: ``configured`` | ``running`` | ``started`` | ``none``."""
     if configured_api_url(environ):
         return "configured"
     srv = local_server(environ)
     if start_if_needed:
-        how = ensure(srv, log=log, environ=environ)
+        how = ensure(srv, environ=environ)
     elif healthy(srv.api_url):
         how = "running"
     else:
@@ -191,6 +198,7 @@ def stop(srv: LocalServer, *, grace: float = 10.0) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     srv.pidfile.unlink()
+    stop_runner(srv)
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -212,4 +220,88 @@ def stop(srv: LocalServer, *, grace: float = 10.0) -> bool:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, 9)
+    return True
+
+
+# -- the warm runner beside the server (cli/runner.py) ---------------------------------
+# Flow commands fork from it instead of importing Prefect and the flows each time. It is
+# started here as a command (the core imports nothing of cli/), with the allowlisted
+# environment only: every command brings its own environment, secrets included.
+def runner_socket(srv: LocalServer) -> Path:
+    return srv.home / "runner.sock"  # cli/runner_client.socket_path says the same
+
+
+def runner_pidfile(srv: LocalServer) -> Path:
+    return srv.home / "runner.pid.json"
+
+
+def runner_alive(srv: LocalServer) -> bool:
+    """A runner serves this home: it holds ``runner.lock`` (no connection needed)."""
+    try:
+        fd = os.open(runner_socket(srv).with_suffix(".lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def runner_argv(srv: LocalServer) -> tuple[str, ...]:
+    return (sys.executable, "-m", "cli.main", "runner", "--socket", str(runner_socket(srv)))
+
+
+def start_runner(srv: LocalServer, environ: Mapping[str, str] = os.environ) -> int | None:
+    """Start the runner detached unless one serves already (or ``LABKEEPER_NO_RUNNER``
+    is set); its pid, or None. It does not wait: the runner is ready in ~2-3 s, and a
+    command arriving before runs in its own process."""
+    if environ.get("LABKEEPER_NO_RUNNER", "").strip() not in ("", "0") or runner_alive(srv):
+        return None
+    srv.home.mkdir(parents=True, exist_ok=True)
+    env = process.inherited_env(environ)
+    env.update({k: environ[k] for k in ("LABKEEPER_RUNNER_STAMP", "LABKEEPER_LOG_LEVEL")
+                if k in environ})
+    root = Path(__file__).resolve().parents[1]
+    if (root / "cli").is_dir():  # a source checkout: the runner imports the same code
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH"))
+                                            if p)
+    process.check_argv(runner_argv(srv))
+    with open(srv.home / "runner.log", "ab") as log:
+        proc = subprocess.Popen(runner_argv(srv), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                close_fds=True, cwd=srv.home)
+    runner_pidfile(srv).write_text(json.dumps({"pid": proc.pid}))
+    proc.returncode = 0  # it outlives us by design
+    return proc.pid
+
+
+def stop_runner(srv: LocalServer, *, grace: float = 10.0) -> bool:
+    """Stop the runner by the pid in its pid file: SIGTERM (it stops listening and ends
+    when its running commands have), SIGKILL after ``grace`` (the commands keep running:
+    each is its own process group and reports its own exit status)."""
+    try:
+        pid = int(json.loads(runner_pidfile(srv).read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return False
+    runner_pidfile(srv).unlink()
+    try:
+        if b"runner" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False  # the pid was reused by something else: leave it alone
+        os.kill(pid, 15)
+    except (OSError, ProcessLookupError):
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):  # our own child: reap it
+            os.waitpid(pid, os.WNOHANG)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 9)
     return True

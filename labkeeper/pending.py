@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import tempfile
@@ -33,6 +34,8 @@ from pathlib import Path
 from labkeeper import restic
 from labkeeper.errors import LabkeeperError, PermanentError
 from labkeeper.secrets import redact
+
+logger = logging.getLogger(__name__)
 
 PENDING_FORMAT = 1
 _FILE_PART = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -239,8 +242,7 @@ Clean = Callable[[PendingAttempt], tuple[bool, str]]
 It may raise to stop the sweep; the attempts done so far still leave the file."""
 
 
-def sweep(store: PendingStore, clean: Clean, *, log: Callable[[str], None]
-          ) -> tuple[list[str], list[PendingAttempt]]:
+def sweep(store: PendingStore, clean: Clean) -> tuple[list[str], list[PendingAttempt]]:
     """Run ``clean`` on every pending attempt of ``store`` (each note logged); an
     attempt leaves the file only when its cleanup was all done. Returns (the notes,
     the attempts still pending). Failing to update the file is a note, not an error:
@@ -256,11 +258,11 @@ def sweep(store: PendingStore, clean: Clean, *, log: Callable[[str], None]
             else:
                 left.append(attempt)
             notes.append(note)
-            log(note)
+            logger.info("%s", note)
     finally:
         try:
             store.remove(done)
         except (OSError, LabkeeperError) as exc:
             notes.append(f"could not update the pending-cleanup file {store.path}: {exc}")
-            log(notes[-1])
+            logger.info("%s", notes[-1])
     return notes, left

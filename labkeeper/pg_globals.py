@@ -13,13 +13,15 @@ keeps its newest snapshot under any ``keep-*`` retention; the periodic re-store
 bounds what a snapshot removed by hand could cost). Otherwise they are stored as
 before (:func:`labkeeper.pg_backup.backup_globals`) and the record is written only
 when a second in-memory dump right after the store still has the same hash (so the
-record names a snapshot that really holds that content).
+record names a snapshot that really holds that content). :func:`check_globals` is the
+first half alone (no restic): the flow runs it beside the first database's backup.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +29,8 @@ from pathlib import Path
 from labkeeper import pg_backup, postgres, process, restic
 from labkeeper.errors import LabkeeperError
 from labkeeper.inventory import Inventory
+
+logger = logging.getLogger(__name__)
 
 REUSE_DAYS = 7.0
 """Unchanged globals are stored again after this many days anyway."""
@@ -101,45 +105,67 @@ def _may_read_passwords(conn: postgres.Conn) -> bool | None:
 
 
 def _unchanged(label: str, held_by: str, digest: str, record: dict[str, object],
-               with_passwords: bool, conn: postgres.Conn, log: pg_backup.Log
-               ) -> pg_backup.GlobalsResult:
+               with_passwords: bool, conn: postgres.Conn) -> pg_backup.GlobalsResult:
     detail = (f"unchanged since {record.get('stored_at', '?')} (sha256 {digest[:12]}): "
               f"held by snapshot {restic.short_id(held_by)}; not stored again")
     if not with_passwords:
         detail = (f"role {conn.user} may not read pg_authid (not a superuser): globals "
                   f"WITHOUT role passwords (--no-role-passwords); {detail}")
-    log(f"globals of {label}: {detail}")
+    logger.info("globals of %s: %s", label, detail)
     return pg_backup.GlobalsResult(server=label, status="ok" if with_passwords else "warning",
                                    detail=detail, snapshot_id=held_by,
                                    role_passwords=with_passwords)
 
 
-def backup_globals_if_changed(inv: Inventory, label: str, databases: list[str], *,
-                              log: pg_backup.Log = print, stall_timeout: float = 300.0,
-                              now: datetime | None = None) -> pg_backup.GlobalsResult:
-    """Globals of one server: proven unchanged (nothing stored) or stored."""
-    now = now or datetime.now(UTC)
+def check_globals(inv: Inventory, label: str, databases: list[str], *,
+                  now: datetime | None = None) -> pg_backup.GlobalsResult | None:
+    """The row of one server's globals when they are proven unchanged since their last
+    stored dump (nothing to store, no restic started); None when they must be stored
+    (changed, never stored, stored long ago, or not dumpable here: storing says why).
+    Cheap (two ``psql`` queries and an in-memory ``pg_dumpall``), so the flow runs it
+    alongside the first database's backup."""
+    return _check(inv, label, databases, now or datetime.now(UTC))[0]
+
+
+def _check(inv: Inventory, label: str, databases: list[str], now: datetime
+           ) -> tuple[pg_backup.GlobalsResult | None, postgres.Conn | None, str | None]:
+    """(the unchanged row or None, the connection, the dump's hash)."""
     db = inv.database(databases[0])
     repo_cfg = inv.repository_for(db)
     path = record_path(inv, label)
     try:
         conn = pg_backup.client_conn(inv, db)
     except LabkeeperError:
-        conn = None
-    with_passwords = _may_read_passwords(conn) if conn is not None else None
-    digest = _dump_hash(conn, with_passwords) if conn and with_passwords is not None else None
-    if digest is not None and with_passwords is not None and conn is not None:
-        held_by = reusable(read_record(path), sha256=digest, repository=repo_cfg.name,
-                           repo_url=repo_cfg.url, role_passwords=with_passwords, now=now)
-        if held_by is not None:
-            return _unchanged(label, held_by, digest, read_record(path) or {},
-                              with_passwords, conn, log)
-    result = pg_backup.backup_globals(inv, label, databases, log=log,
-                                      stall_timeout=stall_timeout)
+        return None, None, None
+    with_passwords = _may_read_passwords(conn)
+    if with_passwords is None:
+        return None, conn, None
+    digest = _dump_hash(conn, with_passwords)
+    if digest is None:
+        return None, conn, None
+    record = read_record(path)
+    held_by = reusable(record, sha256=digest, repository=repo_cfg.name,
+                       repo_url=repo_cfg.url, role_passwords=with_passwords, now=now)
+    if held_by is None:
+        return None, conn, digest
+    return _unchanged(label, held_by, digest, record or {}, with_passwords, conn), conn, digest
+
+
+def backup_globals_if_changed(inv: Inventory, label: str, databases: list[str], *,
+                              stall_timeout: float = 300.0,
+                              now: datetime | None = None) -> pg_backup.GlobalsResult:
+    """Globals of one server: proven unchanged (nothing stored) or stored."""
+    now = now or datetime.now(UTC)
+    unchanged, conn, digest = _check(inv, label, databases, now)
+    if unchanged is not None:
+        return unchanged
+    result = pg_backup.backup_globals(inv, label, databases, stall_timeout=stall_timeout)
     if result.snapshot_id and digest is not None and conn is not None \
             and _dump_hash(conn, result.role_passwords) == digest:
-        write_record(path, {"sha256": digest, "snapshot_id": result.snapshot_id,
-                            "repository": repo_cfg.name, "repo_url": repo_cfg.url,
-                            "role_passwords": result.role_passwords,
-                            "stored_at": now.isoformat(timespec="seconds")})
+        repo_cfg = inv.repository_for(inv.database(databases[0]))
+        write_record(record_path(inv, label),
+                     {"sha256": digest, "snapshot_id": result.snapshot_id,
+                      "repository": repo_cfg.name, "repo_url": repo_cfg.url,
+                      "role_passwords": result.role_passwords,
+                      "stored_at": now.isoformat(timespec="seconds")})
     return result

@@ -8,9 +8,11 @@ separate arguments.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -271,10 +273,28 @@ def dump_tool_version(session: PsqlSession) -> str:
 
 
 def pg_dump_version(conn: Conn | None = None, *, timeout: float = 15) -> str:
-    """The version of the pg_dump ``conn``'s client runs (default: the one on PATH)."""
-    argv: tuple[str, ...] = ("pg_dump", "--version")
-    res = process.run(conn.argv(argv) if conn else argv, timeout=timeout,
-                      env=dict(conn.client.env) if conn else None)
+    """The version of the pg_dump ``conn``'s client runs (default: the one on PATH).
+    One run here per binary file (cached by path, inode and mtime: an upgraded
+    pg_dump is read again); a client run elsewhere (``prefix``) is asked each time."""
+    argv = conn.argv(("pg_dump", "--version")) if conn else ("pg_dump", "--version")
+    env = tuple(conn.client.env) if conn else ()
+    remote = bool(conn and conn.client.prefix)
+    path = None if remote else shutil.which(argv[0], path=dict(env).get("PATH"))
+    if path is None:
+        return _dump_version(argv, env, timeout)
+    st = os.stat(path)
+    return _local_dump_version(path, env, st.st_ino, st.st_mtime_ns, timeout)
+
+
+@functools.lru_cache(maxsize=16)
+def _local_dump_version(path: str, env: tuple[tuple[str, str], ...], _ino: int,
+                        _mtime_ns: int, timeout: float) -> str:
+    return _dump_version((path, "--version"), env, timeout)
+
+
+def _dump_version(argv: tuple[str, ...], env: tuple[tuple[str, str], ...],
+                  timeout: float) -> str:
+    res = process.run(argv, timeout=timeout, env=dict(env) if env else None)
     m = re.search(r"(\d+(?:\.\d+)+)", res.stdout)
     return m.group(1) if m else res.stdout.strip()
 

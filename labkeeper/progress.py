@@ -2,13 +2,13 @@
 
 A :class:`Progress` is fed byte counts from the loops that already move the bytes
 (:class:`labkeeper.process.Stage` ``on_bytes`` on a pipeline's producer, the off-site
-copy loops). It writes a line to a log callback every ``interval`` seconds, or when
-the stream crosses another 10 % of a known total (never more often than
-``interval / 6``): bytes, rate and, with a total, percent and ETA. A total may be an
-estimate (``pg_database_size`` for a dump): the line then says ``~`` and the ETA
+copy loops). It logs a line (logger ``labkeeper.progress``, INFO) every ``interval``
+seconds, or when the stream crosses another 10 % of a known total (never more often
+than ``interval / 6``): bytes, rate and, with a total, percent and ETA. A total may be
+an estimate (``pg_database_size`` for a dump): the line then says ``~`` and the ETA
 stops once the stream outgrows it. When stderr is a terminal a ``rich`` bar shows the
-same live; several streams share one bar display. Feeding never raises: a broken
-log or terminal must not break a backup.
+same live; several streams share one bar display. Feeding never raises: a broken log
+handler or terminal must not break a backup.
 """
 
 from __future__ import annotations
@@ -31,14 +31,13 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 
-Log = Callable[[str], None]
 Clock = Callable[[], float]
 
 DEFAULT_INTERVAL = 30.0
 STEP = 0.10  # a line at every 10 % of a known total
 _BAR_REFRESH = 0.1  # seconds between updates handed to the rich bar
 
-_log = logging.getLogger("labkeeper.progress")
+logger = logging.getLogger(__name__)
 
 
 # -- formatting (pure) -------------------------------------------------------------------
@@ -128,14 +127,13 @@ class Progress:
     :meth:`update` (bytes so far) from any thread, then :meth:`finish`."""
 
     def __init__(self, label: str, *, total: int | None = None, estimate: bool = False,
-                 log: Log | None = None, interval: float = DEFAULT_INTERVAL,
+                 interval: float = DEFAULT_INTERVAL,
                  bar: bool | None = None, clock: Clock = time.monotonic) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.label = label
         self.total = total if total and total > 0 else None
         self.estimate = estimate
-        self.log = log
         self.interval = interval
         self.clock = clock
         self.done = 0
@@ -204,12 +202,10 @@ class Progress:
         self.finish()
 
     def _emit(self, line: str) -> None:
-        if self.log is None:
-            return
         try:
-            self.log(line)
-        except Exception:  # a broken log must not break the stream
-            _log.debug("progress line not logged", exc_info=True)
+            logger.info("%s", line)
+        except Exception:  # a broken log handler must not break the stream
+            logger.debug("progress line not logged", exc_info=True)
 
 
 def interactive() -> bool:
@@ -264,7 +260,7 @@ class _BarTask:
         try:
             self.task = _BARS.open(label, total)
         except Exception:
-            _log.debug("no progress bar", exc_info=True)
+            logger.debug("no progress bar", exc_info=True)
 
     def set_total(self, total: int | None) -> None:
         self._call(total=total)
@@ -280,7 +276,7 @@ class _BarTask:
             try:
                 _BARS.close(self.task)
             except Exception:
-                _log.debug("progress bar not closed", exc_info=True)
+                logger.debug("progress bar not closed", exc_info=True)
             self.task = None
 
     def _call(self, **kw: Any) -> None:
@@ -290,4 +286,4 @@ class _BarTask:
         try:
             display.update(self.task, **kw)
         except Exception:
-            _log.debug("progress bar not updated", exc_info=True)
+            logger.debug("progress bar not updated", exc_info=True)

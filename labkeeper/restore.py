@@ -19,9 +19,10 @@ settings kept for review), and it is *not* started unless asked.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +33,7 @@ from labkeeper import proxmox as px
 from labkeeper.errors import ConfigError, LabkeeperError, PermanentError
 from labkeeper.inventory import Database, Inventory
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 _PG_IDENT_MAX = 63
 _LABKEEPER_NAME = re.compile(r"^[a-z0-9_]+_(restored|before)_[0-9]{14}$")
@@ -40,10 +41,6 @@ _LABKEEPER_NAME = re.compile(r"^[a-z0-9_]+_(restored|before)_[0-9]{14}$")
 
 class RestoreFailed(PermanentError):
     """A restore that did not produce a verified copy."""
-
-
-def _nolog(_: str) -> None:
-    pass
 
 
 def stamp(now: datetime | None = None) -> str:
@@ -181,7 +178,7 @@ def pick_backup(inv: Inventory, db: Database, snapshot: str = "latest"
 
 
 def restore_database(inv: Inventory, name: str, *, snapshot: str = "latest",
-                     into: str | None = None, log: Log = _nolog) -> DatabaseRestore:
+                     into: str | None = None) -> DatabaseRestore:
     """Restore ``snapshot`` of database ``name`` into a new database and verify it against
     the manifest. A failed or unverified restore drops the new database again and raises
     :class:`RestoreFailed` (nothing half-done is left behind)."""
@@ -197,13 +194,13 @@ def restore_database(inv: Inventory, name: str, *, snapshot: str = "latest",
     admin = admin_conn(inv, db)
     if exists(inv, db, into):
         raise RestoreFailed(f"database {into} already exists; refusing to restore over it")
-    log(f"{name}: restoring backup {backup.backup_id} (snapshot {result.snapshot}, "
-        f"{manifest.dump.bytes} bytes) into new database {into}")
+    logger.info("%s: restoring backup %s (snapshot %s, %s bytes) into new database %s", name,
+                backup.backup_id, result.snapshot, manifest.dump.bytes, into)
     postgres.query(admin, create_sql(into), timeout=120)
     started = time.monotonic()
     try:
         target = pg_container.matching(pg_backup.conn_for(inv, db, dbname=into))
-        with progress_mod.Progress(f"{name}: restore", total=manifest.dump.bytes, log=log,
+        with progress_mod.Progress(f"{name}: restore", total=manifest.dump.bytes,
                                    interval=inv.settings.progress_interval) as progress:
             outcome = drill.stream_restore(repo, backup.dump.id, manifest.dump.path, target,
                                            fmt=manifest.dump_format,
@@ -221,25 +218,25 @@ def restore_database(inv: Inventory, name: str, *, snapshot: str = "latest",
         result.tables = len(manifest.tables)
         result.seconds = time.monotonic() - started
     except BaseException:
-        _drop_quietly(admin, into, log)
+        _drop_quietly(admin, into)
         raise
     if not result.verified:
-        _drop_quietly(admin, into, log)
+        _drop_quietly(admin, into)
         raise RestoreFailed(f"restore of {name} from {result.snapshot} does not match its "
                             f"manifest ({len(result.problems)} problem(s)): "
                             + "; ".join(result.problems[:5]) + f"; {into} dropped")
-    log(f"{name}: {into} verified: {result.tables} tables with their manifest row counts, "
-        f"{result.bytes} bytes in {result.seconds:.1f} s")
+    logger.info("%s: %s verified: %s tables with their manifest row counts, %s bytes in "
+                "%.1f s", name, into, result.tables, result.bytes, result.seconds)
     return result
 
 
-def _drop_quietly(admin: postgres.Conn, name: str, log: Log) -> None:
+def _drop_quietly(admin: postgres.Conn, name: str) -> None:
     try:
         drop_sql(name)  # refuses anything labkeeper did not make
         pg_drop.drop_database(admin, name, timeout=300)
-        log(f"dropped {name}")
+        logger.info("dropped %s", name)
     except LabkeeperError as exc:  # reported, the original failure wins
-        log(f"could not drop {name}: {exc}")
+        logger.info("could not drop %s: %s", name, exc)
 
 
 Made = Mapping[str, Collection[str]]
@@ -258,7 +255,7 @@ def made_by_run(made: Made, name: str, target: str, *, field_name: str) -> None:
 
 
 def swap_database(inv: Inventory, name: str, restored: str, *, made: Made,
-                  when: str | None = None, log: Log = _nolog) -> str:
+                  when: str | None = None) -> str:
     """Put ``restored`` (a copy this run restored, see :data:`Made`) in place of
     database ``name``; return where the original went."""
     db = inv.database(name)
@@ -272,12 +269,12 @@ def swap_database(inv: Inventory, name: str, restored: str, *, made: Made,
     if exists(inv, db, aside):
         raise RestoreFailed(f"database {aside} already exists; refusing to swap")
     postgres.query(admin_conn(inv, db), swap_sql(original, restored, aside), timeout=120)
-    log(f"{name}: {restored} is now {original}; the previous {original} is kept as {aside}")
+    logger.info("%s: %s is now %s; the previous %s is kept as %s", name, restored, original,
+                original, aside)
     return aside
 
 
-def drop_database(inv: Inventory, name: str, target: str, *, made: Made,
-                  log: Log = _nolog) -> bool:
+def drop_database(inv: Inventory, name: str, target: str, *, made: Made) -> bool:
     """Drop a restored copy or set-aside original of database ``name`` that this run
     made (see :data:`Made`)."""
     db = inv.database(name)
@@ -285,7 +282,7 @@ def drop_database(inv: Inventory, name: str, target: str, *, made: Made,
     made_by_run(made, name, target, field_name="name")
     present = exists(inv, db, target)
     pg_drop.drop_database(admin_conn(inv, db), target, timeout=300)
-    log(f"{name}: dropped {target}" if present else f"{name}: {target} was not there")
+    logger.info("%s: dropped %s" if present else "%s: %s was not there", name, target)
     return present
 
 
@@ -345,8 +342,8 @@ def pick_archive(api: Any, inv: Inventory, guest_name: str, archive: str = "late
 
 
 def restore_guest(inv: Inventory, name: str, *, archive: str = "latest", vmid: int = 0,
-                  over_original: bool = False, start: bool | None = None, api: Any = None,
-                  log: Log = _nolog) -> GuestRestore:
+                  over_original: bool = False, start: bool | None = None, api: Any = None
+                  ) -> GuestRestore:
     """Restore guest ``name`` from ``archive`` to ``vmid`` (0: the next free VMID),
     isolated (:func:`isolate_copy`) and left stopped unless ``start``; or over the
     original (stopped first, started again unless ``start`` is false)."""
@@ -362,7 +359,7 @@ def restore_guest(inv: Inventory, name: str, *, archive: str = "latest", vmid: i
     if over_original:
         target = guest.vmid
         if current is not None and current.status == "running":
-            log(f"{name}: stopping VMID {target} before restoring over it")
+            logger.info("%s: stopping VMID %s before restoring over it", name, target)
             px.wait_for_task(api, px.stop_guest(api, node, target, guest.type), timeout=timeout)
     else:
         if vmid and vmid == guest.vmid:
@@ -371,8 +368,8 @@ def restore_guest(inv: Inventory, name: str, *, archive: str = "latest", vmid: i
         if vmid and px.find_guest(api, vmid) is not None:
             raise ConfigError(f"vmid: {vmid} is already in use")
         target = px.next_vmid(api, vmid or None)
-    log(f"{name}: restoring {vol.volid} to VMID {target} on {node}"
-        + (" (over the original)" if over_original else ""))
+    logger.info("%s: restoring %s to VMID %s on %s%s", name, vol.volid, target, node,
+                " (over the original)" if over_original else "")
     restore = px.restore_lxc if guest.type == "lxc" else px.restore_qemu
     upid = restore(api, node, target, vol.volid, storage=guest.resources.storage,
                    force=True if over_original else None,
@@ -382,8 +379,8 @@ def restore_guest(inv: Inventory, name: str, *, archive: str = "latest", vmid: i
     isolation = ""
     if not over_original:
         isolation = isolate_copy(api, node, target, guest.type)
-        log(f"{name}: copy VMID {target} isolated: {isolation}"
-            + ("" if start else "; left stopped"))
+        logger.info("%s: copy VMID %s isolated: %s%s", name, target, isolation,
+                    "" if start else "; left stopped")
     if start:
         px.wait_for_task(api, px.start_guest(api, node, target, guest.type), timeout=timeout)
     return GuestRestore(guest.name, vol.volid, target, node, over_original,

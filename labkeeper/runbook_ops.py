@@ -8,6 +8,7 @@ returns ``(what would happen, problems)``.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +22,8 @@ from labkeeper.inventory import Inventory, SmokeQuery
 from labkeeper.runbook import FLOWS, start_order
 from labkeeper.ssh import SshPool, SshTarget
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
+
 Outputs = dict[str, Any]
 
 
@@ -38,11 +40,10 @@ def _names(value: Any) -> list[str]:
 class Lab:
     """The lab a runbook works on: inventory, a lazily opened Proxmox API, an SSH pool."""
 
-    def __init__(self, inv: Inventory, *, api: Any = None, log: Log = print) -> None:
+    def __init__(self, inv: Inventory, *, api: Any = None) -> None:
         self.inv = inv
         self._api = api
         self.pool = SshPool()
-        self.log = log
 
     @property
     def api(self) -> Any:
@@ -72,7 +73,7 @@ def run_ssh(lab: Lab, spec: Mapping[str, Any], argv: Sequence[str], timeout: flo
             ) -> tuple[str, Outputs]:
     target = SshTarget.from_spec(lab.inv.ssh_target(str(spec["host"])))
     res = lab.pool.get(target).run(argv, timeout=timeout, check=False,
-                                   on_stdout_line=lambda t: lab.log(f"{spec['host']}| {t}"))
+                                   on_stdout_line=lambda t: logger.info("%s| %s", spec["host"], t))
     expect = list(spec.get("expect_exit") or [0])
     out = {"stdout": res.stdout.strip(), "returncode": res.returncode}
     if res.returncode not in expect:
@@ -139,7 +140,7 @@ def _power(lab: Lab, op: str, names: list[str]) -> tuple[str, Outputs]:
         if found.status == want:
             done.append(f"{n} already {want}")
             continue
-        lab.log(f"{op} {n} (VMID {guest.vmid} on {found.node})")
+        logger.info("%s %s (VMID %s on %s)", op, n, guest.vmid, found.node)
         lab.wait(action(lab.api, found.node, guest.vmid, guest.type))
         done.append(f"{n} {want}")
     return "; ".join(done), {"order": order}
@@ -239,11 +240,11 @@ def run_database(lab: Lab, spec: Mapping[str, Any], *, stamp: str,
     name = str(spec["database"])
     if spec["op"] == "swap":
         aside = restore.swap_database(lab.inv, name, str(spec["restored"]), made=made,
-                                      when=stamp, log=lab.log)
+                                      when=stamp)
         return (f"{spec['restored']} now serves as {lab.inv.database(name).effective_dbname}; "
                 f"the previous one kept as {aside}"), {"aside": aside}
     target = str(spec["name"])
-    present = restore.drop_database(lab.inv, name, target, made=made, log=lab.log)
+    present = restore.drop_database(lab.inv, name, target, made=made)
     return (f"dropped {target}" if present else f"{target} was not there"), {}
 
 
@@ -370,6 +371,11 @@ def plan_flow(lab: Lab, name: str, args: Mapping[str, Any]) -> tuple[str, list[s
             vol = restore.pick_archive(lab.api, inv, str(args["guest"]),
                                        str(args.get("archive") or "latest"))
             what += f": archive {vol.volid}"
+        elif name == "pitr_restore_copy":
+            from labkeeper.pitr import copy as pitr_copy
+
+            what = pitr_copy.plan_live(inv, str(args["server"]), str(args["database"]),
+                                       str(args["to"]))
     except (LabkeeperError, KeyError) as exc:
         problems.append(str(exc) if not isinstance(exc, KeyError) else f"missing {exc}")
     return what, problems

@@ -8,7 +8,7 @@ raised as :class:`~labkeeper.drill.DrillFailed` (transient), so Prefect retries 
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from labkeeper import drill, drill_paths
@@ -30,21 +30,21 @@ def _settle(result: drill.DrillResult) -> drill.DrillResult:
       timeout_seconds=DATABASE_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def database_drill(inv: Inventory, name: str) -> drill.DrillResult:
     """Restore the latest dump into a scratch database and verify it against its manifest."""
-    return _settle(drill.database_drill(inv, name, log=get_run_logger().info))
+    return _settle(drill.database_drill(inv, name))
 
 
 @task(name="dr-drill-guest", task_run_name="drill-guest-{name}",
       timeout_seconds=GUEST_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def guest_drill(inv: Inventory, name: str, poll: float = 0.5) -> drill.DrillResult:
     """Restore the latest vzdump archive to a scratch VMID, isolated; boot; destroy."""
-    return _settle(drill.guest_drill(inv, name, log=get_run_logger().info, poll=poll))
+    return _settle(drill.guest_drill(inv, name, poll=poll))
 
 
 @task(name="dr-drill-repository", task_run_name="drill-repo-{name}",
       timeout_seconds=REPOSITORY_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def repository_drill(inv: Inventory, name: str) -> drill.DrillResult:
     """restic check of a rotating pack subset and a random snapshot restored byte for byte."""
-    return _settle(drill.repository_drill(inv, name, log=get_run_logger().info))
+    return _settle(drill.repository_drill(inv, name))
 
 
 PATHS_TASK_TIMEOUT = 6 * 3600
@@ -54,7 +54,7 @@ PATHS_TASK_TIMEOUT = 6 * 3600
       timeout_seconds=PATHS_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def paths_drill(inv: Inventory, name: str) -> drill.DrillResult:
     """A random sample of a path set's latest snapshot compared with its host by SHA-256."""
-    return _settle(drill_paths.paths_drill(inv, name, log=get_run_logger().info))
+    return _settle(drill_paths.paths_drill(inv, name))
 
 
 PITR_TASK_TIMEOUT = 6 * 3600
@@ -67,7 +67,7 @@ def pitr_drill(inv: Inventory, name: str) -> drill.DrillResult:
     clusters, as the ``pitr_drill`` flow runs them; RTO/RPO against the objectives."""
     from labkeeper.pitr import drill as pitr_drill_mod
 
-    return _settle(pitr_drill_mod.dr_drill(inv, name, log=get_run_logger().info))
+    return _settle(pitr_drill_mod.dr_drill(inv, name))
 
 
 BY_KIND = {"database": database_drill, "guest": guest_drill, "repository": repository_drill,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from labkeeper import path_backup
@@ -18,6 +18,4 @@ BACKUP_TASK_TIMEOUT = 25 * 3600
       timeout_seconds=BACKUP_TASK_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def backup_path_set(inv: Inventory, name: str) -> path_backup.PathBackupResult:
     """restic backup of one path set, run on its host over SSH, proven by its tag."""
-    logger = get_run_logger()
-    return path_backup.backup_path_set(inv, name, log=logger.info, progress=logger.info,
-                                       warn=logger.warning)
+    return path_backup.backup_path_set(inv, name)

@@ -19,8 +19,19 @@ GLOBALS_TASK_TIMEOUT = 1800
 def backup_database(inv: Inventory, name: str, stall_timeout: float = 300.0
                     ) -> pg_backup.BackupResult:
     """Dump one database into restic with a manifest from the same snapshot."""
-    logger = get_run_logger()
-    return pg_backup.backup_database(inv, name, log=logger.info, stall_timeout=stall_timeout)
+    return pg_backup.backup_database(inv, name, stall_timeout=stall_timeout)
+
+
+@task(name="pg-globals-check", task_run_name="globals-check-{label}",
+      timeout_seconds=GLOBALS_TASK_TIMEOUT, cache_policy=NO_CACHE)
+def check_globals(inv: Inventory, label: str, databases: list[str]
+                  ) -> pg_backup.GlobalsResult | None:
+    """The row of one server's globals when unchanged since their last stored dump
+    (nothing stored); None when they must be stored (:func:`backup_globals`)."""
+    result = pg_globals.check_globals(inv, label, databases)
+    if result is not None and result.status != "ok":
+        get_run_logger().warning("globals of %s: %s", label, result.detail)
+    return result
 
 
 @task(name="pg-backup-globals", task_run_name="globals-{label}",
@@ -30,7 +41,7 @@ def backup_globals(inv: Inventory, label: str, databases: list[str],
     """pg_dumpall --globals-only of one server (a warning when not allowed); stored only
     when they changed since the last stored dump (the row then names that snapshot)."""
     logger = get_run_logger()
-    result = pg_globals.backup_globals_if_changed(inv, label, databases, log=logger.info,
+    result = pg_globals.backup_globals_if_changed(inv, label, databases,
                                                   stall_timeout=stall_timeout)
     if result.status != "ok":
         logger.warning("globals of %s: %s", label, result.detail)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from labkeeper import bootstrap as bs
@@ -41,28 +41,27 @@ def read_plan(inv: Inventory) -> pv.Plan:
       timeout_seconds=CREATE_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def create_guest(inv: Inventory, guest: Guest) -> pv.StepResult:
     """Create the guest from its template (LXC) or by cloning (QEMU), unless it exists."""
-    return pv.create_guest(_api(inv), inv, guest, log=get_run_logger().info)
+    return pv.create_guest(_api(inv), inv, guest)
 
 
 @task(name="provision-configure", task_run_name="configure-{guest.name}",
       timeout_seconds=STEP_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def configure_guest(inv: Inventory, guest: Guest, allow_restart: bool) -> pv.StepResult:
     """Apply resource, network, tag and disk-growth changes (restarts only if allowed)."""
-    return pv.converge_guest(_api(inv), inv, guest, allow_restart=allow_restart,
-                             log=get_run_logger().info)
+    return pv.converge_guest(_api(inv), inv, guest, allow_restart=allow_restart)
 
 
 @task(name="provision-start", task_run_name="start-{guest.name}",
       timeout_seconds=STEP_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def start_guest(inv: Inventory, guest: Guest) -> pv.StepResult:
-    return pv.start_guest(_api(inv), inv, guest, log=get_run_logger().info)
+    return pv.start_guest(_api(inv), inv, guest)
 
 
 @task(name="provision-wait-ssh", task_run_name="wait-ssh-{guest.name}",
       timeout_seconds=SSH_WAIT_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def wait_for_ssh(inv: Inventory, guest: Guest) -> pv.StepResult:
     """Wait until the guest answers SSH with the expected host key."""
-    return pv.wait_for_ssh(inv, guest, log=get_run_logger().info)
+    return pv.wait_for_ssh(inv, guest)
 
 
 @task(name="provision-bootstrap", task_run_name="bootstrap-{guest.name}",
@@ -70,25 +69,24 @@ def wait_for_ssh(inv: Inventory, guest: Guest) -> pv.StepResult:
 def bootstrap_guest(inv: Inventory, guest: Guest, base_dir: str,
                     state_dir: str = bs.DEFAULT_STATE_DIR) -> pv.StepResult:
     """Packages, files, commands and Compose stack of the guest's roles (idempotent)."""
-    return bs.run_bootstrap(inv, guest, base_dir=Path(base_dir), state_dir=state_dir,
-                            log=get_run_logger().info)
+    return bs.run_bootstrap(inv, guest, base_dir=Path(base_dir), state_dir=state_dir)
 
 
 @task(name="provision-protect", task_run_name="protect-{guest.name}",
       timeout_seconds=STEP_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def protect_guest(inv: Inventory, guest: Guest) -> pv.StepResult:
-    return pv.protect_guest(_api(inv), inv, guest, log=get_run_logger().info)
+    return pv.protect_guest(_api(inv), inv, guest)
 
 
 @task(name="provision-destroy", task_run_name="destroy-{guest.name}",
       timeout_seconds=STEP_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def destroy_guest(inv: Inventory, guest: Guest) -> pv.StepResult:
     """Destroy a guest the inventory marks absent (only with --allow-destroy)."""
-    return pv.destroy_guest(_api(inv), inv, guest, log=get_run_logger().info)
+    return pv.destroy_guest(_api(inv), inv, guest)
 
 
 @task(name="provision-cleanup", task_run_name="cleanup-{guest.name}",
       timeout_seconds=STEP_TIMEOUT, cache_policy=NO_CACHE, **RETRY)
 def cleanup_guest(inv: Inventory, guest: Guest, reason: str) -> pv.StepResult:
     """Destroy (or report) a guest whose creation failed half-way, per the inventory."""
-    return pv.cleanup_guest(_api(inv), inv, guest, reason, log=get_run_logger().warning)
+    return pv.cleanup_guest(_api(inv), inv, guest, reason)

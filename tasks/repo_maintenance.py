@@ -18,11 +18,10 @@ from tasks.common import RETRY
 def _ready(inv: Inventory, repo_name: str) -> restic.Repo:
     """Open the repository and get an exclusive lock's way clear (stale locks removed,
     live ones waited for)."""
-    logger = get_run_logger()
     cfg = inv.repository(repo_name)
     repo = pg_backup.open_repo(inv, repo_name)
     restic.wait_for_locks(repo, exclusive=True, wait=cfg.lock_wait_minutes * 60,
-                          stale_after=cfg.stale_lock_minutes * 60, log=logger.info)
+                          stale_after=cfg.stale_lock_minutes * 60)
     return repo
 
 

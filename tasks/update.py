@@ -22,7 +22,7 @@ from tasks.common import RETRY
 
 
 def _session(inv: Inventory, app: str) -> core.Session:
-    return core.Session(inv, app, log=get_run_logger().info)
+    return core.Session(inv, app)
 
 
 @task(name="update-preflight", task_run_name="preflight-{app}", timeout_seconds=900,
@@ -88,14 +88,14 @@ def _roll_back(txn: Any) -> None:
     """Prefect calls this when the update or the gate failed inside the transaction."""
     inv: Inventory = txn.get("inv")
     app: str = txn.get("app")
-    recovery.roll_back(inv, app, get_run_logger())
+    recovery.roll_back(inv, app)
 
 
 @task(name="update-rollback", task_run_name="rollback-{app}", timeout_seconds=4 * 3600,
       cache_policy=NO_CACHE, **RETRY)
 def rollback(inv: Inventory, app: str) -> str:
     """Roll back outside a transaction (crash recovery)."""
-    return recovery.roll_back(inv, app, get_run_logger())
+    return recovery.roll_back(inv, app)
 
 
 @task(name="update-run", task_run_name="update-{app}", timeout_seconds=4 * 3600,

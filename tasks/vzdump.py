@@ -146,7 +146,7 @@ def copy_offsite(inv: Inventory, job: VzdumpJob, backup: core.GuestBackup,
                              "(no vzdump task log names it)")
     verb = "would delete" if dry_run else "deleted"
     progress = progress_mod.Progress(f"offsite {backup.volid}", total=backup.size,
-                                     log=logger.info, interval=inv.settings.progress_interval)
+                                     interval=inv.settings.progress_interval)
     if off.host is not None:
         assert off.path is not None  # the inventory requires it with host
         dest = offsite.host_dir(str(off.path), backup.vmid)

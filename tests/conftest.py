@@ -27,6 +27,12 @@ if (os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCA
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     sys.dont_write_bytecode = False
 
+# As the command line does: labkeeper's records go to the run they belong to, and a
+# record outside any run (core code called directly) is not a Prefect warning.
+from labkeeper import log_setup  # noqa: E402
+
+log_setup.prefect_environment(os.environ)
+
 pytest_plugins = [
     "tests.fixtures.prefect",
     "tests.fixtures.ssh",

@@ -56,7 +56,6 @@ from labkeeper.drill.result import (
     Check,
     DrillFailed,
     DrillResult,
-    Log,
     objective_checks,
 )
 from labkeeper.drill.scratch import (
@@ -79,7 +78,6 @@ __all__ = [
     "Check",
     "DrillFailed",
     "DrillResult",
-    "Log",
     "RestoreOutcome",
     "SweepDecision",
     "check_label",

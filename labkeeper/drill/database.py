@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets as pysecrets
@@ -27,10 +28,12 @@ from datetime import UTC, datetime
 from labkeeper import pg_backup, pg_container, pg_drop, postgres, process, restic
 from labkeeper import progress as progress_mod
 from labkeeper.drill.pgrestore import compare_tables, judge_smoke, restored_counts, stream_restore
-from labkeeper.drill.result import DrillResult, Log, dur, nolog, objective_checks
+from labkeeper.drill.result import DrillResult, dur, objective_checks
 from labkeeper.errors import CommandError, ConfigError, LabkeeperError
 from labkeeper.inventory import DRILL_DB_PREFIX, Database, DrillServer, Inventory
 from labkeeper.secrets import resolve
+
+logger = logging.getLogger(__name__)
 
 # =====================================================================================
 # naming (pure)
@@ -98,7 +101,7 @@ def drill_conn(inv: Inventory, server: DrillServer, dbname: str | None = None
                          sslmode=server.sslmode)
 
 
-def database_drill(inv: Inventory, name: str, *, log: Log = nolog,
+def database_drill(inv: Inventory, name: str, *,
                    now: Callable[[], datetime] | None = None,
                    keep_on_failure: bool | None = None) -> DrillResult:
     """Restore the latest backup of database ``name`` into a scratch database and
@@ -111,20 +114,20 @@ def database_drill(inv: Inventory, name: str, *, log: Log = nolog,
     result = DrillResult("database", name, rpo_objective_s=spec.rpo_hours * 3600,
                          rto_objective_s=spec.rto_minutes * 60)
     try:
-        _database_drill(inv, db, result, keep=keep, log=log, clock=clock)
+        _database_drill(inv, db, result, keep=keep, clock=clock)
     except LabkeeperError as exc:
         result.fail(str(exc), transient=exc.transient)
     result.duration_s = time.monotonic() - started
-    log(f"database drill {name}: {result.status.upper()} — {result.summary()}")
+    logger.info("database drill %s: %s — %s", name, result.status.upper(), result.summary())
     return result
 
 
 def _database_drill(inv: Inventory, db: Database, result: DrillResult, *, keep: bool,
-                    log: Log, clock: Callable[[], datetime]) -> None:
+                    clock: Callable[[], datetime]) -> None:
     name = db.name
     repo_cfg = inv.repository_for(db)
     repo = pg_backup.open_repo(inv, repo_cfg.name)
-    found = _latest_backup(inv, db, repo, repo_cfg.name, result, log=log, clock=clock)
+    found = _latest_backup(inv, db, repo, repo_cfg.name, result, clock=clock)
     if found is None:
         return
     backup, manifest = found
@@ -144,20 +147,21 @@ def _database_drill(inv: Inventory, db: Database, result: DrillResult, *, keep: 
         postgres.query(admin, create_db_sql(scratch), timeout=120)
         created = True
         result.scratch = scratch
-        log(f"{name}: restoring {result.source}:{manifest.dump.path} into {where}")
-        _restore(inv, db, repo, backup, manifest, scratch_conn, result, log=log)
-        _verify(inv, db, repo, manifest, scratch_conn, result, log=log)
+        logger.info("%s: restoring %s:%s into %s", name, result.source, manifest.dump.path,
+                    where)
+        _restore(inv, db, repo, backup, manifest, scratch_conn, result)
+        _verify(inv, db, repo, manifest, scratch_conn, result)
         result.rto_s = time.monotonic() - restore_started
     except LabkeeperError as exc:
         result.fail(str(exc), transient=exc.transient)
     finally:
         if created:
-            _drop_or_keep(admin, scratch, where, name, result, keep=keep, log=log)
+            _drop_or_keep(admin, scratch, where, name, result, keep=keep)
     objective_checks(result)
 
 
 def _latest_backup(inv: Inventory, db: Database, repo: restic.Repo, repo_name: str,
-                   result: DrillResult, *, log: Log, clock: Callable[[], datetime]
+                   result: DrillResult, *, clock: Callable[[], datetime]
                    ) -> tuple[pg_backup.StoredBackup, pg_backup.Manifest] | None:
     """The newest complete backup and its manifest (RPO measured), or None (failed)."""
     name = db.name
@@ -173,9 +177,9 @@ def _latest_backup(inv: Inventory, db: Database, repo: restic.Repo, repo_name: s
         return None
     result.source = backup.dump.short_id or backup.dump.id[:8]
     result.rpo_s = max(0.0, (clock() - manifest.created_at).total_seconds())
-    log(f"{name}: latest backup {backup.backup_id} (snapshot {result.source}, "
-        f"{manifest.dump.bytes} bytes, {manifest.table_count} tables), RPO "
-        f"{dur(result.rpo_s)} (objective {dur(result.rpo_objective_s)})")
+    logger.info("%s: latest backup %s (snapshot %s, %s bytes, %s tables), RPO %s "
+                "(objective %s)", name, backup.backup_id, result.source, manifest.dump.bytes,
+                manifest.table_count, dur(result.rpo_s), dur(result.rpo_objective_s))
     result.check("backup", True, f"backup {backup.backup_id} from "
                                  f"{manifest.created_at.isoformat(timespec='seconds')}")
     # The manifest names its dump by id: full since ids were made canonical, restic
@@ -187,12 +191,12 @@ def _latest_backup(inv: Inventory, db: Database, repo: restic.Repo, repo_name: s
 
 
 def _restore(inv: Inventory, db: Database, repo: restic.Repo, backup: pg_backup.StoredBackup,
-             manifest: pg_backup.Manifest, conn: postgres.Conn, result: DrillResult, *,
-             log: Log) -> None:
+             manifest: pg_backup.Manifest, conn: postgres.Conn, result: DrillResult
+             ) -> None:
     """Stream the dump into the scratch database; check its size and restore errors."""
     dump = manifest.dump
     assert dump is not None
-    with progress_mod.Progress(f"{db.name}: restore", total=dump.bytes, log=log,
+    with progress_mod.Progress(f"{db.name}: restore", total=dump.bytes,
                                interval=inv.settings.progress_interval) as progress:
         outcome = stream_restore(repo, backup.dump.id, dump.path, conn,
                                  fmt=manifest.dump_format, timeout=db.timeout_minutes * 60,
@@ -212,7 +216,7 @@ def _restore(inv: Inventory, db: Database, repo: restic.Repo, backup: pg_backup.
 
 
 def _verify(inv: Inventory, db: Database, repo: restic.Repo, manifest: pg_backup.Manifest,
-            conn: postgres.Conn, result: DrillResult, *, log: Log) -> None:
+            conn: postgres.Conn, result: DrillResult) -> None:
     """Row counts against the manifest, the smoke queries, the globals dump."""
     counts = restored_counts(conn)
     for c in compare_tables(manifest.tables, counts):
@@ -224,11 +228,11 @@ def _verify(inv: Inventory, db: Database, repo: restic.Repo, manifest: pg_backup
         except CommandError as exc:
             ok, detail = False, f"query failed: {exc.stderr_tail or exc}"
         result.check(label, ok, f"{sq.sql!r} {detail}")
-    _check_globals(inv, db, repo, result, log)
+    _check_globals(inv, db, repo, result)
 
 
-def _check_globals(inv: Inventory, db: Database, repo: restic.Repo, result: DrillResult,
-                   log: Log) -> None:
+def _check_globals(inv: Inventory, db: Database, repo: restic.Repo, result: DrillResult
+                   ) -> None:
     if not db.globals:
         result.notes.append("globals not taken for this server (globals: false)")
         return
@@ -248,17 +252,17 @@ def _check_globals(inv: Inventory, db: Database, repo: restic.Repo, result: Dril
     roles = sum(1 for line in text.splitlines() if line.startswith("CREATE ROLE "))
     result.check("globals", True, f"{path} in {newest.short_id} complete ({roles} role(s), "
                                   f"{newest.time.isoformat(timespec='seconds')})")
-    log(f"globals of {label}: {newest.short_id} complete")
+    logger.info("globals of %s: %s complete", label, newest.short_id)
 
 
 def _drop_or_keep(admin: postgres.Conn, scratch: str, where: str, name: str,
-                  result: DrillResult, *, keep: bool, log: Log) -> None:
+                  result: DrillResult, *, keep: bool) -> None:
     """Drop the scratch database, or keep it when the drill failed and keep is set."""
     if keep and not result.passed:
         result.kept = where
         result.notes.append(f"scratch database kept for inspection: {where}; drop it "
                             f"with: {drop_db_sql(scratch)}")
-        log(f"{name}: drill failed; kept {where}")
+        logger.info("%s: drill failed; kept %s", name, where)
         return
     try:
         drop_db_sql(scratch)  # refuses anything but a scratch name

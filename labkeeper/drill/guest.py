@@ -18,6 +18,7 @@ prove it comes up.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from labkeeper.drill.reach import check_label, reach_copy
-from labkeeper.drill.result import DrillResult, Log, nolog, objective_checks
+from labkeeper.drill.result import DrillResult, objective_checks
 from labkeeper.drill.scratch import (
     KEPT_TAG,
     SCRATCH_TAG,
@@ -36,6 +37,8 @@ from labkeeper.drill.scratch import (
 )
 from labkeeper.errors import ConfigError, LabkeeperError
 from labkeeper.inventory import Guest, GuestDrill, Inventory
+
+logger = logging.getLogger(__name__)
 
 # =====================================================================================
 # pure parts
@@ -106,7 +109,7 @@ class _Copy:
         return f"VMID {self.vmid} on {self.node}"
 
 
-def guest_drill(inv: Inventory, name: str, *, api: Any = None, log: Log = nolog,
+def guest_drill(inv: Inventory, name: str, *, api: Any = None,
                 now: Callable[[], datetime] | None = None, poll: float = 0.5,
                 keep_on_failure: bool | None = None) -> DrillResult:
     """Sweep scratch copies left by dead drills, restore guest ``name``'s latest vzdump
@@ -124,18 +127,17 @@ def guest_drill(inv: Inventory, name: str, *, api: Any = None, log: Log = nolog,
                          rto_objective_s=spec.rto_minutes * 60)
     try:
         api = api if api is not None else px.connect_lab(inv.proxmox)
-        sweep_scratch(px, api, inv, result, now=clock(), poll=poll, log=log)
-        _guest_drill(px, api, inv, guest, spec, result, keep=keep, log=log, clock=clock,
-                     poll=poll)
+        sweep_scratch(px, api, inv, result, now=clock(), poll=poll)
+        _guest_drill(px, api, inv, guest, spec, result, keep=keep, clock=clock, poll=poll)
     except LabkeeperError as exc:
         result.fail(str(exc), transient=exc.transient)
     result.duration_s = time.monotonic() - started
-    log(f"guest drill {name}: {result.status.upper()} — {result.summary()}")
+    logger.info("guest drill %s: %s — %s", name, result.status.upper(), result.summary())
     return result
 
 
 def _guest_drill(px: Any, api: Any, inv: Inventory, guest: Guest, spec: GuestDrill,
-                 result: DrillResult, *, keep: bool, log: Log, clock: Callable[[], datetime],
+                 result: DrillResult, *, keep: bool, clock: Callable[[], datetime],
                  poll: float) -> None:
     settings = inv.drills.guests
     archive = _find_archive(px, api, inv, guest, result, clock=clock)
@@ -147,8 +149,8 @@ def _guest_drill(px: Any, api: Any, inv: Inventory, guest: Guest, spec: GuestDri
     px.next_vmid(api, vmid)  # PVE confirms it is free (400 if not)
     copy = _Copy(settings.node or guest.node, vmid, guest.type)
     storage = settings.storage or guest.resources.storage
-    log(f"{guest.name}: restoring {archive.volid} to scratch VMID {vmid} on {copy.node} "
-        f"({storage})")
+    logger.info("%s: restoring %s to scratch VMID %s on %s (%s)", guest.name, archive.volid,
+                vmid, copy.node, storage)
     restore_started = time.monotonic()
     created = False
     try:
@@ -162,7 +164,7 @@ def _guest_drill(px: Any, api: Any, inv: Inventory, guest: Guest, spec: GuestDri
         result.scratch = copy.label
         result.check("restore", True, f"{archive.volid} → VMID {vmid}")
         _isolate(px, api, inv, copy, result)
-        _start_and_check(px, api, inv, guest, spec, copy, result, poll=poll, log=log)
+        _start_and_check(px, api, inv, guest, spec, copy, result, poll=poll)
         result.rto_s = time.monotonic() - restore_started
     except LabkeeperError as exc:
         result.fail(str(exc), transient=exc.transient)
@@ -210,7 +212,7 @@ def _isolate(px: Any, api: Any, inv: Inventory, copy: _Copy, result: DrillResult
 
 
 def _start_and_check(px: Any, api: Any, inv: Inventory, guest: Guest, spec: GuestDrill,
-                     copy: _Copy, result: DrillResult, *, poll: float, log: Log) -> None:
+                     copy: _Copy, result: DrillResult, *, poll: float) -> None:
     """Start the copy, wait for it to run, then the ssh / probe check if asked."""
     boot_timeout = inv.drills.guests.boot_timeout
     up = px.start_guest(api, copy.node, copy.vmid, copy.gtype)
@@ -226,7 +228,7 @@ def _start_and_check(px: Any, api: Any, inv: Inventory, guest: Guest, spec: Gues
     if spec.check == "status":
         return
     if running:
-        reach_copy(inv, guest, spec, result, deadline=deadline, poll=poll, log=log)
+        reach_copy(inv, guest, spec, result, deadline=deadline, poll=poll)
     else:
         result.check(check_label(spec), False, "not tried: the copy is not running")
 

@@ -39,6 +39,7 @@ target ``<host>/<set>``) and never raises for a drill that failed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import re
 import secrets as pysecrets
@@ -53,10 +54,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from labkeeper import path_backup, restic
 from labkeeper.drill.hashing import dump_sha256
 from labkeeper.drill.plan import find_path_set, path_set_target
-from labkeeper.drill.result import DrillResult, Log, nolog, objective_checks
+from labkeeper.drill.result import DrillResult, objective_checks
 from labkeeper.errors import LabkeeperError
 from labkeeper.inventory import Inventory, PathBackup
 from labkeeper.ssh import SshClient, SshTarget, connect
+
+logger = logging.getLogger(__name__)
 
 GONE_EXIT = 66
 """The source script's exit code for a path that does not exist on the host."""
@@ -270,7 +273,7 @@ def judge_file(node: SnapNode, restored_sha: str, restored_size: int, source: So
 # =====================================================================================
 
 
-def paths_drill(inv: Inventory, target: str, *, log: Log = nolog,
+def paths_drill(inv: Inventory, target: str, *,
                 rng: random.Random | None = None,
                 now: Callable[[], datetime] | None = None,
                 connector: Callable[[SshTarget], SshClient] = connect) -> DrillResult:
@@ -283,17 +286,18 @@ def paths_drill(inv: Inventory, target: str, *, log: Log = nolog,
     try:
         pb = find_path_set(inv, target)
         result.target = path_set_target(pb)
-        _paths_drill(inv, pb, result, log=log, rng=rng or pysecrets.SystemRandom(),
+        _paths_drill(inv, pb, result, rng=rng or pysecrets.SystemRandom(),
                      clock=clock, connector=connector)
     except LabkeeperError as exc:
         result.fail(str(exc), transient=exc.transient)
     objective_checks(result)
     result.duration_s = time.monotonic() - started
-    log(f"paths drill {result.target}: {result.status.upper()} — {result.summary()}")
+    logger.info("paths drill %s: %s — %s", result.target, result.status.upper(),
+                result.summary())
     return result
 
 
-def _paths_drill(inv: Inventory, pb: PathBackup, result: DrillResult, *, log: Log,
+def _paths_drill(inv: Inventory, pb: PathBackup, result: DrillResult, *,
                  rng: random.Random, clock: Callable[[], datetime],
                  connector: Callable[[SshTarget], SshClient]) -> None:
     label = path_backup.series_label(pb.host, pb.name)
@@ -306,9 +310,9 @@ def _paths_drill(inv: Inventory, pb: PathBackup, result: DrillResult, *, log: Lo
     files, seen = _sample(inv, repo, snap.id, sid, result, rng=rng)
     if not files:
         return
-    log(f"{label}: comparing {len(files)} of {seen} files of snapshot {sid} with "
-        f"{pb.host}")
-    _compare(inv, pb, repo, snap, files, result, log=log, connector=connector)
+    logger.info("%s: comparing %d of %d files of snapshot %s with %s", label, len(files), seen,
+                sid, pb.host)
+    _compare(inv, pb, repo, snap, files, result, connector=connector)
 
 
 def _latest_snapshot(inv: Inventory, pb: PathBackup, repo: restic.Repo, repo_name: str,
@@ -366,7 +370,7 @@ def _sample(inv: Inventory, repo: restic.Repo, snapshot_id: str, sid: str,
 
 
 def _compare(inv: Inventory, pb: PathBackup, repo: restic.Repo, snap: restic.Snapshot,
-             files: list[SnapNode], result: DrillResult, *, log: Log,
+             files: list[SnapNode], result: DrillResult, *,
              connector: Callable[[SshTarget], SshClient]) -> None:
     """Restore and hash each sampled file, hash it on the host, judge; sum it up."""
     label = path_backup.series_label(pb.host, pb.name)
@@ -392,7 +396,7 @@ def _compare(inv: Inventory, pb: PathBackup, repo: restic.Repo, snap: restic.Sna
             verdict = judge_file(node, digest, size, source, snap.time)
             counts[verdict.status] = counts.get(verdict.status, 0) + 1
             result.check(f"file {node.path}", verdict.ok, verdict.detail)
-            log(f"{label}: {node.path}: {verdict.detail}")
+            logger.info("%s: %s: %s", label, node.path, verdict.detail)
     elapsed = time.monotonic() - t0
     result.notes.append("sample: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
                         + f"; {restored_bytes} bytes restored and hashed in {elapsed:.1f} s")

@@ -10,13 +10,16 @@ guest's own address is never used (it would reach the original, not the copy).
 
 from __future__ import annotations
 
+import logging
 import time
 
 from labkeeper import health
-from labkeeper.drill.result import DrillResult, Log
+from labkeeper.drill.result import DrillResult
 from labkeeper.errors import LabkeeperError
 from labkeeper.inventory import Guest, GuestDrill, GuestSsh, Inventory, SshTargetSpec
 from labkeeper.ssh import SshTarget, connect
+
+logger = logging.getLogger(__name__)
 
 # =====================================================================================
 # pure parts
@@ -111,7 +114,7 @@ def _probe_attempt(inv: Inventory, guest: Guest, spec: GuestDrill) -> tuple[bool
 
 
 def reach_copy(inv: Inventory, guest: Guest, spec: GuestDrill, result: DrillResult, *,
-               deadline: float, poll: float, log: Log) -> None:
+               deadline: float, poll: float) -> None:
     """The ``ssh`` / ``probe`` check, retried until the boot deadline."""
     label = check_label(spec)
     why = reach_problem(spec, inv.drills.guests.bridge)
@@ -127,4 +130,4 @@ def reach_copy(inv: Inventory, guest: Guest, spec: GuestDrill, result: DrillResu
             break
         time.sleep(poll)
     result.check(label, ok, f"{detail} (attempt {tries})")
-    log(f"{guest.name}: {label}: {'ok' if ok else 'FAILED'} — {detail}")
+    logger.info("%s: %s: %s — %s", guest.name, label, "ok" if ok else "FAILED", detail)

@@ -11,6 +11,7 @@ must agree byte for byte.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets as pysecrets
 import time
@@ -21,9 +22,11 @@ from typing import Any
 
 from labkeeper import pg_backup, restic
 from labkeeper.drill.hashing import dump_sha256, restore_sha256
-from labkeeper.drill.result import DrillResult, Log, nolog
+from labkeeper.drill.result import DrillResult
 from labkeeper.errors import CommandError, LabkeeperError
 from labkeeper.inventory import Inventory
+
+logger = logging.getLogger(__name__)
 
 # =====================================================================================
 # the rotating subset (pure, and its state file)
@@ -65,7 +68,7 @@ def write_subset_state(inv: Inventory, repo_name: str, subset: int, period: int)
 # =====================================================================================
 
 
-def repository_drill(inv: Inventory, name: str, *, log: Log = nolog,
+def repository_drill(inv: Inventory, name: str, *,
                      choose: Callable[[Sequence[Any]], Any] | None = None,
                      max_files: int = 5) -> DrillResult:
     """Read a rotating subset of repository ``name``'s packs and restore one random
@@ -80,7 +83,7 @@ def repository_drill(inv: Inventory, name: str, *, log: Log = nolog,
         period = settings.read_data_period
         part = next_subset(read_subset_state(inv, name), period)
         subset = f"{part}/{period}"
-        log(f"repository {name}: restic check --read-data-subset={subset}")
+        logger.info("repository %s: restic check --read-data-subset=%s", name, subset)
         try:
             restic.check(repo, read_data_subset=subset, timeout=6 * 3600)
             result.check(f"check {subset}", True, "packs read and verified, no error")
@@ -90,18 +93,18 @@ def repository_drill(inv: Inventory, name: str, *, log: Log = nolog,
             result.check(f"check {subset}", False, f"restic check found errors: {tail}")
             result.transient = result.transient or exc.transient
         if settings.restore_random_snapshot:
-            _random_restore(inv, repo, result, chooser, max_files=max_files, log=log)
+            _random_restore(inv, repo, result, chooser, max_files=max_files)
         result.rto_s = time.monotonic() - started
     except LabkeeperError as exc:
         result.fail(str(exc), transient=exc.transient)
     result.duration_s = time.monotonic() - started
-    log(f"repository drill {name}: {result.status.upper()} — {result.summary()}")
+    logger.info("repository drill %s: %s — %s", name, result.status.upper(),
+                result.summary())
     return result
 
 
 def _random_restore(inv: Inventory, repo: restic.Repo, result: DrillResult,
-                    chooser: Callable[[Sequence[Any]], Any], *, max_files: int,
-                    log: Log) -> None:
+                    chooser: Callable[[Sequence[Any]], Any], *, max_files: int) -> None:
     snaps = restic.snapshots(repo)
     if not snaps:
         result.notes.append("the repository has no snapshot to restore")
@@ -136,4 +139,4 @@ def _random_restore(inv: Inventory, repo: restic.Repo, result: DrillResult,
             else:
                 detail += ", identical through restic restore --verify"
         result.check(f"file {sid}:{node.path}", ok, detail)
-        log(f"{sid}:{node.path}: {detail}")
+        logger.info("%s:%s: %s", sid, node.path, detail)

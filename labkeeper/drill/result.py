@@ -7,7 +7,6 @@ task wrappers, to make Prefect retry a failure marked ``transient``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -15,14 +14,8 @@ from typing import Any
 from labkeeper.errors import LabkeeperError
 from labkeeper.secrets import redact
 
-Log = Callable[[str], None]
-
 STALL_TIMEOUT = 300.0
 """Seconds a stream out of restic may stay silent before the drill gives up."""
-
-
-def nolog(_: str) -> None:
-    pass
 
 
 @dataclass

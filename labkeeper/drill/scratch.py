@@ -10,14 +10,17 @@ running); copies tagged ``labkeeper-drill-kept`` are reported, never destroyed.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from labkeeper.drill.result import DrillResult, Log
+from labkeeper.drill.result import DrillResult
 from labkeeper.errors import LabkeeperError
 from labkeeper.inventory import Guest, Inventory
+
+logger = logging.getLogger(__name__)
 
 SCRATCH_TAG = "labkeeper-drill"
 """Tag of every scratch copy a guest drill restores (set in the restore call)."""
@@ -80,7 +83,7 @@ def sweep_decision(description: str, tags: Sequence[str], *, now: datetime,
 
 
 def sweep_scratch(px: Any, api: Any, inv: Inventory, result: DrillResult, *, now: datetime,
-                  poll: float, log: Log) -> list[int]:
+                  poll: float) -> list[int]:
     """Destroy the scratch copies dead drills left behind: guests of the scratch range
     (never an inventory guest) tagged ``labkeeper-drill`` *and* carrying labkeeper's
     description marker, older than ``stale_scratch_hours``, not kept on purpose.
@@ -108,8 +111,8 @@ def sweep_scratch(px: Any, api: Any, inv: Inventory, result: DrillResult, *, now
             failed.append(f"VMID {g.vmid} on {g.node}: {exc}")
             continue
         destroyed.append(g.vmid)
-        log(f"destroyed scratch copy VMID {g.vmid} on {g.node} left by a drill that "
-            f"died ({when})")
+        logger.info("destroyed scratch copy VMID %s on %s left by a drill that died (%s)",
+                    g.vmid, g.node, when)
     if destroyed or failed:
         detail = "; ".join(
             ([f"destroyed VMID {', '.join(map(str, destroyed))} (left by drills that died)"]

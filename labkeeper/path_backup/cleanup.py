@@ -10,6 +10,7 @@ if only the repository part fails, the backup goes on with a warning.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from labkeeper.path_backup.results import PathBackupFailed, backup_tag, series_l
 from labkeeper.pending import PendingAttempt
 from labkeeper.ssh import SshClient, SshTarget, connect
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT = 90.0
 
@@ -88,7 +89,7 @@ def _stop_and_unlock(target: SshTarget, repo: restic.Repo, *, binary: str,
 
 
 def discard_attempt(target: SshTarget, repo: restic.Repo, *, binary: str, env: dict[str, str],
-                    sudo: bool | str, lab: str, backup_id: str, log: Log,
+                    sudo: bool | str, lab: str, backup_id: str,
                     connector: Callable[[SshTarget], SshClient] = connect,
                     grace: float = STOP_GRACE,
                     pending: PendingCleanups | None = None) -> list[str]:
@@ -117,13 +118,12 @@ def discard_attempt(target: SshTarget, repo: restic.Repo, *, binary: str, env: d
                                         reason="; ".join(problems), by_hand=by_hand,
                                         next_backup=then))
     for n in notes:
-        log(n)
+        logger.info("%s", n)
     return notes
 
 
 def _sweep_one(remote: Remote, repo: restic.Repo, store: PendingCleanups,
-               attempt: PendingAttempt, *, label: str, grace: float, log: Log
-               ) -> tuple[bool, str]:
+               attempt: PendingAttempt, *, label: str, grace: float) -> tuple[bool, str]:
     """One pending attempt: (all done, the note). Raises :class:`PathBackupFailed`
     when it cannot be made sure that no restic of it still runs on the host."""
     host = remote.client.target.name
@@ -132,7 +132,8 @@ def _sweep_one(remote: Remote, repo: restic.Repo, store: PendingCleanups,
         steps = stop_attempt(remote.client, tag, grace=grace) or [
             f"no process of it runs on {host}"]
     except LabkeeperError as exc:
-        log(f"{label}: cleanup of attempt {attempt.backup_id} failed on {host}: {exc}")
+        logger.info("%s: cleanup of attempt %s failed on %s: %s", label, attempt.backup_id,
+                    host, exc)
         raise PathBackupFailed(
             f"backup of {label} not started: earlier failed attempt "
             f"{attempt.backup_id} (pending cleanup since {attempt.since}) could not be "
@@ -166,7 +167,7 @@ def _sweep_one(remote: Remote, repo: restic.Repo, store: PendingCleanups,
 
 
 def sweep_pending(remote: Remote, repo: restic.Repo, store: PendingCleanups, *, label: str,
-                  grace: float, log: Log) -> tuple[list[str], list[PendingAttempt]]:
+                  grace: float) -> tuple[list[str], list[PendingAttempt]]:
     """Finish the cleanup of every pending attempt of this path set, on the connection
     of the new backup: stop any restic of it on the host (:func:`stop_attempt`), run
     ``restic unlock`` there, forget every snapshot carrying its tag; an attempt leaves
@@ -179,4 +180,4 @@ def sweep_pending(remote: Remote, repo: restic.Repo, store: PendingCleanups, *, 
     to the series is not done (the attempt stays pending)."""
     return pending_mod.sweep(
         store, lambda attempt: _sweep_one(remote, repo, store, attempt, label=label,
-                                          grace=grace, log=log), log=log)
+                                          grace=grace))

@@ -2,11 +2,9 @@
 restic's status messages throttled into a readable line, its error messages into a
 deduplicated, capped, exactly counted list.
 
-As root (the local lab's SSH user) restic reads a ``chmod 000`` file anyway and
-stores FIFOs, sockets and devices without reading them; what it *does* report is a
-path longer than ``PATH_MAX``: an ``lstat`` error (ENAMETOOLONG) and exit 3. restic
-0.14 prints these error messages on stderr while status and summary go to stdout;
-:func:`labkeeper.restic.parse_message` reads both.
+restic may print its error messages on stderr and the rest on stdout;
+:func:`labkeeper.restic.parse_message` reads both (which version does what, and
+which unreadable paths restic reports at all: ``benchmarks/README.md``).
 """
 
 from __future__ import annotations

@@ -21,8 +21,6 @@ from labkeeper.process import CommandResult
 from labkeeper.secrets import redact
 from labkeeper.ssh import ENV_PREAMBLE, SshClient, env_block
 
-Log = Callable[[str], None]
-
 MIN_RESTIC = (0, 14, 0)
 """JSON error messages, ``--compression`` and repository format 2 need restic 0.14."""
 
@@ -255,8 +253,7 @@ class Remote:
 
 
 def handle_locks(remote: Remote, repo: restic.Repo, *, wait: float, stale_after: float,
-                 log: Log, timeout: float = 60,
-                 sleep: Callable[[float], None] = time.sleep) -> list[str]:
+                 timeout: float = 60, sleep: Callable[[float], None] = time.sleep) -> list[str]:
     """:func:`labkeeper.restic.wait_for_locks` for a backup that runs on another host:
     "is its process gone?" is asked on the host that took the lock, and ``restic
     unlock`` runs there. Only exclusive locks (forget/prune/check) block a backup."""
@@ -264,4 +261,4 @@ def handle_locks(remote: Remote, repo: restic.Repo, *, wait: float, stale_after:
         remote_hostname(remote.client), lambda pid: remote_pid_alive(remote.client, pid),
         lambda: remote.unlock(repo, timeout=timeout), where=f" on {remote.client.target.name}")
     return restic.settle_locks(repo, site, exclusive=False, wait=wait,
-                               stale_after=stale_after, log=log, timeout=timeout, sleep=sleep)
+                               stale_after=stale_after, timeout=timeout, sleep=sleep)

@@ -15,6 +15,7 @@ holds the files, over SSH:
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from labkeeper.pending import PendingAttempt
 from labkeeper.process import CommandResult, make_error
 from labkeeper.ssh import SshClient, SshTarget, connect
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 # -- where things are (inventory → resolved targets) -------------------------------------------
@@ -95,9 +96,6 @@ class _Attempt:
     backup_id: str
     env: dict[str, str]
     pending: PendingCleanups
-    log: Log
-    progress: Log
-    warn: Log
     connector: Callable[[SshTarget], SshClient]
     stop_grace: float
 
@@ -117,7 +115,7 @@ class _Attempt:
         """Discard everything of this attempt; the error to raise, saying what was done."""
         cleanup = discard_attempt(self.target, self.repo, binary=self.pb.restic_binary,
                                   env=self.env, sudo=self.pb.sudo, lab=self.lab,
-                                  backup_id=self.backup_id, log=self.log,
+                                  backup_id=self.backup_id,
                                   connector=self.connector, grace=self.stop_grace,
                                   pending=self.pending)
         return PathBackupFailed(f"backup of {self.label} failed: {message} "
@@ -140,28 +138,26 @@ class _Output:
         msg = restic.parse_message(line)
         if isinstance(msg, restic.StatusMessage):
             if self.throttle.offer(msg):
-                self.att.progress(format_progress(self.att.label, msg))
+                logger.info("%s", format_progress(self.att.label, msg))
         elif isinstance(msg, restic.SummaryMessage):
             self.summaries.append(msg)
         elif isinstance(msg, restic.ErrorMessage):
             self.errors.add(msg)
         elif msg is None and (note := restic.backend_retry(line)) is not None:
-            self.att.log(f"{self.att.label}: {note}")
+            logger.info("%s: %s", self.att.label, note)
 
     def final_progress(self, summary: restic.SummaryMessage) -> None:
         """The last progress line at 100 %, when the throttle held it back."""
         latest = self.throttle.latest
         if latest is not None and latest.percent_done < 1:
-            self.att.progress(format_progress(self.att.label, latest.model_copy(
+            logger.info("%s", format_progress(self.att.label, latest.model_copy(
                 update={"percent_done": 1.0, "bytes_done": summary.total_bytes_processed,
                         "total_bytes": summary.total_bytes_processed,
                         "files_done": summary.total_files_processed,
                         "total_files": summary.total_files_processed})))
 
 
-def backup_path_set(inv: Inventory, name: str, *, log: Log = print,
-                    progress: Log | None = None, warn: Log | None = None,
-                    backup_id: str | None = None,
+def backup_path_set(inv: Inventory, name: str, *, backup_id: str | None = None,
                     connector: Callable[[SshTarget], SshClient] = connect,
                     stop_grace: float = STOP_GRACE) -> PathBackupResult:
     """Back up one path set on its host (see the module docstring). Raises
@@ -173,25 +169,24 @@ def backup_path_set(inv: Inventory, name: str, *, log: Log = print,
                    lab=inv.lab.name, backup_id=backup_id or new_backup_id(),
                    env=remote_env(host_repo(repo, pb.host_credentials),
                                   progress_interval=pb.progress_interval),
-                   pending=PendingCleanups(inv.settings.state_dir, pb.host, name), log=log,
-                   progress=progress or log, warn=warn or log, connector=connector,
-                   stop_grace=stop_grace)
+                   pending=PendingCleanups(inv.settings.state_dir, pb.host, name),
+                   connector=connector, stop_grace=stop_grace)
     waiting = att.pending.read()  # an unusable file fails here, before anything runs
     if waiting:
-        log(f"{att.label}: {len(waiting)} earlier failed attempt(s) await cleanup: "
-            + ", ".join(f"{a.backup_id} (since {a.since})" for a in waiting))
+        logger.info("%s: %d earlier failed attempt(s) await cleanup: %s", att.label,
+                    len(waiting), ", ".join(f"{a.backup_id} (since {a.since})" for a in waiting))
     started = time.monotonic()
     with contextlib.closing(connector(att.target)) as client:
         remote = Remote(client, pb.restic_binary, att.env, pb.sudo)
         version = remote.version()
-        log(f"{att.label}: restic {version} on {pb.host}; backup {att.backup_id} of "
-            f"{', '.join(map(str, pb.paths))} into {repo_cfg.name}")
+        logger.info("%s: restic %s on %s; backup %s of %s into %s", att.label, version,
+                    pb.host, att.backup_id, ", ".join(map(str, pb.paths)), repo_cfg.name)
         notes = handle_locks(remote, repo, wait=repo_cfg.lock_wait_minutes * 60,
-                             stale_after=repo_cfg.stale_lock_minutes * 60, log=log)
+                             stale_after=repo_cfg.stale_lock_minutes * 60)
         still_pending: list[PendingAttempt] = []
         if waiting:
             swept, still_pending = sweep_pending(remote, repo, att.pending, label=att.label,
-                                                 grace=stop_grace, log=log)
+                                                 grace=stop_grace)
             notes += swept
         res, out, restic_s = _run_backup(att, remote)
     summary = out.summaries[-1]
@@ -201,9 +196,10 @@ def backup_path_set(inv: Inventory, name: str, *, log: Log = print,
     result = _result(att, version=version, summary=summary, snapshot=snapshot, status=status,
                      errors=out.errors, notes=notes,
                      duration=time.monotonic() - started, restic_s=restic_s)
-    log(f"{att.label}: snapshot {snapshot.id[:8]} ({summary.total_files_processed} files, "
-        f"{human_bytes(summary.total_bytes_processed)}, {human_bytes(summary.data_added)} new "
-        f"uncompressed) in {result.duration_s:.1f} s [{status}]")
+    logger.info("%s: snapshot %s (%d files, %s, %s new uncompressed) in %.1f s [%s]",
+                att.label, snapshot.id[:8], summary.total_files_processed,
+                human_bytes(summary.total_bytes_processed), human_bytes(summary.data_added),
+                result.duration_s, status)
     return result
 
 
@@ -258,7 +254,7 @@ def _warnings(att: _Attempt, res: CommandResult, errors: ErrorCollector,
         more = f" (and {errors.count - 10} more)" if errors.count > 10 else ""
         notes.append(f"{att.label}: snapshot {snapshot.id[:8]} is INCOMPLETE: restic could "
                      f"not read {errors.count} path(s): {shown}{more}")
-        att.warn(notes[-1])
+        logger.warning("%s", notes[-1])
     if still_pending:
         status = "warning"
         notes.append(f"{att.label}: {len(still_pending)} earlier failed attempt(s) still "
@@ -266,7 +262,7 @@ def _warnings(att: _Attempt, res: CommandResult, errors: ErrorCollector,
                      + f"): a snapshot of theirs may be counted in "
                      f"{series_label(att.pb.host, att.name)} until a later backup forgets "
                      f"it (or `restic forget --tag {still_pending[0].tag}`)")
-        att.warn(notes[-1])
+        logger.warning("%s", notes[-1])
     return status
 
 

@@ -13,8 +13,6 @@ Format (measured, ``benchmarks/``): plain ``pg_dump`` + restic ``--compression
 auto`` uploads the least on a typical night; gzip/``-Fc`` zlib defeat dedup.
 """
 
-from collections.abc import Callable
-
 from labkeeper.errors import LabkeeperError
 from labkeeper.pg_backup import (
     cleanup,
@@ -78,13 +76,11 @@ from labkeeper.pg_backup.stored import (
 from labkeeper.pg_backup.targets import client_conn, conn_for, server_label
 from labkeeper.restic.repository import open_repo, repo_cache_dir
 
-Log = Callable[[str], None]
-
 __all__ = [
     "CLEANUP_TIMEOUT", "INCOMPLETE_GRACE_S", "LABKEEPER_VERSION", "LOCK_HANDOFF_TIMEOUT",
     "MANIFEST_FORMAT", "MANIFEST_NICE", "MANIFEST_PREFIX", "MAX_LOCK_CONFLICTS",
     "PENDING_DIR", "BackupFailed", "BackupResult", "DumpInfo", "GlobalsResult",
-    "LabkeeperError", "Log", "Manifest", "Series", "StoredBackup", "TableCount",
+    "LabkeeperError", "Manifest", "Series", "StoredBackup", "TableCount",
     "backup_database", "backup_globals", "backup_id_of", "backup_tag", "build_manifest",
     "cleanup", "client_conn", "complete_dumps", "conn_for", "database", "discard_attempt",
     "dump_filename", "find_backups", "find_latest_backup", "globals_servers",

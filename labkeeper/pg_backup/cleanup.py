@@ -8,7 +8,7 @@ until then its dump has no manifest and counts as a backup nowhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 
 from labkeeper import pending as pending_mod
 from labkeeper import restic
@@ -16,13 +16,13 @@ from labkeeper.errors import LabkeeperError
 from labkeeper.inventory import Inventory
 from labkeeper.pg_backup.naming import backup_tag
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 CLEANUP_TIMEOUT = 90.0
 
 
 def discard_attempt(repo: restic.Repo, *, host: str, backup_id: str, unlock: bool,
-                    log: Log, timeout: float = CLEANUP_TIMEOUT,
+                    timeout: float = CLEANUP_TIMEOUT,
                     pending: pending_mod.PendingStore | None = None) -> list[str]:
     """Forget every snapshot of one failed attempt and remove the lock a killed restic
     left. When the forget cannot be done the attempt is recorded in ``pending`` for the
@@ -39,7 +39,7 @@ def discard_attempt(repo: restic.Repo, *, host: str, backup_id: str, unlock: boo
         except LabkeeperError as exc:
             notes.append(f"restic unlock failed: {exc}")
     for n in notes:
-        log(n)
+        logger.info("%s", n)
     return notes
 
 
@@ -70,7 +70,7 @@ def record_pending(store: pending_mod.PendingStore | None, backup_id: str, *, ho
                      f"forgets every snapshot tagged {tag}"))
 
 
-def sweep_pending(repo: restic.Repo, store: pending_mod.PendingStore, *, log: Log,
+def sweep_pending(repo: restic.Repo, store: pending_mod.PendingStore, *,
                   timeout: float = CLEANUP_TIMEOUT
                   ) -> tuple[list[str], list[pending_mod.PendingAttempt]]:
     """Forget every snapshot of each pending attempt of this database; an attempt leaves
@@ -94,5 +94,5 @@ def sweep_pending(repo: restic.Repo, store: pending_mod.PendingStore, *, log: Lo
         return True, (f"{label}: swept earlier failed attempt {attempt.backup_id} (pending "
                       f"cleanup since {attempt.since}): {step}")
 
-    return pending_mod.sweep(store, clean, log=log)
+    return pending_mod.sweep(store, clean)
 

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -50,7 +51,7 @@ from labkeeper.pg_backup.results import BackupFailed, BackupResult
 from labkeeper.pg_backup.targets import client_conn
 from labkeeper.restic.repository import open_repo
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 MANIFEST_NICE = 19
 """Niceness of the manifest's restic while it waits alongside the dump (measured:
@@ -120,7 +121,6 @@ class _Job:
     host: str
     conn: postgres.Conn
     stall_timeout: float
-    log: Log
     pending: pending_mod.PendingStore | None = None
     """Where a failed attempt whose cleanup did not finish is recorded."""
     progress_interval: float = progress_mod.DEFAULT_INTERVAL
@@ -135,7 +135,7 @@ class _Job:
                 else postgres.custom_dump_complete)
 
 
-def backup_database(inv: Inventory, name: str, *, log: Log = print,
+def backup_database(inv: Inventory, name: str, *,
                     stall_timeout: float = 300.0, backup_id: str | None = None
                     ) -> BackupResult:
     """Back up one database of the inventory (see the module docstring)."""
@@ -144,7 +144,7 @@ def backup_database(inv: Inventory, name: str, *, log: Log = print,
     job = _Job(name=name, db=db, repo=open_repo(inv, repo_cfg.name), repo_name=repo_cfg.name,
                compression=repo_cfg.compression, server=inv.database_server(db),
                host=inv.lab.name, conn=client_conn(inv, db), stall_timeout=stall_timeout,
-               log=log, pending=pending_store(inv, name),
+               pending=pending_store(inv, name),
                progress_interval=inv.settings.progress_interval)
     backup_id = backup_id or new_backup_id()
     started = time.monotonic()
@@ -154,16 +154,17 @@ def backup_database(inv: Inventory, name: str, *, log: Log = print,
         try:
             result = _backup_once(job, backup_id, notes)
         except _Locked as locked:
-            log(f"{name}: {locked}; waiting for the repository")
+            logger.info("%s: %s; waiting for the repository", name, locked)
             notes += restic.wait_for_locks(
                 job.repo, exclusive=False, wait=max(0.0, lock_deadline - time.monotonic()),
-                stale_after=repo_cfg.stale_lock_minutes * 60, log=log)
+                stale_after=repo_cfg.stale_lock_minutes * 60)
             continue
         result.duration_s = time.monotonic() - started
         result.pending_left = len(still_pending)
-        log(f"{name}: snapshot {restic.short_id(result.snapshot_id)} ({result.bytes_dumped} "
-            f"bytes, {result.data_added} new uncompressed) + manifest "
-            f"{restic.short_id(result.manifest_snapshot_id)} in {result.duration_s:.1f} s")
+        logger.info("%s: snapshot %s (%d bytes, %d new uncompressed) + manifest %s in %.1f s",
+                    name, restic.short_id(result.snapshot_id), result.bytes_dumped,
+                    result.data_added, restic.short_id(result.manifest_snapshot_id),
+                    result.duration_s)
         return result
     raise BackupFailed(f"backup of {name} failed: the repository was locked at each of "
                        f"{MAX_LOCK_CONFLICTS} attempts", transient=True, database=name,
@@ -178,9 +179,9 @@ def _sweep_first(job: _Job) -> tuple[list[str], list[pending_mod.PendingAttempt]
     waiting = job.pending.read()
     if not waiting:
         return [], []
-    job.log(f"{job.name}: {len(waiting)} earlier failed attempt(s) await cleanup: "
-            + ", ".join(f"{a.backup_id} (since {a.since})" for a in waiting))
-    notes, left = sweep_pending(job.repo, job.pending, log=job.log)
+    logger.info("%s: %d earlier failed attempt(s) await cleanup: %s", job.name, len(waiting),
+                ", ".join(f"{a.backup_id} (since {a.since})" for a in waiting))
+    notes, left = sweep_pending(job.repo, job.pending)
     if left:
         notes.append(f"{job.name}: {len(left)} earlier failed attempt(s) still await cleanup ("
                      + ", ".join(a.backup_id for a in left) + "); their dumps have no manifest "
@@ -208,8 +209,8 @@ class _Attempt:
         self.notes = notes
         self.killed_restic = False
         self.opened: list[tuple[postgres.OpenSnapshot, datetime, _Background]] = []
-        job.log(f"{job.name}: backup {backup_id} of {job.conn.dbname} on {job.server} into "
-                f"{job.repo_name}")
+        logger.info("%s: backup %s of %s on %s into %s", job.name, backup_id, job.conn.dbname,
+                    job.server, job.repo_name)
         # The manifest's restic starts now: its start-up (key derivation, lock, index)
         # overlaps the dump, niced so the dump keeps the CPU; it gets the manifest's
         # first byte now (to tell when it holds its lock), the rest and end-of-stream
@@ -220,13 +221,13 @@ class _Attempt:
             compression=job.compression, nice=MANIFEST_NICE, on_stderr_line=self.restic_said)
         self.pending.prime(MANIFEST_PREFIX)
         self.session = postgres.PsqlSession(job.conn, timeout=600)
-        self.progress = progress_mod.Progress(f"{job.name}: dump", log=job.log,
+        self.progress = progress_mod.Progress(f"{job.name}: dump",
                                               interval=job.progress_interval)
 
     def restic_said(self, line: str) -> None:
         note = restic.backend_retry(line)
         if note is not None:
-            self.job.log(f"{self.job.name}: {note}")
+            logger.info("%s: %s", self.job.name, note)
 
     def fail(self, message: str, *, transient: bool) -> BackupFailed:
         """Discard everything of this attempt; the error to raise, saying what was done."""
@@ -234,7 +235,7 @@ class _Attempt:
         self.session.close(kill=True)
         unlock = self.pending.abort() or self.killed_restic
         cleanup = discard_attempt(job.repo, host=job.host, backup_id=self.backup_id,
-                                  unlock=unlock, log=job.log, pending=job.pending)
+                                  unlock=unlock, pending=job.pending)
         return BackupFailed(f"backup of {job.name} failed: {message} [{'; '.join(cleanup)}]",
                             transient=transient, database=job.name, backup_id=self.backup_id)
 
@@ -245,8 +246,8 @@ class _Attempt:
         problem = self.job.gate(tail, nbytes)
         if problem is None and not self.pending.wait_reading(LOCK_HANDOFF_TIMEOUT) \
                 and self.pending.running:
-            self.job.log(f"{self.job.name}: the manifest's restic has not taken its lock "
-                         f"after {LOCK_HANDOFF_TIMEOUT:g} s; ending the dump's stream anyway")
+            logger.info("%s: the manifest's restic has not taken its lock after %g s; ending "
+                        "the dump's stream anyway", self.job.name, LOCK_HANDOFF_TIMEOUT)
         return problem
 
     def producer(self) -> process.Stage:
@@ -258,7 +259,7 @@ class _Attempt:
             snap = postgres.open_snapshot(session)
         except LabkeeperError as exc:
             raise _NoSnapshot(exc) from None
-        job.log(f"{job.name}: snapshot {snap.snapshot_id} exported")
+        logger.info("%s: snapshot %s exported", job.name, snap.snapshot_id)
         # Exact row counts in the same transaction, while pg_dump reads its snapshot.
         counter = _Background(lambda: (postgres.count_rows(session),
                                        postgres.dump_tool_version(session)),
@@ -335,8 +336,9 @@ class _Attempt:
                 self.killed_restic = True
                 raise self.fail(f"storing the manifest failed: {exc}",
                                 transient=exc.transient) from None
-            job.log(f"{job.name}: {manifest.table_count} tables, {manifest.total_rows} rows "
-                    f"counted in snapshot {self.opened[0][0].snapshot_id}")
+            logger.info("%s: %d tables, %d rows counted in snapshot %s", job.name,
+                        manifest.table_count, manifest.total_rows,
+                        self.opened[0][0].snapshot_id)
             ok = True
         except (BackupFailed, _Locked):
             raise
@@ -364,7 +366,8 @@ def _store_manifest(job: _Job, pending: restic.PendingBackup, manifest: Manifest
         return pending.finish(data, timeout=300)
     if pending.abort():
         restic.unlock(job.repo, timeout=CLEANUP_TIMEOUT)  # the lock a killed restic left
-    job.log(f"{job.name}: the manifest's restic had stopped early; storing it with a new one")
+    logger.info("%s: the manifest's restic had stopped early; storing it with a new one",
+                job.name)
     return restic.backup_bytes(
         job.repo, data, filename=manifest_filename(job.name), host=job.host,
         tags=[*series_tags(job.server, job.name, "pg_manifest"), tag],

@@ -7,7 +7,7 @@ not change, is :mod:`labkeeper.pg_globals`'s decision.)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 
 from labkeeper import postgres, process, restic
 from labkeeper.errors import LabkeeperError
@@ -19,7 +19,7 @@ from labkeeper.pg_backup.targets import client_conn, server_label
 from labkeeper.restic.repository import open_repo
 from labkeeper.secrets import redact
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 def globals_servers(inv: Inventory, names: list[str]) -> dict[str, list[str]]:
@@ -32,20 +32,20 @@ def globals_servers(inv: Inventory, names: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _not_backed_up(label: str, why: str, log: Log) -> GlobalsResult:
+def _not_backed_up(label: str, why: str) -> GlobalsResult:
     detail = f"globals of {label} NOT backed up: {why}"
-    log(detail)
+    logger.info("%s", detail)
     return GlobalsResult(server=label, status="warning", detail=redact(detail))
 
 
-def _no_passwords(conn: postgres.Conn, warnings: list[str], log: Log) -> None:
+def _no_passwords(conn: postgres.Conn, warnings: list[str]) -> None:
     note = (f"role {conn.user} may not read pg_authid (not a superuser): globals "
             "dumped WITHOUT role passwords (--no-role-passwords)")
     warnings.append(note)
-    log(note)
+    logger.info("%s", note)
 
 
-def backup_globals(inv: Inventory, label: str, databases: list[str], *, log: Log = print,
+def backup_globals(inv: Inventory, label: str, databases: list[str], *,
                    stall_timeout: float = 300.0) -> GlobalsResult:
     """``pg_dumpall --globals-only`` of one server into the repository of its first
     database. A role that may not read ``pg_authid`` (not a superuser) gets a dump
@@ -57,7 +57,7 @@ def backup_globals(inv: Inventory, label: str, databases: list[str], *, log: Log
     try:
         conn = client_conn(inv, db)
     except BackupFailed as exc:
-        return _not_backed_up(label, str(exc), log)
+        return _not_backed_up(label, str(exc))
     host = inv.lab.name
     filename = "globals-" + label.replace(":", "-").replace("/", "-") + ".sql"
     warnings: list[str] = []
@@ -66,10 +66,10 @@ def backup_globals(inv: Inventory, label: str, databases: list[str], *, log: Log
         readable = postgres.query(
             conn, "SELECT has_table_privilege('pg_catalog.pg_authid', 'SELECT');", timeout=60)
     except LabkeeperError as exc:
-        return _not_backed_up(label, f"cannot connect to check privileges: {exc}", log)
+        return _not_backed_up(label, f"cannot connect to check privileges: {exc}")
     if readable and readable[0] == ["f"]:
         attempts = (False,)
-        _no_passwords(conn, warnings, log)
+        _no_passwords(conn, warnings)
     for with_passwords in attempts:
         backup_id = new_backup_id()
         producer = process.Stage(
@@ -83,18 +83,18 @@ def backup_globals(inv: Inventory, label: str, databases: list[str], *, log: Log
                 compression=repo_cfg.compression, stall_timeout=stall_timeout)
         except restic.StreamFailed as exc:
             discard_attempt(repo, host=host, backup_id=backup_id,
-                            unlock=not exc.eof_given or exc.cause != "producer", log=log)
+                            unlock=not exc.eof_given or exc.cause != "producer")
             if exc.cause != "producer":
                 raise BackupFailed(f"globals of {label}: {exc}", transient=exc.transient,
                                    database=f"globals {label}") from None
             if with_passwords and "permission denied" in (
                     exc.producer.stderr if exc.producer else ""):
-                _no_passwords(conn, warnings, log)
+                _no_passwords(conn, warnings)
                 continue
-            return _not_backed_up(label, str(exc), log)
+            return _not_backed_up(label, str(exc))
         detail = "; ".join(warnings) or "roles (with passwords) and tablespaces"
-        log(f"globals of {label}: snapshot {restic.short_id(stream.summary.snapshot_id)} "
-            f"({stream.bytes} bytes): {detail}")
+        logger.info("globals of %s: snapshot %s (%d bytes): %s", label,
+                    restic.short_id(stream.summary.snapshot_id), stream.bytes, detail)
         return GlobalsResult(server=label, status="warning" if warnings else "ok",
                              detail=redact(detail), snapshot_id=stream.summary.snapshot_id,
                              bytes_dumped=stream.bytes, role_passwords=with_passwords)

@@ -5,6 +5,8 @@
 - :mod:`~labkeeper.pitr.basebackup`: ``pg_basebackup`` streamed into ``restic backup --stdin``.
 - :mod:`~labkeeper.pitr.wal`: the spool, the ``pg_receivewal`` supervisor, shipping.
 - :mod:`~labkeeper.pitr.restore`: restore to a time or LSN in a scratch data directory.
+- :mod:`~labkeeper.pitr.copy`: one recovered database copied onto a live or drill server
+  (``pg_dump | pg_restore``), the runbook's swap and its compensations.
 - :mod:`~labkeeper.pitr.drill`, :mod:`~labkeeper.pitr.retention`, :mod:`~labkeeper.pitr.lag`.
 """
 

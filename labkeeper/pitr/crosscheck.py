@@ -13,7 +13,8 @@ the oldest base backup, WAL not shipped yet) is listed as ``skipped`` with the r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -24,7 +25,7 @@ from labkeeper.inventory.pitr import pitr_database, pitr_server
 from labkeeper.pitr import models
 from labkeeper.pitr.target import StoredBase
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def same_server(inv: Inventory, name: str) -> list[str]:
     return [d.name for d in inv.databases if (inv.database_server(d), d.port) == key]
 
 
-def newest_dumps(inv: Inventory, name: str, *, log: Log = print) -> list[DumpRef]:
+def newest_dumps(inv: Inventory, name: str) -> list[DumpRef]:
     """The newest complete dump (with its manifest) of each database on the server;
     a database whose dumps cannot be read is logged and left out."""
     out: list[DumpRef] = []
@@ -120,5 +121,6 @@ def newest_dumps(inv: Inventory, name: str, *, log: Log = print) -> list[DumpRef
             if backup is not None:
                 out.append(DumpRef(db_name, pg_backup.read_manifest(repo, backup)))
         except LabkeeperError as exc:
-            log(f"{name}: cannot read the newest dump manifest of {db_name}: {exc}")
+            logger.warning("%s: cannot read the newest dump manifest of %s: %s", name, db_name,
+                           exc)
     return out

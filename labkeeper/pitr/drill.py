@@ -18,10 +18,11 @@ archive cannot reach that LSN. These restores do not count towards the RTO.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,7 +39,7 @@ from labkeeper.pitr.target import (
     wal_batches,
 )
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 def pg_time(text: str) -> datetime | None:
@@ -112,7 +113,7 @@ class PitrDrillResult:
 PASSING = ("ok", "warn", "skipped")
 
 
-def run_drill(target: PitrTarget, *, log: Log = print, seed: int | None = None,
+def run_drill(target: PitrTarget, *, seed: int | None = None,
               workdir: Path | None = None, timeout: float = 3600,
               dumps: Sequence[crosscheck.DumpRef] = ()) -> PitrDrillResult:
     """``dumps``: the dumps to cross-check (:func:`crosscheck.newest_dumps`)."""
@@ -133,8 +134,7 @@ def run_drill(target: PitrTarget, *, log: Log = print, seed: int | None = None,
         targets.insert(0, restore.RecoveryTarget("time", time=when))
     base_dir = workdir or Path(tempfile.mkdtemp(prefix="labkeeper-pitr-drill-"))
     try:
-        _restores(result, target, targets, dumps, base_dir, mark, bases, log=log,
-                  timeout=timeout)
+        _restores(result, target, targets, dumps, base_dir, mark, bases, timeout=timeout)
     finally:
         if workdir is None:  # ours, empty unless a failed restore was left to inspect
             with contextlib.suppress(OSError):
@@ -144,10 +144,9 @@ def run_drill(target: PitrTarget, *, log: Log = print, seed: int | None = None,
 
 def _restores(result: PitrDrillResult, target: PitrTarget, targets: list[restore.RecoveryTarget],
               dumps: Sequence[crosscheck.DumpRef], base_dir: Path, mark: datetime | None,
-              bases: list[StoredBase], *, log: Log, timeout: float) -> None:
+              bases: list[StoredBase], *, timeout: float) -> None:
     for i, to in enumerate(targets):
-        result.rows.append(_one(target, to, base_dir / f"restore-{i}", log=log,
-                                timeout=timeout))
+        result.rows.append(_one(target, to, base_dir / f"restore-{i}", timeout=timeout))
     result.rto_s = max((r.duration_s for r in result.rows), default=0.0)
     obj = target.server.objectives
     if result.rto_s > obj.rto_minutes * 60:
@@ -157,22 +156,21 @@ def _restores(result: PitrDrillResult, target: PitrTarget, targets: list[restore
         result.breaches.append(f"RPO {rpo} > {obj.rpo_minutes} min")
     for i, ref in enumerate(dumps):
         result.rows.append(cross_check(target, ref, bases, mark, base_dir / f"dump-{i}",
-                                       log=log, timeout=timeout))
+                                       timeout=timeout))
 
 
 def cross_check(target: PitrTarget, ref: crosscheck.DumpRef, bases: list[StoredBase],
-                covered: datetime | None, workdir: Path, *, log: Log = print,
-                timeout: float = 3600) -> DrillRow:
+                covered: datetime | None, workdir: Path, *, timeout: float = 3600) -> DrillRow:
     """Restore to the dump's WAL LSN (as of it: not inclusive) and compare the row
     counts of its database with the manifest's."""
     why = crosscheck.infeasible(ref.manifest, bases, covered)
     if why is not None:
-        log(f"{target.name}: cross-check with {ref.label} skipped: {why}")
+        logger.info("%s: cross-check with %s skipped: %s", target.name, ref.label, why)
         return DrillRow(ref.label, "skipped", why)
     to = restore.RecoveryTarget("lsn", lsn=ref.manifest.wal_lsn, inclusive=False)
     started = time.monotonic()
     try:
-        res = restore.restore_pitr(target, to, workdir, log=log, timeout=timeout)
+        res = restore.restore_pitr(target, to, workdir, timeout=timeout)
     except LabkeeperError as exc:
         return DrillRow(ref.label, "failed", f"restore to its LSN {to}: {exc}",
                         time.monotonic() - started)
@@ -187,15 +185,15 @@ def cross_check(target: PitrTarget, ref: crosscheck.DumpRef, bases: list[StoredB
     finally:
         if res.cluster is not None:
             res.cluster.destroy()
-    log(f"{target.name}: cross-check: {detail}")
+    logger.info("%s: cross-check: %s", target.name, detail)
     return DrillRow(ref.label, status, detail, res.duration_s)
 
 
-def _one(target: PitrTarget, to: restore.RecoveryTarget, workdir: Path, *, log: Log,
+def _one(target: PitrTarget, to: restore.RecoveryTarget, workdir: Path, *,
          timeout: float) -> DrillRow:
     started = time.monotonic()
     try:
-        res = restore.restore_pitr(target, to, workdir, log=log, timeout=timeout)
+        res = restore.restore_pitr(target, to, workdir, timeout=timeout)
     except (PitrError, LabkeeperError) as exc:
         return DrillRow(str(to), "failed", str(exc), time.monotonic() - started)
     try:
@@ -207,7 +205,7 @@ def _one(target: PitrTarget, to: restore.RecoveryTarget, workdir: Path, *, log: 
                          f"last commit {res.outcome.last_commit_time or 'n/a'}; base "
                          f"{res.base_backup_id}, {res.wal_segments} segment(s) from "
                          f"{res.wal_batches} snapshot(s)")
-    log(f"{target.name}: drill to {to}: {detail}")
+    logger.info("%s: drill to %s: %s", target.name, to, detail)
     return DrillRow(str(to), "failed" if problem else "ok", detail, res.duration_s)
 
 
@@ -234,7 +232,7 @@ def fold(res: PitrDrillResult, result: Any) -> None:
     core.objective_checks(result)
 
 
-def dr_drill(inv: Any, name: str, *, log: Log = print, seed: int | None = None,
+def dr_drill(inv: Any, name: str, *, seed: int | None = None,
              workdir: Path | None = None, timeout: float = 3600) -> Any:
     """The PITR drill of server ``name`` as a :class:`labkeeper.drill.DrillResult`: the
     same restores as ``pitr_drill`` (a random moment, the newest, each newest dump's
@@ -249,9 +247,8 @@ def dr_drill(inv: Any, name: str, *, log: Log = print, seed: int | None = None,
         obj = target.server.objectives
         result.rpo_objective_s, result.rto_objective_s = obj.rpo_minutes * 60.0, \
             obj.rto_minutes * 60.0
-        dumps = crosscheck.newest_dumps(inv, name, log=log)
-        res = run_drill(target, log=log, seed=seed, workdir=workdir, timeout=timeout,
-                        dumps=dumps)
+        dumps = crosscheck.newest_dumps(inv, name)
+        res = run_drill(target, seed=seed, workdir=workdir, timeout=timeout, dumps=dumps)
     except LabkeeperError as exc:
         result.fail(str(exc), transient=exc.transient)
     else:

@@ -18,9 +18,9 @@ Never onto a live server: the restore only ever writes into a new directory.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +38,7 @@ from labkeeper.pitr.target import (
     wal_batches,
 )
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 TargetKind = Literal["time", "lsn", "latest"]
 
 
@@ -261,11 +261,12 @@ def _dump_into(repo: restic.Repo, snapshot: restic.Snapshot, filename: str, dest
 
 
 def fetch(target: PitrTarget, base: StoredBase, batches: list[StoredWal], names: list[str],
-          cluster: scratch.ScratchCluster, waldir: Path, *, log: Log, timeout: float) -> None:
+          cluster: scratch.ScratchCluster, waldir: Path, *, timeout: float) -> None:
     cluster.datadir.mkdir(mode=0o700)
     _dump_into(target.repo, base.base, models.base_filename(target.name), cluster.datadir,
                timeout=timeout)
-    log(f"{target.name}: base backup {base.backup_id} restored into {cluster.datadir}")
+    logger.info("%s: base backup %s restored into %s", target.name, base.backup_id,
+                cluster.datadir)
     process.run((str(cluster.bindir / "pg_verifybackup"), "--no-parse-wal", "--quiet",
                  str(cluster.datadir)), timeout=timeout)
     waldir.mkdir(mode=0o700)
@@ -276,7 +277,8 @@ def fetch(target: PitrTarget, base: StoredBase, batches: list[StoredWal], names:
     if missing:
         raise PitrError(f"WAL segment {missing[0]} is missing from the repository (its batch "
                         f"snapshot does not hold it; {len(missing)} missing in all)")
-    log(f"{target.name}: {len(names)} WAL segment(s) fetched from {len(batches)} snapshot(s)")
+    logger.info("%s: %d WAL segment(s) fetched from %d snapshot(s)", target.name, len(names),
+                len(batches))
 
 
 def prepare_datadir(datadir: Path, settings: str) -> None:
@@ -330,7 +332,7 @@ def _to_end_of_wal(cluster: scratch.ScratchCluster, *, timeout: float,
     return wait_for_recovery(cluster, timeout=timeout, action=action, offset=offset)
 
 
-def restore_pitr(target: PitrTarget, to: RecoveryTarget, workdir: Path, *, log: Log = print,
+def restore_pitr(target: PitrTarget, to: RecoveryTarget, workdir: Path, *,
                  action: str = "promote", timeout: float = 3600,
                  keep_running: bool = True) -> RestoreResult:
     """Restore ``target``'s server as of ``to`` into ``workdir`` (new or empty); see the
@@ -342,16 +344,16 @@ def restore_pitr(target: PitrTarget, to: RecoveryTarget, workdir: Path, *, log: 
     base = choose_base(complete_bases(snaps), to)
     plan = plan_wal(base, wal_batches(snaps), to)
     batches, names = plan.batches, plan.names
-    log(f"{target.name}: restoring to {to} from base backup {base.backup_id} (finished "
-        f"{base.finished_at.isoformat()}) + {len(names)} WAL segment(s)")
+    logger.info("%s: restoring to %s from base backup %s (finished %s) + %d WAL segment(s)",
+                target.name, to, base.backup_id, base.finished_at.isoformat(), len(names))
     if plan.gap:
-        log(f"{target.name}: WARNING WAL segment {plan.gap} is missing from the repository; "
-            f"recovery can use the WAL up to {names[-1]} only")
+        logger.warning("%s: WARNING WAL segment %s is missing from the repository; recovery "
+                       "can use the WAL up to %s only", target.name, plan.gap, names[-1])
     scratch.new_workdir(workdir)
     cluster = scratch.ScratchCluster(workdir, scratch.bindir_for(base.major or _installed_major()),
                                      scratch.free_port())
     waldir = workdir / "wal"
-    fetch(target, base, batches, names, cluster, waldir, log=log, timeout=timeout)
+    fetch(target, base, batches, names, cluster, waldir, timeout=timeout)
     fetched = time.monotonic()
     cluster.sockdir.mkdir(mode=0o700)
     prepare_datadir(cluster.datadir, recovery_settings(
@@ -364,7 +366,7 @@ def restore_pitr(target: PitrTarget, to: RecoveryTarget, workdir: Path, *, log: 
         notes.append(f"no commit after {outcome.last_commit_time or 'the base backup'} up to "
                      f"the target; the archive holds every commit until "
                      f"{covered.isoformat()}: recovered to the end of the archived WAL")
-        log(f"{target.name}: {notes[-1]}")
+        logger.info("%s: %s", target.name, notes[-1])
         outcome = _to_end_of_wal(cluster, timeout=timeout, action=action)
     result = RestoreResult(
         server=target.name, target=str(to), base_backup_id=base.backup_id,
@@ -379,9 +381,9 @@ def restore_pitr(target: PitrTarget, to: RecoveryTarget, workdir: Path, *, log: 
         what = f" (WAL segment {missing} is missing from the repository)" if missing else ""
         raise PitrError(f"recovery of {target.name} to {to} failed{what}: {outcome.error}; "
                         f"log: {cluster.logfile}")
-    log(f"{target.name}: recovery reached its target: {outcome.stopped or 'end of WAL at '}"
-        f"{'' if outcome.stopped else outcome.redo_done_lsn}; last commit "
-        f"{outcome.last_commit_time or 'unknown'}")
+    logger.info("%s: recovery reached its target: %s%s; last commit %s", target.name,
+                outcome.stopped or "end of WAL at ", "" if outcome.stopped else
+                outcome.redo_done_lsn, outcome.last_commit_time or "unknown")
     if not keep_running:
         cluster.stop()
     return result

@@ -8,7 +8,7 @@ period are forgotten too. With no complete base backup nothing is forgotten at a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -16,7 +16,7 @@ from labkeeper import pg_backup, restic
 from labkeeper.pitr import models
 from labkeeper.pitr.target import PitrTarget, complete_bases, list_server, wal_batches
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 LEFTOVER_GRACE = timedelta(hours=6)
 
 
@@ -64,11 +64,13 @@ def plan(snapshots: list[restic.Snapshot], keep: int, *, now: datetime | None = 
     return out
 
 
-def apply(target: PitrTarget, *, log: Log = print, dry_run: bool = False) -> RetentionPlan:
+def apply(target: PitrTarget, *, dry_run: bool = False) -> RetentionPlan:
     p = plan(list_server(target), target.server.retention.keep_base_backups)
     for r in p.reasons:
-        log(f"{target.name}: {'would forget' if dry_run else 'forget'}: {r}"
-            if not r.startswith("no complete") else f"{target.name}: {r}")
+        if r.startswith("no complete"):
+            logger.info("%s: %s", target.name, r)
+        else:
+            logger.info("%s: %s: %s", target.name, "would forget" if dry_run else "forget", r)
     if p.forget and not dry_run:
         restic.forget_ids(target.repo, [s.id for s in p.forget])
     return p

@@ -12,20 +12,22 @@ resolve in the child as they do in serve.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labkeeper import log_setup
 from labkeeper.errors import LabkeeperError
 from labkeeper.process import check_argv, dies_with_parent
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 def receiver_argv(server: str, lab: Path, python: str = sys.executable) -> tuple[str, ...]:
@@ -57,14 +59,15 @@ class ReceiverChildren:
     """Supervise one child per argv (``name -> argv``) from one thread, which also
     spawns them (``pdeathsig`` follows the spawning thread: it lives until :meth:`stop`)."""
 
-    def __init__(self, argvs: Mapping[str, Sequence[str]], *, log: Log = print,
-                 max_backoff: float = 60.0, stop_timeout: float = 30.0) -> None:
+    def __init__(self, argvs: Mapping[str, Sequence[str]], *, max_backoff: float = 60.0,
+                 stop_timeout: float = 30.0) -> None:
         self.children = {n: _Child(n, tuple(a)) for n, a in argvs.items()}
         for c in self.children.values():
             check_argv(c.argv)
-        self.log, self.max_backoff, self.stop_timeout = log, max_backoff, stop_timeout
+        self.max_backoff, self.stop_timeout = max_backoff, stop_timeout
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="wal-receivers", daemon=True)
+        self._thread = threading.Thread(target=log_setup.in_context(self._run),
+                                        name="wal-receivers", daemon=True)
 
     def start(self) -> ReceiverChildren:
         self._thread.start()
@@ -100,8 +103,8 @@ class ReceiverChildren:
                                      max_backoff=self.max_backoff)
         child.next_start, child.proc = now + child.backoff, None
         child.restarts += 1
-        self.log(f"wal receive {child.name} (pid {child.pids[-1]}) exited with {rc}; "
-                 f"restarting in {child.backoff:.0f} s")
+        logger.info("wal receive %s (pid %s) exited with %s; restarting in %.0f s",
+                    child.name, child.pids[-1], rc, child.backoff)
 
     def _spawn(self, child: _Child, now: float) -> None:
         try:
@@ -111,12 +114,12 @@ class ReceiverChildren:
         except (OSError, LabkeeperError) as exc:
             child.backoff = next_backoff(child.backoff, 0.0, max_backoff=self.max_backoff)
             child.next_start = now + child.backoff
-            self.log(f"wal receive {child.name} could not start: {exc}; retrying in "
-                     f"{child.backoff:.0f} s")
+            logger.info("wal receive %s could not start: %s; retrying in %.0f s", child.name,
+                        exc, child.backoff)
             return
         child.started = now
         child.pids.append(child.proc.pid)
-        self.log(f"wal receive {child.name} started (pid {child.proc.pid})")
+        logger.info("wal receive %s started (pid %s)", child.name, child.proc.pid)
 
     def _end(self, child: _Child) -> None:
         """SIGTERM by PID, wait, then SIGKILL its process group."""
@@ -131,4 +134,5 @@ class ReceiverChildren:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        self.log(f"wal receive {child.name} (pid {proc.pid}) stopped: {proc.returncode}")
+        logger.info("wal receive %s (pid %s) stopped: %s", child.name, proc.pid,
+                    proc.returncode)

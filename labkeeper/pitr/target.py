@@ -34,6 +34,8 @@ class PitrTarget:
     spool: Path
     lock_wait_s: float
     stale_lock_s: float
+    state_dir: Path | None = None
+    """``settings.state_dir``: base backups' pending-cleanup records (None: none kept)."""
 
     @property
     def name(self) -> str:
@@ -52,7 +54,8 @@ def resolve(inv: Inventory, name: str, *, match_client: bool = True) -> PitrTarg
                       compression=repo_cfg.compression, host=inv.lab.name,
                       spool=spool_dir(inv, server),
                       lock_wait_s=repo_cfg.lock_wait_minutes * 60.0,
-                      stale_lock_s=repo_cfg.stale_lock_minutes * 60.0)
+                      stale_lock_s=repo_cfg.stale_lock_minutes * 60.0,
+                      state_dir=Path(inv.settings.state_dir))
 
 
 # -- what the repository holds (one `restic snapshots` each) -----------------------------

@@ -20,22 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from labkeeper import pg_backup, postgres, process, restic
+from labkeeper import log_setup, pg_backup, postgres, process, restic
 from labkeeper.errors import LabkeeperError
 from labkeeper.pitr import PitrError, models
 from labkeeper.pitr.target import PitrTarget
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 PG_RECEIVEWAL_CODES = process.ExitCodeTable("pg_receivewal", {
     0: process.ExitCode("success", "ok"),
@@ -117,6 +117,11 @@ class ReceiverState:
     history: list[str] = field(default_factory=list)
 
 
+def _stderr_line(line: str) -> None:
+    """One line pg_receivewal wrote on stderr, logged as it is."""
+    logger.info("%s", line)
+
+
 class WalReceiver:
     """Supervises ``pg_receivewal`` for one server until :meth:`stop` (or ``stop_event``).
 
@@ -124,10 +129,9 @@ class WalReceiver:
     stderr's last line; restarts back off 1, 2, 4 ... 60 s, reset after a run that
     lasted a minute."""
 
-    def __init__(self, target: PitrTarget, *, log: Log = print,
-                 stop_event: threading.Event | None = None, max_backoff: float = 60.0) -> None:
+    def __init__(self, target: PitrTarget, *, stop_event: threading.Event | None = None,
+                 max_backoff: float = 60.0) -> None:
         self.target = target
-        self.log = log
         self.stop_event = stop_event or threading.Event()
         self.max_backoff = max_backoff
         self.state = ReceiverState()
@@ -162,7 +166,7 @@ class WalReceiver:
                 break
             backoff = 1.0 if time.monotonic() - began > 60 else min(backoff * 2,
                                                                       self.max_backoff)
-            self.log(f"{self.target.name}: restarting pg_receivewal in {backoff:g} s")
+            logger.info("%s: restarting pg_receivewal in %g s", self.target.name, backoff)
             self.stop_event.wait(backoff)
         return self.state
 
@@ -175,10 +179,10 @@ class WalReceiver:
             if self.stop_event.is_set():
                 return
             self._proc = process.Coprocess(argv, env=t.conn.env(),
-                                           on_stderr_line=lambda line: self.log(line))
+                                           on_stderr_line=log_setup.in_context(_stderr_line))
             self.state.starts += 1
-        self.log(f"{t.name}: pg_receivewal started (pid {self._proc.pid}) into {t.spool}, "
-                 f"slot {t.server.slot_name}")
+        logger.info("%s: pg_receivewal started (pid %s) into %s, slot %s", t.name,
+                    self._proc.pid, t.spool, t.server.slot_name)
         while self._proc.wait(1.0) is None and not self.stop_event.is_set():
             pass
         if self.stop_event.is_set():
@@ -190,7 +194,7 @@ class WalReceiver:
     def _note(self, text: str) -> None:
         self.state.last_exit = text
         self.state.history.append(text)
-        self.log(f"{self.target.name}: {text}")
+        logger.info("%s: %s", self.target.name, text)
 
 
 # -- ship --------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ def segment_arrived(name: str, ready: list[str], partial: str | None) -> bool:
     return partial is not None and partial[:24] > name
 
 
-def switch_wal(target: PitrTarget, *, log: Log, wait: float = SWITCH_WAIT_S) -> str | None:
+def switch_wal(target: PitrTarget, *, wait: float = SWITCH_WAIT_S) -> str | None:
     """Close the server's current segment and wait until the receiver completed it in the
     spool. Returns a note when it could not (the ship then takes what is there)."""
     try:
@@ -254,11 +258,11 @@ def switch_wal(target: PitrTarget, *, log: Log, wait: float = SWITCH_WAIT_S) -> 
         time.sleep(0.2)
     note = (f"segment {name} (closed by pg_switch_wal) did not arrive in the spool within "
             f"{wait:g} s: is `labkeeper wal receive {target.name}` running?")
-    log(f"{target.name}: {note}")
+    logger.info("%s: %s", target.name, note)
     return note
 
 
-def ship(target: PitrTarget, *, log: Log = print, switch: bool | None = None,
+def ship(target: PitrTarget, *, switch: bool | None = None,
          stall_timeout: float = 120.0, limit: int = MAX_BATCH) -> ShipResult:
     """Ship completed spool files into the repository (see the module docstring)."""
     started = time.monotonic()
@@ -266,7 +270,7 @@ def ship(target: PitrTarget, *, log: Log = print, switch: bool | None = None,
     covered_until: float | None = None
     if switch if switch is not None else target.server.switch_wal:
         switched_at = time.time()
-        note = switch_wal(target, log=log)
+        note = switch_wal(target)
         if note:
             notes.append(note)
         else:  # every commit before switched_at is in a completed segment now
@@ -280,7 +284,7 @@ def ship(target: PitrTarget, *, log: Log = print, switch: bool | None = None,
                           notes=[*notes, "nothing to ship"])
     if len(names) < len(ready):
         covered_until = None  # a backlog: this batch does not reach the switch
-    result = _ship_batch(target, names, log=log, stall_timeout=stall_timeout,
+    result = _ship_batch(target, names, stall_timeout=stall_timeout,
                          covered_until=covered_until)
     for n in names:
         with contextlib.suppress(FileNotFoundError):
@@ -288,9 +292,9 @@ def ship(target: PitrTarget, *, log: Log = print, switch: bool | None = None,
     result.left_in_spool = len(ready_files(target.spool))
     result.notes = notes + result.notes
     result.duration_s = time.monotonic() - started
-    log(f"{target.name}: shipped {len(names)} WAL file(s) {result.first}..{result.last} as "
-        f"snapshot {restic.short_id(result.snapshot_id)}; removed them from the spool "
-        f"({result.left_in_spool} left)")
+    logger.info("%s: shipped %d WAL file(s) %s..%s as snapshot %s; removed them from the "
+                "spool (%d left)", target.name, len(names), result.first, result.last,
+                restic.short_id(result.snapshot_id), result.left_in_spool)
     return result
 
 
@@ -309,7 +313,7 @@ def _mark(target: PitrTarget, covered_until: float) -> str:
     return f"archive complete up to {when}"
 
 
-def _ship_batch(target: PitrTarget, names: list[str], *, log: Log, stall_timeout: float,
+def _ship_batch(target: PitrTarget, names: list[str], *, stall_timeout: float,
                 covered_until: float | None = None) -> ShipResult:
     shipped = ShipResult(target.name, names)
     backup_id = pg_backup.new_backup_id()
@@ -326,7 +330,7 @@ def _ship_batch(target: PitrTarget, names: list[str], *, log: Log, stall_timeout
     except LabkeeperError as exc:
         unlock = not getattr(exc, "eof_given", True) or getattr(exc, "cause", "") != "producer"
         cleanup = pg_backup.discard_attempt(target.repo, host=target.host,
-                                            backup_id=backup_id, unlock=unlock, log=log)
+                                            backup_id=backup_id, unlock=unlock)
         raise PitrError(f"shipping WAL of {target.name} failed ({len(names)} file(s) stay in "
                         f"the spool): {exc} [{'; '.join(cleanup)}]",
                         transient=exc.transient) from None

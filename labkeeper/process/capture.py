@@ -8,6 +8,7 @@ import logging
 import threading
 from collections import deque
 
+from labkeeper import log_setup
 from labkeeper.process.result import STDERR_TAIL_LINES
 from labkeeper.process.stage import LineCallback
 from labkeeper.secrets import REDACTOR
@@ -28,7 +29,9 @@ class Capture:
         self._size = 0
         self.truncated = False
         self.tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        # the line callback may log: it runs in the starter's run context
+        self.thread = threading.Thread(target=log_setup.in_context(self._run), name=name,
+                                       daemon=True)
         self.thread.start()
 
     def _run(self) -> None:

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from labkeeper import log_setup
 from labkeeper.process.stage import EofGate
 
 if TYPE_CHECKING:
@@ -57,8 +58,13 @@ class Relay(threading.Thread):
         self.consumer_gone = False
         self.refused: str | None = None
         self.eof_given = False
+        # an ``on_bytes`` callback may log (progress lines): in the starter's run context
+        self._body = log_setup.in_context(self._relay)
 
     def run(self) -> None:
+        self._body()
+
+    def _relay(self) -> None:
         try:
             if self.gate is not None:
                 self._copy()

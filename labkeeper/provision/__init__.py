@@ -94,7 +94,6 @@ from labkeeper.provision.ssh_wait import (
     wait_for_ssh,
 )
 from labkeeper.provision.steps import (
-    Log,
     StepResult,
     StepStatus,
 )
@@ -117,7 +116,6 @@ __all__ = [
     "GiB",
     "GuestPlan",
     "GuestUnreachable",
-    "Log",
     "Plan",
     "ProvisionError",
     "StepResult",

@@ -9,6 +9,7 @@ more than ``max_changes_without_yes`` touched guests need ``yes``, restarts
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +21,10 @@ from labkeeper.provision.destroy import cleanup_guest, destroy_guest
 from labkeeper.provision.errors import TooManyChanges, VmidTaken
 from labkeeper.provision.plan import GuestPlan, Plan
 from labkeeper.provision.ssh_wait import wait_for_ssh
-from labkeeper.provision.steps import Log, StepResult, nolog
+from labkeeper.provision.steps import StepResult
 from labkeeper.secrets import redact
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,8 @@ def check_guardrails(plan: Plan, opts: ApplyOptions) -> None:
             f"{names}; review the plan and rerun with --yes", problems=[names])
 
 
-def apply_plan(plan: Plan, inv: Inventory, opts: ApplyOptions, run: StepRunner, *,
-               log: Log = nolog) -> ApplyReport:
+def apply_plan(plan: Plan, inv: Inventory, opts: ApplyOptions, run: StepRunner
+               ) -> ApplyReport:
     """Run every guest's steps in dependency order; clean up failed creations.
 
     A failing guest does not stop the others (guests depending on it are
@@ -135,7 +138,7 @@ def apply_plan(plan: Plan, inv: Inventory, opts: ApplyOptions, run: StepRunner, 
                 detail = f"{type(exc).__name__}: {exc}"
                 report.results.append(StepResult(gp.name, step, "failed", redact(detail)))
                 failed.add(gp.name)
-                log(f"{gp.name}: {step} failed: {redact(detail)}")
+                logger.warning("%s: %s failed: %s", gp.name, step, redact(detail))
                 if creating and not isinstance(exc, VmidTaken):
                     _cleanup(report, run, guest, f"{step} failed: {exc}")
                 break
@@ -156,38 +159,38 @@ def _cleanup(report: ApplyReport, run: StepRunner, guest: Guest, reason: str) ->
 
 def local_runner(api_factory: Callable[[], Any], inv: Inventory, opts: ApplyOptions, *,
                  bootstrap: Callable[[Inventory, Guest], StepResult] | None = None,
-                 log: Log = nolog) -> StepRunner:
+                 ) -> StepRunner:
     """A runner calling the steps directly (no Prefect): for tests and tools."""
 
     def run(step: str, guest: Guest, reason: str) -> StepResult:
         return run_step(step, api_factory(), inv, guest, opts, reason=reason,
-                        bootstrap=bootstrap, log=log)
+                        bootstrap=bootstrap)
 
     return run
 
 
 def run_step(step: str, api: Any, inv: Inventory, guest: Guest, opts: ApplyOptions, *,
              reason: str = "", bootstrap: Callable[[Inventory, Guest], StepResult] | None = None,
-             log: Log = nolog) -> StepResult:
+             ) -> StepResult:
     """Dispatch one step by name."""
     if step == "create":
-        return create_guest(api, inv, guest, log=log)
+        return create_guest(api, inv, guest)
     if step == "configure":
-        return converge_guest(api, inv, guest, allow_restart=opts.allow_restart, log=log)
+        return converge_guest(api, inv, guest, allow_restart=opts.allow_restart)
     if step == "start":
-        return start_guest(api, inv, guest, log=log)
+        return start_guest(api, inv, guest)
     if step == "wait-ssh":
-        return wait_for_ssh(inv, guest, log=log)
+        return wait_for_ssh(inv, guest)
     if step == "bootstrap":
         if bootstrap is None:
             return StepResult(guest.name, "bootstrap", "skipped", "no bootstrap runner")
         return bootstrap(inv, guest)
     if step == "protect":
-        return protect_guest(api, inv, guest, log=log)
+        return protect_guest(api, inv, guest)
     if step == "destroy":
-        return destroy_guest(api, inv, guest, log=log)
+        return destroy_guest(api, inv, guest)
     if step == "cleanup":
-        return cleanup_guest(api, inv, guest, reason, log=log)
+        return cleanup_guest(api, inv, guest, reason)
     raise ValueError(f"unknown provisioning step {step!r}")
 
 

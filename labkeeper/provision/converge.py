@@ -3,6 +3,7 @@ protection. Restarts only with ``allow_restart``; a protected guest is never mod
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,19 +15,19 @@ from labkeeper.provision.diff import config_changes
 from labkeeper.provision.errors import ProvisionError
 from labkeeper.provision.plan import Change, short_value
 from labkeeper.provision.steps import (
-    Log,
     StepResult,
     StepStatus,
     check_ours,
     lookup,
-    nolog,
     read_guest,
     wait_task,
 )
 
+logger = logging.getLogger(__name__)
 
-def converge_guest(api: Any, inv: Inventory, guest: Guest, *, allow_restart: bool = False,
-                   log: Log = nolog) -> StepResult:
+
+def converge_guest(api: Any, inv: Inventory, guest: Guest, *, allow_restart: bool = False
+                   ) -> StepResult:
     """Apply option changes and disk growth; restart only with ``allow_restart``.
 
     Re-reads the guest first (the plan may be stale). Protected guests and
@@ -47,11 +48,11 @@ def converge_guest(api: Any, inv: Inventory, guest: Guest, *, allow_restart: boo
     deletes = [c.key for c in changes if c.kind == "delete"]
     held = [c.key for c in changes if c.kind == "set" and c.needs_restart and not allow_restart]
     refused = [c for c in changes if c.kind == "refused"]
-    done = _set_and_grow(api, inv, guest, config, changes, options, deletes, log)
+    done = _set_and_grow(api, inv, guest, config, changes, options, deletes)
     restarted = running and allow_restart and any(
         c.needs_restart for c in changes if c.key in options)
     if restarted:
-        log(f"{guest.name}: restarting to apply {', '.join(k for k in options)}")
+        logger.info("%s: restarting to apply %s", guest.name, ", ".join(k for k in options))
         wait_task(api, px.shutdown_guest(api, guest.node, guest.vmid, guest.type, timeout=120,
                                          force_stop=True), inv)
         wait_task(api, px.start_guest(api, guest.node, guest.vmid, guest.type), inv)
@@ -65,7 +66,7 @@ def converge_guest(api: Any, inv: Inventory, guest: Guest, *, allow_restart: boo
 
 def _set_and_grow(api: Any, inv: Inventory, guest: Guest, config: Mapping[str, Any],
                   changes: Sequence[Change], options: Mapping[str, Any],
-                  deletes: Sequence[str], log: Log) -> list[str]:
+                  deletes: Sequence[str]) -> list[str]:
     """Send the option changes in one config update, then grow disks; what was done."""
     done: list[str] = []
     if options or deletes:
@@ -77,7 +78,7 @@ def _set_and_grow(api: Any, inv: Inventory, guest: Guest, config: Mapping[str, A
         if c.kind != "grow":
             continue
         assert c.new is not None
-        log(f"{guest.name}: growing {c.key} {c.old} → {c.new}")
+        logger.info("%s: growing %s %s → %s", guest.name, c.key, c.old, c.new)
         wait_task(api, px.resize_disk(api, guest.node, guest.vmid, guest.type, c.key, c.new), inv)
         done.append(f"{c.key} {c.old}→{c.new}")
     return done
@@ -97,18 +98,18 @@ def _outcome(done: Sequence[str], restarted: bool, held: Sequence[str],
     return parts
 
 
-def start_guest(api: Any, inv: Inventory, guest: Guest, *, log: Log = nolog) -> StepResult:
+def start_guest(api: Any, inv: Inventory, guest: Guest) -> StepResult:
     started = time.monotonic()
     managed = inv.settings.provision.managed_tag
     found = check_ours(lookup(api, guest), guest, managed, "start")
     if found.status == "running":
         return StepResult(guest.name, "start", "unchanged", "running")
-    log(f"{guest.name}: starting {guest.type} {guest.vmid}")
+    logger.info("%s: starting %s %s", guest.name, guest.type, guest.vmid)
     wait_task(api, px.start_guest(api, guest.node, guest.vmid, guest.type), inv)
     return StepResult(guest.name, "start", "changed", "started", time.monotonic() - started)
 
 
-def protect_guest(api: Any, inv: Inventory, guest: Guest, *, log: Log = nolog) -> StepResult:
+def protect_guest(api: Any, inv: Inventory, guest: Guest) -> StepResult:
     """Set ``protection=1`` last (a protected guest could not be cleaned up)."""
     if not guest.protection:
         return StepResult(guest.name, "protect", "skipped", "not asked for")

@@ -7,6 +7,7 @@ racing for one vmid cannot both succeed (the loser raises :class:`VmidTaken`).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -15,8 +16,10 @@ from labkeeper.errors import ServiceError
 from labkeeper.inventory import Guest, Inventory
 from labkeeper.provision.desired import desired_config, desired_tags
 from labkeeper.provision.errors import ProvisionError, VmidTaken
-from labkeeper.provision.steps import Log, StepResult, is_ours, lookup, nolog, wait_task
+from labkeeper.provision.steps import StepResult, is_ours, lookup, wait_task
 from labkeeper.secrets import resolve
+
+logger = logging.getLogger(__name__)
 
 
 def public_key_of(key_ref: str) -> str:
@@ -52,7 +55,7 @@ def create_request(inv: Inventory, guest: Guest) -> px.ApiRequest:
         options=options)
 
 
-def create_guest(api: Any, inv: Inventory, guest: Guest, *, log: Log = nolog) -> StepResult:
+def create_guest(api: Any, inv: Inventory, guest: Guest) -> StepResult:
     """Create the guest (LXC from its template, QEMU as a clone), unless it exists.
 
     Check, then change: a guest of ours with this vmid already there is
@@ -76,22 +79,23 @@ def create_guest(api: Any, inv: Inventory, guest: Guest, *, log: Log = nolog) ->
             raise VmidTaken(f"{guest.name}: vmid {guest.vmid} is not free: {exc}") from None
         raise
     if guest.type == "lxc":
-        detail = _create_lxc(api, inv, guest, log)
+        detail = _create_lxc(api, inv, guest)
     else:
-        detail = _clone_qemu(api, inv, guest, log)
+        detail = _clone_qemu(api, inv, guest)
     return StepResult(guest.name, "create", "changed", detail, time.monotonic() - started)
 
 
-def _create_lxc(api: Any, inv: Inventory, guest: Guest, log: Log) -> str:
+def _create_lxc(api: Any, inv: Inventory, guest: Guest) -> str:
     _check_template(api, guest)
     req = create_request(inv, guest)
-    log(f"{guest.name}: creating LXC {guest.vmid} on {guest.node} from {guest.template}")
+    logger.info("%s: creating LXC %s on %s from %s", guest.name, guest.vmid, guest.node,
+                guest.template)
     upid = _start_creation(api, guest, req)
     wait_task(api, upid, inv)
     return f"created LXC {guest.vmid} from {guest.template}"
 
 
-def _clone_qemu(api: Any, inv: Inventory, guest: Guest, log: Log) -> str:
+def _clone_qemu(api: Any, inv: Inventory, guest: Guest) -> str:
     tvmid = guest.template_vmid or 0
     tmpl = px.find_guest(api, tvmid)
     if tmpl is None or not tmpl.template:
@@ -100,7 +104,8 @@ def _clone_qemu(api: Any, inv: Inventory, guest: Guest, log: Log) -> str:
         tmpl.node, tvmid, guest.vmid, name=guest.name, full=guest.full_clone,
         target=guest.node if guest.node != tmpl.node else None,
         storage=guest.resources.storage if guest.full_clone else None, pool=guest.pool)
-    log(f"{guest.name}: cloning QEMU template {tvmid} into {guest.vmid} on {guest.node}")
+    logger.info("%s: cloning QEMU template %s into %s on %s", guest.name, tvmid, guest.vmid,
+                guest.node)
     upid = _start_creation(api, guest, req)
     wait_task(api, upid, inv)
     # tag it at once: from here on it is recognisably ours (crash-safety)

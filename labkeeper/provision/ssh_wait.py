@@ -8,11 +8,11 @@ from collections.abc import Callable
 from labkeeper.errors import HostKeyError, SSHError
 from labkeeper.inventory import Guest, Inventory
 from labkeeper.provision.errors import GuestUnreachable
-from labkeeper.provision.steps import Log, StepResult, nolog
+from labkeeper.provision.steps import StepResult
 
 
 def wait_for_ssh(inv: Inventory, guest: Guest, *, timeout: float | None = None,
-                 interval: float = 1.0, log: Log = nolog,
+                 interval: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> StepResult:
     """Wait until the guest answers SSH with the expected host key (pinned, in

@@ -7,7 +7,6 @@ when it is ours: the managed tag, and the inventory's type and node.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,14 +31,6 @@ class StepResult:
     def row(self) -> dict[str, Any]:
         return {"guest": self.guest, "step": self.step, "status": self.status,
                 "seconds": round(self.seconds, 2), "detail": redact(self.detail)}
-
-
-Log = Callable[[str], None]
-
-
-def nolog(_: str) -> None:
-    """The default ``log`` of a step: say nothing."""
-    return None
 
 
 def wait_task(api: Any, upid: px.Upid, inv: Inventory, timeout: float | None = None

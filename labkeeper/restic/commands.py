@@ -12,6 +12,7 @@ wait for a conflicting lock themselves for :data:`RETRY_LOCK_SECONDS` after our 
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -107,12 +108,31 @@ def full_snapshot_id(repo: Repo, snapshot_id: str, *, timeout: float = 120) -> s
     return found[0]
 
 
-def canonical_summary(repo: Repo, summary: BackupSummary, *,
-                      timeout: float = 120) -> BackupSummary:
-    """``summary`` naming its snapshot by the full id, whatever the restic version."""
+def cached_snapshot_ids(repo: Repo) -> frozenset[str]:
+    """The snapshot files in restic's cache of ``repo`` (``<cache>/<repo id>/snapshots/
+    <2 hex>/<full id>``): restic writes each snapshot it saves there once the backend
+    holds it. Empty without a cache directory."""
+    if not repo.cache_dir:
+        return frozenset()
+    found = glob.glob(os.path.join(glob.escape(repo.cache_dir), "*", "snapshots", "*", "*"))
+    return frozenset(n for n in map(os.path.basename, found) if is_full_id(n))
+
+
+def canonical_summary(repo: Repo, summary: BackupSummary, *, timeout: float = 120,
+                      cached_before: frozenset[str] | None = None) -> BackupSummary:
+    """``summary`` naming its snapshot by the full id, whatever the restic version.
+
+    restic 0.14 names it by a short id. With ``cached_before`` (:func:`cached_snapshot_ids`
+    read before this restic started), the one snapshot file that restic added to the
+    cache under that prefix names it (no restic start: ~0.7 s each); else ``restic
+    snapshots`` looks it up."""
     if is_full_id(summary.snapshot_id):
         return summary
-    full = full_snapshot_id(repo, summary.snapshot_id, timeout=timeout)
+    short = summary.snapshot_id
+    fresh = [] if cached_before is None else \
+        [i for i in cached_snapshot_ids(repo) - cached_before if i.startswith(short)]
+    full = fresh[0] if len(fresh) == 1 and HEX_ID.fullmatch(short) else \
+        full_snapshot_id(repo, short, timeout=timeout)
     return summary.model_copy(update={"snapshot_id": full})
 
 

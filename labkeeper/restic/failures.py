@@ -1,11 +1,11 @@
 """What a failed restic run means: its exit codes, refined by its stderr, and its
 backend-retry notes for the run log.
 
-restic 0.14 (Debian 12) exits 1 for most fatal errors; 10/11/12 arrived in 0.17.
-:func:`classify_failure` reads stderr to tell the same cases apart on older
-versions, so both map onto the same typed meaning; restic >= 0.17 also prints a
-fatal error as one JSON ``exit_error`` line when ``--json`` is given, whose message
-is used instead of the raw line.
+Older restic exits 1 for most fatal errors where newer ones have their own exit
+codes; :func:`classify_failure` reads stderr to tell the same cases apart, so every
+version maps onto the same typed meaning, and uses the JSON ``exit_error`` line's
+message where restic prints one. Which version does what: ``benchmarks/README.md``
+(tool versions).
 """
 
 from __future__ import annotations
@@ -98,14 +98,9 @@ _BACKEND_FAILED_RE = re.compile(
 
 def backend_retry(line: str) -> str | None:
     """restic's stderr note that a repository backend call failed, as one short line
-    for the run log; None for any other line.
-
-    restic 0.14 retries even a file that is gone for good (the lock of a restic that
-    just finished) about ten times over some 45 s (``Load(<lock/…>, 0, 0) returned
-    error, retrying after 552ms: …``), and ``restic backup`` does so twice (measured:
-    20 retries, 94 s, then it went on). restic 0.18 does not retry a missing file: it
-    says ``Load(<lock/…>, 0, 0) failed: …`` and its lock check tries again after 5, 15
-    and 35 s, then fails. Either way a slow run names its cause with these."""
+    for the run log; None for any other line. A run slowed down by a backend call
+    restic retries (a lock file gone for good, ``benchmarks/README.md``) names its
+    cause with these."""
     line = line.strip()
     m = _BACKEND_RETRY_RE.match(line)
     if m is not None:

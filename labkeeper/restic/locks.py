@@ -6,14 +6,13 @@ with ``restic unlock``, which removes a dead process's lock only when it runs on
 host that took it: :class:`LockSite` says where that is (this machine, or a backup
 host over SSH, :func:`labkeeper.path_backup.handle_locks`).
 
-An unloadable lock file (one that vanished between restic's listing and its load):
-0.14's backend retries the load ~10 times over ~45 s and then goes on; 0.18 does not
-retry a missing file, its lock check re-runs after 5, 15 and 35 s and then fails
-(exit 1, "unable to create lock in backend": a lock failure, transient).
+A lock file that vanishes between restic's listing and its load is one released
+meanwhile (how each restic version behaves then: ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -28,7 +27,8 @@ from labkeeper.restic.commands import run_restic
 from labkeeper.restic.models import LockInfo, parse_lock
 from labkeeper.restic.repository import Repo
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
+
 
 def lock_is_stale(lock: LockInfo, *, now: datetime, this_host: str, stale_after: float,
                   pid_alive: Callable[[int], bool]) -> tuple[bool, str]:
@@ -93,7 +93,7 @@ def unlock(repo: Repo, *, timeout: float = 60) -> None:
 
 
 def note_blocking(blocking: Sequence[tuple[LockInfo, str]], *, deadline: float, wait: float,
-                  waited: set[str], notes: list[str], log: Log) -> None:
+                  waited: set[str], notes: list[str]) -> None:
     """One round of waiting on live conflicting locks: past ``deadline`` a transient
     error naming them; otherwise each lock not yet waited on noted (and logged) once."""
     if time.monotonic() >= deadline:
@@ -104,7 +104,7 @@ def note_blocking(blocking: Sequence[tuple[LockInfo, str]], *, deadline: float, 
             waited.add(lock.id)
             note = f"waiting for {describe_lock(lock)} ({why})"
             notes.append(note)
-            log(note)
+            logger.info("%s", note)
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,8 @@ def local_site(repo: Repo, *, timeout: float = 60) -> LockSite:
                     "30 min)")
 
 
-def remove_stale(repo: Repo, site: LockSite, *, stale_after: float, log: Log,
-                 notes: list[str], timeout: float = 60) -> list[tuple[LockInfo, str]]:
+def remove_stale(repo: Repo, site: LockSite, *, stale_after: float, notes: list[str],
+                 timeout: float = 60) -> list[tuple[LockInfo, str]]:
     """One look at the locks: the stale ones removed at ``site`` (each said in
     ``notes`` and logged); returns the live ones, with why each is live (a stale one
     ``restic unlock`` did not remove counts as live)."""
@@ -153,12 +153,12 @@ def remove_stale(repo: Repo, site: LockSite, *, stale_after: float, log: Log,
         else:
             note = f"removed stale {describe_lock(lock)} with `restic unlock`{site.where}: {why}"
         notes.append(note)
-        log(note)
+        logger.info("%s", note)
     return live
 
 
 def settle_locks(repo: Repo, site: LockSite, *, exclusive: bool, wait: float,
-                 stale_after: float, log: Log, timeout: float = 60,
+                 stale_after: float, timeout: float = 60,
                  sleep: Callable[[float], None] = time.sleep) -> list[str]:
     """Get the repository ready for a command that needs a shared (``exclusive=False``)
     or an exclusive lock: stale locks removed at ``site``, live conflicting ones waited
@@ -169,22 +169,20 @@ def settle_locks(repo: Repo, site: LockSite, *, exclusive: bool, wait: float,
     delay = 1.0
     waited_for: set[str] = set()
     while True:
-        live = remove_stale(repo, site, stale_after=stale_after, log=log, notes=notes,
+        live = remove_stale(repo, site, stale_after=stale_after, notes=notes,
                             timeout=timeout)
         blocking = [(lk, why) for lk, why in live if exclusive or lk.exclusive]
         if not blocking:
             return notes
-        note_blocking(blocking, deadline=deadline, wait=wait, waited=waited_for, notes=notes,
-                      log=log)
+        note_blocking(blocking, deadline=deadline, wait=wait, waited=waited_for, notes=notes)
         sleep(min(delay, max(0.1, deadline - time.monotonic())))
         delay = min(delay * 2, 30.0)
 
 
 def wait_for_locks(repo: Repo, *, exclusive: bool, wait: float, stale_after: float,
-                   log: Callable[[str], None], timeout: float = 60,
-                   sleep: Callable[[float], None] | None = None) -> list[str]:
+                   timeout: float = 60, sleep: Callable[[float], None] | None = None) -> list[str]:
     """:func:`settle_locks` on this machine (dead processes on this host, or locks
     older than ``stale_after`` s, are stale)."""
     return settle_locks(repo, local_site(repo, timeout=timeout), exclusive=exclusive,
-                        wait=wait, stale_after=stale_after, log=log, timeout=timeout,
+                        wait=wait, stale_after=stale_after, timeout=timeout,
                         sleep=sleep or time.sleep)

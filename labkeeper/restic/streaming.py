@@ -30,7 +30,7 @@ from typing import Any
 from labkeeper import process
 from labkeeper.errors import CommandError, CommandTimeout, LabkeeperError
 from labkeeper.restic.argv import backup_stdin_argv
-from labkeeper.restic.commands import canonical_summary
+from labkeeper.restic.commands import cached_snapshot_ids, canonical_summary
 from labkeeper.restic.failures import EXIT_CODES, LOCK_FAILED, classify_failure
 from labkeeper.restic.models import BackupSummary, parse_backup_summary, stdin_summary_problem
 from labkeeper.restic.repository import Repo
@@ -66,6 +66,7 @@ class PendingBackup:
         spawn = self.argv
         if nice > 0 and shutil.which("nice"):
             spawn = ("nice", "-n", str(nice), *self.argv)
+        self._cached_before = cached_snapshot_ids(repo)
         self._proc = process.Coprocess(spawn, env=repo.env(), on_stderr_line=on_stderr_line)
         self._primed = b""
         self._stdout: list[bytes] = []
@@ -164,7 +165,8 @@ class PendingBackup:
         if problem is not None:
             raise CommandError(f"restic backup: {problem}", argv=res.argv,
                                returncode=res.returncode)
-        return canonical_summary(self._repo, summary, timeout=timeout)
+        return canonical_summary(self._repo, summary, timeout=timeout,
+                                 cached_before=self._cached_before)
 
     def abort(self) -> bool:
         """SIGKILL restic before it got end-of-stream (no snapshot). Returns whether it
@@ -262,6 +264,7 @@ def stream_backup(repo: Repo, producer: process.Stage | process.StageFactory, *,
     else:
         def first() -> process.Stage:
             return dataclasses.replace(producer(), eof_gate=gate)
+    cached_before = cached_snapshot_ids(repo)
     res = process.pipeline(
         [first, process.Stage(consumer_argv, codes=EXIT_CODES, env=repo.env(),
                               on_stderr_line=on_stderr_line)],
@@ -269,7 +272,7 @@ def stream_backup(repo: Repo, producer: process.Stage | process.StageFactory, *,
     failure = _stream_failure(res, timeout=timeout, stall_timeout=stall_timeout)
     if failure is not None:
         raise failure
-    return _proven(repo, res)
+    return _proven(repo, res, cached_before)
 
 
 def _stream_failure(res: process.PipelineResult, *, timeout: float,
@@ -326,7 +329,8 @@ def _consumer_failure(res: process.PipelineResult) -> StreamFailed:
         locked=bool(err and err.meaning == LOCK_FAILED))
 
 
-def _proven(repo: Repo, res: process.PipelineResult) -> StreamResult:
+def _proven(repo: Repo, res: process.PipelineResult, cached_before: frozenset[str]
+            ) -> StreamResult:
     """The stream's result once restic's summary proves a snapshot of exactly the bytes
     relayed, named by its full id; else :class:`StreamFailed`."""
     p_res, c_res = res.stages
@@ -344,7 +348,7 @@ def _proven(repo: Repo, res: process.PipelineResult) -> StreamResult:
     if problem is not None:
         raise failed(problem)
     try:
-        summary = canonical_summary(repo, summary)
+        summary = canonical_summary(repo, summary, cached_before=cached_before)
     except (LabkeeperError, ValueError) as exc:
         raise failed(f"snapshot {summary.snapshot_id} saved, but its full id could not be "
                      f"read: {exc}", getattr(exc, "transient", False)) from None

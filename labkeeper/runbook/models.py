@@ -21,8 +21,11 @@ ParamType = Literal["string", "int", "bool", "database", "guest", "app", "host",
 ``vzdump_job``) must name something in the inventory; ``snapshot`` is ``latest`` or a
 restic snapshot id; ``archive`` is ``latest`` or a vzdump volume id."""
 
+PITR_FLOWS = ("pitr_restore_copy", "pitr_compare_copy", "pitr_swap_copy", "pitr_swap_back",
+              "pitr_drop_copy")
+"""The steps of runbook pitr-restore-database (``flows/pitr.py``: ``<name>_flow``)."""
 FLOWS = ("pg_backup", "path_backup", "vzdump", "update", "provision", "drill",
-         "restore_database", "restore_guest")
+         "restore_database", "restore_guest", *PITR_FLOWS)
 """The labkeeper flows a ``flow`` step may run (see ``flows/runbook.py``)."""
 
 PROXMOX_OPS = ("start", "stop", "shutdown", "snapshot", "rollback", "tag", "destroy")

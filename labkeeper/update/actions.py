@@ -4,6 +4,7 @@ back, and clean up old pre-update snapshots and archives.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -37,6 +38,8 @@ from labkeeper.update.session import (
     retag,
 )
 from labkeeper.update.state import spared_names
+
+logger = logging.getLogger(__name__)
 
 # --- protect ------------------------------------------------------------------------------
 
@@ -80,7 +83,8 @@ def protect(s: Session, run_id: str, versions: Versions, *, resume: bool = False
             raise UpdateFailed(f"snapshot {prot.snapshot} of {g.type} {g.vmid} exists "
                                "already but this run did not take it: not reusing it")
         if prot.snapshot not in existing:
-            s.log(f"{s.app.name}: snapshot {prot.snapshot} of {g.type} {g.vmid} on {g.node}")
+            logger.info("%s: snapshot %s of %s %s on %s", s.app.name, prot.snapshot, g.type,
+                        g.vmid, g.node)
             s.wait(px.create_snapshot(s.api, g.node, g.vmid, g.type, prot.snapshot))
     elif prot.kind == "vzdump":
         prot.volid = _protect_vzdump(s, run_id, resume=resume)
@@ -108,8 +112,8 @@ def _protect_vzdump(s: Session, run_id: str, *, resume: bool) -> str:
         raise UpdateFailed(f"a pre-update archive with notes {notes!r} exists already but "
                            "this run did not make it: not reusing it")
     if volid is None:
-        s.log(f"{s.app.name}: vzdump of {g.type} {g.vmid} to {storage} (no snapshots "
-              "on its storage), protected")
+        logger.info("%s: vzdump of %s %s to %s (no snapshots on its storage), protected",
+                    s.app.name, g.type, g.vmid, storage)
         s.wait(px.vzdump(s.api, g.node, vmids=[g.vmid], mode="snapshot", storage=storage,
                          notes_template=notes, protected=True))
         volid = _find_archive(s, storage, notes)
@@ -165,7 +169,7 @@ def run_update(s: Session) -> list[str]:
     done: list[str] = []
     for argv in apply_steps(s.app):
         shown = " ".join(argv)
-        s.log(f"{s.app.name}: $ {redact(shown)}")
+        logger.info("%s: $ %s", s.app.name, redact(shown))
         res = s.run(argv, env=env, stream=True)
         if res.returncode != 0:
             tail = redact((res.stderr or res.stdout).strip())[-400:]
@@ -181,9 +185,10 @@ def run_update(s: Session) -> list[str]:
 def gate(s: Session, *, sleep: Callable[[float], None] = time.sleep,
          clock: Callable[[], float] = time.monotonic) -> health.GateOutcome:
     if not s.app.health:
-        s.log(f"{s.app.name}: no health probes declared: the gate cannot prove anything")
+        logger.info("%s: no health probes declared: the gate cannot prove anything",
+                    s.app.name)
     return health.run_gate(lambda: health.run_round(s.app, inv=s.inv, ssh=s.ssh), s.app.gate,
-                           clock=clock, sleep=sleep, log=lambda m: s.log(f"{s.app.name}: {m}"))
+                           clock=clock, sleep=sleep, label=s.app.name)
 
 
 # --- rollback -----------------------------------------------------------------------------
@@ -194,14 +199,15 @@ def rollback(s: Session, prot: Protection) -> str:
     node, vmid, gtype = prot.node, prot.vmid, prot.gtype
     if prot.kind == "snapshot":
         assert prot.snapshot is not None
-        s.log(f"{s.app.name}: rolling {gtype} {vmid} back to snapshot {prot.snapshot}")
+        logger.info("%s: rolling %s %s back to snapshot %s", s.app.name, gtype, vmid,
+                    prot.snapshot)
         s.wait(px.rollback_snapshot(s.api, node, vmid, gtype, prot.snapshot))
         _ensure_running(s, prot)
         s.reconnect()  # the guest restarted: old SSH connections are gone
         return f"rolled back to snapshot {prot.snapshot}" + _compose_after_guest_rollback(s, prot)
     if prot.kind == "vzdump":
         assert prot.volid is not None
-        s.log(f"{s.app.name}: restoring {gtype} {vmid} from {prot.volid}")
+        logger.info("%s: restoring %s %s from %s", s.app.name, gtype, vmid, prot.volid)
         status = px.guest_status(s.api, node, vmid, gtype)
         if status.status == "running":
             s.wait(px.stop_guest(s.api, node, vmid, gtype))
@@ -226,7 +232,8 @@ def restore_images(s: Session, prot: Protection) -> str:
     assert cfg is not None
     refs = dict(prot.refs) or record_versions(s).refs  # journals of earlier versions
     ensure_images(s, prot)
-    s.log(f"{s.app.name}: re-tagging {len(prot.images)} service(s) onto their old images")
+    logger.info("%s: re-tagging %d service(s) onto their old images", s.app.name,
+                len(prot.images))
     retag(s, prot.images, refs)
     s.run(("rm", "-f", "--", f"{cfg.dir}/{compose.ROLLBACK_OVERRIDE}"), timeout=60)
     res = s.run(compose.rollback_up_argv(cfg), stream=True)
@@ -251,7 +258,8 @@ def _compose_after_guest_rollback(s: Session, prot: Protection) -> str:
         except LabkeeperError as exc:
             if not exc.transient or time.monotonic() >= deadline:
                 raise
-            s.log(f"{s.app.name}: the guest's engine is not ready ({exc}); trying again")
+            logger.info("%s: the guest's engine is not ready (%s); trying again", s.app.name,
+                        exc)
             s.reconnect()
             time.sleep(2)
 
@@ -281,7 +289,7 @@ def cleanup(s: Session, keep: int | None = None) -> list[str]:
     spare = sorted(spared_names(s.inv, but=s.app.name))
     snaps = px.list_snapshots(s.api, g.node, g.vmid, g.type)
     for name in stale_snapshots(snaps, keep, spare=spare):
-        s.log(f"{s.app.name}: deleting old snapshot {name}")
+        logger.info("%s: deleting old snapshot %s", s.app.name, name)
         s.wait(px.delete_snapshot(s.api, g.node, g.vmid, g.type, name))
         removed.append(name)
     if s.mode == "vzdump":
@@ -291,7 +299,7 @@ def cleanup(s: Session, keep: int | None = None) -> list[str]:
             if vol.protected and vol.notes.startswith(PREFIX) and vol.volid not in spare:
                 px.set_volume_attributes(s.api, g.node, vol.volid, protected=False)
         for volid in stale_archives(vols, keep, spare=spare):
-            s.log(f"{s.app.name}: deleting old pre-update archive {volid}")
+            logger.info("%s: deleting old pre-update archive %s", s.app.name, volid)
             upid = px.delete_volume(s.api, g.node, volid)
             if upid is not None:
                 s.wait(upid)

@@ -19,7 +19,6 @@ from labkeeper.proxmox import GuestType
 from labkeeper.secrets import redact
 
 PREFIX = "labkeeper-pre-update-"
-Log = Callable[[str], object]
 Mode = Literal["snapshot", "vzdump", "compose-images", "none"]
 
 

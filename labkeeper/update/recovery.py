@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from labkeeper import health
 from labkeeper.errors import is_transient
@@ -42,8 +42,9 @@ from labkeeper.update.state import (
 )
 
 Resolve = Literal["keep", "rollback"]
-Logger = logging.Logger | logging.LoggerAdapter[Any]
 ROLLBACK_ATTEMPTS = 3
+
+logger = logging.getLogger(__name__)
 
 
 # ====================================================================== phase changes
@@ -94,7 +95,7 @@ def close_updated(inv: Inventory, app: str) -> bool:
     return clear_pin(inv, app)
 
 
-def roll_back(inv: Inventory, app: str, logger: Logger) -> str:
+def roll_back(inv: Inventory, app: str) -> str:
     """Roll back to the journal's protection (a few tries on transient errors);
     the outcome lands in the journal (``rolled-back`` / ``rollback-failed``)."""
     journal = read_journal(inv, app)
@@ -105,7 +106,7 @@ def roll_back(inv: Inventory, app: str, logger: Logger) -> str:
     last: BaseException | None = None
     for attempt in range(1, ROLLBACK_ATTEMPTS + 1):
         try:
-            with Session(inv, app, log=logger.info) as s:
+            with Session(inv, app) as s:
                 detail = rollback(s, journal.protection)
             journal.phase, journal.detail = "rolled-back", detail
             write_journal(inv, journal)
@@ -147,10 +148,9 @@ class Steps(Protocol):
 class Recovery:
     """Judges what a journal says: after a failed update, and at the start of a run."""
 
-    def __init__(self, inv: Inventory, steps: Steps, logger: Logger) -> None:
+    def __init__(self, inv: Inventory, steps: Steps) -> None:
         self.inv = inv
         self.steps = steps
-        self.logger = logger
 
     def unfinished(self, app: App, journal: Journal, *, dry_run: bool,
                    resolve: Resolve | None) -> AppResult | None:
@@ -178,9 +178,8 @@ class Recovery:
             return self._stale(app, journal, base)
         if self.steps.protection_exists(name, journal.protection):
             return self._recover(app, journal, resolve=resolve)
-        self.logger.warning("%s: the journal of run %s names %s, which is gone; "
-                            "starting afresh", name, journal.run_id,
-                            journal.protection.text())
+        logger.warning("%s: the journal of run %s names %s, which is gone; starting afresh",
+                       name, journal.run_id, journal.protection.text())
         close_journal(inv, name)
         return None
 
@@ -194,7 +193,7 @@ class Recovery:
                        "check the app, then run the update with resolve=keep (keep what "
                        "runs) or resolve=rollback (back to that protection), or the "
                        "rollback-app runbook")
-        self.logger.error("%s: %s", app.name, base.detail)
+        logger.error("%s: %s", app.name, base.detail)
         return base
 
     def after_rollback(self, app: App, exc: BaseException, prot: Protection | None,
@@ -238,10 +237,9 @@ class Recovery:
                  resolve: Resolve | None = None) -> AppResult:
         """Finish the update a crashed run left behind (recent, or as a person decided)."""
         name = app.name
-        self.logger.warning("%s: run %s stopped after '%s' (protected by %s): finishing "
-                            "it%s", name, journal.run_id, journal.phase,
-                            journal.protection.text(),
-                            f" ({resolve}, as decided)" if resolve else "")
+        logger.warning("%s: run %s stopped after '%s' (protected by %s): finishing it%s",
+                       name, journal.run_id, journal.phase, journal.protection.text(),
+                       f" ({resolve}, as decided)" if resolve else "")
         base = AppResult(name, "recovered", protection=journal.protection.text(),
                          before=journal.before, attempted=journal.attempted,
                          run_id=journal.run_id)

@@ -4,6 +4,7 @@ preflight, the versions that run, and the Compose images (fetch, inspect, re-tag
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,6 @@ from labkeeper.update.plan import (
     parse_dpkg_query,
 )
 from labkeeper.update.records import (
-    Log,
     Mode,
     Offer,
     Pin,
@@ -35,6 +35,8 @@ from labkeeper.update.records import (
     short_digest,
 )
 
+logger = logging.getLogger(__name__)
+
 
 def exited(what: str, res: Any, *, tail: int = 300) -> str:
     """``<what> exited <code>: <the end of its stderr>`` (redacted)."""
@@ -44,12 +46,10 @@ def exited(what: str, res: Any, *, tail: int = 300) -> str:
 class Session:
     """The Proxmox API and the SSH connection to an app's guest, opened on first use."""
 
-    def __init__(self, inv: Inventory, app: App | str, *, log: Log = print,
-                 api: Any = None) -> None:
+    def __init__(self, inv: Inventory, app: App | str, *, api: Any = None) -> None:
         self.inv = inv
         self.app = inv.app(app) if isinstance(app, str) else app
         self.guest: Guest = inv.guest(self.app.guest)
-        self.log = log
         self._api = api
         self._pool = SshPool()
         spec = inv.ssh_target(self.guest.name)
@@ -94,7 +94,7 @@ class Session:
     def run(self, argv: Sequence[str], *, timeout: float | None = None,
             env: Mapping[str, str] | None = None, stream: bool = False) -> Any:
         def line(text: str) -> None:
-            self.log(f"{self.app.name}| {text}")
+            logger.info("%s| %s", self.app.name, text)
 
         return self.ssh().run(argv, timeout=timeout or self.command_timeout, env=env,
                               check=False, on_stdout_line=line if stream else None,
@@ -158,12 +158,12 @@ def _config_refs(s: Session) -> dict[str, str]:
     assert cfg is not None
     res = s.run(compose.config_argv(cfg), timeout=120)
     if res.returncode != 0:
-        s.log(f"{s.app.name}: {exited('docker compose config', res, tail=200)}")
+        logger.info("%s: %s", s.app.name, exited("docker compose config", res, tail=200))
         return {}
     try:
         return compose.parse_config_images(res.stdout)
     except compose.ComposeOutputError as exc:
-        s.log(f"{s.app.name}: docker compose config: {exc}")
+        logger.info("%s: docker compose config: %s", s.app.name, exc)
         return {}
 
 
@@ -234,7 +234,7 @@ def fetch(s: Session, versions: Versions, *, pin: Pin | None = None,
     (``held``): the app stays on its good images unless ``retry_bad``."""
     cfg = s.app.compose
     assert cfg is not None
-    s.log(f"{s.app.name}: $ {redact(' '.join(compose.pull_argv(cfg)))}")
+    logger.info("%s: $ %s", s.app.name, redact(" ".join(compose.pull_argv(cfg))))
     res = s.run(compose.pull_argv(cfg), stream=True)
     if res.returncode != 0:
         put_back = _retag_quietly(s, versions.image_ids, versions.refs)
@@ -282,7 +282,7 @@ def _retag_quietly(s: Session, images: Mapping[str, str], refs: Mapping[str, str
     try:
         done = retag(s, images, refs)
     except LabkeeperError as exc:
-        s.log(f"{s.app.name}: could not put the tags back: {exc}")
+        logger.info("%s: could not put the tags back: %s", s.app.name, exc)
         return "; some tags could not be put back: a plain `up -d` may start new images"
     return f"; {len(done)} tag(s) put back" if done else ""
 
@@ -302,8 +302,8 @@ def ensure_images(s: Session, prot: Protection) -> list[str]:
             raise UpdateFailed(f"{s.app.name}: the image {svc} ran ({iid[:19]}) is gone "
                                "from the guest and has no registry digest to pull it by")
         by_digest = compose.digest_ref(ref, digest)
-        s.log(f"{s.app.name}: {svc}'s image {iid[:19]} is not on the guest: pulling "
-              f"{by_digest}")
+        logger.info("%s: %s's image %s is not on the guest: pulling %s", s.app.name, svc,
+                    iid[:19], by_digest)
         res = s.run(compose.docker_pull_argv(cfg, by_digest), stream=True)
         found = inspect_image(s, iid) if res.returncode == 0 else None
         if found is None:

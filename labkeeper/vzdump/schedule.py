@@ -11,7 +11,6 @@ sees each ended backup in the calling thread and may ask for a later retry.
 
 from __future__ import annotations
 
-import contextvars
 import queue
 import threading
 import time
@@ -20,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from labkeeper import log_setup
 from labkeeper.vzdump.plan import NodeSlot, Target
 
 
@@ -115,8 +115,9 @@ def run_per_node(queues: Mapping[str, Sequence[Target]], max_per_node: int, *,
     for node, targets in queues.items():
         nq = _NodeQueue(node, deque((t, 1) for t in targets),
                         threading.BoundedSemaphore(max_per_node))
-        ctx = contextvars.copy_context()  # the feeder submits inside the caller's run
-        th = threading.Thread(target=ctx.run, args=(_feed, nq, submit, ended, slot_wait),
+        # the feeder submits inside the caller's run
+        th = threading.Thread(target=log_setup.in_context(_feed),
+                              args=(nq, submit, ended, slot_wait),
                               name=f"vzdump-{node}", daemon=True)
         th.start()
         feeders.append(th)

@@ -80,8 +80,7 @@ class Receiver:
     """A :class:`wal.WalReceiver` in a thread."""
 
     def __init__(self, plab: PitrLab) -> None:
-        self.lines: list[str] = []
-        self.sup = wal.WalReceiver(plab.target(), log=self.lines.append, max_backoff=2)
+        self.sup = wal.WalReceiver(plab.target(), max_backoff=2)
         self.thread = threading.Thread(target=self.sup.run, daemon=True)
 
     def start(self) -> Receiver:

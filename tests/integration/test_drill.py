@@ -3,6 +3,7 @@ real psql restores into scratch databases of the lab's PostgreSQL, forged faults
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -40,10 +41,11 @@ def _failed(result: drill.DrillResult) -> dict[str, str]:
 
 @pytest.mark.restic_matrix
 def test_good_backup_passes_with_every_table_smoke_query_and_globals_verified(
-        env, no_leftovers):
+        env, no_leftovers, caplog):
     _e, inv = env
-    logs: list[str] = []
-    result = drill.database_drill(inv, "appdb", log=logs.append)
+    caplog.set_level(logging.INFO, logger="labkeeper")
+    result = drill.database_drill(inv, "appdb")
+    logs = caplog.messages
     assert result.passed, result.summary()
     checks = {c.name: c for c in result.checks}
     assert checks["table public.users"].detail == "500 rows"
@@ -151,7 +153,7 @@ def custom(backed_up) -> Inventory:
             "drill": drill_spec(enabled=False)}]
     inv = load(e.inventory("drill-db", pw, databases=dbs,
                            drills={"repository": {"enabled": False}}))
-    pg_backup.backup_database(inv, "appdb-custom", log=lambda _: None)
+    pg_backup.backup_database(inv, "appdb-custom")
     return inv
 
 

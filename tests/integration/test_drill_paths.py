@@ -5,6 +5,7 @@ random sample with ``restic dump`` and compares SHA-256 with the files over SSH.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -64,7 +65,7 @@ def paths_env(drill_env, tmp_path_factory) -> tuple[Path, dict[str, Path], int]:
                        extra={"path_backups": sets})
     inv = load(path)
     for name in SETS[:-1]:
-        path_backup.backup_path_set(inv, name, log=lambda _: None)
+        path_backup.backup_path_set(inv, name)
     return path, roots, count
 
 
@@ -78,10 +79,12 @@ def _files(result: drill.DrillResult) -> dict[str, drill.Check]:
     return {c.name.removeprefix("file "): c for c in result.checks if c.name.startswith("file ")}
 
 
-def test_every_sampled_file_restores_identical_to_the_host_and_the_drill_passes(paths_env):
+def test_every_sampled_file_restores_identical_to_the_host_and_the_drill_passes(paths_env,
+                                                                                 caplog):
     _path, roots, count = paths_env
-    logs: list[str] = []
-    result = drill_paths.paths_drill(_inv(paths_env), "labhost/good", log=logs.append)
+    caplog.set_level(logging.INFO, logger="labkeeper")
+    result = drill_paths.paths_drill(_inv(paths_env), "labhost/good")
+    logs = caplog.messages
     assert result.passed, result.summary()
     assert result.kind == "paths" and result.target == "labhost/good"
     assert result.label == "paths:labhost/good"

@@ -46,7 +46,7 @@ def test_a_corrupted_pack_fails_the_repository_drill_and_the_database_drill(dril
     inv = load(e.inventory("drill-corrupt", pw,
                            databases=[{"name": "appdb", "drill": drill_spec()}],
                            drills={"repository": {"read_data_period": 1}}))
-    pg_backup.backup_database(inv, "appdb", log=lambda _: None)
+    pg_backup.backup_database(inv, "appdb")
     corrupt_largest_pack(e, "drill-corrupt")
 
     repo_result = drill.repository_drill(inv, "lab-repo", choose=_dump_snapshot)

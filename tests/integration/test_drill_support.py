@@ -185,8 +185,8 @@ def backed_up_fixture(drill_env: DrillEnv) -> tuple[DrillEnv, Path, Path]:
     path = e.inventory("drill-db", pw, databases=dbs, drills={"repository": {"enabled": False}})
     inv = load_inventory(path)
     pg_backup.backup_globals(inv, pg_backup.server_label(inv, inv.database("appdb")),
-                             ["appdb"], log=lambda _: None)
-    pg_backup.backup_database(inv, "appdb", log=lambda _: None)
+                             ["appdb"])
+    pg_backup.backup_database(inv, "appdb")
     return e, path, pw
 
 

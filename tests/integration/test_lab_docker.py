@@ -89,10 +89,10 @@ def test_lab_container_database_is_backed_up_by_docker_exec_and_its_drill_passes
     assert inv.database_server(PG_CONTAINER_DB) == f"labhost/{PG_CONTAINER}"
     jobs = _db_container_jobs(lab, ("labkeeper",), str(lab.inventory_path))
     assert [j.argv[1:4] for j in jobs] == [("drill", "run", f"db:{PG_CONTAINER_DB}")]
-    result = pg_backup.backup_database(inv, PG_CONTAINER_DB, log=lambda _l: None)
+    result = pg_backup.backup_database(inv, PG_CONTAINER_DB)
     assert result.table_count == 2 and result.total_rows == 60 + 6000  # albums, assets
     label = pg_backup.server_label(inv, db)
-    glob = pg_backup.backup_globals(inv, label, [PG_CONTAINER_DB], log=lambda _l: None)
+    glob = pg_backup.backup_globals(inv, label, [PG_CONTAINER_DB])
     assert glob.status == "ok", glob.detail  # postgres in the box reads role passwords
     repo = pg_backup.open_repo(inv, "lab-repo")
     stored = pg_backup.find_latest_backup(repo, lab=inv.lab.name,

@@ -10,6 +10,7 @@ reports a JSON ``error`` message and exits 3 (see labkeeper/path_backup.py).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -206,7 +207,7 @@ def test_second_backup_with_a_few_changes_adds_about_the_changed_bytes(lab, inv_
     inv = load_inventory(inv_path)
     files = trees["files"]
     if not _series(_repo(inv_path), "files"):  # baseline (when run alone)
-        path_backup.backup_path_set(inv, "files", log=lambda _m: None)
+        path_backup.backup_path_set(inv, "files")
     changed = os.urandom(2 << 20)
     (files / "large" / "new.bin").write_bytes(changed)
     small = sorted((files / "small" / "dir03").iterdir())[:5]
@@ -215,7 +216,7 @@ def test_second_backup_with_a_few_changes_adds_about_the_changed_bytes(lab, inv_
     small[-1].unlink()
     changed_bytes = len(changed) + 4 * 1500
     before = _bucket_bytes(lab)
-    res = path_backup.backup_path_set(inv, "files", log=lambda _m: None)
+    res = path_backup.backup_path_set(inv, "files")
     grown = _bucket_bytes(lab) - before
     assert res.files_new == 1 and res.files_changed == 4
     # dedup: only the changed data (+ a tree, index and snapshot file) was uploaded
@@ -224,7 +225,7 @@ def test_second_backup_with_a_few_changes_adds_about_the_changed_bytes(lab, inv_
 
 def test_restic_missing_on_the_host_is_a_clear_error_naming_host_and_install(inv_path):
     with pytest.raises(path_backup.ResticMissing) as err:
-        path_backup.backup_path_set(load_inventory(inv_path), "norestic", log=lambda _m: None)
+        path_backup.backup_path_set(load_inventory(inv_path), "norestic")
     msg = str(err.value)
     assert "not installed on labhost" in msg and "apt-get install restic" in msg
     assert not err.value.transient
@@ -233,14 +234,15 @@ def test_restic_missing_on_the_host_is_a_clear_error_naming_host_and_install(inv
 def test_paths_missing_on_the_host_fail_permanently_and_leave_no_snapshot(inv_path):
     repo = _repo(inv_path)
     with pytest.raises(path_backup.PathBackupFailed) as err:
-        path_backup.backup_path_set(load_inventory(inv_path), "missing", log=lambda _m: None)
+        path_backup.backup_path_set(load_inventory(inv_path), "missing")
     assert not err.value.transient and "do not exist" in str(err.value)
     assert _series(repo, "missing") == []
 
 
 # -- stale lock, SSH dropped mid-backup ---------------------------------------------------------
 
-def test_stale_lock_of_a_killed_restic_is_removed_and_a_clean_tree_backs_up_ok(inv_path):
+def test_stale_lock_of_a_killed_restic_is_removed_and_a_clean_tree_backs_up_ok(inv_path,
+                                                                               caplog):
     repo = _repo(inv_path)
     proc = subprocess.Popen((*repo.base_argv(), "backup", "--stdin", "--host", "x"),
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -251,8 +253,9 @@ def test_stale_lock_of_a_killed_restic_is_removed_and_a_clean_tree_backs_up_ok(i
         time.sleep(0.2)
     proc.kill()
     proc.wait()
-    notes: list[str] = []
-    res = path_backup.backup_path_set(load_inventory(inv_path), "clean", log=notes.append)
+    caplog.set_level(logging.INFO, logger="labkeeper")
+    res = path_backup.backup_path_set(load_inventory(inv_path), "clean")
+    notes = caplog.messages
     assert res.status == "ok" and res.files == 1 and res.unreadable_count == 0  # exit 0
     assert any("removed stale" in n and str(proc.pid) in n for n in notes), notes
     assert not [lk for lk in restic.list_locks(repo) if lk.pid == proc.pid]
@@ -386,7 +389,7 @@ def _end(proc: subprocess.Popen) -> None:
 
 
 def test_unreachable_cleanup_is_recorded_and_the_next_backup_stops_and_forgets_the_attempt(
-        inv_path, trees):
+        inv_path, trees, caplog):
     inv = load_inventory(inv_path)
     repo = _repo(inv_path)
     store = _pending(inv, "late")
@@ -401,7 +404,7 @@ def test_unreachable_cleanup_is_recorded_and_the_next_backup_stops_and_forgets_t
 
     # 1. the attempt fails (its paths are not there yet) and its cleanup cannot reach the host
     with pytest.raises(path_backup.PathBackupFailed) as err:
-        path_backup.backup_path_set(inv, "late", log=lambda _m: None, connector=host_goes_away)
+        path_backup.backup_path_set(inv, "late", connector=host_goes_away)
     backup_id = err.value.backup_id
     tag = path_backup.backup_tag(backup_id)
     assert len(connections) == 2
@@ -422,8 +425,9 @@ def test_unreachable_cleanup_is_recorded_and_the_next_backup_stops_and_forgets_t
         assert [s.id for s in _series(repo, "late")] == [late]
 
         # 3. the next backup sweeps the attempt first, then backs up
-        logged: list[str] = []
-        res = path_backup.backup_path_set(inv, "late", log=logged.append, stop_grace=1)
+        caplog.set_level(logging.INFO, logger="labkeeper")
+        caplog.clear()
+        res = path_backup.backup_path_set(inv, "late", stop_grace=1)
     finally:
         _end(still)
     assert res.status == "ok" and res.files == 1
@@ -436,7 +440,7 @@ def test_unreachable_cleanup_is_recorded_and_the_next_backup_stops_and_forgets_t
     assert f"swept earlier failed attempt {backup_id}" in notes
     assert f"sent SIGTERM to the attempt's remote process(es) {still.pid}" in notes
     assert "ran `restic unlock` on labhost" in notes and f"forgot snapshot(s) {late[:8]}" in notes
-    text = "\n".join(logged)
+    text = "\n".join(caplog.messages)
     assert "1 earlier failed attempt(s) await cleanup" in text
     assert f"swept earlier failed attempt {backup_id}" in text
 
@@ -456,7 +460,7 @@ def test_a_pending_attempt_that_cannot_be_swept_stays_pending_and_no_backup_star
 
     # the host is still unreachable: nothing can be swept, the attempt stays pending
     with pytest.raises(SSHConnectError):
-        path_backup.backup_path_set(inv, "stuck", log=lambda _m: None, connector=unreachable)
+        path_backup.backup_path_set(inv, "stuck", connector=unreachable)
     assert _pending_ids(store) == [backup_id]
 
     # it answers again, but the connection drops while the sweep looks for the attempt's
@@ -467,7 +471,7 @@ def test_a_pending_attempt_that_cannot_be_swept_stays_pending_and_no_backup_star
     killer.start()
     try:
         with pytest.raises(path_backup.PathBackupFailed) as err:
-            path_backup.backup_path_set(inv, "stuck", log=lambda _m: None, stop_grace=60)
+            path_backup.backup_path_set(inv, "stuck", stop_grace=60)
         assert holder.poll() is None  # never signalled: the sweep did not get that far
     finally:
         killer.stop.set()
@@ -498,7 +502,7 @@ def test_a_sweep_whose_forget_is_blocked_by_another_runs_lock_backs_up_as_a_warn
 
     other = _running_restic(repo, host="another-run", tags=["other"])  # e.g. a pg_backup
     try:
-        res = path_backup.backup_path_set(inv, "contended", log=lambda _m: None, stop_grace=1)
+        res = path_backup.backup_path_set(inv, "contended", stop_grace=1)
     finally:
         _end(other)  # killed: its lock is left stale, for the next run to remove
     # nothing of the attempt runs any more: the backup went on, loudly
@@ -510,7 +514,7 @@ def test_a_sweep_whose_forget_is_blocked_by_another_runs_lock_backs_up_as_a_warn
     assert {s.id for s in _series(repo, "contended")} == {late, res.snapshot_id}
 
     # the other run is gone: the next backup finishes the sweep
-    again = path_backup.backup_path_set(inv, "contended", log=lambda _m: None, stop_grace=1)
+    again = path_backup.backup_path_set(inv, "contended", stop_grace=1)
     assert again.status == "ok"
     assert {s.id for s in _series(repo, "contended")} == {res.snapshot_id, again.snapshot_id}
     assert not store.path.exists()
@@ -538,10 +542,11 @@ def test_restic_backend_retries_on_the_host_reach_the_run_log(lab, trees, tmp_pa
     said: list[str] = []
     retried = threading.Event()
 
-    def log(line: str) -> None:
-        said.append(line)
-        if "restic is retrying" in line:
-            retried.set()
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+            if "restic is retrying" in said[-1]:
+                retried.set()
 
     def stop_restic_after_the_first_retry() -> None:
         if retried.wait(60):
@@ -551,10 +556,16 @@ def test_restic_backend_retries_on_the_host_reach_the_run_log(lab, trees, tmp_pa
 
     stopper = threading.Thread(target=stop_restic_after_the_first_retry, daemon=True)
     stopper.start()
+    watch, labkeeper_log = Watch(), logging.getLogger("labkeeper")
+    level = labkeeper_log.level
+    labkeeper_log.addHandler(watch)
+    labkeeper_log.setLevel(logging.INFO)
     try:
         with pytest.raises(path_backup.PathBackupFailed):
-            path_backup.backup_path_set(loaded, "ghosted", log=log)
+            path_backup.backup_path_set(loaded, "ghosted")
     finally:
+        labkeeper_log.removeHandler(watch)
+        labkeeper_log.setLevel(level)
         retried.set()
         stopper.join(10)
     notes = [m for m in said if "restic is retrying" in m]

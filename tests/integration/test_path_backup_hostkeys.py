@@ -75,7 +75,7 @@ def _environs(seen: Path) -> list[dict[str, str]]:
 
 def test_a_host_with_credentials_of_its_own_never_receives_the_repositorys(setup):
     inv = load_inventory(setup["path"])
-    result = path_backup.backup_path_set(inv, "keyed", log=lambda _m: None)
+    result = path_backup.backup_path_set(inv, "keyed")
     assert result.status == "ok" and result.snapshot_id
     environs = [e for e in _environs(setup["seen"]) if "RESTIC_PASSWORD" in e]
     assert environs, "restic never ran on the host with a password"

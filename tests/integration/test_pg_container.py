@@ -10,6 +10,7 @@ the container itself (``docker stop``)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -79,16 +80,16 @@ def _series(inv, name: str) -> list[restic.Snapshot]:
 
 
 def test_container_database_over_ssh_is_backed_up_and_its_drill_verifies_the_manifest(
-        ctr_inventory, pg17):
+        ctr_inventory, pg17, caplog):
     inv = load_inventory(ctr_inventory)
     assert inv.database_server("ctrdb") == f"{SERVER}/{pg17.name}"
     detail = doctor.check_database(inv, "ctrdb").detail
     assert "PostgreSQL 17." in detail and f"container {pg17.name} on {SERVER}" in detail
-    logs: list[str] = []
-    result = pg_backup.backup_database(inv, "ctrdb", log=logs.append)
+    caplog.set_level(logging.INFO, logger="labkeeper")
+    result = pg_backup.backup_database(inv, "ctrdb")
     assert result.table_count == 4 and result.total_rows == 500 + 1200 + 8000 + 20000
     label = pg_backup.server_label(inv, inv.database("ctrdb"))
-    glob = pg_backup.backup_globals(inv, label, ["ctrdb"], log=logs.append)
+    glob = pg_backup.backup_globals(inv, label, ["ctrdb"])
     assert glob.status == "ok" and glob.role_passwords, glob.detail  # superuser in the box
     repo = pg_backup.open_repo(inv, "lab-repo")
     stored = pg_backup.find_latest_backup(repo, lab=inv.lab.name,
@@ -97,7 +98,7 @@ def test_container_database_over_ssh_is_backed_up_and_its_drill_verifies_the_man
     manifest = pg_backup.read_manifest(repo, stored)
     # the manifest was read in the dump's own exported snapshot, by the server's own tools
     assert manifest.server_version.startswith("17.") and manifest.pg_dump_version.startswith("17.")
-    assert manifest.pg_snapshot and any(manifest.pg_snapshot in line for line in logs)
+    assert manifest.pg_snapshot and any(manifest.pg_snapshot in line for line in caplog.messages)
     assert manifest.dump is not None and manifest.dump.bytes == result.bytes_dumped
     drilled = drill.database_drill(inv, "ctrdb")
     assert drilled.passed, drilled.summary()
@@ -139,7 +140,7 @@ def test_password_reaches_the_container_by_environment_and_is_never_in_any_argv(
     scanner = Scanner(secret, remote_dump)
     scanner.start()
     try:
-        result = pg_backup.backup_database(inv, "ctrpw", log=lambda _l: None)
+        result = pg_backup.backup_database(inv, "ctrpw")
     finally:
         scanner.halt.set()
         scanner.join(timeout=30)
@@ -306,7 +307,7 @@ def test_cut_container_dump_is_never_counted(ctr_inventory, pg17, engine_adopted
     injector.start()
     try:
         with pytest.raises(pg_backup.BackupFailed) as info:
-            pg_backup.backup_database(inv, "ctrbig", log=lambda _l: None)
+            pg_backup.backup_database(inv, "ctrbig")
     finally:
         injector.join(timeout=90)
         if fault == "container stopped":
@@ -329,5 +330,5 @@ def test_cut_container_dump_is_never_counted(ctr_inventory, pg17, engine_adopted
 
 def test_container_dump_works_again_after_the_faults(ctr_inventory):
     inv = load_inventory(ctr_inventory)
-    result = pg_backup.backup_database(inv, "ctrbig", log=lambda _l: None)
+    result = pg_backup.backup_database(inv, "ctrbig")
     assert result.total_rows == BIG_ROWS

@@ -8,6 +8,7 @@ under chroot (see tests/fixtures/pg17.py)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -51,12 +52,18 @@ def test_server_newer_than_every_client_fails_before_any_restic_run_naming_the_p
     before = _series(inv, NAME)
     seen_restic: list[list[bytes]] = []
 
-    def log(line: str) -> None:  # called while the backup runs: no restic may be running
-        seen_restic.extend(a for _, a in process_argvs()
-                           if a[0].endswith(b"restic") and b"--stdin" in a)
+    class Probe(logging.Handler):  # each record of the run: no restic may be running
+        def emit(self, record: logging.LogRecord) -> None:
+            seen_restic.extend(a for _, a in process_argvs()
+                               if a[0].endswith(b"restic") and b"--stdin" in a)
 
-    with pytest.raises(pg_backup.BackupFailed) as info:
-        pg_backup.backup_database(inv, NAME, log=log)
+    probe = Probe()
+    logging.getLogger("labkeeper").addHandler(probe)
+    try:
+        with pytest.raises(pg_backup.BackupFailed) as info:
+            pg_backup.backup_database(inv, NAME)
+    finally:
+        logging.getLogger("labkeeper").removeHandler(probe)
     msg = str(info.value)
     assert "postgresql-client-17" in msg, msg
     assert f"127.0.0.1:{load_inventory(pg17_inventory).database(NAME).port}" in msg
@@ -88,9 +95,9 @@ def test_server_17_with_client_17_installed_backs_up_and_its_drill_verifies_the_
     inv = load_inventory(pg17_inventory)
     detail = doctor.check_database(inv, NAME).detail
     assert "PostgreSQL 17." in detail and "/17/bin" in detail, detail
-    result = pg_backup.backup_database(inv, NAME, log=lambda _l: None)
+    result = pg_backup.backup_database(inv, NAME)
     label = pg_backup.server_label(inv, inv.database(NAME))
-    glob = pg_backup.backup_globals(inv, label, [NAME], log=lambda _l: None)
+    glob = pg_backup.backup_globals(inv, label, [NAME])
     assert glob.snapshot_id, glob.detail  # pg_dumpall 17 (without role passwords: not superuser)
     assert result.total_rows == 500 + 1200 + 8000 + 20000
     repo = pg_backup.open_repo(inv, "lab-repo")
@@ -117,7 +124,7 @@ def test_dump_of_server_17_is_not_restored_into_a_server_15_drill_target(
     repo = pg_backup.open_repo(inv, "lab-repo")
     if pg_backup.find_latest_backup(repo, lab=inv.lab.name, server="127.0.0.1",
                                     name=NAME) is None:
-        pg_backup.backup_database(inv, NAME, log=lambda _l: None)
+        pg_backup.backup_database(inv, NAME)
     drilled = drill.database_drill(inv, NAME)
     assert not drilled.passed
     assert "PostgreSQL 17" in drilled.summary() and "PostgreSQL 15" in drilled.summary()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -88,7 +89,7 @@ def _interrupted_base_backup(scenario: Scenario, interrupt: Callable[[], object]
 
     def run() -> None:
         try:
-            basebackup.run_base_backup(slow, log=lambda _m: None)
+            basebackup.run_base_backup(slow)
         except BaseException as exc:
             errors.append(exc)
 
@@ -126,26 +127,40 @@ def restic_reading() -> bool:
     return bool(_pids(b"restic"))
 
 
-def test_base_backup_records_timeline_and_lsns(scenario: Scenario) -> None:
+def test_base_backup_records_timeline_and_lsns(scenario: Scenario, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="labkeeper")
     scenario.writer.wait_rows(5)
-    res = basebackup.run_base_backup(scenario.plab.target(), log=lambda _m: None)
+    res = basebackup.run_base_backup(scenario.plab.target())
     scenario.base = res
     assert res.timeline == 1
+    assert (f"pg1: base backup {restic.short_id(res.snapshot_id)} ({res.bytes} bytes), "
+            f"timeline 1, WAL {res.start_lsn} .. {res.end_lsn}") in caplog.messages
     assert models.parse_lsn(res.start_lsn) < models.parse_lsn(res.end_lsn)
     bases = complete_bases(list_server(scenario.plab.target()))
     assert [b.backup_id for b in bases] == [res.backup_id]
     assert bases[0].start_lsn == res.start_lsn and bases[0].end_lsn == res.end_lsn
 
 
-def test_killed_receiver_is_restarted_and_the_slot_keeps_the_wal(scenario: Scenario) -> None:
+def test_killed_receiver_is_restarted_and_the_slot_keeps_the_wal(scenario: Scenario,
+                                                                caplog) -> None:
+    caplog.set_level(logging.INFO, logger="labkeeper")
     sup = scenario.receiver.sup
     first = sup.pid
     assert first is not None
     os.kill(first, signal.SIGKILL)
     scenario.writer.wait_rows(10)  # WAL written while no receiver runs
-    wait_until(lambda: sup.pid not in (None, first), 60, "the receiver to be restarted")
+    second = wait_until(lambda: sup.pid not in (None, first) and sup.pid,
+                        60, "the receiver to be restarted")
     assert sup.state.starts >= 2
-    scenario.ships.append(wal.ship(scenario.plab.target(), log=lambda _m: None))
+    # the supervisor says why and when it restarts, and passes pg_receivewal's own lines on
+    said = caplog.messages
+    assert any(m.startswith("pg1: pg_receivewal exited ") for m in said), said
+    assert any(re.fullmatch(r"pg1: restarting pg_receivewal in [12] s", m) for m in said), said
+    assert any(m.startswith(f"pg1: pg_receivewal started (pid {second}) into ") for m in said)
+    wait_until(lambda: any(r.name == "labkeeper.pitr.wal" and "starting log streaming at"
+                           in r.getMessage() for r in caplog.records),
+               60, "pg_receivewal's stderr in the log")
+    scenario.ships.append(wal.ship(scenario.plab.target()))
     assert scenario.ships[-1].files, "nothing was shipped"
 
 
@@ -160,13 +175,13 @@ def test_frozen_s3_keeps_segments_in_the_spool_and_a_later_ship_sends_them(
     thaw.start()
     try:
         with pytest.raises(PitrError, match="stay in the spool"):
-            wal.ship(t, log=lambda _m: None, stall_timeout=4)
+            wal.ship(t, stall_timeout=4)
     finally:
         thaw.join()
         os.kill(moto, signal.SIGCONT)
     waiting = wal.ready_files(t.spool)
     assert waiting, "the spool was emptied although nothing was shipped"
-    shipped = wal.ship(t, log=lambda _m: None, switch=False)
+    shipped = wal.ship(t, switch=False)
     scenario.ships.append(shipped)
     assert set(waiting) <= set(shipped.files)
     assert not (set(waiting) & set(wal.ready_files(t.spool)))
@@ -177,13 +192,13 @@ def test_restore_to_a_time_between_two_commits_has_every_row_before_and_none_aft
     scenario.writer.wait_rows(10)
     t = scenario.plab.target()
     rows = list(scenario.writer.rows)  # committed before the ship closes the segment
-    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    scenario.ships.append(wal.ship(t))
     assert scenario.base is not None
     # a commit well after the base backup, and the one after it
     k = len(rows) - 3
     (_id_k, _at_k), (id_next, at_next) = rows[k], rows[k + 1]
     to = restore.RecoveryTarget("time", time=at_next - timedelta(microseconds=1))
-    res = restore.restore_pitr(t, to, restore_dir, log=lambda _m: None, timeout=300)
+    res = restore.restore_pitr(t, to, restore_dir, timeout=300)
     try:
         assert res.cluster is not None
         got = [int(r[0]) for r in res.cluster.query("SELECT id FROM ticks ORDER BY id", db=DB)]
@@ -204,19 +219,19 @@ def test_restore_to_a_quiet_moment_after_the_last_commit_has_every_row(
     rows = list(scenario.writer.rows)
     quiet = datetime.now(tz=UTC)
     wait_until(lambda: datetime.now(tz=UTC) > quiet + timedelta(seconds=1), 10, "a quiet second")
-    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    scenario.ships.append(wal.ship(t))
     reach = coverage(list_server(t))
     assert reach is not None and reach > quiet
     # Marks have whole-second resolution: a second ship within the same second could not
     # show a later mark, so let that second pass first.
     wait_until(lambda: datetime.now(tz=UTC) >= reach + timedelta(seconds=1), 10,
                "the next whole second")
-    again = wal.ship(t, log=lambda _m: None)  # nothing (or only a little) new to ship
+    again = wal.ship(t)  # nothing (or only a little) new to ship
     later = coverage(list_server(t))
     assert later is not None and later > reach, again.notes
     scenario.writer = Writer(scenario.plab).start()
     res = restore.restore_pitr(t, restore.RecoveryTarget("time", time=quiet), restore_dir,
-                               log=lambda _m: None, timeout=300)
+                               timeout=300)
     assert res.cluster is not None
     try:
         got = [int(r[0]) for r in res.cluster.query("SELECT id FROM ticks ORDER BY id", db=DB)]
@@ -233,9 +248,9 @@ def test_restore_to_an_lsn_stops_at_the_first_record_past_it(
     # saw may still be beyond pg_current_wal_lsn() (the write position)
     lsn = scenario.plab.sql("SELECT pg_current_wal_insert_lsn();")[0][0]
     scenario.writer.wait_rows(3)
-    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    scenario.ships.append(wal.ship(t))
     res = restore.restore_pitr(t, restore.RecoveryTarget("lsn", lsn=lsn), restore_dir,
-                               log=lambda _m: None, timeout=300)
+                               timeout=300)
     assert res.cluster is not None
     try:
         got = {int(r[0]) for r in res.cluster.query("SELECT id FROM ticks", db=DB)}
@@ -250,12 +265,12 @@ def test_restore_to_an_lsn_stops_at_the_first_record_past_it(
 
 def test_retention_never_forgets_wal_a_kept_base_backup_needs(scenario: Scenario) -> None:
     t = scenario.plab.target()
-    second = basebackup.run_base_backup(t, log=lambda _m: None)
+    second = basebackup.run_base_backup(t)
     scenario.writer.wait_rows(3)
-    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    scenario.ships.append(wal.ship(t))
     keep_one = dataclasses.replace(t, server=t.server.model_copy(
         update={"retention": t.server.retention.model_copy(update={"keep_base_backups": 1})}))
-    plan = retention.apply(keep_one, log=lambda _m: None)
+    plan = retention.apply(keep_one)
     snaps = list_server(t)
     bases = complete_bases(snaps)
     assert [b.backup_id for b in bases] == [second.backup_id]
@@ -270,8 +285,8 @@ def test_retention_never_forgets_wal_a_kept_base_backup_needs(scenario: Scenario
 def test_drill_restores_a_random_moment_and_the_newest_within_objectives(
         scenario: Scenario, restore_dir: Path) -> None:
     t = scenario.plab.target()
-    scenario.ships.append(wal.ship(t, log=lambda _m: None))
-    res = drill.run_drill(t, log=lambda _m: None, seed=7, workdir=restore_dir, timeout=300)
+    scenario.ships.append(wal.ship(t))
+    res = drill.run_drill(t, seed=7, workdir=restore_dir, timeout=300)
     assert [r.status for r in res.rows] == ["ok", "ok"], [r.detail for r in res.rows]
     assert res.rows[0].target != "latest" and res.rows[1].target == "latest"
     assert res.ok, res.breaches
@@ -284,10 +299,10 @@ def test_a_restore_to_a_dumps_wal_lsn_agrees_with_its_manifest_and_a_difference_
     counts: the real manifest agrees; one whose count differs is reported, not passed."""
     t = scenario.plab.target()
     if not complete_bases(list_server(t)):  # (when run alone)
-        basebackup.run_base_backup(t, log=lambda _m: None)
+        basebackup.run_base_backup(t)
     scenario.writer.stop()  # no commit between the dump's snapshot and its LSN
     try:
-        pg_backup.backup_database(scenario.plab.inv, DB, log=lambda _m: None)
+        pg_backup.backup_database(scenario.plab.inv, DB)
     finally:
         scenario.writer = Writer(scenario.plab).start()
     dumped = datetime.now(tz=UTC)
@@ -296,19 +311,19 @@ def test_a_restore_to_a_dumps_wal_lsn_agrees_with_its_manifest_and_a_difference_
     # ship in a later second than the dump's snapshot, so the mark provably covers it.
     wait_until(lambda: datetime.now(tz=UTC) >= dumped + timedelta(seconds=1), 10,
                "the next whole second after the dump")
-    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    scenario.ships.append(wal.ship(t))
     [ref] = crosscheck.newest_dumps(scenario.plab.inv, "pg1")
     assert ref.manifest.wal_lsn, ref.manifest
     snaps = list_server(t)
     bases, covered = complete_bases(snaps), coverage(snaps)
     same = drill.cross_check(t, ref, bases, covered, restore_dir / "same",
-                             log=lambda _m: None, timeout=300)
+                             timeout=300)
     assert same.status == "ok" and "agrees" in same.detail, same.detail
     ticks = [x.model_copy(update={"rows": x.rows - 1}) if x.name == "ticks" else x
              for x in ref.manifest.tables]
     off = crosscheck.DumpRef(DB, ref.manifest.model_copy(update={"tables": ticks}))
     differs = drill.cross_check(t, off, bases, covered, restore_dir / "differs",
-                                log=lambda _m: None, timeout=300)
+                                timeout=300)
     assert differs.status == "warn" and "public.ticks" in differs.detail, differs.detail
     assert "(dump: " in differs.detail and "+1)" in differs.detail, differs.detail
 
@@ -318,9 +333,9 @@ def test_dr_drill_runs_the_pitr_drill_of_each_pitr_server_against_its_objectives
 
     t = scenario.plab.target()
     if not complete_bases(list_server(t)):  # (when run alone)
-        basebackup.run_base_backup(t, log=lambda _m: None)
+        basebackup.run_base_backup(t)
     scenario.writer.wait_rows(3)
-    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    scenario.ships.append(wal.ship(t))
     rows = dr_drill_flow(target="pitr", lab=str(scenario.plab.workdir / "lab.yaml"))
     assert [(r["drill"], r["target"]) for r in rows] == [("pitr", "pg1")], rows
     row = rows[0]
@@ -356,7 +371,7 @@ def test_wal_status_command_reports_an_active_slot_without_warnings(scenario: Sc
 def test_status_reports_receive_slot_and_ship_rows_of_a_running_receiver(
         scenario: Scenario) -> None:
     t = scenario.plab.target()
-    scenario.ships.append(wal.ship(t, log=lambda _m: None))
+    scenario.ships.append(wal.ship(t))
     rows = {r.target: r for r in status.evaluate(scenario.plab.inv,
                                                  status.gather(scenario.plab.inv))
             if r.section == "pitr"}
@@ -373,8 +388,15 @@ def _slot_active(scenario: Scenario) -> bool:
 
 
 def test_serve_runs_wal_receive_as_a_child_restarts_it_and_stops_it_by_pid(
-        scenario: Scenario) -> None:
+        scenario: Scenario, caplog, capfd) -> None:
     from deployments.serve import start_wal_receivers
+
+    caplog.set_level(logging.INFO, logger="labkeeper")
+    err: list[str] = []  # the children's stderr is serve's (here: captured fd 2)
+
+    def child_said(text: str) -> bool:
+        err.append(capfd.readouterr().err)
+        return text in "".join(err)
 
     scenario.receiver.stop()
     wait_until(lambda: not _slot_active(scenario), 60, "the test receiver to let go")
@@ -383,6 +405,8 @@ def test_serve_runs_wal_receive_as_a_child_restarts_it_and_stops_it_by_pid(
     try:
         first = wait_until(lambda: children.pid("pg1"), 60, "wal receive to start")
         wait_until(lambda: _slot_active(scenario), 120, "the child's receiver on the slot")
+        wait_until(lambda: child_said("pg1: pg_receivewal started (pid "), 60,
+                   "wal receive's own line on serve's stderr")
         os.kill(first, signal.SIGKILL)  # dies: serve starts it again
         second = wait_until(lambda: (children.pid("pg1") or first) != first
                             and children.pid("pg1"), 60, "wal receive to be restarted")
@@ -392,6 +416,11 @@ def test_serve_runs_wal_receive_as_a_child_restarts_it_and_stops_it_by_pid(
     assert children.pid("pg1") is None
     with pytest.raises(ProcessLookupError):
         os.kill(int(second), 0)
+    said = caplog.messages
+    assert f"wal receive pg1 started (pid {first})" in said, said
+    assert f"wal receive pg1 (pid {first}) exited with -9; restarting in 1 s" in said, said
+    assert f"wal receive pg1 started (pid {second})" in said, said
+    assert any(m.startswith(f"wal receive pg1 (pid {second}) stopped: ") for m in said), said
     wait_until(lambda: not _slot_active(scenario), 60, "the receiver to stop with serve")
     scenario.receiver = Receiver(scenario.plab).start()
 
@@ -400,7 +429,7 @@ def test_a_missing_segment_in_the_repository_fails_the_restore_and_names_it(
     t = scenario.plab.target()
     for _ in range(3):
         scenario.writer.wait_rows(3)
-        scenario.ships.append(wal.ship(t, log=lambda _m: None))
+        scenario.ships.append(wal.ship(t))
     snaps = list_server(t)
     start = models.parse_segment(complete_bases(snaps)[-1].start_segment)[1]
     later = [b for b in wal_batches(snaps) if models.parse_segment(b.first)[1] > start]
@@ -409,8 +438,8 @@ def test_a_missing_segment_in_the_repository_fails_the_restore_and_names_it(
     restic.forget_ids(t.repo, [gone.snapshot.id])
     with pytest.raises(PitrError, match=f"WAL segment {gone.first} is missing"):
         restore.restore_pitr(t, restore.RecoveryTarget("latest"), restore_dir,
-                             log=lambda _m: None, timeout=300)
-    res = drill.run_drill(t, log=lambda _m: None, seed=1, workdir=restore_dir.parent / "d",
+                             timeout=300)
+    res = drill.run_drill(t, seed=1, workdir=restore_dir.parent / "d",
                           timeout=300)
     assert not res.ok
     latest = res.rows[-1]

@@ -4,6 +4,8 @@ run log (a tiny ``settings.progress_interval`` makes a small database produce th
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import re
 
 import pytest
@@ -37,9 +39,28 @@ def backed_up(lab, tmp_path_factory):
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     inv = load_inventory(path)
     name = inv.databases[0].name
-    said: list[str] = []
-    result = pg_backup.backup_database(inv, name, log=said.append)
-    return inv, name, said, result
+    messages = _Messages()
+    labkeeper_log = logging.getLogger("labkeeper")
+    level = labkeeper_log.level
+    labkeeper_log.addHandler(messages)
+    labkeeper_log.setLevel(logging.INFO)
+    try:
+        result = pg_backup.backup_database(inv, name)
+    finally:
+        labkeeper_log.removeHandler(messages)
+        labkeeper_log.setLevel(level)
+    return inv, name, messages.said, result
+
+
+class _Messages(logging.Handler):
+    """The messages of labkeeper's records (a module-scoped fixture has no caplog)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.append(record.getMessage())
 
 
 def test_a_backup_of_the_lab_database_logs_dump_progress_with_the_size_estimate(backed_up):
@@ -58,17 +79,43 @@ def test_a_backup_of_the_lab_database_logs_dump_progress_with_the_size_estimate(
     assert lines[-1].startswith(f"{name}: dump: done, {human_bytes(result.bytes_dumped)} in ")
 
 
+_RUN = contextvars.ContextVar("run", default="none")
+
+
+class _InContext(logging.Handler):
+    """Each record's message with the value of ``_RUN`` in the thread that logged it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append((record.getMessage(), _RUN.get()))
+
+
 def test_a_drill_of_the_lab_database_logs_restore_progress_against_the_dump_size(
-        backed_up):
+        backed_up, caplog):
     inv, name, _said, _result = backed_up
-    said: list[str] = []
-    result = drill.database_drill(inv, name, log=said.append)
+    caplog.set_level(logging.INFO, logger="labkeeper")
+    where = _InContext()
+    logging.getLogger("labkeeper").addHandler(where)
+    token = _RUN.set("drill-run")
+    try:
+        result = drill.database_drill(inv, name)
+    finally:
+        _RUN.reset(token)
+        logging.getLogger("labkeeper").removeHandler(where)
+    said = caplog.messages
     # (the drill's globals check needs a globals backup this test does not make)
     assert any(c.name == "dump size" and c.ok for c in result.checks), result.checks
     lines = [ln for ln in said if ln.startswith(f"{name}: restore: ")]
     assert len(lines) >= 2 and "done" in lines[-1], said
     # the manifest's exact dump size is the total: percent and, mid-stream, an ETA
     assert all(re.search(r" of [\d.]+ (B|KiB|MiB) \(\d+%\)", ln) for ln in lines[:-1]), lines
+    # lines written from the pipeline's relay thread keep the drill's context (a flow
+    # run's, in a deployment), so they reach that run's log
+    contexts = {ctx for msg, ctx in where.seen if msg.startswith(f"{name}: restore: ")}
+    assert contexts == {"drill-run"}, where.seen
 
 
 def _within(text: str, size: int, tolerance: float) -> bool:

@@ -9,6 +9,7 @@ the Prefect flow.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -137,6 +138,12 @@ def statuses(report: pv.ApplyReport, guest: str) -> dict[str, str]:
     return {r.step: r.status for r in report.results if r.guest == guest}
 
 
+def logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, int, str]]:
+    """(logger, level, message) of each record the steps logged."""
+    return [(r.name, r.levelno, r.getMessage()) for r in caplog.records
+            if r.name.startswith("labkeeper.provision")]
+
+
 # ------------------------------------------------------------------------------- plan
 
 
@@ -223,7 +230,8 @@ def test_qemu_memory_change_needs_restart_and_waits_for_allow_restart(pve: Pve):
     assert pve.sim.guest(201)["status"] == "running"  # type: ignore[index]
 
 
-def test_disk_grows_and_never_shrinks(pve: Pve):
+def test_disk_grows_and_never_shrinks(pve: Pve, caplog):
+    caplog.set_level(logging.INFO, logger="labkeeper")
     inv = pve.load([lxc("web", 200)])
     assert apply(pve, inv).ok
 
@@ -237,6 +245,8 @@ def test_disk_grows_and_never_shrinks(pve: Pve):
     assert [c.text() for c in gp.changes] == ["rootfs: 4G → 6G (grow)"]
     assert apply(pve, grow).ok
     assert pve.config(200)["rootfs"].endswith("size=6G")
+    assert ("labkeeper.provision.converge", logging.INFO,
+            "web: growing rootfs 4G → 6G") in logged(caplog)
 
     shrink = with_disk(2, "shrink.yaml")
     plan = pv.read_plan(pve.api(shrink), shrink)
@@ -297,7 +307,8 @@ def test_failed_creation_task_leaves_nothing_and_is_reported(pve: Pve):
     assert pve.sim.guest(200) is None
 
 
-def test_failed_start_destroys_the_half_made_guest(pve: Pve):
+def test_failed_start_destroys_the_half_made_guest(pve: Pve, caplog):
+    caplog.set_level(logging.INFO, logger="labkeeper")
     inv = pve.load([lxc("web", 200, pve)])
     pve.sim.faults.fail_tasks("vzstart", "startup for container '200' failed")
     report = apply(pve, inv)
@@ -306,6 +317,17 @@ def test_failed_start_destroys_the_half_made_guest(pve: Pve):
                                        "start": "failed", "cleanup": "cleanup"}
     assert pve.sim.guest(200) is None
     assert report.left_for_cleanup == []
+    said = logged(caplog)
+    assert said[:2] == [
+        ("labkeeper.provision.create", logging.INFO,
+         f"web: creating LXC 200 on pve1 from {TEMPLATE}"),
+        ("labkeeper.provision.converge", logging.INFO, "web: starting lxc 200")], said
+    failed = next(r for r in report.results if r.step == "start").detail
+    assert said[2:] == [
+        ("labkeeper.provision.apply", logging.WARNING, f"web: start failed: {failed}"),
+        ("labkeeper.provision.destroy", logging.WARNING,
+         f"web: creation failed (start failed: {failed.split(': ', 1)[1]}); destroying the "
+         "half-made guest")], said
 
 
 def test_failed_start_with_cleanup_report_leaves_the_guest_and_names_it(pve: Pve):
@@ -402,7 +424,7 @@ def test_plan_touching_too_many_guests_needs_yes(pve: Pve):
     assert all(pve.sim.guest(v) for v in (200, 201, 202))
 
 
-def test_absent_guest_is_destroyed_only_with_allow_destroy(pve: Pve):
+def test_absent_guest_is_destroyed_only_with_allow_destroy(pve: Pve, caplog):
     inv = pve.load([lxc("web", 200)])
     assert apply(pve, inv).ok
     gone = pve.load([lxc("web", 200, state="absent")], name="gone.yaml")
@@ -411,7 +433,11 @@ def test_absent_guest_is_destroyed_only_with_allow_destroy(pve: Pve):
     held = apply(pve, gone)
     assert statuses(held, "web") == {"destroy": "held"}
     assert pve.sim.guest(200) is not None
+    caplog.set_level(logging.INFO, logger="labkeeper")
+    caplog.clear()
     done = apply(pve, gone, allow_destroy=True)
     assert statuses(done, "web") == {"destroy": "changed"}
+    assert logged(caplog) == [("labkeeper.provision.destroy", logging.INFO,
+                               "web: destroying lxc 200 on pve1")]
     assert pve.sim.guest(200) is None
     assert pv.read_plan(pve.api(gone), gone).guest("web").action == "absent"

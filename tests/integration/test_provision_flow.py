@@ -33,6 +33,10 @@ def test_flow_provisions_an_empty_cluster_and_a_second_run_is_a_no_op(pve: Pve, 
     plan_md = next(a for a in arts if a.key == PLAN_ARTIFACT).data
     assert "| web | 200 | lxc | pve1 | create |" in plan_md
     assert any("2 create" in log.message for log in logs)
+    # the steps' own records are in the run's log, under the task run that made them
+    creating = [log for log in logs if log.message.startswith("web: creating LXC 200 on pve1")]
+    assert [(log.name, log.level) for log in creating] == [("labkeeper.provision.create", 20)]
+    assert creating[0].task_run_id is not None
 
     pve.sim.requests.clear()
     again = provision_flow(lab=str(path), return_state=True)

@@ -183,8 +183,8 @@ def test_backup_written_by_one_restic_version_is_read_and_verified_by_a_drill_un
     inv = load(path)
     monkeypatch.setenv(restic.BINARY_ENV, writer)
     pg_backup.backup_globals(inv, pg_backup.server_label(inv, inv.database("appdb")),
-                             ["appdb"], log=lambda _: None)
-    made = pg_backup.backup_database(inv, "appdb", log=lambda _: None)
+                             ["appdb"])
+    made = pg_backup.backup_database(inv, "appdb")
     assert restic.is_full_id(made.snapshot_id) and restic.is_full_id(made.manifest_snapshot_id)
 
     monkeypatch.setenv(restic.BINARY_ENV, reader)
@@ -194,7 +194,7 @@ def test_backup_written_by_one_restic_version_is_read_and_verified_by_a_drill_un
     assert stored is not None and stored.dump.id == made.snapshot_id
     manifest = pg_backup.read_manifest(repo, stored)
     assert manifest.dump is not None and manifest.dump.snapshot_id == stored.dump.id
-    result = drill.database_drill(inv, "appdb", log=lambda _: None)
+    result = drill.database_drill(inv, "appdb")
     assert result.passed, result.summary()
     checks = {c.name: c for c in result.checks}
     assert checks["manifest names dump"].ok and checks["dump size"].ok

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import subprocess
 import sys
@@ -87,7 +88,8 @@ def _inventory(lab, tmp_path: Path, **changes) -> Path:
 
 
 def test_unchanged_globals_are_not_stored_again_and_the_row_names_the_snapshot_holding_them(
-        lab, tmp_path):
+        lab, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="labkeeper")
     inv = load_inventory(_inventory(lab, tmp_path))
     label = pg_backup.server_label(inv, inv.database("appdb"))
     repo = pg_backup.open_repo(inv, "lab-repo")
@@ -97,11 +99,12 @@ def test_unchanged_globals_are_not_stored_again_and_the_row_names_the_snapshot_h
                                                     host=inv.lab.name)]
 
     before = stored()
-    first = pg_globals.backup_globals_if_changed(inv, label, ["appdb"], log=lambda m: None)
+    first = pg_globals.backup_globals_if_changed(inv, label, ["appdb"])
     after_first = stored()
     assert first.snapshot_id in after_first and len(after_first) == len(before) + 1
-    said: list[str] = []
-    second = pg_globals.backup_globals_if_changed(inv, label, ["appdb"], log=said.append)
+    caplog.clear()
+    second = pg_globals.backup_globals_if_changed(inv, label, ["appdb"])
+    said = caplog.messages
     assert stored() == after_first, "unchanged globals: nothing stored"
     assert second.snapshot_id == first.snapshot_id
     assert second.status == first.status == "warning"  # the lab role: no role passwords
@@ -110,7 +113,7 @@ def test_unchanged_globals_are_not_stored_again_and_the_row_names_the_snapshot_h
     assert any("not stored again" in m for m in said)
     lab.postgres.psql_super("CREATE ROLE h12_new_role;")
     try:
-        third = pg_globals.backup_globals_if_changed(inv, label, ["appdb"], log=lambda m: None)
+        third = pg_globals.backup_globals_if_changed(inv, label, ["appdb"])
         assert third.snapshot_id != first.snapshot_id and third.snapshot_id in stored()
         assert "unchanged" not in third.detail
     finally:

@@ -68,7 +68,7 @@ def rb_lab(lab, tmp_path_factory, prefect_harness):
                   db=DB)
     path = lab_copy(lab, tmp_path_factory.mktemp("rb") / "lab.yaml")
     inv = load_inventory(path)
-    result = pg_backup.backup_database(inv, DB, log=lambda _m: None)
+    result = pg_backup.backup_database(inv, DB)
     assert result.snapshot_id
     yield path
     drop(lab, [DB, *databases_like(lab, f"{DB}\\_%")])

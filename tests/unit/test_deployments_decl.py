@@ -15,7 +15,7 @@ from deployments.serve import (
 from labkeeper.inventory import load_inventory, parse_inventory
 
 RUNBOOK_DEPLOYMENTS = {"restore-database", "restore-guest", "rollback-app", "add-new-service",
-                       "pre-maintenance", "post-maintenance"}
+                       "pre-maintenance", "post-maintenance", "pitr-restore-database"}
 ON_DEMAND = {"provision", "runbook", "update-apps",  # update-apps: until apps[].schedule
              "pitr-drill",  # scheduled inside weekly-dr-drill (pitr:<server> targets)
              *RUNBOOK_DEPLOYMENTS}

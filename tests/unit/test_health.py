@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from labkeeper import health
@@ -89,6 +91,18 @@ def test_gate_streak_resets_on_a_failure_so_flapping_never_opens_it():
     gate = Gate(initial_delay=0, interval=1, deadline=20, successes=2)
     out = health.run_gate(rounds(*([True, False] * 20)), gate, clock=clock, sleep=clock.sleep)
     assert not out.passed and out.rounds == 21
+
+
+def test_each_gate_round_is_logged_with_the_label_in_front(caplog):
+    caplog.set_level(logging.INFO, logger="labkeeper")
+    clock = FakeClock()
+    gate = Gate(initial_delay=0, interval=1, deadline=5, successes=1)
+    health.run_gate(rounds(False, True), gate, clock=clock, sleep=clock.sleep, label="wiki")
+    health.run_gate(rounds(True), gate, clock=clock, sleep=clock.sleep)
+    said = [r.getMessage() for r in caplog.records if r.name == "labkeeper.health"]
+    assert said == ["wiki: health round 1: p: HTTP 502 (0/1 in a row, 0.0s)",
+                    "wiki: health round 2: ok (1/1 in a row, 1.0s)",
+                    "health round 1: ok (1/1 in a row, 0.0s)"]
 
 
 def test_gate_with_one_success_needed_opens_on_the_first_good_round():

@@ -16,11 +16,12 @@ def _lab(tmp_path: Path) -> str:
     return str(path)
 
 
-def test_restore_pitr_onto_another_server_is_refused_with_exit_2(tmp_path: Path) -> None:
+def test_restore_pitr_onto_a_server_that_is_no_drill_server_is_refused_with_exit_2(
+        tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["restore", "pitr", "pg1", "--to", "latest", "--on", "nas",
                                    "--lab", _lab(tmp_path)])
     assert res.exit_code == 2
-    assert "only 'local'" in res.output
+    assert "no drill server 'nas'" in res.output
 
 
 def test_wal_ship_of_an_unknown_server_names_the_known_ones(tmp_path: Path) -> None:

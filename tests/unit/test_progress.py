@@ -1,9 +1,12 @@
 """The progress reporter (labkeeper/progress.py) on a fake clock: interval, steps,
-rate, ETA, estimates, the closing line, a broken log."""
+rate, ETA, estimates, the closing line, a broken log handler. Lines are records of the
+``labkeeper.progress`` logger."""
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Sequence
 
 import pytest
 
@@ -20,23 +23,54 @@ class FakeClock:
         return self.now
 
 
-def reporter(total: int | None = None, *, estimate: bool = False, interval: float = 30.0
+class _Lines(Sequence[str]):
+    """The lines the ``labkeeper.progress`` logger wrote so far, read from ``caplog``."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
+        self.caplog = caplog
+
+    def _now(self) -> list[str]:
+        return [r.getMessage() for r in self.caplog.records if r.name == "labkeeper.progress"]
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._now()[i]
+
+    def __len__(self) -> int:
+        return len(self._now())
+
+    def __eq__(self, other: object) -> bool:
+        return self._now() == other
+
+    def __repr__(self) -> str:
+        return repr(self._now())
+
+
+@pytest.fixture
+def progress_lines(caplog) -> _Lines:
+    """Every line the progress reporter logs during the test, in order."""
+    caplog.set_level(logging.INFO, logger="labkeeper")
+    return _Lines(caplog)
+
+
+@pytest.fixture
+def reporter(progress_lines):
+    def make(total: int | None = None, *, estimate: bool = False, interval: float = 30.0
              ) -> tuple[pm.Progress, list[str], FakeClock]:
-    lines: list[str] = []
-    clock = FakeClock()
-    p = pm.Progress("db1: dump", total=total, estimate=estimate, log=lines.append,
-                    interval=interval, bar=False, clock=clock)
-    return p, lines, clock
+        clock = FakeClock()
+        p = pm.Progress("db1: dump", total=total, estimate=estimate, interval=interval,
+                        bar=False, clock=clock)
+        return p, progress_lines, clock
+    return make
 
 
-def test_no_line_before_the_interval_without_a_total():
+def test_no_line_before_the_interval_without_a_total(reporter):
     p, lines, clock = reporter()
     clock.now += 29
     p.add(10 * MiB)
     assert lines == []
 
 
-def test_a_line_every_interval_with_bytes_and_rate_but_no_eta_without_a_total():
+def test_a_line_every_interval_with_bytes_and_rate_but_no_eta_without_a_total(reporter):
     p, lines, clock = reporter()
     clock.now += 30
     p.add(60 * MiB)
@@ -48,14 +82,14 @@ def test_a_line_every_interval_with_bytes_and_rate_but_no_eta_without_a_total():
     assert all("ETA" not in ln for ln in lines)
 
 
-def test_a_known_total_gives_percent_rate_and_eta_at_the_average_rate():
+def test_a_known_total_gives_percent_rate_and_eta_at_the_average_rate(reporter):
     p, lines, clock = reporter(total=100 * MiB)
     clock.now += 30
     p.update(25 * MiB)
     assert lines == ["db1: dump: 25.0 MiB of 100.0 MiB (25%) · 853.3 KiB/s · ETA 1m30s"]
 
 
-def test_each_ten_percent_step_logs_a_line_but_not_within_a_sixth_of_the_interval():
+def test_each_ten_percent_step_logs_a_line_but_not_within_a_sixth_of_the_interval(reporter):
     p, lines, clock = reporter(total=100 * MiB, interval=60.0)
     clock.now += 5  # < 60 / 6: too soon even though 10 % passed
     p.update(11 * MiB)
@@ -74,7 +108,7 @@ def test_each_ten_percent_step_logs_a_line_but_not_within_a_sixth_of_the_interva
         "db1: dump: 12.0 MiB of 100.0 MiB (12%)", "db1: dump: 23.0 MiB of 100.0 MiB (23%)"]
 
 
-def test_an_estimated_total_is_marked_and_an_outgrown_estimate_drops_the_eta():
+def test_an_estimated_total_is_marked_and_an_outgrown_estimate_drops_the_eta(reporter):
     p, lines, clock = reporter(total=10 * MiB, estimate=True)
     clock.now += 30
     p.update(5 * MiB)
@@ -85,7 +119,7 @@ def test_an_estimated_total_is_marked_and_an_outgrown_estimate_drops_the_eta():
     assert "ETA" not in lines[1]
 
 
-def test_set_total_later_starts_percent_and_eta():
+def test_set_total_later_starts_percent_and_eta(reporter):
     p, lines, clock = reporter()
     p.set_total(40 * MiB, estimate=True)
     clock.now += 30
@@ -93,7 +127,7 @@ def test_set_total_later_starts_percent_and_eta():
     assert lines == ["db1: dump: 10.0 MiB of ~40.0 MiB (25%) · 341.3 KiB/s · ETA 1m30s"]
 
 
-def test_finish_closes_with_a_done_line_only_after_progress_lines_and_only_once():
+def test_finish_closes_with_a_done_line_only_after_progress_lines_and_only_once(reporter):
     quiet, quiet_lines, clock = reporter()
     quiet.add(MiB)
     quiet.finish()
@@ -110,7 +144,7 @@ def test_finish_closes_with_a_done_line_only_after_progress_lines_and_only_once(
     assert sum("done" in ln for ln in lines) == 1
 
 
-def test_chunks_added_from_several_threads_all_count():
+def test_chunks_added_from_several_threads_all_count(reporter):
     p, _lines, _clock = reporter(total=4000)
     threads = [threading.Thread(target=lambda: [p.add(1) for _ in range(1000)])
                for _ in range(4)]
@@ -121,14 +155,23 @@ def test_chunks_added_from_several_threads_all_count():
     assert p.done == 4000
 
 
-def test_a_log_that_raises_does_not_break_the_stream():
-    def broken(_line: str) -> None:
+class _Broken(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
         raise OSError("log gone")
-    clock = FakeClock()
-    p = pm.Progress("x", log=broken, interval=1.0, bar=False, clock=clock)
-    clock.now += 2
-    p.add(5)
-    p.finish()
+
+
+def test_a_log_handler_that_raises_does_not_break_the_stream(progress_lines):
+    logger = logging.getLogger("labkeeper.progress")
+    broken = _Broken()
+    logger.addHandler(broken)
+    try:
+        clock = FakeClock()
+        p = pm.Progress("x", interval=1.0, bar=False, clock=clock)
+        clock.now += 2
+        p.add(5)
+        p.finish()
+    finally:
+        logger.removeHandler(broken)
     assert p.done == 5 and p.lines == 1
 
 

@@ -61,3 +61,42 @@ def test_a_child_that_keeps_dying_waits_longer_and_a_long_run_resets_the_wait() 
 
     assert [next_backoff(b, 1.0) for b in (0.5, 1.0, 8.0, 60.0)] == [1.0, 2.0, 16.0, 60.0]
     assert next_backoff(60.0, 3600.0) == 1.0
+
+
+def test_receiver_children_log_from_their_thread_in_the_context_of_who_started_them(
+        caplog) -> None:
+    """The supervisor's lines are records of ``labkeeper.pitr.service``, emitted by its own
+    thread with the starter's context (a flow run's, under Prefect)."""
+    import contextvars
+    import logging
+
+    from labkeeper.pitr.service import ReceiverChildren
+    from tests.fixtures.waiting import wait_until
+
+    run = contextvars.ContextVar("run", default="no run")
+    seen: list[tuple[str, str]] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append((record.getMessage(), run.get()))
+
+    caplog.set_level(logging.INFO, logger="labkeeper")
+    handler = Seen()
+    logging.getLogger("labkeeper.pitr.service").addHandler(handler)
+    token = run.set("serve's run")
+    try:
+        children = ReceiverChildren({"pg1": ("true",)}, max_backoff=1.0, stop_timeout=5)
+        run.reset(token)
+        children.start()
+        try:
+            wait_until(lambda: any("exited with 0" in m for m in caplog.messages),
+                       timeout=30, what="the child to exit")
+        finally:
+            children.stop()
+    finally:
+        logging.getLogger("labkeeper.pitr.service").removeHandler(handler)
+    pid = children.children["pg1"].pids[0]
+    assert f"wal receive pg1 started (pid {pid})" in caplog.messages
+    assert f"wal receive pg1 (pid {pid}) exited with 0; restarting in 1 s" in caplog.messages
+    assert {r.name for r in caplog.records} == {"labkeeper.pitr.service"}
+    assert seen and {ctx for _m, ctx in seen} == {"serve's run"}, seen

@@ -1,0 +1,85 @@
+"""A whole `labkeeper backup run` via the warm runner vs in its own process vs the bare
+pipeline, in one run (issue 24; cli/runner.py).
+
+Run: .venv/bin/python benchmarks/runner_bench.py [--scale 30] [--repeat 3]
+
+Reuses run_cost_bench.py's scaffolding (LocalLab, a pgbench database with random filler,
+a running Prefect server). Per repetition, order rotating: bare ``pg_dump | restic
+backup --stdin``; ``labkeeper backup run --db bench`` with ``LABKEEPER_NO_RUNNER=1`` (a
+fresh process: imports included); the same through a warm runner started beside it.
+Ratios are to the bare run of the same repetition; medians (min-max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_cost_bench import Bench, spread
+
+from labkeeper import local_server as ls
+from labkeeper.locallab.lab import LocalLab
+from labkeeper.locallab.ports import free_port
+from labkeeper.locallab.prefect_server import LocalPrefectServer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    args.small = 1
+    work = Path(tempfile.mkdtemp(prefix="lk-runnerbench-"))
+    print(f"workdir {work}; load average {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
+    lab = LocalLab(work / "lab", sshd=False, pvesim=False)
+    server = LocalPrefectServer(work / "prefect-running", port=free_port())
+    home = ls.LocalServer(home=work / "runner-home", port=free_port())
+    try:
+        lab.start()
+        server.start(timeout=300)
+        b = Bench(lab, work, server, home, args)
+        b.make_database()
+        b.inventories()
+        env = {**b.env_server, "LABKEEPER_PREFECT_HOME": str(home.home)}
+        ls.start_runner(home, env)
+        deadline = time.monotonic() + 120
+        while not ls.runner_socket(home).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        paths = {"bare": b.bare,
+                 "in-process": lambda: b.ours({**env, "LABKEEPER_NO_RUNNER": "1"},
+                                              b.inv_one)[0],
+                 "via the runner": lambda: b.ours(env, b.inv_one)[0]}
+        _w, _o, err = b.ours({**env, "LABKEEPER_LOG_LEVEL": "DEBUG"}, b.inv_one)
+        assert "runs in the runner's child" in err, err[-2000:]
+        print("warm-up done (one run of each)", flush=True)
+        for fn in paths.values():
+            fn()
+        names = list(paths)
+        for i in range(args.repeat):
+            for name in names[i % 3:] + names[:i % 3]:
+                b.add(name, paths[name]())
+        r = b.results
+        print(f"\nload average now {os.getloadavg()[0]:.1f}; medians (min-max), s")
+        for name in names:
+            print(f"  {name:16} {spread(r[name])}")
+        for name in names[1:]:
+            ratios = [o / x for o, x in zip(r[name], r["bare"], strict=True)]
+            print(f"  {name:16} / bare: {statistics.median(ratios):.2f}x "
+                  f"({min(ratios):.2f}-{max(ratios):.2f})")
+    finally:
+        ls.stop_runner(home)
+        server.stop()
+        lab.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
