@@ -29,6 +29,9 @@ def prepare_environment(environ: MutableMapping[str, str]) -> None:
     log_setup.prefect_environment(environ)
 
 
+prepare_environment(os.environ)  # at import: whatever imports Prefect next reads it
+
+
 # Commands that run flows (None: every sub-command). Without a configured Prefect server
 # they use the local one, starting it once if needed; `status` only reads the history.
 _FLOW_COMMANDS: dict[str, frozenset[str] | None] = {

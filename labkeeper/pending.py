@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from labkeeper import restic
-from labkeeper.errors import LabkeeperError, PermanentError
+from labkeeper.errors import CommandError, LabkeeperError, PermanentError
 from labkeeper.secrets import redact
 
 logger = logging.getLogger(__name__)
@@ -222,19 +222,36 @@ def record(store: PendingStore | None, backup_id: str, *, snapshot_host: str, re
     return f"recorded attempt {backup_id} as pending cleanup in {store.path}: {next_backup}"
 
 
+STALE_LOCK_AFTER = 2 * 3600.0
+"""A lock older than this is stale whoever holds it (one of a dead process on this
+machine is stale at once)."""
+
+
 def forget_attempt(repo: restic.Repo, backup_id: str, *, host: str, timeout: float
                    ) -> tuple[bool, str]:
     """Forget every snapshot of ``host`` tagged with a failed attempt's ``backup:<id>``:
-    (done, the note saying what happened or why it could not be done)."""
+    (done, the note saying what happened or why it could not be done).
+
+    The attempt's own restic, killed with its job, leaves a lock that blocks the
+    forget: a lock refused is retried once after the stale locks are removed."""
+    tag, removed = f"backup:{backup_id}", list[str]()
     try:
-        leftovers = restic.forget_tagged(repo, f"backup:{backup_id}", host=host,
-                                         timeout=timeout)
+        try:
+            leftovers = restic.forget_tagged(repo, tag, host=host, timeout=timeout)
+        except CommandError as exc:
+            if exc.meaning != restic.LOCK_FAILED:
+                raise
+            restic.remove_stale(repo, restic.local_site(repo, timeout=timeout),
+                                stale_after=STALE_LOCK_AFTER, notes=removed, timeout=timeout)
+            if not removed:
+                raise
+            leftovers = restic.forget_tagged(repo, tag, host=host, timeout=timeout)
     except LabkeeperError as exc:
         return False, f"could not list/forget snapshots of attempt {backup_id}: {exc}"
     if not leftovers:
         return True, f"no snapshot of attempt {backup_id} exists"
     return True, ("forgot snapshot(s) " + ", ".join(s.short_id or s.id[:8] for s in leftovers)
-                  + f" of failed attempt {backup_id}")
+                  + f" of failed attempt {backup_id}" + "".join(f" ({n})" for n in removed))
 
 
 Clean = Callable[[PendingAttempt], tuple[bool, str]]

@@ -63,6 +63,13 @@ def _children(parent: int, name: bytes) -> list[int]:
             if argv and argv[0].endswith(name) and parent_pid(pid) == parent]
 
 
+def _stream_restics(parent: int) -> list[int]:
+    """The job's ``restic backup`` (not a listing it ran before the stream)."""
+    return [pid for pid, argv in process_argvs()
+            if argv and argv[0].endswith(b"restic") and b"backup" in argv
+            and parent_pid(pid) == parent]
+
+
 def _pending(t: PitrTarget) -> list[str]:
     store = basebackup.pending_store(t)
     assert store is not None
@@ -110,7 +117,8 @@ def test_a_run_killed_mid_stream_leaves_a_record_and_the_next_run_sweeps_it(
     try:
         pgbb = wait_until(lambda: _children(child.pid, b"pg_basebackup"), 90,
                           "the job's pg_basebackup to start")
-        wait_until(lambda: _children(child.pid, b"restic"), 60, "the job's restic to read")
+        restics = wait_until(lambda: _stream_restics(child.pid), 60,
+                             "the job's restic backup to read")
         [attempt] = _pending(t)
         os.kill(child.pid, signal.SIGKILL)  # the whole job dies mid-stream ...
         for pid in pgbb:  # type: ignore[union-attr]
@@ -118,7 +126,12 @@ def test_a_run_killed_mid_stream_leaves_a_record_and_the_next_run_sweeps_it(
     finally:
         child.kill()
         child.wait(60)
-    wait_until(lambda: not _children(child.pid, b"restic"), 60, "the job's restic to end")
+    # the job's restic outlives it (reparented) and may still save what it was given:
+    # it must be gone before the next run, or its snapshot lands after the sweep; and
+    # reaped (a zombie's pid still answers, so restic would not call its lock stale)
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}")
+                               for pid in restics),  # type: ignore[union-attr]
+               120, "the job's restic to end and be reaped")
     assert _pending(t) == [attempt], "the killed attempt is not recorded"
     assert not complete_bases(list_server(t)), "a killed base backup counts"
     # what a restic that got end-of-stream from a dying job would have left: a partial

@@ -57,11 +57,25 @@ def marked(mark: str) -> list[int]:
     return [pid for pid in found if not gone(pid)]
 
 
+def _measured() -> list[str]:
+    """Under ``--cov`` the runner and the commands it forks are measured too (their data
+    joins the session's; `patch = ["_exit", "fork"]` in pyproject saves a forked child's)."""
+    import coverage
+
+    cov = coverage.Coverage.current()
+    if cov is None:
+        return []
+    data = Path(cov.config.data_file).resolve()
+    return ["-m", "coverage", "run", "--parallel-mode", f"--rcfile={ROOT / 'pyproject.toml'}",
+            f"--data-file={data}"]
+
+
 def start_zygote(home: Path, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update({**PINNED, **extra_env})
     sock = home / rc.SOCKET_NAME
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "runner", "--socket", str(sock)],
+    proc = subprocess.Popen([sys.executable, *_measured(), "-m", "cli.main", "runner",
+                             "--socket", str(sock)],
                             env=env, cwd=home, stdin=subprocess.DEVNULL,
                             stdout=open(home / "runner.log", "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
