@@ -1,4 +1,4 @@
-"""Which site am I, and what can I reach from here? (issue 20: several machines)
+"""Which site am I, and what can I reach from here? (labkeeper across several machines)
 
 One copy of this deployment per site (`labkeeper serve --sync-schedules` places them on
 each site's queue): a run says which worker's host took it (the ``LABKEEPER_SITE`` the
