@@ -58,15 +58,21 @@ def marked(mark: str) -> list[int]:
 
 
 def _measured() -> list[str]:
-    """Under ``--cov`` the runner and the commands it forks are measured too (their data
-    joins the session's; `patch = ["_exit", "fork"]` in pyproject saves a forked child's)."""
+    """Under ``--cov`` the runner and the commands it forks are measured too: their data
+    joins the session's. Only the runner's coverage patches ``os._exit`` and ``fork``
+    (a forked command ends with ``os._exit``); the test processes' coverage must not."""
     import coverage
 
     cov = coverage.Coverage.current()
     if cov is None:
         return []
+    rc_file = Path(tempfile.mkdtemp(prefix="lk-runner-cov-")) / "coveragerc"
+    rc_file.write_text("[run]\n"
+                       f"source = {', '.join(cov.config.source or [])}\n"
+                       f"omit = {', '.join(cov.config.run_omit or [])}\n"
+                       "patch = _exit, fork\n")
     data = Path(cov.config.data_file).resolve()
-    return ["-m", "coverage", "run", "--parallel-mode", f"--rcfile={ROOT / 'pyproject.toml'}",
+    return ["-m", "coverage", "run", "--parallel-mode", f"--rcfile={rc_file}",
             f"--data-file={data}"]
 
 
