@@ -69,7 +69,8 @@ def _measured() -> list[str]:
     rc_file = Path(tempfile.mkdtemp(prefix="lk-runner-cov-")) / "coveragerc"
     rc_file.write_text("[run]\n"
                        f"source = {', '.join(cov.config.source or [])}\n"
-                       f"omit = {', '.join(cov.config.run_omit or [])}\n"
+                       # absolute: the runner's directory is not the checkout
+                       f"omit = {', '.join(str(ROOT / p) for p in cov.config.run_omit or [])}\n"
                        "patch = _exit, fork\n")
     data = Path(cov.config.data_file).resolve()
     return ["-m", "coverage", "run", "--parallel-mode", f"--rcfile={rc_file}",
