@@ -442,20 +442,7 @@ def serve(
 
     inv = _serve_inventory(lab or Path("lab.yaml"), explicit=lab is not None)
     if show_schedules:
-        rows = srv.schedule_table(inv)
-        if json_out:
-            print(json.dumps(rows, indent=2))
-            return
-        from rich.markup import escape
-
-        table = Table(title="labkeeper deployments and their schedules")
-        for col in ("deployment", "cron", "timezone", "parameters", "source"):
-            table.add_column(col, overflow="fold")
-        for r in rows:
-            table.add_row(r["deployment"], r["cron"], r["timezone"],
-                          escape(json.dumps(r["parameters"])) if r["parameters"] else "",
-                          escape(r["source"]))
-        console.print(table)
+        _print_schedules(srv.schedule_table(inv), json_out=json_out)
         return
     if sync_schedules:
         if inv is None:
@@ -482,6 +469,22 @@ def serve(
     finally:
         if runner_pid is not None:
             ls.stop_runner(home)
+
+
+def _print_schedules(rows: list[dict[str, Any]], *, json_out: bool) -> None:
+    if json_out:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.markup import escape
+
+    table = Table(title="labkeeper deployments and their schedules")
+    for col in ("deployment", "cron", "timezone", "parameters", "source"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["deployment"], r["cron"], r["timezone"],
+                      escape(json.dumps(r["parameters"])) if r["parameters"] else "",
+                      escape(r["source"]))
+    console.print(table)
 
 
 @app.command(hidden=True)
