@@ -10,7 +10,6 @@ start-up so the hand-over stays cheap; the typer app lives in cli/app.py, and
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Callable, MutableMapping
@@ -99,23 +98,10 @@ def run_in_process(args: list[str], before_app: Callable[[], None] | None = None
     from cli.app import app
 
     try:
-        with _foreground(args):
-            app(args=args)
+        app(args=args)
     except SystemExit as exc:
         return _exit_code(exc.code)
     return 0
-
-
-def _foreground(args: list[str]) -> contextlib.AbstractContextManager[Any]:
-    """A flow run in the foreground sends no heartbeats: Prefect's heartbeat thread
-    sleeps in whole seconds and the run's end waits for it (0-1 s on every command).
-    Whoever ran the command sees it die; runs of deployments (workers, `serve`) keep
-    their heartbeats and the crash detection built on them."""
-    if not runs_a_flow(args):
-        return contextlib.nullcontext()
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    return temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def main() -> None:  # pragma: no cover
