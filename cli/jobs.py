@@ -24,17 +24,13 @@ def run_drill_cli(lab: Path, target: str | None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from cli.report import state_rows
     from flows.dr_drill import dr_drill_flow
-    from tasks.common import failure_of
 
     console = Console()
     state = dr_drill_flow(target=target or "all", lab=str(lab), return_state=True)
-    rows: list[dict[str, Any]] = []
-    if state.is_completed():
-        rows = state.result()
-    else:
-        exc = failure_of(state)
-        rows = getattr(exc, "rows", []) or []
+    rows, exc = state_rows(state)
+    if not state.is_completed():
         if not rows:
             console.print(f"[red]drill failed:[/red] {redact(str(exc) if exc else state.name)}",
                           markup=True)
@@ -178,18 +174,13 @@ def run_update_cli(lab: Path, apps: list[str], *, dry_run: bool, force: bool,
     when an app was rolled back (healthy on its old version), 3 when an app was not
     updated and needs attention (blocked by another update of its guest, held on a
     pin, or an old unfinished update waiting for a decision), 1 on failure."""
+    from cli.report import state_rows
     from flows.update import update_app_flow
-    from tasks.common import failure_of
 
     state = update_app_flow(apps=apps or None, lab=str(lab), dry_run=dry_run,
                                    force=force, resolve=resolve, return_state=True)
-    rows: list[dict] = []
-    if state.is_completed():
-        result = state.result()
-        rows = result if isinstance(result, list) else []
-    else:
-        exc = failure_of(state)
-        rows = getattr(exc, "rows", [])
+    rows, exc = state_rows(state)
+    if not state.is_completed():
         print(f"update: {state.name}: {redact(state.message or str(exc))}")
     for r in rows:
         print(f"{r['status']:12} {r['app']:16} before {r['before']} → attempted "
@@ -202,17 +193,13 @@ def run_update_cli(lab: Path, apps: list[str], *, dry_run: bool, force: bool,
 def run_vzdump_cli(lab: Path, job: str, *, force: bool = False,
                    dry_run_retention: bool = False) -> int:
     """``labkeeper vzdump run JOB``: run the flow now; 0 when every guest is good."""
+    from cli.report import state_rows
     from flows.vzdump import vzdump_flow
-    from tasks.common import failure_of
 
     state = vzdump_flow(job=job, lab=str(lab), force=force,
                         dry_run_retention=dry_run_retention, return_state=True)
-    rows: list[dict] = []
-    if state.is_completed():
-        rows = state.result()
-    else:
-        exc = failure_of(state)
-        rows = getattr(exc, "rows", [])
+    rows, exc = state_rows(state)
+    if not state.is_completed():
         print(f"vzdump {job}: {redact(str(exc)) if exc else state.name}")
     for r in rows:
         print(f"{r['status']:8} {r['vmid']:>6} {r['node']:6} {r['archive'] or '-'} "

@@ -9,6 +9,16 @@ from labkeeper.secrets import redact
 from tasks.common import failure_of
 
 
+def state_rows(state: Any) -> tuple[list[dict[str, Any]], BaseException | None]:
+    """A finished run's result rows and, for a run that did not complete, its error (a
+    failed job still carries the rows it got to)."""
+    if state.is_completed():
+        result = state.result()
+        return (result if isinstance(result, list) else []), None
+    exc = failure_of(state)
+    return list(getattr(exc, "rows", None) or []), exc
+
+
 def print_run(state: Any, *, title: str, cols: Sequence[str], name_col: str,
               what: str) -> int:
     """Print the run's rows (also those of a failed run) and notes; 0 when it completed."""
@@ -16,12 +26,8 @@ def print_run(state: Any, *, title: str, cols: Sequence[str], name_col: str,
     from rich.table import Table
 
     console = Console()
-    rows: list[dict[str, Any]] = []
-    if state.is_completed():
-        rows = state.result()
-    else:
-        exc = failure_of(state)
-        rows = getattr(exc, "rows", []) or []
+    rows, exc = state_rows(state)
+    if not state.is_completed():
         console.print(f"[red]{what} failed:[/red] {redact(str(exc) if exc else state.name)}")
     if rows:
         table = Table(title=title)

@@ -32,7 +32,7 @@ import sys
 import time
 import tomllib
 import urllib.request
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,6 +209,12 @@ def stop(srv: LocalServer, *, grace: float = 10.0) -> bool:
         os.killpg(pid, 15)
     except ProcessLookupError:
         return False
+    _end(pid, grace=grace, kill=os.killpg, every=0.1)
+    return True
+
+
+def _end(pid: int, *, grace: float, kill: Callable[[int, int], None], every: float) -> None:
+    """Wait up to ``grace`` s for ``pid`` (sent SIGTERM) to be gone, then SIGKILL it."""
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):  # our own child: reap it
@@ -216,11 +222,10 @@ def stop(srv: LocalServer, *, grace: float = 10.0) -> bool:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return True
-        time.sleep(0.1)
+            return
+        time.sleep(every)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, 9)
-    return True
+        kill(pid, 9)
 
 
 # -- the warm runner beside the server (cli/runner.py) ---------------------------------
@@ -293,15 +298,5 @@ def stop_runner(srv: LocalServer, *, grace: float = 10.0) -> bool:
         os.kill(pid, 15)
     except (OSError, ProcessLookupError):
         return False
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):  # our own child: reap it
-            os.waitpid(pid, os.WNOHANG)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, 9)
+    _end(pid, grace=grace, kill=os.kill, every=0.05)
     return True
