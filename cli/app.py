@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -464,11 +465,17 @@ def serve(
 
     home = ls.local_server(os.environ)  # command-line runs fork from its warm runner
     runner_pid = ls.start_runner(home, os.environ)  # None: one serves already
+    # `systemctl stop` (SIGTERM) shuts down as Ctrl-C does: the runner goes with us
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         srv.serve_all(inv, metrics_address=metrics_address, metrics_port=metrics_port)
     finally:
         if runner_pid is not None:
             ls.stop_runner(home)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _print_schedules(rows: list[dict[str, Any]], *, json_out: bool) -> None:

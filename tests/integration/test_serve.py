@@ -5,6 +5,7 @@ schedules; `serve --sync-schedules` for several machines. Every process is stopp
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import time
@@ -158,3 +159,34 @@ def test_sync_schedules_puts_the_inventory_schedules_on_deployed_deployments(
     assert _schedules("update-app/update-apps") == [("0 4 * * 6", "Europe/Berlin",
                                                      {"apps": ["immich"]})]
     assert _schedules("doctor/doctor") == [("30 6 * * *", "UTC", {})]  # not from the inventory
+
+
+def test_serve_stopped_with_sigterm_stops_the_runner_it_started(prefect_harness, tmp_path: Path):
+    from prefect.settings import PREFECT_API_URL
+
+    from labkeeper import local_server as ls
+
+    home = tmp_path / "local-home"
+    port = free_port()
+    svc = Service("serve", (LABKEEPER, "serve", "--lab", str(_inventory(tmp_path)),
+                            "--metrics-port", str(port)),
+                  log_path=tmp_path / "serve.log", cwd=REPO, stop_signal=signal.SIGTERM,
+                  env={"PREFECT_API_URL": str(PREFECT_API_URL.value()),
+                       "LABKEEPER_PREFECT_HOME": str(home)})
+    svc.start()
+    srv = ls.local_server({"LABKEEPER_PREFECT_HOME": str(home)})
+    try:
+        deadline = time.monotonic() + 120
+        while not ls.runner_socket(srv).exists():
+            svc.check_alive()
+            assert time.monotonic() < deadline, log_tail(tmp_path / "serve.log", 40)
+            time.sleep(0.2)
+        runner = int(json.loads(ls.runner_pidfile(srv).read_text())["pid"])
+        wait_for_port("127.0.0.1", port, timeout=60)
+    finally:
+        _stopped(svc, port)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{runner}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{runner}").exists(), log_tail(tmp_path / "serve.log", 40)
+    assert not ls.runner_socket(srv).exists()
