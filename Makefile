@@ -11,7 +11,11 @@ STAMP     := $(VENV)/.installed
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PYTHONDONTWRITEBYTECODE := 1
+# Bytecode goes to a cache inside the venv, never next to the sources: each process
+# (command, served run, worker, test server) would otherwise compile Prefect & co. from
+# source again (`import prefect` ≈2.1 s instead of ≈1.0 s).
+unexport PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX := $(CURDIR)/$(VENV)/pycache
 
 .PHONY: help setup apt-deps venv test test-unit test-integration demo ui lint clean
 

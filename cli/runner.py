@@ -31,19 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from cli import runner_client as rc
+from deployments import warm_start
 
 logger = logging.getLogger("labkeeper.runner")  # printed like labkeeper's records
 
 # What a flow command imports (cli.main's _FLOW_COMMANDS): loaded once, here.
-PRELOAD = ("cli.app", "cli.jobs", "cli.report", "cli.runbook", "prefect",
-           "flows.pg_backup", "flows.path_backup", "flows.dr_drill", "flows.doctor",
-           "flows.repo_maintenance", "flows.update", "flows.provision", "flows.vzdump",
-           "flows.runbook",
-           # what a first flow run imports on its way (~0.4 s): the engines, the
-           # parameter serializer, concurrency slots, tracing, the graph module
-           "prefect.flow_engine", "prefect.task_engine", "fastapi.encoders",
-           "prefect.concurrency.sync", "prefect.concurrency.v1.sync", "opentelemetry.trace",
-           "graphviz")
+PRELOAD = ("cli.app", "cli.jobs", "cli.report", "cli.runbook", *warm_start.PRELOAD)
 REQUEST_TIMEOUT = 5.0  # a client sends its request at once; a stuck one is dropped
 MAX_REQUEST = 16 * 1024 * 1024
 HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}

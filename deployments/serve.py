@@ -20,6 +20,7 @@ given; deployments you add to prefect.yaml keep their own schedules.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import yaml
 
 from labkeeper.inventory import Inventory
 
+logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -437,8 +439,6 @@ def serve_all(inv: Inventory | None = None, *, metrics_address: str | None = Non
     ``/metrics`` (from the inventory's metrics store) alongside, stopped on the way out;
     and ``labkeeper wal receive`` for each PITR server as a supervised child, stopped
     by its PID on the way out."""
-    from prefect import serve
-
     from labkeeper import metrics
 
     server: Any = None
@@ -450,13 +450,42 @@ def serve_all(inv: Inventory | None = None, *, metrics_address: str | None = Non
     receivers = None
     try:
         receivers = start_wal_receivers(inv)
-        serve(*load_deployments(inv=inv))
+        run_served(load_deployments(inv=inv))
     finally:
         if receivers is not None:
             receivers.stop()
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+def run_served(deployments: list[Any]) -> None:
+    """Prefect's ``serve`` for these deployments, each one's flow object registered with
+    the runner as ``flow.serve`` registers it: Prefect then starts a run from the flow
+    in memory (a fork of a warm process: deployments/warm_start.py) instead of
+    ``python -m prefect.engine`` re-importing it. Until interrupted."""
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.flows import _display_serve_start_message
+    from prefect.runner import Runner
+
+    from deployments import warm_start
+
+    warm = warm_start.install()
+    runner = Runner(pause_on_shutdown=True)
+    for deployment in deployments:
+        deployment_id = runner.add_deployment(deployment)
+        if warm is not None:
+            runner._deployment_registry.register_flow(
+                deployment_id, _flow_for(deployment.entrypoint))
+    _display_serve_start_message(*deployments)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal) as exc:
+        logger.info("Received %s, shutting down...", type(exc).__name__)
+    finally:
+        warm_start.uninstall()
 
 
 def start_wal_receivers(inv: Inventory | None, lab: str | None = None) -> Any:

@@ -1,6 +1,7 @@
 """Prefect flows: each reads like the runbook a person follows.
 
-Importing the package makes labkeeper's module loggers part of every run's log.
+Importing the package makes labkeeper's module loggers part of every run's log, and a
+run's end stop its heartbeat thread at once (flows/heartbeat.py).
 """
 
 import os
@@ -12,3 +13,7 @@ log_setup.prefect_environment(os.environ)  # read by Prefect's import, if it com
 import prefect  # noqa: E402, F401  (its logging is set up on import)
 
 log_setup.capture_in_prefect_runs()
+
+from flows import heartbeat  # noqa: E402
+
+heartbeat.install()

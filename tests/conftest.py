@@ -12,13 +12,14 @@ def _packages_compiled() -> bool:
     return not origin or Path(importlib.util.cache_from_source(origin)).exists()
 
 
-# Bytecode cache. `make` exports PYTHONDONTWRITEBYTECODE=1 (no __pycache__ in the tree) and
-# uv installs the venv's packages without .pyc files, so every Python process the suite
-# starts (Prefect servers, workers and flow-run processes, `prefect`/`labkeeper` CLI runs,
-# moto_server, http.server guests) compiled prefect, boto3 & co. from source again:
-# `import prefect` 2.1 s instead of 1.0 s. The cache goes to a prefix directory inside
-# the venv (ignored by git, removed with the venv), never next to the sources; nothing
-# changes when the packages were installed compiled or a prefix is set already.
+# Bytecode cache, as the Makefile sets it. With PYTHONDONTWRITEBYTECODE=1 in the
+# environment (no __pycache__ in the tree) and uv installing the venv's packages without
+# .pyc files, every Python process the suite starts (Prefect servers, workers and
+# flow-run processes, `prefect`/`labkeeper` CLI runs, moto_server, http.server guests)
+# would compile prefect, boto3 & co. from source again: `import prefect` 2.1 s instead
+# of 1.0 s. The cache goes to a prefix directory inside the venv (ignored by git,
+# removed with the venv), never next to the sources; nothing changes when the packages
+# were installed compiled or a prefix is set already.
 if (os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX")
         and not _packages_compiled()):
     _prefix = str(Path(sys.prefix) / "pycache")

@@ -1,0 +1,173 @@
+"""A served deployment's backup run (`labkeeper serve`) vs the bare pipeline, in one run
+(issue 24; deployments/warm_start.py).
+
+Run: .venv/bin/python benchmarks/served_bench.py [--scale 30] [--repeat 3]
+
+Reuses run_cost_bench.py's scaffolding (LocalLab, a pgbench database with random filler,
+a running Prefect server). `labkeeper serve --lab one.yaml` serves every deployment,
+once with warm starts (the default) and once with ``LABKEEPER_NO_RUNNER=1`` (Prefect's
+spawn: a fresh interpreter per run). Each run of ``nightly-pg-backup`` for the bench
+database is created through the API (the Run button's call) and read back when final.
+From the run's own state history:
+
+- *served run*: Pending (the runner took it and starts its process) → Completed: what
+  the run costs once picked up; the ratio is to the bare pipeline beside it;
+- *to Running*: Pending → Running, the process start up to the engine's first call;
+- *to first log line*: Pending → the first line of labkeeper's own code in the run.
+
+Created → Pending is the runner's poll (``PREFECT_RUNNER_POLL_FREQUENCY``, 1 s here;
+scheduled runs are fetched ahead of time) and is not the run's cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_cost_bench import ROOT, Bench, spread
+
+from labkeeper import local_server as ls
+from labkeeper.locallab.lab import LocalLab
+from labkeeper.locallab.ports import free_port
+from labkeeper.locallab.prefect_server import LocalPrefectServer
+
+DEPLOYMENT = "pg_backup/nightly-pg-backup"
+
+
+async def _deployment_id(name: str) -> Any:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as c:
+        return (await c.read_deployment_by_name(name)).id
+
+
+async def _run_once(deployment_id: Any) -> dict[str, float]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as c:
+        run = await c.create_flow_run_from_deployment(
+            deployment_id, parameters={"databases": ["bench"]})
+        while True:
+            r = await c.read_flow_run(run.id)
+            if r.state is not None and r.state.is_final():
+                break
+            await asyncio.sleep(0.1)
+        if not r.state.is_completed():
+            raise SystemExit(f"served run ended {r.state.type.value}: {r.state.message}")
+        states = {s.type.value: s.timestamp for s in await c.read_flow_run_states(run.id)}
+        logs = await c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    pending = states["PENDING"]
+    first = min((lg.timestamp for lg in logs if lg.name.startswith("labkeeper")),
+                default=states["COMPLETED"])
+    return {"served run": (states["COMPLETED"] - pending).total_seconds(),
+            "to Running": (states["RUNNING"] - pending).total_seconds(),
+            "to first log line": (first - pending).total_seconds(),
+            "created to Completed": (states["COMPLETED"] - r.created).total_seconds()}
+
+
+class Served:
+    """`labkeeper serve` in a process group of its own, stopped by its pid."""
+
+    def __init__(self, b: Bench, mode: str) -> None:
+        self.env = {**b.env_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+                    "LABKEEPER_PREFECT_HOME": str(b.work / f"serve-home-{mode}")}
+        if mode == "spawn":
+            self.env["LABKEEPER_NO_RUNNER"] = "1"
+        self.log = (b.work / f"serve-{mode}.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", "serve", "--lab", str(b.inv_one)],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def stop(self) -> None:
+        with_group = self.proc.pid
+        try:
+            os.killpg(with_group, signal.SIGINT)
+            self.proc.wait(60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(with_group, signal.SIGKILL)
+            self.proc.wait(10)
+        self.log.close()
+
+
+def _wait_deployment(api_url: str) -> Any:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + 180
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        while True:
+            try:
+                return asyncio.run(_deployment_id(DEPLOYMENT))
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
+def measure(b: Bench, mode: str, repeat: int) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    served = Served(b, mode)
+    try:
+        dep = _wait_deployment(b.server.api_url)
+        with temporary_settings({PREFECT_API_URL: b.server.api_url}):
+            asyncio.run(_run_once(dep))  # warm-up: caches, the forkserver's imports
+            for _ in range(repeat):
+                bare = b.bare()
+                b.add("bare", bare)
+                got = asyncio.run(_run_once(dep))
+                for key, value in got.items():
+                    b.add(f"{mode}: {key}", value)
+                b.add(f"{mode}: served run / bare", got["served run"] / bare)
+    finally:
+        served.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    args.small = 1
+    work = Path(tempfile.mkdtemp(prefix="lk-servedbench-"))
+    print(f"workdir {work}; load average {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
+    lab = LocalLab(work / "lab", sshd=False, pvesim=False)
+    server = LocalPrefectServer(work / "prefect-running", port=free_port())
+    home = ls.LocalServer(home=work / "runner-home", port=free_port())
+    try:
+        lab.start()
+        server.start(timeout=300)
+        b = Bench(lab, work, server, home, args)
+        b.make_database()
+        b.inventories()
+        b.bare()  # warm-up
+        for mode in ("warm", "spawn", "warm", "spawn")[: 2 if args.repeat < 2 else 4]:
+            measure(b, mode, max(1, args.repeat // 2) if args.repeat >= 2 else 1)
+        print(f"\nload average now {os.getloadavg()[0]:.1f}; medians (min-max), s")
+        for key, values in b.results.items():
+            print(f"  {key:36} {spread(values)}")
+        for mode in ("warm", "spawn"):
+            r = b.results.get(f"{mode}: served run / bare")
+            if r:
+                print(f"  {mode}: served run / bare = {statistics.median(r):.2f}x")
+    finally:
+        server.stop()
+        lab.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

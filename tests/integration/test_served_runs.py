@@ -1,0 +1,130 @@
+"""Served deployment runs start from the warm process (deployments/warm_start.py), on a
+real Prefect server with a real `run_served` process: the run forks from the server that
+imported the flows (not a fresh interpreter), reads serve's environment, is marked
+Crashed when its process is killed, and with ``LABKEEPER_NO_RUNNER=1`` starts the way
+Prefect's spawn starts it. Every process is stopped by PID."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labkeeper.locallab.services import Service, log_tail
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE = (sys.executable, "-c", "from tests.integration.served_probe import main; main()")
+
+
+def _api(coro_fn: Any) -> Any:
+    from prefect.client.orchestration import get_client
+
+    async def go() -> Any:
+        async with get_client() as client:
+            return await coro_fn(client)
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def served(prefect_harness: None, tmp_path: Path, request: pytest.FixtureRequest
+           ) -> Iterator[Service]:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {"PREFECT_API_URL": str(PREFECT_API_URL.value()),
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "LK_PROBE_MARKER": "from-serve",
+           "LABKEEPER_NO_RUNNER": getattr(request, "param", "")}
+    svc = Service("serve-probe", SERVE, log_path=tmp_path / "serve.log", cwd=REPO,
+                  stop_signal=signal.SIGINT, env=env)
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop(grace=20)
+
+
+def _deployment_id(svc: Service, log: Path) -> Any:
+    deadline = time.monotonic() + 120
+    while True:
+        svc.check_alive()
+        try:
+            return _api(lambda c: c.read_deployment_by_name("probe/probe")).id
+        except Exception:
+            assert time.monotonic() < deadline, log_tail(log, 40)
+            time.sleep(0.2)
+
+
+def _start(svc: Service, tmp: Path, **params: Any) -> tuple[Any, Path]:
+    out = tmp / f"probe-{time.monotonic_ns()}.json"
+    dep = _deployment_id(svc, tmp / "serve.log")
+    run = _api(lambda c: c.create_flow_run_from_deployment(
+        dep, parameters={"out": str(out), **params}))
+    return run.id, out
+
+
+def _final(svc: Service, run_id: Any, log: Path, timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        svc.check_alive()
+        run = _api(lambda c: c.read_flow_run(run_id))
+        if run.state is not None and run.state.is_final():
+            return run
+        assert time.monotonic() < deadline, f"run still {run.state}\n{log_tail(log, 40)}"
+        time.sleep(0.2)
+
+
+def _wait_file(svc: Service, path: Path, log: Path, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text()):
+        svc.check_alive()
+        assert time.monotonic() < deadline, log_tail(log, 40)
+        time.sleep(0.1)
+    return dict(json.loads(path.read_text()))
+
+
+def test_served_run_forks_from_the_warm_process_with_the_flows_imported(
+        served: Service, tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    run_id, out = _start(served, tmp_path)
+    run = _final(served, run_id, log)
+    seen = _wait_file(served, out, log)
+    assert run.state.is_completed(), f"{run.state}\n{log_tail(log, 40)}"
+    assert seen["ppid"] != served.pid, "a spawn child of serve, not a fork of the warm server"
+    assert seen["preloaded"], "flows were imported anew in the run's process"
+    assert seen["heartbeat"]
+    assert seen["marker"] == "from-serve"  # serve's environment reaches the run
+
+
+@pytest.mark.parametrize("served", ["1"], indirect=True)
+def test_served_run_with_no_runner_set_starts_in_prefects_spawn_process(
+        served: Service, tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    run_id, out = _start(served, tmp_path)
+    run = _final(served, run_id, log)
+    seen = _wait_file(served, out, log)
+    assert run.state.is_completed(), f"{run.state}\n{log_tail(log, 40)}"
+    assert seen["ppid"] == served.pid
+    assert not seen["preloaded"]
+    assert seen["heartbeat"]  # importing the flows package installs it in any process
+
+
+def test_killed_warm_run_is_marked_crashed_and_serve_keeps_serving(
+        served: Service, tmp_path: Path) -> None:
+    import os
+
+    log = tmp_path / "serve.log"
+    run_id, out = _start(served, tmp_path, hold=300)
+    seen = _wait_file(served, out, log)
+    os.kill(seen["pid"], signal.SIGKILL)
+    run = _final(served, run_id, log)
+    assert run.state.is_crashed(), f"{run.state}\n{log_tail(log, 40)}"
+    again, out2 = _start(served, tmp_path)  # the next run still forks warm
+    assert _final(served, again, log).state.is_completed(), log_tail(log, 40)
+    assert _wait_file(served, out2, log)["preloaded"]
