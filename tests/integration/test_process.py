@@ -361,6 +361,78 @@ def test_gate_accepting_the_stream_gives_eof_and_sees_its_tail_and_length(tmp_pa
     assert res.bytes_relayed == (len(data),) and res.cause is None and res.ok
 
 
+def _counting_splice(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None
+                     ) -> list[int]:
+    """os.splice, counting the bytes it moves; raising EINVAL once ``fail_after`` calls
+    have moved data (0: at the first call)."""
+    real = os.splice
+    moved: list[int] = []
+
+    def splice(src: int, dst: int, count: int, *args: object) -> int:
+        if fail_after is not None and len(moved) >= fail_after:
+            raise OSError(22, "Invalid argument")
+        n = real(src, dst, count, *args)
+        moved.append(n)
+        return n
+
+    monkeypatch.setattr(os, "splice", splice)
+    return moved
+
+
+def test_gated_relay_splices_all_but_the_streams_end_and_the_gate_sees_the_true_tail(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    data = os.urandom(24 * 1024 * 1024) + TRAILER
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    moved = _counting_splice(monkeypatch)
+    seen: list[tuple[bytes, int]] = []
+
+    def gate(tail: bytes, nbytes: int) -> str | None:
+        seen.append((tail, nbytes))
+        return _trailer_gate(tail, nbytes)
+
+    res = process.pipeline([Stage(("cat", str(src)), eof_gate=gate), ("sha256sum",)],
+                           timeout=60)
+    assert res.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+    assert seen == [(data[-process.GATE_TAIL_BYTES:], len(data))]
+    # zero-copy for the bulk: at most a few tails' worth went through userspace per burst
+    assert sum(moved) >= 0.9 * len(data), f"spliced {sum(moved)} of {len(data)}"
+    assert res.bytes_relayed == (len(data),) and res.eof_given == (True,)
+
+
+def test_gated_relay_where_splice_is_refused_copies_and_still_gates(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    data = os.urandom(2 * 1024 * 1024) + TRAILER
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    moved = _counting_splice(monkeypatch, fail_after=0)
+    seen: list[int] = []
+
+    def gate(tail: bytes, nbytes: int) -> str | None:
+        seen.append(nbytes)
+        return _trailer_gate(tail, nbytes)
+
+    res = process.pipeline([Stage(("cat", str(src)), eof_gate=gate), ("sha256sum",)],
+                           timeout=60)
+    assert moved == []
+    assert res.stdout.split()[0] == hashlib.sha256(data).hexdigest() and seen == [len(data)]
+
+
+def test_gated_relay_whose_splice_breaks_mid_stream_withholds_eof(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    marker = tmp_path / "consumer-saw-eof"
+    src = tmp_path / "in.bin"
+    src.write_bytes(os.urandom(8 * 1024 * 1024) + TRAILER)
+    moved = _counting_splice(monkeypatch, fail_after=1)
+    stages = [Stage(("cat", str(src)), eof_gate=_trailer_gate),
+              ("sh", "-c", f"cat >/dev/null && touch {marker}")]
+    res = process.pipeline(stages, timeout=60, check=False)
+    assert len(moved) == 1
+    assert not marker.exists(), "the consumer saw EOF of a stream the relay lost track of"
+    assert res.eof_given == (False,) and not res.ok
+    assert res.refused[0] is not None and "splice stopped working" in res.refused[0]
+
+
 def test_gate_is_not_consulted_when_the_producer_fails(tmp_path: Path):
     marker = tmp_path / "consumer-saw-eof"
     called: list[int] = []
