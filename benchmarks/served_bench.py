@@ -15,8 +15,8 @@ From the run's own state history:
 - *to Running*: Pending → Running, the process start up to the engine's first call;
 - *to first log line*: Pending → the first line of labkeeper's own code in the run.
 
-Created → Pending is the runner's poll (``PREFECT_RUNNER_POLL_FREQUENCY``, 1 s here;
-scheduled runs are fetched ahead of time) and is not the run's cost.
+Created → Pending is the runner's poll (``PREFECT_RUNNER_POLL_FREQUENCY``, Prefect's
+default 10 s here; scheduled runs are fetched ahead of time) and is not the run's cost.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ class Served:
     """`labkeeper serve` in a process group of its own, stopped by its pid."""
 
     def __init__(self, b: Bench, mode: str) -> None:
-        self.env = {**b.env_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        # Prefect's default poll (10 s): a serve polling faster loads the machine more
+        self.env = {**b.env_server,
                     "LABKEEPER_PREFECT_HOME": str(b.work / f"serve-home-{mode}")}
         if mode == "spawn":
             self.env["LABKEEPER_NO_RUNNER"] = "1"

@@ -28,6 +28,7 @@ from labkeeper.code_stamp import code_stamp
 logger = logging.getLogger("labkeeper.serve")  # printed like labkeeper's records
 
 NO_RUNNER = "LABKEEPER_NO_RUNNER"
+FREEZE = "deployments.forkserver_freeze"  # preloaded last: gc.freeze() after the imports
 # What a flow run imports, loaded once in a warm process (this forkserver, and the
 # command line's runner, cli/runner.py): every flow module, and what a first flow run
 # imports on its way (~0.4 s): the engines, the parameter serializer, concurrency
@@ -69,7 +70,8 @@ class WarmStart:
     def __init__(self, preload: tuple[str, ...] = PRELOAD) -> None:
         self.stamp = code_stamp()
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload([m for m in preload if importlib.util.find_spec(m)])
+        self.ctx.set_forkserver_preload([*(m for m in preload if importlib.util.find_spec(m)),
+                                         FREEZE])
         self._warned = False
 
     def current(self) -> bool:

@@ -8,6 +8,7 @@ as a served labkeeper run starts.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ def probe(out: str, hold: float = 0.0) -> str:
         "preloaded": "flows.dr_drill" in sys.modules,
         "heartbeat": flow_engine._send_heartbeats is heartbeat.send_heartbeats,
         "marker": os.environ.get("LK_PROBE_MARKER"),
+        "frozen": gc.get_freeze_count(),
     }))
     deadline = time.monotonic() + hold
     while time.monotonic() < deadline:

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from labkeeper.locallab.services import Service, log_tail
+from tests.fixtures.procs import gone, start_time
+from tests.fixtures.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE = (sys.executable, "-c", "from tests.integration.served_probe import main; main()")
@@ -98,6 +100,7 @@ def test_served_run_forks_from_the_warm_process_with_the_flows_imported(
     assert run.state.is_completed(), f"{run.state}\n{log_tail(log, 40)}"
     assert seen["ppid"] != served.pid, "a spawn child of serve, not a fork of the warm server"
     assert seen["preloaded"], "flows were imported anew in the run's process"
+    assert seen["frozen"] > 100_000  # the imports are out of the collector's reach
     assert seen["heartbeat"]
     assert seen["marker"] == "from-serve"  # serve's environment reaches the run
 
@@ -111,7 +114,7 @@ def test_served_run_with_no_runner_set_starts_in_prefects_spawn_process(
     seen = _wait_file(served, out, log)
     assert run.state.is_completed(), f"{run.state}\n{log_tail(log, 40)}"
     assert seen["ppid"] == served.pid
-    assert not seen["preloaded"]
+    assert not seen["preloaded"] and seen["frozen"] == 0
     assert seen["heartbeat"]  # importing the flows package installs it in any process
 
 
@@ -128,3 +131,33 @@ def test_killed_warm_run_is_marked_crashed_and_serve_keeps_serving(
     again, out2 = _start(served, tmp_path)  # the next run still forks warm
     assert _final(served, again, log).state.is_completed(), log_tail(log, 40)
     assert _wait_file(served, out2, log)["preloaded"]
+
+
+def test_serve_interrupted_leaves_no_warm_process_behind(served: Service, tmp_path: Path
+                                                         ) -> None:
+    import os
+
+    log = tmp_path / "serve.log"
+    run_id, out = _start(served, tmp_path)
+    assert _final(served, run_id, log).state.is_completed(), log_tail(log, 40)
+    warm = _wait_file(served, out, log)["ppid"]
+    started = start_time(warm)
+    assert warm != served.pid and not gone(warm, started)
+    assert served.proc is not None
+    os.kill(served.pid, signal.SIGINT)  # serve alone, as Ctrl-C reaches it
+    served.proc.wait(60)
+    wait_until(lambda: gone(warm, started), timeout=30, what="the forkserver gone with serve")
+
+
+def test_cancelling_a_warm_run_ends_its_process_and_marks_it_cancelled(
+        served: Service, tmp_path: Path) -> None:
+    from prefect.states import Cancelling
+
+    log = tmp_path / "serve.log"
+    run_id, out = _start(served, tmp_path, hold=300)
+    seen = _wait_file(served, out, log)
+    started = start_time(seen["pid"])
+    _api(lambda c: c.set_flow_run_state(run_id, Cancelling(), force=True))  # the UI's Cancel
+    run = _final(served, run_id, log)
+    assert run.state.is_cancelled(), f"{run.state}\n{log_tail(log, 40)}"
+    wait_until(lambda: gone(seen["pid"], started), timeout=30, what="the run's process ended")

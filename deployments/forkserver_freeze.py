@@ -1,0 +1,11 @@
+"""Imported last by the forkserver of deployments/warm_start.py, after the flows.
+
+Everything the forkserver imported is moved out of the garbage collector's reach
+(``gc.freeze``), as the command line's runner does before it forks: a served run's
+collections then do not walk Prefect's and the flows' module objects again, and the
+pages holding them stay shared with the forkserver instead of being copied.
+"""
+
+import gc
+
+gc.freeze()
