@@ -162,6 +162,59 @@ def test_backup_via_the_runner_relays_output_and_exit_and_reads_the_clients_secr
     assert "nosuchdb" in out_r + err_r and "nosuchdb" in out_o + err_o
 
 
+def _run_logs(server, err: str) -> list[tuple[str, int, str]]:
+    """(logger, level, message) of the flow run whose address the command printed."""
+    import asyncio
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    found = re.search(r"flow-run/([0-9a-f-]{36})", err)
+    assert found, err
+
+    async def read() -> list[tuple[str, int, str]]:
+        async with get_client() as c:
+            logs = await c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(
+                any_=[uuid.UUID(found.group(1))])))
+        return [(lg.name, lg.level, lg.message) for lg in logs]
+
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        deadline = time.monotonic() + 30
+        while True:  # the run's last log batch may land just after the command ends
+            rows = asyncio.run(read())
+            if any(n.startswith("labkeeper.pg_backup") for n, _l, _m in rows) \
+                    or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.2)
+
+
+def test_a_command_with_the_runners_logging_keeps_its_set_up_and_logs_to_its_run(
+        lab, prefect_server, zygote, env_inventory):
+    home, _proc = zygote
+    env = client_env(lab, home, prefect_server)
+    p = labkeeper(["backup", "run", "--lab", str(env_inventory), "--db", "photos"], env)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and runs_in_child(err), out + err
+    assert "Prefect's logging kept as the runner set it up" in err
+    rows = _run_logs(prefect_server, err)
+    assert any(n == "labkeeper.pg_backup.database" and lvl == 20 and "photos: backup" in m
+               for n, lvl, m in rows), rows
+
+
+def test_a_command_with_other_logging_settings_gets_them_set_up_anew(
+        lab, prefect_server, zygote, env_inventory):
+    home, _proc = zygote
+    env = {**client_env(lab, home, prefect_server), "PREFECT_LOGGING_LEVEL": "DEBUG"}
+    p = labkeeper(["backup", "run", "--lab", str(env_inventory), "--db", "photos"], env)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and runs_in_child(err), out + err
+    assert "Prefect's logging kept" not in err
+    assert "| DEBUG   | prefect." in err  # Prefect's own debug lines: its new level
+    assert any(n.startswith("labkeeper.") for n, _l, _m in _run_logs(prefect_server, err))
+
+
 def test_the_runner_child_reads_the_clients_stdin_and_writes_to_its_terminal(
         lab, zygote, tmp_path):
     home, _proc = zygote

@@ -25,7 +25,9 @@ def test_a_peer_of_another_uid_is_refused_and_our_own_is_not():
 
 
 def test_the_code_stamp_changes_when_a_package_source_changes(tmp_path):
-    for pkg in rc.PACKAGES:
+    from labkeeper.code_stamp import PACKAGES
+
+    for pkg in PACKAGES:
         (tmp_path / pkg).mkdir()
     src = tmp_path / "labkeeper" / "x.py"
     src.write_text("A = 1\n")
