@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.states import State
 
-from labkeeper import pg_backup
+from labkeeper import pg_backup, pg_client
 from labkeeper.errors import ConfigError
 from labkeeper.inventory import Inventory, load_inventory
 from labkeeper.run_report.backups import PgBackupReport
@@ -67,6 +67,18 @@ def pg_backup_flow(lab: str | None = None, databases: list[str] | None = None,
     logger.info("pg_backup: %d database(s) of lab %s: %s", len(names), inv.lab.name,
                 ", ".join(names))
     report = PgBackupReport(inv, ARTIFACT_KEY, logger)
+    with pg_client.majors_remembered():  # each server asked its version once
+        _back_up(inv, names, report, stall_timeout)
+    report.finish(len(names))
+    if report.failed:
+        raise BackupRunFailed(f"{len(report.failed)} of {len(names)} database backups "
+                              f"failed: {', '.join(report.failed)}", report.rows)
+    return report.rows
+
+
+def _back_up(inv: Inventory, names: list[str], report: PgBackupReport,
+             stall_timeout: float) -> None:
+    """The databases, with each server's globals checked alongside the first one."""
     servers = pg_backup.globals_servers(inv, names)
     checks = {label: backup_tasks.check_globals.submit(inv, label, dbs)
               for label, dbs in servers.items()}
@@ -76,11 +88,6 @@ def pg_backup_flow(lab: str | None = None, databases: list[str] | None = None,
                                                   stall_timeout))
     for name in names:
         report.database_done(name, states[name])
-    report.finish(len(names))
-    if report.failed:
-        raise BackupRunFailed(f"{len(report.failed)} of {len(names)} database backups "
-                              f"failed: {', '.join(report.failed)}", report.rows)
-    return report.rows
 
 
 def _globals_state(inv: Inventory, label: str, dbs: list[str], check: PrefectFuture[Any],
