@@ -34,6 +34,15 @@ from labkeeper import log_setup  # noqa: E402
 
 log_setup.prefect_environment(os.environ)
 
+# The local Prefect server's home (and its warm runner's socket) for anything the suite
+# starts without naming one (`labkeeper serve` starts a runner there): a directory of
+# this session's, never the user's ~/.local/state/labkeeper/prefect, where a runner
+# left by a killed serve would outlive the suite.
+if not os.environ.get("LABKEEPER_PREFECT_HOME"):
+    import tempfile
+
+    os.environ["LABKEEPER_PREFECT_HOME"] = tempfile.mkdtemp(prefix="lk-test-local-prefect-")
+
 pytest_plugins = [
     "tests.fixtures.prefect",
     "tests.fixtures.ssh",

@@ -112,9 +112,12 @@ def test_serve_serves_metrics_alongside_and_the_deployments_on_the_inventory_sch
                                                      {"apps": ["immich"]})]
     lab = _inventory(tmp_path)
     port = free_port()
+    # SIGTERM, as systemd stops it: a suite started without job control hands its
+    # children SIGINT ignored, and a serve killed after the grace leaves its runner
     svc = Service("serve", (LABKEEPER, "serve", "--lab", str(lab), "--metrics-port", str(port)),
-                  log_path=tmp_path / "serve.log", cwd=REPO, stop_signal=signal.SIGINT,
-                  env={"PREFECT_API_URL": str(PREFECT_API_URL.value())})
+                  log_path=tmp_path / "serve.log", cwd=REPO, stop_signal=signal.SIGTERM,
+                  env={"PREFECT_API_URL": str(PREFECT_API_URL.value()),
+                       "LABKEEPER_PREFECT_HOME": str(tmp_path / "local-home")})
     svc.start()
     try:
         wait_for_port("127.0.0.1", port, timeout=60)
