@@ -26,6 +26,7 @@ say the load average with the numbers (printed at the start and the end).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,29 @@ def main() -> None:
         Bench(lab, work, server, local, args).run()
     finally:
         ls.stop(local)
+        server.stop()
+        lab.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def prepared(prefix: str, args: argparse.Namespace) -> Iterator[Bench]:
+    """A started lab and Prefect server with the bench database and inventories made
+    (a runner home beside them); everything stopped and removed on the way out."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    print(f"workdir {work}; load average {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
+    lab = LocalLab(work / "lab", sshd=False, pvesim=False)
+    server = LocalPrefectServer(work / "prefect-running", port=free_port())
+    home = ls.LocalServer(home=work / "runner-home", port=free_port())
+    try:
+        lab.start()
+        server.start(timeout=300)
+        b = Bench(lab, work, server, home, args)
+        b.make_database()
+        b.inventories()
+        yield b
+    finally:
+        ls.stop_runner(home)
         server.stop()
         lab.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -14,21 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_cost_bench import Bench, spread
+from run_cost_bench import prepared, spread
 
 from labkeeper import local_server as ls
-from labkeeper.locallab.lab import LocalLab
-from labkeeper.locallab.ports import free_port
-from labkeeper.locallab.prefect_server import LocalPrefectServer
 
 
 def main() -> None:
@@ -37,17 +32,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     args.small = 1
-    work = Path(tempfile.mkdtemp(prefix="lk-runnerbench-"))
-    print(f"workdir {work}; load average {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
-    lab = LocalLab(work / "lab", sshd=False, pvesim=False)
-    server = LocalPrefectServer(work / "prefect-running", port=free_port())
-    home = ls.LocalServer(home=work / "runner-home", port=free_port())
-    try:
-        lab.start()
-        server.start(timeout=300)
-        b = Bench(lab, work, server, home, args)
-        b.make_database()
-        b.inventories()
+    with prepared("lk-runnerbench-", args) as b:
+        home = b.local
         env = {**b.env_server, "LABKEEPER_PREFECT_HOME": str(home.home)}
         ls.start_runner(home, env)
         deadline = time.monotonic() + 120
@@ -74,11 +60,6 @@ def main() -> None:
             ratios = [o / x for o, x in zip(r[name], r["bare"], strict=True)]
             print(f"  {name:16} / bare: {statistics.median(ratios):.2f}x "
                   f"({min(ratios):.2f}-{max(ratios):.2f})")
-    finally:
-        ls.stop_runner(home)
-        server.stop()
-        lab.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

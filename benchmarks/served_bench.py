@@ -24,24 +24,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_cost_bench import ROOT, Bench, spread
-
-from labkeeper import local_server as ls
-from labkeeper.locallab.lab import LocalLab
-from labkeeper.locallab.ports import free_port
-from labkeeper.locallab.prefect_server import LocalPrefectServer
+from run_cost_bench import ROOT, Bench, prepared, spread
 
 DEPLOYMENT = "pg_backup/nightly-pg-backup"
 
@@ -143,17 +136,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     args.small = 1
-    work = Path(tempfile.mkdtemp(prefix="lk-servedbench-"))
-    print(f"workdir {work}; load average {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
-    lab = LocalLab(work / "lab", sshd=False, pvesim=False)
-    server = LocalPrefectServer(work / "prefect-running", port=free_port())
-    home = ls.LocalServer(home=work / "runner-home", port=free_port())
-    try:
-        lab.start()
-        server.start(timeout=300)
-        b = Bench(lab, work, server, home, args)
-        b.make_database()
-        b.inventories()
+    with prepared("lk-servedbench-", args) as b:
         b.bare()  # warm-up
         for mode in ("warm", "spawn", "warm", "spawn")[: 2 if args.repeat < 2 else 4]:
             measure(b, mode, max(1, args.repeat // 2) if args.repeat >= 2 else 1)
@@ -164,10 +147,6 @@ def main() -> None:
             r = b.results.get(f"{mode}: served run / bare")
             if r:
                 print(f"  {mode}: served run / bare = {statistics.median(r):.2f}x")
-    finally:
-        server.stop()
-        lab.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -127,9 +127,7 @@ class Relay(threading.Thread):
                 self.writing_since = None
             if n == 0:
                 return
-            self.bytes += n
-            if self.on_bytes is not None:
-                self.on_bytes(n)
+            self._moved(n)
 
     def _splice_gated(self) -> bool:
         """Splice what is followed by :data:`GATE_TAIL_BYTES` more bytes in the pipe;
@@ -184,7 +182,7 @@ class Relay(threading.Thread):
     def _copy_burst(self, waiting: int) -> bool:
         """Read what waits (at least one read) into userspace, keep its end as the tail,
         write it on; False at end of stream or when the consumer is gone."""
-        data = os.read(self.src, max(waiting, 1) if waiting <= _COPY_CHUNK else _COPY_CHUNK)
+        data = os.read(self.src, min(max(waiting, 1), _COPY_CHUNK))
         if not data:
             return False
         if not self._write_all(memoryview(data)):
@@ -220,20 +218,9 @@ class Relay(threading.Thread):
             n = os.readv(self.src, [buf])
             if n == 0:
                 return
-            off = 0
-            while off < n:
-                end = min(n, off + _WRITE_SLICE)
-                self.writing_since = time.monotonic()
-                try:
-                    off += os.write(self.dst, view[off:end])
-                except OSError:  # EPIPE: the consumer exited or was killed
-                    self.consumer_gone = True
-                    return
-                finally:
-                    self.writing_since = None
-            self.bytes += n
-            if self.on_bytes is not None:
-                self.on_bytes(n)
+            if not self._write_all(view[:n]):
+                return
+            self._moved(n)
             if n >= GATE_TAIL_BYTES:
                 self.tail = bytes(view[n - GATE_TAIL_BYTES:n])
             else:

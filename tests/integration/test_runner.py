@@ -162,6 +162,14 @@ def test_backup_via_the_runner_relays_output_and_exit_and_reads_the_clients_secr
     assert "nosuchdb" in out_r + err_r and "nosuchdb" in out_o + err_o
 
 
+def _backup_in_child(env: dict[str, str], inventory: Path) -> str:
+    """`backup run --db photos` through the runner, succeeded; its stderr."""
+    p = labkeeper(["backup", "run", "--lab", str(inventory), "--db", "photos"], env)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and runs_in_child(err), out + err
+    return err
+
+
 def _run_logs(server, err: str) -> list[tuple[str, int, str]]:
     """(logger, level, message) of the flow run whose address the command printed."""
     import asyncio
@@ -192,11 +200,7 @@ def _run_logs(server, err: str) -> list[tuple[str, int, str]]:
 
 def test_a_command_with_the_runners_logging_keeps_its_set_up_and_logs_to_its_run(
         lab, prefect_server, zygote, env_inventory):
-    home, _proc = zygote
-    env = client_env(lab, home, prefect_server)
-    p = labkeeper(["backup", "run", "--lab", str(env_inventory), "--db", "photos"], env)
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0 and runs_in_child(err), out + err
+    err = _backup_in_child(client_env(lab, zygote[0], prefect_server), env_inventory)
     assert "Prefect's logging kept as the runner set it up" in err
     rows = _run_logs(prefect_server, err)
     assert any(n == "labkeeper.pg_backup.database" and lvl == 20 and "photos: backup" in m
@@ -205,11 +209,8 @@ def test_a_command_with_the_runners_logging_keeps_its_set_up_and_logs_to_its_run
 
 def test_a_command_with_other_logging_settings_gets_them_set_up_anew(
         lab, prefect_server, zygote, env_inventory):
-    home, _proc = zygote
-    env = {**client_env(lab, home, prefect_server), "PREFECT_LOGGING_LEVEL": "DEBUG"}
-    p = labkeeper(["backup", "run", "--lab", str(env_inventory), "--db", "photos"], env)
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0 and runs_in_child(err), out + err
+    env = {**client_env(lab, zygote[0], prefect_server), "PREFECT_LOGGING_LEVEL": "DEBUG"}
+    err = _backup_in_child(env, env_inventory)
     assert "Prefect's logging kept" not in err
     assert "| DEBUG   | prefect." in err  # Prefect's own debug lines: its new level
     assert any(n.startswith("labkeeper.") for n, _l, _m in _run_logs(prefect_server, err))

@@ -94,13 +94,19 @@ def _wait_file(svc: Service, path: Path, log: Path, timeout: float = 120) -> dic
     return dict(json.loads(path.read_text()))
 
 
+def _completed_run(svc: Service, tmp: Path) -> dict[str, Any]:
+    """One probe run to Completed; what its process saw."""
+    log = tmp / "serve.log"
+    run_id, out = _start(svc, tmp)
+    run = _final(svc, run_id, log)
+    seen = _wait_file(svc, out, log)
+    assert run.state.is_completed(), f"{run.state}\n{log_tail(log, 40)}"
+    return seen
+
+
 def test_served_run_forks_from_the_warm_process_with_the_flows_imported(
         served: Service, tmp_path: Path) -> None:
-    log = tmp_path / "serve.log"
-    run_id, out = _start(served, tmp_path)
-    run = _final(served, run_id, log)
-    seen = _wait_file(served, out, log)
-    assert run.state.is_completed(), f"{run.state}\n{log_tail(log, 40)}"
+    seen = _completed_run(served, tmp_path)
     assert seen["ppid"] != served.pid, "a spawn child of serve, not a fork of the warm server"
     assert seen["preloaded"], "flows were imported anew in the run's process"
     assert seen["frozen"] > 100_000  # the imports are out of the collector's reach
@@ -111,11 +117,7 @@ def test_served_run_forks_from_the_warm_process_with_the_flows_imported(
 @pytest.mark.parametrize("served", ["1"], indirect=True)
 def test_served_run_with_no_runner_set_starts_in_prefects_spawn_process(
         served: Service, tmp_path: Path) -> None:
-    log = tmp_path / "serve.log"
-    run_id, out = _start(served, tmp_path)
-    run = _final(served, run_id, log)
-    seen = _wait_file(served, out, log)
-    assert run.state.is_completed(), f"{run.state}\n{log_tail(log, 40)}"
+    seen = _completed_run(served, tmp_path)
     assert seen["ppid"] == served.pid
     assert not seen["preloaded"] and seen["frozen"] == 0
     assert seen["heartbeat"]  # importing the flows package installs it in any process
@@ -142,10 +144,7 @@ def test_serve_ended_leaves_no_warm_process_behind(served: Service, tmp_path: Pa
     import os
     import subprocess
 
-    log = tmp_path / "serve.log"
-    run_id, out = _start(served, tmp_path)
-    assert _final(served, run_id, log).state.is_completed(), log_tail(log, 40)
-    warm = _wait_file(served, out, log)["ppid"]
+    warm = _completed_run(served, tmp_path)["ppid"]
     started = start_time(warm)
     assert warm != served.pid and not gone(warm, started)
     assert served.proc is not None
