@@ -1,5 +1,5 @@
 """Child-process primitives: dying with this process, liveness without reaping,
-killing a whole process group."""
+killing a whole process group, lowering a child's CPU priority."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from labkeeper.secrets import REDACTOR
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL on timeout
 
 _SETPRIV = shutil.which("setpriv")
+_NICE = shutil.which("nice")
 
 
 def dies_with_parent(argv: Sequence[str]) -> tuple[str, ...]:
@@ -49,3 +50,26 @@ def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
+
+
+def niced(argv: Sequence[str], nice: int) -> tuple[str, ...]:
+    """``argv`` started through ``nice -n <nice>`` (every thread of it, from its
+    start); unchanged when ``nice`` is 0 or the tool is missing."""
+    if nice <= 0 or _NICE is None:
+        return tuple(argv)
+    return (_NICE, "-n", str(nice), *argv)
+
+
+def lower_session_priority(pid: int, nice: int) -> bool:
+    """Give the autogroup of ``pid`` (a child that started its own session) the
+    niceness ``nice``. With the kernel's autogroup scheduling (on by default in
+    Debian and Proxmox kernels) every session is its own group, CPU is shared between
+    the groups first, and a process's own niceness counts only inside its group: a
+    niced child alone in its session would still take a full share. False where the
+    kernel has no autogroup or refuses."""
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        return False
+    return True

@@ -12,7 +12,12 @@ from typing import Any
 
 from labkeeper.errors import CommandNotFound
 from labkeeper.process.capture import Capture
-from labkeeper.process.children import dies_with_parent, kill_group
+from labkeeper.process.children import (
+    dies_with_parent,
+    kill_group,
+    lower_session_priority,
+    niced,
+)
 from labkeeper.process.codes import GENERIC, ExitCodeTable
 from labkeeper.process.env import child_env
 from labkeeper.process.result import CommandResult
@@ -26,6 +31,9 @@ class Coprocess:
     allowlist (:func:`inherited_env`; ``base_env`` replaces it), its own process
     group (:meth:`kill` SIGKILLs the group), stderr read in a thread (capped, redacted).
 
+    ``nice`` > 0 runs it at that niceness, and its session (its own autogroup) too, so
+    it takes only CPU that other work leaves idle.
+
     :attr:`stdin` and :attr:`stdout` are the raw binary pipes; the caller owns the
     protocol spoken over them and its deadlines. Use :func:`run`/:func:`pipeline`
     for anything that runs to completion.
@@ -33,18 +41,20 @@ class Coprocess:
 
     def __init__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  base_env: Mapping[str, str] | None = None, cwd: str | None = None,
-                 on_stderr_line: LineCallback | None = None) -> None:
+                 on_stderr_line: LineCallback | None = None, nice: int = 0) -> None:
         check_argv(argv)
         self.argv = tuple(argv)
         self.started = time.monotonic()
         try:
             self._proc = subprocess.Popen(
-                dies_with_parent(self.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=child_env(env, base_env), cwd=cwd,
-                start_new_session=True, close_fds=True)
+                niced(dies_with_parent(self.argv), nice), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(env, base_env),
+                cwd=cwd, start_new_session=True, close_fds=True)
         except FileNotFoundError:
             raise CommandNotFound(f"{self.argv[0]}: command not found",
                                   argv=REDACTOR.redact_argv(self.argv)) from None
+        if nice > 0:
+            lower_session_priority(self._proc.pid, nice)
         self._stderr = Capture(self._proc.stderr, on_stderr_line, f"{self.argv[0]}-stderr")
 
     @property

@@ -19,7 +19,6 @@ import dataclasses
 import fcntl
 import os
 import select
-import shutil
 import termios
 import threading
 import time
@@ -48,8 +47,9 @@ class PendingBackup:
     status lines, then the summary) is read continuously, so neither side blocks
     on a full pipe however long the wait is.
 
-    ``nice`` > 0 starts restic through ``nice -n <nice>`` (every thread of it, from
-    its start): its start-up then takes only CPU the work it overlaps leaves idle.
+    ``nice`` > 0 runs restic at that niceness, its session's autogroup too
+    (:class:`labkeeper.process.Coprocess`): its start-up then takes only CPU the work
+    it overlaps leaves idle.
 
     :meth:`prime` hands restic the data's first bytes early; :meth:`wait_reading`
     then tells when restic has read them, which it does only once it has opened the
@@ -63,11 +63,9 @@ class PendingBackup:
         self._repo = repo
         self.argv = backup_stdin_argv(repo, filename=filename, host=host, tags=tags,
                                       compression=compression)
-        spawn = self.argv
-        if nice > 0 and shutil.which("nice"):
-            spawn = ("nice", "-n", str(nice), *self.argv)
         self._cached_before = cached_snapshot_ids(repo)
-        self._proc = process.Coprocess(spawn, env=repo.env(), on_stderr_line=on_stderr_line)
+        self._proc = process.Coprocess(self.argv, env=repo.env(),
+                                       on_stderr_line=on_stderr_line, nice=nice)
         self._primed = b""
         self._stdout: list[bytes] = []
         self._reader = threading.Thread(target=self._read, name="restic-pending-stdout",

@@ -514,6 +514,35 @@ def test_coprocess_kill_stops_its_process_group_and_missing_program_is_not_found
         process.Coprocess(("labkeeper-no-such-program",))
 
 
+
+def _autogroup_nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
+def _nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(),
+                    reason="kernel without autogroup scheduling")
+def test_a_niced_coprocess_yields_in_its_own_autogroup_and_ours_keeps_its_priority():
+    """Each child starts its own session, and with autogroup scheduling every session
+    is a group sharing the CPU equally: niceness alone would leave a niced child a
+    whole group's share. Its group gets the niceness too; ours does not change."""
+    ours = _autogroup_nice(os.getpid())
+    cp = process.Coprocess(("cat",), nice=19)
+    plain = process.Coprocess(("cat",))
+    try:
+        wait_until(lambda: Path(f"/proc/{cp.pid}/exe").resolve().name == "cat",
+                   timeout=10, what="the niced child to exec cat")
+        assert _nice(cp.pid) == 19
+        assert _autogroup_nice(cp.pid) == 19
+        assert _nice(plain.pid) == 0 and _autogroup_nice(plain.pid) == 0
+        assert _autogroup_nice(os.getpid()) == ours
+    finally:
+        cp.close(kill=True)
+        plain.close(kill=True)
+
 def test_a_consumer_never_sees_end_of_stream_when_the_runner_itself_is_killed(tmp_path):
     """SIGKILL of the process running a pipeline (OOM killer, a worker killed): the
     consumer is killed with it (pdeathsig) instead of reading a clean EOF and, like
