@@ -57,7 +57,9 @@ async def _run_once(deployment_id: Any) -> dict[str, float]:
             r = await c.read_flow_run(run.id)
             if r.state is not None and r.state.is_final():
                 break
-            await asyncio.sleep(0.1)
+            # The figures come from the run's own state history, not from this poll;
+            # polling at 0.1 s cost the server ~0.6-1 s of CPU per run, beside the run.
+            await asyncio.sleep(1.0)
         if not r.state.is_completed():
             raise SystemExit(f"served run ended {r.state.type.value}: {r.state.message}")
         states = {s.type.value: s.timestamp for s in await c.read_flow_run_states(run.id)}

@@ -6,8 +6,11 @@ and the flow's module again (≈2.3 s before the run's first byte, issue 24). He
 same function runs with multiprocessing's ``forkserver`` context instead: one server
 process, started by ``labkeeper serve``, imports labkeeper's flows once and forks a
 child per run; the child unpickles the flow (its module is loaded already) and runs it
-exactly as Prefect's own code would. Prefect names the patch point
-(``prefect.runner._starter_direct.run_flow_in_subprocess``).
+as Prefect's own ``run_flow_in_subprocess`` would (the same environment, control channel
+and signal handling), at the patch point Prefect names
+(``prefect.runner._starter_direct.run_flow_in_subprocess``). When serve's Prefect
+settings are the forkserver's, the child keeps the forkserver's settings object instead
+of building it twice more from the environment (≈60-80 ms a run).
 
 Code changed on disk since serve started is never run from the stale imports: such a
 run starts fresh (spawn), with a warning to restart serve. ``LABKEEPER_NO_RUNNER=1``
@@ -64,6 +67,55 @@ class _WarmWhenCurrent:
         return getattr(multiprocessing, name)
 
 
+_forkserver_settings: frozenset[tuple[str, str]] | None = None
+"""In the forkserver and its children: the Prefect settings it was started with
+(:func:`settings_key`), set by :func:`remember_forkserver_settings` while it preloads."""
+
+
+def settings_key(env: Mapping[str, str | None] | None = None) -> frozenset[tuple[str, str]]:
+    """The Prefect settings a run starts with: this process's explicitly set settings,
+    with the settings in the run's own environment ``env`` over them."""
+    from prefect.settings import get_current_settings
+
+    explicit = get_current_settings().to_environment_variables(exclude_unset=True)
+    for name, value in (env or {}).items():
+        if name.startswith("PREFECT_") and not name.startswith("PREFECT__") and value is not None:
+            explicit[name] = value
+    return frozenset(explicit.items())
+
+
+def remember_forkserver_settings() -> None:
+    """Called in the forkserver, after its imports (deployments/forkserver_freeze.py)."""
+    global _forkserver_settings
+    _forkserver_settings = settings_key()
+
+
+def _run_warm(payload: bytes, startup_env: dict[str, str]) -> None:
+    """A served run in a child of the forkserver: Prefect's ``run_flow_with_env``, with
+    the forkserver's settings kept when the run's are the same."""
+    import asyncio
+
+    import cloudpickle
+    from prefect import flow_engine
+    from prefect.context import SettingsContext, get_settings_context
+    from prefect.settings import Settings
+
+    os.environ.update(startup_env)
+    flow_engine.configure_from_env()  # the runner's control channel (cancellation)
+    flow, flow_run, parameters, wait_for, env, remove_env, key = cloudpickle.loads(payload)
+    for name in remove_env:
+        os.environ.pop(name, None)
+    os.environ.update(env)
+    current = get_settings_context()
+    settings = current.settings if key == _forkserver_settings else Settings()
+    with SettingsContext(profile=current.profile, settings=settings), \
+            flow_engine.handle_engine_signals(getattr(flow_run, "id", None)):
+        ran = flow_engine.run_flow(flow, flow_run=flow_run, parameters=parameters,
+                                   wait_for=wait_for)
+        if asyncio.iscoroutine(ran):
+            asyncio.run(ran)
+
+
 class WarmStart:
     """The forkserver this process's served runs fork from, and whether it is current."""
 
@@ -83,6 +135,37 @@ class WarmStart:
             self._warned = True
         return False
 
+    def run_flow_in_subprocess(self, flow: Any, flow_run: Any = None,
+                               parameters: dict[str, Any] | None = None,
+                               wait_for: Any = None, context: dict[str, Any] | None = None,
+                               env: dict[str, str | None] | None = None) -> Any:
+        """Prefect's ``run_flow_in_subprocess`` (same signature), the run forked from
+        the warm process; Prefect's own (a fresh interpreter) when the code on disk
+        changed or a serialized context is to be carried over."""
+        from prefect import flow_engine
+
+        if context is not None or not self.current():
+            return flow_engine.run_flow_in_subprocess(
+                flow, flow_run=flow_run, parameters=parameters, wait_for=wait_for,
+                context=context, env=env)
+        import cloudpickle
+        from prefect.settings import get_current_settings
+
+        merged: dict[str, str | None] = {
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+            **os.environ, "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS": "false",
+            **(env or {})}
+        sanitized = flow_engine.sanitize_subprocess_env(merged)
+        startup = {k: v for k, v in sanitized.items()
+                   if k in flow_engine._CONTROL_CHANNEL_ENV_KEYS}
+        payload = cloudpickle.dumps((
+            flow, flow_run, parameters, wait_for,
+            flow_engine._runtime_subprocess_env(sanitized),
+            {k for k, v in merged.items() if v is None}, settings_key(env)))
+        process = self.ctx.Process(target=_run_warm, args=(payload, startup))
+        process.start()
+        return process
+
     def start_server(self) -> None:
         """Start the forkserver now (it imports the flows while serve registers its
         deployments), so the first run is warm too."""
@@ -98,9 +181,11 @@ def install(environ: Mapping[str, str] = os.environ) -> WarmStart | None:
         logger.debug("%s set: served runs start with Prefect's spawn", NO_RUNNER)
         return None
     from prefect import flow_engine
+    from prefect.runner import _starter_direct
 
     warm = WarmStart()
     flow_engine.multiprocessing = _WarmWhenCurrent(warm.ctx, warm.current)  # type: ignore[attr-defined]
+    _starter_direct.run_flow_in_subprocess = warm.run_flow_in_subprocess
     warm.start_server()
     logger.info("served runs fork from a warm process (flows imported once)")
     return warm
@@ -109,6 +194,8 @@ def install(environ: Mapping[str, str] = os.environ) -> WarmStart | None:
 def uninstall() -> None:
     """Prefect's spawn again (tests; serve's end)."""
     from prefect import flow_engine
+    from prefect.runner import _starter_direct
 
+    _starter_direct.run_flow_in_subprocess = flow_engine.run_flow_in_subprocess
     if isinstance(flow_engine.multiprocessing, _WarmWhenCurrent):
         flow_engine.multiprocessing = multiprocessing  # type: ignore[attr-defined]
