@@ -72,12 +72,19 @@ _forkserver_settings: frozenset[tuple[str, str]] | None = None
 (:func:`settings_key`), set by :func:`remember_forkserver_settings` while it preloads."""
 
 
-def settings_key(env: Mapping[str, str | None] | None = None) -> frozenset[tuple[str, str]]:
-    """The Prefect settings a run starts with: this process's explicitly set settings,
-    with the settings in the run's own environment ``env`` over them."""
+def explicit_settings() -> dict[str, str]:
+    """This process's explicitly set Prefect settings, as environment variables."""
     from prefect.settings import get_current_settings
 
-    explicit = get_current_settings().to_environment_variables(exclude_unset=True)
+    return dict(get_current_settings().to_environment_variables(exclude_unset=True))
+
+
+def settings_key(env: Mapping[str, str | None] | None = None,
+                 explicit: Mapping[str, str] | None = None) -> frozenset[tuple[str, str]]:
+    """The Prefect settings a run starts with: this process's explicitly set settings
+    (``explicit``, when already read), with the settings in the run's own environment
+    ``env`` over them."""
+    explicit = dict(explicit_settings() if explicit is None else explicit)
     for name, value in (env or {}).items():
         if name.startswith("PREFECT_") and not name.startswith("PREFECT__") and value is not None:
             explicit[name] = value
@@ -149,11 +156,10 @@ class WarmStart:
                 flow, flow_run=flow_run, parameters=parameters, wait_for=wait_for,
                 context=context, env=env)
         import cloudpickle
-        from prefect.settings import get_current_settings
 
+        explicit = explicit_settings()
         merged: dict[str, str | None] = {
-            **get_current_settings().to_environment_variables(exclude_unset=True),
-            **os.environ, "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS": "false",
+            **explicit, **os.environ, "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS": "false",
             **(env or {})}
         sanitized = flow_engine.sanitize_subprocess_env(merged)
         startup = {k: v for k, v in sanitized.items()
@@ -161,7 +167,7 @@ class WarmStart:
         payload = cloudpickle.dumps((
             flow, flow_run, parameters, wait_for,
             flow_engine._runtime_subprocess_env(sanitized),
-            {k for k, v in merged.items() if v is None}, settings_key(env)))
+            {k for k, v in merged.items() if v is None}, settings_key(env, explicit)))
         process = self.ctx.Process(target=_run_warm, args=(payload, startup))
         process.start()
         return process
