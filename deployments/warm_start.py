@@ -180,6 +180,16 @@ class WarmStart:
         forkserver.ensure_running()
 
 
+def _direct_starter() -> Any:
+    """Prefect's module that starts in-memory flows (None where a Prefect version has
+    none: its own ``run_flow_in_subprocess`` then forks through the proxy)."""
+    try:
+        from prefect.runner import _starter_direct
+    except ImportError:
+        return None
+    return _starter_direct if hasattr(_starter_direct, "run_flow_in_subprocess") else None
+
+
 def install(environ: Mapping[str, str] = os.environ) -> WarmStart | None:
     """From now on, this process's served runs of in-memory flows fork from a warm
     process; None (Prefect's spawn kept) with ``LABKEEPER_NO_RUNNER`` set."""
@@ -187,11 +197,12 @@ def install(environ: Mapping[str, str] = os.environ) -> WarmStart | None:
         logger.debug("%s set: served runs start with Prefect's spawn", NO_RUNNER)
         return None
     from prefect import flow_engine
-    from prefect.runner import _starter_direct
 
     warm = WarmStart()
     flow_engine.multiprocessing = _WarmWhenCurrent(warm.ctx, warm.current)  # type: ignore[attr-defined]
-    _starter_direct.run_flow_in_subprocess = warm.run_flow_in_subprocess
+    starter = _direct_starter()
+    if starter is not None:  # else Prefect's own function, forking through the proxy
+        starter.run_flow_in_subprocess = warm.run_flow_in_subprocess
     warm.start_server()
     logger.info("served runs fork from a warm process (flows imported once)")
     return warm
@@ -200,8 +211,9 @@ def install(environ: Mapping[str, str] = os.environ) -> WarmStart | None:
 def uninstall() -> None:
     """Prefect's spawn again (tests; serve's end)."""
     from prefect import flow_engine
-    from prefect.runner import _starter_direct
 
-    _starter_direct.run_flow_in_subprocess = flow_engine.run_flow_in_subprocess
+    starter = _direct_starter()
+    if starter is not None:
+        starter.run_flow_in_subprocess = flow_engine.run_flow_in_subprocess
     if isinstance(flow_engine.multiprocessing, _WarmWhenCurrent):
         flow_engine.multiprocessing = multiprocessing  # type: ignore[attr-defined]

@@ -51,6 +51,20 @@ def test_install_answers_spawn_with_the_preloaded_forkserver_then_uninstall_rest
     assert _starter_direct.run_flow_in_subprocess is flow_engine.run_flow_in_subprocess
 
 
+def test_a_prefect_without_the_direct_starter_still_forks_warm_through_the_proxy(
+        restored: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.runner import _starter_direct
+
+    monkeypatch.setattr(warm_start.WarmStart, "start_server", lambda self: None)
+    monkeypatch.setattr(warm_start, "_direct_starter", lambda: None)
+    before = _starter_direct.run_flow_in_subprocess
+    warm = warm_start.install({})
+    assert warm is not None
+    assert flow_engine.multiprocessing.get_context("spawn") is warm.ctx
+    assert _starter_direct.run_flow_in_subprocess is before
+    warm_start.uninstall()
+    assert flow_engine.multiprocessing is multiprocessing
+
 def test_a_runs_own_prefect_settings_change_the_settings_key_other_variables_do_not(
         ) -> None:
     base = warm_start.settings_key()
