@@ -56,8 +56,10 @@ logger = logging.getLogger(__name__)
 MANIFEST_NICE = 19
 """Niceness of the manifest's restic, and of its session's autogroup, while it waits
 alongside the dump: its start-up (key derivation, ~0.5 s of CPU) takes what the dump
-leaves idle (measured: warm-backup call 3.63 -> 3.21 s median, bare pipeline 2.75 s;
-its autogroup niced too, pgbench scale 100 through the runner: 4.85 -> 4.75 s)."""
+leaves idle. Once the dump is complete it is back at full priority: the run then waits
+for it, and on a busy machine a niced restic would starve. Measured: warm-backup call
+3.63 -> 3.21 s median, bare pipeline 2.75 s; its autogroup niced too, pgbench scale 100
+through the runner: 4.85 -> 4.75 s."""
 
 MANIFEST_PREFIX = b"{"
 """The manifest's first byte (it is a JSON object), handed to its restic at once:
@@ -246,6 +248,8 @@ class _Attempt:
         is kept until the manifest's restic holds its lock, so no lock vanishes
         under the manifest's restic while it checks the others."""
         problem = self.job.gate(tail, nbytes)
+        if problem is None:
+            self.pending.full_priority()  # the dump is done: the run now waits for it
         if problem is None and not self.pending.wait_reading(LOCK_HANDOFF_TIMEOUT) \
                 and self.pending.running:
             logger.info("%s: the manifest's restic has not taken its lock after %g s; ending "

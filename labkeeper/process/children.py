@@ -60,16 +60,28 @@ def niced(argv: Sequence[str], nice: int) -> tuple[str, ...]:
     return (_NICE, "-n", str(nice), *argv)
 
 
-def lower_session_priority(pid: int, nice: int) -> bool:
+def set_session_priority(pid: int, nice: int) -> bool:
     """Give the autogroup of ``pid`` (a child that started its own session) the
-    niceness ``nice``. With the kernel's autogroup scheduling (on by default in
-    Debian and Proxmox kernels) every session is its own group, CPU is shared between
-    the groups first, and a process's own niceness counts only inside its group: a
-    niced child alone in its session would still take a full share. False where the
-    kernel has no autogroup or refuses."""
+    niceness ``nice`` (any value down to this process's own). With the kernel's
+    autogroup scheduling (on by default in Debian and Proxmox kernels) every session is
+    its own group, CPU is shared between the groups first, and a process's own niceness
+    counts only inside its group: a niced child alone in its session would still take a
+    full share. False where the kernel has no autogroup or refuses."""
     try:
         with open(f"/proc/{pid}/autogroup", "w") as f:
             f.write(str(nice))
     except OSError:
         return False
     return True
+
+
+def renice_threads(pid: int, nice: int) -> None:
+    """Every thread of ``pid`` at niceness ``nice``, where permitted (lowering it takes
+    CAP_SYS_NICE: as root; otherwise the threads keep theirs)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid, nice)

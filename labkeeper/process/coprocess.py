@@ -15,8 +15,9 @@ from labkeeper.process.capture import Capture
 from labkeeper.process.children import (
     dies_with_parent,
     kill_group,
-    lower_session_priority,
     niced,
+    renice_threads,
+    set_session_priority,
 )
 from labkeeper.process.codes import GENERIC, ExitCodeTable
 from labkeeper.process.env import child_env
@@ -54,7 +55,7 @@ class Coprocess:
             raise CommandNotFound(f"{self.argv[0]}: command not found",
                                   argv=REDACTOR.redact_argv(self.argv)) from None
         if nice > 0:
-            lower_session_priority(self._proc.pid, nice)
+            set_session_priority(self._proc.pid, nice)
         self._stderr = Capture(self._proc.stderr, on_stderr_line, f"{self.argv[0]}-stderr")
 
     @property
@@ -84,6 +85,12 @@ class Coprocess:
             return self._proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
+
+    def full_priority(self) -> None:
+        """Back to normal priority (a niced child whose work is now on the critical
+        path): its session's group always; its threads where permitted (root)."""
+        set_session_priority(self._proc.pid, 0)
+        renice_threads(self._proc.pid, 0)
 
     def kill(self) -> None:
         """SIGKILL the child's process group (a no-op once it exited)."""

@@ -97,6 +97,11 @@ class PendingBackup:
         """restic's process id (``nice`` execs it: the same process)."""
         return self._proc.pid
 
+    def full_priority(self) -> None:
+        """Its niceness undone (as far as permitted): what it waits for is ready, and
+        the run now waits for it."""
+        self._proc.full_priority()
+
     def prime(self, prefix: bytes) -> None:
         """Write the data's first bytes now (the data :meth:`finish` gets must start
         with them). At most ``PIPE_BUF`` bytes, so the write never blocks."""

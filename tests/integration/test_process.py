@@ -525,10 +525,11 @@ def _nice(pid: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/autogroup").exists(),
                     reason="kernel without autogroup scheduling")
-def test_a_niced_coprocess_yields_in_its_own_autogroup_and_ours_keeps_its_priority():
+def test_a_niced_coprocess_yields_in_its_own_autogroup_until_given_full_priority():
     """Each child starts its own session, and with autogroup scheduling every session
     is a group sharing the CPU equally: niceness alone would leave a niced child a
-    whole group's share. Its group gets the niceness too; ours does not change."""
+    whole group's share. Its group gets the niceness too; ours does not change; once
+    its work is what the run waits for, it is back at normal priority."""
     ours = _autogroup_nice(os.getpid())
     cp = process.Coprocess(("cat",), nice=19)
     plain = process.Coprocess(("cat",))
@@ -539,6 +540,10 @@ def test_a_niced_coprocess_yields_in_its_own_autogroup_and_ours_keeps_its_priori
         assert _autogroup_nice(cp.pid) == 19
         assert _nice(plain.pid) == 0 and _autogroup_nice(plain.pid) == 0
         assert _autogroup_nice(os.getpid()) == ours
+        cp.full_priority()  # its work is now on the critical path
+        assert _autogroup_nice(cp.pid) == 0
+        if os.geteuid() == 0:  # lowering a thread's niceness takes CAP_SYS_NICE
+            assert _nice(cp.pid) == 0
     finally:
         cp.close(kill=True)
         plain.close(kill=True)
