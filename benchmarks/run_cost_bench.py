@@ -81,17 +81,26 @@ def main() -> None:
     ap.add_argument("--no-temporary", action="store_true",
                     help="skip the one run with Prefect's temporary server (the old way)")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="lk-runcost-"))
+    with started("lk-runcost-", args, "prefect-local") as b:
+        b.run()
+
+
+@contextlib.contextmanager
+def started(prefix: str, args: argparse.Namespace, home: str) -> Iterator[Bench]:
+    """A started lab and Prefect server, with a local-server home ``home`` beside them;
+    everything stopped (the local server and its runner too) and removed on the way out."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     print(f"workdir {work}; load average {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
     lab = LocalLab(work / "lab", sshd=False, pvesim=False)
     server = LocalPrefectServer(work / "prefect-running", port=free_port())
-    local = ls.LocalServer(home=work / "prefect-local", port=free_port())
+    local = ls.LocalServer(home=work / home, port=free_port())
     try:
         lab.start()
         server.start(timeout=300)
-        Bench(lab, work, server, local, args).run()
+        yield Bench(lab, work, server, local, args)
     finally:
         ls.stop(local)
+        ls.stop_runner(local)  # a runner started beside no local server
         server.stop()
         lab.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -99,25 +108,12 @@ def main() -> None:
 
 @contextlib.contextmanager
 def prepared(prefix: str, args: argparse.Namespace) -> Iterator[Bench]:
-    """A started lab and Prefect server with the bench database and inventories made
-    (a runner home beside them); everything stopped and removed on the way out."""
-    work = Path(tempfile.mkdtemp(prefix=prefix))
-    print(f"workdir {work}; load average {os.getloadavg()[0]:.1f} (2 cores)", flush=True)
-    lab = LocalLab(work / "lab", sshd=False, pvesim=False)
-    server = LocalPrefectServer(work / "prefect-running", port=free_port())
-    home = ls.LocalServer(home=work / "runner-home", port=free_port())
-    try:
-        lab.start()
-        server.start(timeout=300)
-        b = Bench(lab, work, server, home, args)
+    """:func:`started`, with the bench database and inventories made (a runner home
+    beside them)."""
+    with started(prefix, args, "runner-home") as b:
         b.make_database()
         b.inventories()
         yield b
-    finally:
-        ls.stop_runner(home)
-        server.stop()
-        lab.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 class Bench:
