@@ -272,11 +272,10 @@ def test_pipeline_stages_and_coprocesses_do_not_inherit_a_secret_either(
     out = tmp_path / "environ"
     process.pipeline([("echo", "x"), (PY, "-c", _DUMP_ENVIRON, str(out))], timeout=10)
     assert b"worker-env-secret-6d7e8f" not in out.read_bytes()
-    co = process.Coprocess(("cat",))
-    try:
-        environ = Path(f"/proc/{co.pid}/environ").read_bytes()
-    finally:
-        co.close()
+    co_out = tmp_path / "co-environ"
+    co = process.Coprocess((PY, "-c", _DUMP_ENVIRON, str(co_out)))
+    assert co.close(timeout=10) == 0
+    environ = co_out.read_bytes()
     assert b"worker-env-secret-6d7e8f" not in environ and b"PATH=" in environ
 
 
@@ -515,38 +514,50 @@ def test_coprocess_kill_stops_its_process_group_and_missing_program_is_not_found
 
 
 
-def _autogroup_nice(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+def _autogroup_nice(pid: int) -> int | None:
+    """The niceness of ``pid``'s autogroup; None where autogroup scheduling does not
+    apply to it (no such kernel feature, or the process sits in a CPU cgroup of its
+    own, where the kernel shows an empty file and shares CPU by cgroup instead)."""
+    try:
+        fields = Path(f"/proc/{pid}/autogroup").read_text().split()
+    except OSError:
+        return None
+    return int(fields[-1]) if fields else None
 
 
 def _nice(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
-@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(),
-                    reason="kernel without autogroup scheduling")
 def test_a_niced_coprocess_yields_in_its_own_autogroup_until_given_full_priority():
     """Each child starts its own session, and with autogroup scheduling every session
     is a group sharing the CPU equally: niceness alone would leave a niced child a
     whole group's share. Its group gets the niceness too; ours does not change; once
-    its work is what the run waits for, it is back at normal priority."""
+    its work is what the run waits for, it is back at normal priority. (Inside a CPU
+    cgroup autogroup does not apply: the child's own niceness is what counts there,
+    and that part is checked everywhere.)"""
     ours = _autogroup_nice(os.getpid())
     cp = process.Coprocess(("cat",), nice=19)
     plain = process.Coprocess(("cat",))
     try:
         wait_until(lambda: Path(f"/proc/{cp.pid}/exe").resolve().name == "cat",
                    timeout=10, what="the niced child to exec cat")
-        assert _nice(cp.pid) == 19
-        assert _autogroup_nice(cp.pid) == 19
-        assert _nice(plain.pid) == 0 and _autogroup_nice(plain.pid) == 0
-        assert _autogroup_nice(os.getpid()) == ours
+        wait_until(lambda: Path(f"/proc/{plain.pid}/exe").resolve().name == "cat",
+                   timeout=10, what="the plain child to exec cat")
+        assert _nice(cp.pid) == 19 and _nice(plain.pid) == 0
+        if ours is not None:
+            assert _autogroup_nice(cp.pid) == 19
+            assert _autogroup_nice(plain.pid) == 0
+            assert _autogroup_nice(os.getpid()) == ours
         cp.full_priority()  # its work is now on the critical path
-        assert _autogroup_nice(cp.pid) == 0
+        if ours is not None:
+            assert _autogroup_nice(cp.pid) == 0
         if os.geteuid() == 0:  # lowering a thread's niceness takes CAP_SYS_NICE
             assert _nice(cp.pid) == 0
     finally:
         cp.close(kill=True)
         plain.close(kill=True)
+
 
 def test_a_consumer_never_sees_end_of_stream_when_the_runner_itself_is_killed(tmp_path):
     """SIGKILL of the process running a pipeline (OOM killer, a worker killed): the
