@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_cost_bench import Bench, prepared, spread
 
-from labkeeper import local_server as ls
 from labkeeper import pg_backup, pg_client, postgres
 from labkeeper.inventory import load_inventory
 
@@ -66,13 +65,7 @@ def _flow(inv_path: Path) -> Callable[[], float]:
 
 
 def _runner(b: Bench) -> Callable[[], float]:
-    env = {**b.env_server, "LABKEEPER_PREFECT_HOME": str(b.local.home)}
-    ls.start_runner(b.local, env)
-    deadline = time.monotonic() + 120
-    while not ls.runner_socket(b.local).exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    _w, _o, err = b.ours({**env, "LABKEEPER_LOG_LEVEL": "DEBUG"}, b.inv_one)
-    assert "runs in the runner's child" in err, err[-2000:]
+    env = b.warm_runner()
     return lambda: b.ours(env, b.inv_one)[0]
 
 

@@ -192,6 +192,18 @@ class Bench:
                               "bench.sql --host local-lab --tag bare --json > /dev/null"], env)
         return wall
 
+    def warm_runner(self) -> dict[str, str]:
+        """A warm runner started beside the running server, checked to take commands;
+        the environment that sends ``backup run`` to it."""
+        env = {**self.env_server, "LABKEEPER_PREFECT_HOME": str(self.local.home)}
+        ls.start_runner(self.local, env)
+        deadline = time.monotonic() + 120
+        while not ls.runner_socket(self.local).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _w, _o, err = self.ours({**env, "LABKEEPER_LOG_LEVEL": "DEBUG"}, self.inv_one)
+        assert "runs in the runner's child" in err, err[-2000:]
+        return env
+
     def ours(self, env: dict[str, str], inv: Path, db: str | None = "bench"
              ) -> tuple[float, str, str]:
         return timed([*CLI, "backup", "run", "--lab", str(inv),

@@ -16,14 +16,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_cost_bench import prepared, spread
-
-from labkeeper import local_server as ls
 
 
 def main() -> None:
@@ -33,18 +30,11 @@ def main() -> None:
     args = ap.parse_args()
     args.small = 1
     with prepared("lk-runnerbench-", args) as b:
-        home = b.local
-        env = {**b.env_server, "LABKEEPER_PREFECT_HOME": str(home.home)}
-        ls.start_runner(home, env)
-        deadline = time.monotonic() + 120
-        while not ls.runner_socket(home).exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        env = b.warm_runner()
         paths = {"bare": b.bare,
                  "in-process": lambda: b.ours({**env, "LABKEEPER_NO_RUNNER": "1"},
                                               b.inv_one)[0],
                  "via the runner": lambda: b.ours(env, b.inv_one)[0]}
-        _w, _o, err = b.ours({**env, "LABKEEPER_LOG_LEVEL": "DEBUG"}, b.inv_one)
-        assert "runs in the runner's child" in err, err[-2000:]
         print("warm-up done (one run of each)", flush=True)
         for fn in paths.values():
             fn()
