@@ -51,7 +51,7 @@ def preload() -> None:
     if threading.active_count() != 1:  # forking a threaded process copies held locks
         names = [t.name for t in threading.enumerate()]
         raise RuntimeError(f"the runner must stay single-threaded; threads: {names}")
-    _LOGGING_AT_PRELOAD[:] = [logging_key(os.environ, os.getcwd())]
+    _PREFECT_AT_PRELOAD[:] = [settings_key(os.environ, os.getcwd())]
     gc.freeze()  # the imported objects stay shared with the children (copy-on-write)
 
 
@@ -306,7 +306,7 @@ def fresh_consoles() -> None:
                 setattr(module, attr, Console(stderr=value.stderr))
 
 
-_LOGGING_AT_PRELOAD: list[tuple[object, ...]] = []  # logging_key() where Prefect set it up
+_PREFECT_AT_PRELOAD: list[tuple[object, ...]] = []  # settings_key() where Prefect set up
 
 
 def _content(path: str, needle: str = "") -> str | None:
@@ -338,18 +338,32 @@ def logging_key(environ: Mapping[str, str], cwd: str) -> tuple[object, ...]:
     return env, files, os.isatty(2)
 
 
+def settings_key(environ: Mapping[str, str], cwd: str) -> tuple[object, ...]:
+    """What Prefect's settings are built from: every PREFECT_ variable, HOME (where
+    ``~/.prefect`` is) and the files of :func:`logging_key`, which is part of it. Equal
+    keys, equal settings: a runner child whose key is the runner's keeps them."""
+    env = tuple(sorted((k, v) for k, v in environ.items()
+                       if k.startswith("PREFECT_") or k == "HOME"))
+    return env, logging_key(environ, cwd)
+
+
 def refresh_prefect() -> None:
     """Prefect built its settings and logging from the runner's environment at import:
     build them again from this command's (the API URL, the profile, logging levels).
-    The logging set-up (≈50 ms) only where this command's :func:`logging_key` differs
-    from the runner's: the same settings give the same handlers."""
+    Nothing is rebuilt where this command's :func:`settings_key` is the runner's (the
+    settings ≈25 ms); the logging set-up (≈50 ms) only where the :func:`logging_key`
+    part differs: the same settings give the same handlers."""
     import prefect.context
     from prefect.logging import configuration
 
     from labkeeper import log_setup
 
-    if _LOGGING_AT_PRELOAD and _LOGGING_AT_PRELOAD[0] == logging_key(os.environ,
-                                                                      os.getcwd()):
+    at_preload = _PREFECT_AT_PRELOAD[0] if _PREFECT_AT_PRELOAD else None
+    key = settings_key(os.environ, os.getcwd())
+    if at_preload == key:
+        logger.debug("runner: Prefect's settings and logging kept as the runner built them")
+        return
+    if at_preload is not None and at_preload[1] == key[1]:
         prefect.context.refresh_global_settings_context()
         logger.debug("runner: Prefect's logging kept as the runner set it up")
         return

@@ -207,6 +207,23 @@ def test_a_command_with_the_runners_logging_keeps_its_set_up_and_logs_to_its_run
                for n, lvl, m in rows), rows
 
 
+def test_a_command_with_the_runners_own_prefect_settings_rebuilds_nothing_and_logs_to_its_run(
+        lab, prefect_server, env_inventory, tmp_path):
+    """The usual case, a runner started with the command's own environment: the child
+    keeps Prefect's settings and logging as the runner built them, and its run is still
+    recorded and logged on the command's server."""
+    env = client_env(lab, tmp_path, prefect_server)
+    proc = start_zygote(tmp_path, {k: v for k, v in env.items() if k.startswith("PREFECT_")})
+    try:
+        err = _backup_in_child(env, env_inventory)
+    finally:
+        stop_zygote(proc)
+    assert "Prefect's settings and logging kept as the runner built them" in err
+    rows = _run_logs(prefect_server, err)
+    assert any(n == "labkeeper.pg_backup.database" and lvl == 20 and "photos: backup" in m
+               for n, lvl, m in rows), rows
+
+
 def test_a_command_with_other_logging_settings_gets_them_set_up_anew(
         lab, prefect_server, zygote, env_inventory):
     env = {**client_env(lab, zygote[0], prefect_server), "PREFECT_LOGGING_LEVEL": "DEBUG"}

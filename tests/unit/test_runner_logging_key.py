@@ -1,11 +1,12 @@
-"""cli/runner.logging_key: what decides whether a runner child sets Prefect's logging up
-again (a different key) or keeps the runner's (the same)."""
+"""cli/runner.logging_key and settings_key: what decides whether a runner child sets
+Prefect's logging up again (a different key) or keeps the runner's (the same), and
+whether it builds Prefect's settings again at all."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cli.runner import logging_key
+from cli.runner import logging_key, settings_key
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -46,3 +47,20 @@ def test_the_profiles_file_logging_file_or_a_prefect_settings_file_change_the_ke
     assert logging_key(_env(home), str(tmp_path)) != with_logging
     (tmp_path / ".env").write_text("PREFECT_LOGGING_LEVEL=DEBUG\n")
     assert logging_key(_env(home), str(tmp_path)) != with_logging
+
+
+def test_any_prefect_variable_or_home_changes_the_settings_key_other_variables_do_not(
+        tmp_path: Path) -> None:
+    base = settings_key(_env(tmp_path), str(tmp_path))
+    assert settings_key(_env(tmp_path, LABKEEPER_LOG_LEVEL="DEBUG", PATH="/bin"),
+                        str(tmp_path)) == base
+    assert settings_key(_env(tmp_path, PREFECT_API_URL="http://y/api"), str(tmp_path)) != base
+    assert settings_key(_env(tmp_path, PREFECT_API_KEY="k"), str(tmp_path)) != base
+    assert settings_key({**_env(tmp_path), "HOME": "/elsewhere"}, str(tmp_path)) != base
+
+
+def test_a_prefect_settings_file_in_the_working_directory_changes_the_settings_key(
+        tmp_path: Path) -> None:
+    base = settings_key(_env(tmp_path), str(tmp_path))
+    (tmp_path / "prefect.toml").write_text("[api]\nurl = 'http://z/api'\n")
+    assert settings_key(_env(tmp_path), str(tmp_path)) != base
