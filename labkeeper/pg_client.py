@@ -5,7 +5,9 @@ installed (``/usr/lib/postgresql/<major>/bin``, or ``$LABKEEPER_PG_BIN_ROOT``)."
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import replace
@@ -18,8 +20,9 @@ BIN_ROOT_ENV = "LABKEEPER_PG_BIN_ROOT"
 DEFAULT_BIN_ROOT = Path("/usr/lib/postgresql")
 CLIENT_PACKAGE = "postgresql-client-{major}"
 """Debian's (and PGDG's) package of one major version's client tools."""
-_known_majors: ContextVar[dict[tuple[str, int], int] | None] = ContextVar(
+_known_majors: ContextVar[dict[tuple[str, int], Future[int]] | None] = ContextVar(
     "labkeeper_known_server_majors", default=None)
+_asking = threading.Lock()  # who asks a server first, among a run's threads
 
 class ClientMissing(PermanentError):
     """No installed client can talk to this server (pg_dump refuses a newer server)."""
@@ -91,7 +94,8 @@ def server_version_num(conn: Conn, *, timeout: float = 30) -> int:
 def majors_remembered() -> Iterator[None]:
     """Within this block (one job's run, its task threads included: they run in copies
     of this context), each server's major version is asked once: ten databases on one
-    server cost one ``SHOW server_version_num`` (≈30-60 ms each), not ten."""
+    server cost one ``SHOW server_version_num`` (≈30-60 ms each), not ten, and threads
+    that want it while it is being asked wait for that answer."""
     token = _known_majors.set({})
     try:
         yield
@@ -102,14 +106,31 @@ def majors_remembered() -> Iterator[None]:
 def server_major(conn: Conn, *, timeout: float = 30) -> int:
     """The server's major version; asked once per server (host and port) inside
     :func:`majors_remembered`, every time outside it. A failed question is not
-    remembered."""
+    remembered: a thread that waited for it asks again."""
     known = _known_majors.get()
+    if known is None:
+        return major_of(server_version_num(conn, timeout=timeout))
     key = (conn.host, conn.port)
-    if known is not None and key in known:
-        return known[key]
-    major = major_of(server_version_num(conn, timeout=timeout))
-    if known is not None:
-        known[key] = major
+    with _asking:
+        answer = known.get(key)
+        mine = answer is None
+        if answer is None:
+            answer = known[key] = Future()
+    if not mine:
+        try:
+            return answer.result(timeout=timeout)
+        except TimeoutError:  # the asker is stuck: ask ourselves
+            return major_of(server_version_num(conn, timeout=timeout))
+        except Exception:  # the asker failed, which is forgotten: ask again
+            return server_major(conn, timeout=timeout)
+    try:
+        major = major_of(server_version_num(conn, timeout=timeout))
+    except BaseException as exc:
+        with _asking:
+            known.pop(key, None)
+        answer.set_exception(exc)
+        raise
+    answer.set_result(major)
     return major
 
 

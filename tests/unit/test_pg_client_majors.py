@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextvars
+import sys
 import threading
+import time
 
 import pytest
 
@@ -67,3 +69,85 @@ def test_a_task_thread_in_a_copy_of_the_runs_context_shares_its_answers(
         t.start()
         t.join()
     assert got == [17] and len(asked) == 1
+
+
+def _slow_asker(monkeypatch: pytest.MonkeyPatch, answer: int | None
+                ) -> tuple[list[int], threading.Event, threading.Event]:
+    """``server_version_num`` that blocks until released: ``answer``, or fails (None)
+    the first time and answers 170004 after."""
+    calls: list[int] = []
+    asking, release = threading.Event(), threading.Event()
+
+    def ask(conn: Conn, *, timeout: float = 30) -> int:
+        calls.append(conn.port)
+        if len(calls) == 1:
+            asking.set()
+            assert release.wait(30)
+            if answer is None:
+                raise CommandError("connection reset", argv=("psql",), returncode=2)
+            return answer
+        return 170004
+
+    monkeypatch.setattr(pg_client, "server_version_num", ask)
+    return calls, asking, release
+
+
+def _wait_until_waiting_for_an_answer(t: threading.Thread) -> None:
+    """Until ``t`` blocks in ``Future.result`` (the answer another thread asks for)."""
+    deadline = time.monotonic() + 30
+    while True:
+        frame = sys._current_frames().get(t.ident or -1)
+        names = []
+        while frame is not None:
+            names.append(frame.f_code.co_name)
+            frame = frame.f_back
+        if "result" in names and "server_major" in names:
+            return
+        assert t.is_alive() and time.monotonic() < deadline, names
+        time.sleep(0.01)
+
+
+def _in_thread(got: list[object]) -> threading.Thread:
+    def run() -> None:
+        try:
+            got.append(pg_client.server_major(_conn(5432)))
+        except CommandError as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=contextvars.copy_context().run, args=(run,))
+    t.start()
+    return t
+
+
+def test_a_thread_wanting_a_major_being_asked_waits_for_that_answer_not_asking_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls, asking, release = _slow_asker(monkeypatch, 160003)
+    first: list[object] = []
+    second: list[object] = []
+    with pg_client.majors_remembered():
+        t1 = _in_thread(first)
+        assert asking.wait(30)
+        t2 = _in_thread(second)
+        _wait_until_waiting_for_an_answer(t2)
+        release.set()
+        t1.join(30)
+        t2.join(30)
+    assert first == second == [16] and calls == [5432]
+
+
+def test_when_the_question_being_waited_for_fails_the_waiter_asks_itself(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls, asking, release = _slow_asker(monkeypatch, None)
+    first: list[object] = []
+    second: list[object] = []
+    with pg_client.majors_remembered():
+        t1 = _in_thread(first)
+        assert asking.wait(30)
+        t2 = _in_thread(second)
+        release.set()
+        t1.join(30)
+        t2.join(30)
+        third = pg_client.server_major(_conn(5432))  # the failure was not remembered
+    assert isinstance(first[0], CommandError)
+    assert second == [17] and third == 17
+    assert calls == [5432, 5432]  # the waiter asked again, and its answer is remembered
