@@ -306,7 +306,8 @@ def fresh_consoles() -> None:
                 setattr(module, attr, Console(stderr=value.stderr))
 
 
-_PREFECT_AT_PRELOAD: list[tuple[object, ...]] = []  # settings_key() where Prefect set up
+SettingsKey = tuple[tuple[tuple[str, str], ...], tuple[object, ...]]
+_PREFECT_AT_PRELOAD: list[SettingsKey] = []  # settings_key() where Prefect set itself up
 
 
 def _content(path: str, needle: str = "") -> str | None:
@@ -338,7 +339,7 @@ def logging_key(environ: Mapping[str, str], cwd: str) -> tuple[object, ...]:
     return env, files, os.isatty(2)
 
 
-def settings_key(environ: Mapping[str, str], cwd: str) -> tuple[object, ...]:
+def settings_key(environ: Mapping[str, str], cwd: str) -> SettingsKey:
     """What Prefect's settings are built from: every PREFECT_ variable, HOME (where
     ``~/.prefect`` is) and the files of :func:`logging_key`, which is part of it. Equal
     keys, equal settings: a runner child whose key is the runner's keeps them."""
@@ -363,6 +364,10 @@ def refresh_prefect() -> None:
     if at_preload == key:
         logger.debug("runner: Prefect's settings and logging kept as the runner built them")
         return
+    if at_preload is not None:
+        differ = sorted({k for k, _v in set(at_preload[0]) ^ set(key[0])})
+        logger.debug("runner: Prefect's settings built again (%s differ)",
+                     ", ".join(differ) or "settings files")
     if at_preload is not None and at_preload[1] == key[1]:
         prefect.context.refresh_global_settings_context()
         logger.debug("runner: Prefect's logging kept as the runner set it up")

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -259,6 +260,27 @@ def runner_argv(srv: LocalServer) -> tuple[str, ...]:
     return (sys.executable, "-m", "cli.main", "runner", "--socket", str(runner_socket(srv)))
 
 
+# Prefect settings a runner may be started with: none of them secret (an API key, an
+# auth string, a database URL with its password stay with the commands that have them).
+_PLAIN_PREFECT = frozenset({"PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILE",
+                            "PREFECT_PROFILES_PATH", "PREFECT_SERVER_ANALYTICS_ENABLED"})
+
+
+def runner_prefect_env(srv: LocalServer, environ: Mapping[str, str]) -> dict[str, str]:
+    """The Prefect settings of the commands that will use this runner, as far as they
+    are not secret: ``environ``'s, with this local server's address and home where no
+    server is configured (what :func:`use_for_command` gives a command). A runner built
+    with the same settings as a command's spares the command rebuilding them."""
+    env = {k: v for k, v in environ.items()
+           if k in _PLAIN_PREFECT or k.startswith("PREFECT_LOGGING_")}
+    if "@" in urllib.parse.urlsplit(env.get("PREFECT_API_URL", "")).netloc:
+        del env["PREFECT_API_URL"]  # credentials in the address: not for the runner
+    if not configured_api_url(environ):
+        env["PREFECT_API_URL"] = srv.api_url
+        env.setdefault("PREFECT_HOME", str(srv.home))
+    return env
+
+
 def start_runner(srv: LocalServer, environ: Mapping[str, str] = os.environ) -> int | None:
     """Start the runner detached unless one serves already (or ``LABKEEPER_NO_RUNNER``
     is set); its pid, or None. It does not wait: the runner is ready in ~2-3 s, and a
@@ -269,6 +291,7 @@ def start_runner(srv: LocalServer, environ: Mapping[str, str] = os.environ) -> i
     env = process.inherited_env(environ)
     env.update({k: environ[k] for k in ("LABKEEPER_RUNNER_STAMP", "LABKEEPER_LOG_LEVEL")
                 if k in environ})
+    env.update(runner_prefect_env(srv, environ))
     root = Path(__file__).resolve().parents[1]
     if (root / "cli").is_dir():  # a source checkout: the runner imports the same code
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH"))

@@ -207,18 +207,26 @@ def test_a_command_with_the_runners_logging_keeps_its_set_up_and_logs_to_its_run
                for n, lvl, m in rows), rows
 
 
-def test_a_command_with_the_runners_own_prefect_settings_rebuilds_nothing_and_logs_to_its_run(
+def test_a_runner_started_for_a_command_keeps_its_prefect_settings_and_logs_to_its_run(
         lab, prefect_server, env_inventory, tmp_path):
-    """The usual case, a runner started with the command's own environment: the child
-    keeps Prefect's settings and logging as the runner built them, and its run is still
-    recorded and logged on the command's server."""
-    env = client_env(lab, tmp_path, prefect_server)
-    proc = start_zygote(tmp_path, {k: v for k, v in env.items() if k.startswith("PREFECT_")})
+    """The usual case, the runner started as a command starts it (``start_runner`` with
+    the command's environment): the next command's child keeps Prefect's settings and
+    logging as the runner built them, and its run is still recorded and logged on the
+    command's server."""
+    srv = ls.LocalServer(home=tmp_path, port=1)
+    # a command's usual Prefect settings (this session's server fixture left its own
+    # PREFECT_SERVER_* variables in the environment: no command has those)
+    env = {k: v for k, v in client_env(lab, tmp_path, prefect_server).items()
+           if not k.startswith("PREFECT_SERVER_") or k == "PREFECT_SERVER_ANALYTICS_ENABLED"}
+    assert ls.start_runner(srv, env)
     try:
+        wait_for("the runner's socket", lambda: ls.runner_socket(srv).exists())
         err = _backup_in_child(env, env_inventory)
     finally:
-        stop_zygote(proc)
-    assert "Prefect's settings and logging kept as the runner built them" in err
+        assert ls.stop_runner(srv)
+    assert "Prefect's settings and logging kept as the runner built them" in err, [
+        line for line in err.splitlines() if "labkeeper.runner" in line]
+    assert "built again" not in err
     rows = _run_logs(prefect_server, err)
     assert any(n == "labkeeper.pg_backup.database" and lvl == 20 and "photos: backup" in m
                for n, lvl, m in rows), rows

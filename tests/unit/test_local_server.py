@@ -83,3 +83,28 @@ def test_the_installed_command_decides_on_the_prefect_server_before_running():
 
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "labkeeper"]
     assert script.value == "cli.main:main"
+
+
+def test_a_runner_gets_the_local_servers_address_and_home_a_command_will_get(tmp_path):
+    srv = ls.LocalServer(home=tmp_path / "p", port=4321)
+    env = ls.runner_prefect_env(srv, {"HOME": str(tmp_path), "PATH": "/usr/bin",
+                                      "PREFECT_LOGGING_LEVEL": "DEBUG"})
+    # what use_for_command sets in a command's environment, and its logging settings
+    assert env == {"PREFECT_API_URL": srv.api_url, "PREFECT_HOME": str(srv.home),
+                   "PREFECT_LOGGING_LEVEL": "DEBUG"}
+
+
+def test_a_runner_gets_a_configured_servers_plain_settings_but_never_a_secret(tmp_path):
+    srv = ls.LocalServer(home=tmp_path / "p", port=4321)
+    secrets = {"PREFECT_API_KEY": "pnu_secret", "PREFECT_API_AUTH_STRING": "admin:pw",
+               "PREFECT_SERVER_DATABASE_CONNECTION_URL": "postgresql+asyncpg://u:pw@db/p"}
+    env = ls.runner_prefect_env(srv, {"PREFECT_API_URL": "http://nas:4200/api",
+                                      "PREFECT_PROFILE": "lab", "RESTIC_PASSWORD": "x",
+                                      **secrets})
+    assert env == {"PREFECT_API_URL": "http://nas:4200/api", "PREFECT_PROFILE": "lab"}
+
+
+def test_a_configured_address_holding_credentials_is_not_given_to_a_runner(tmp_path):
+    srv = ls.LocalServer(home=tmp_path / "p", port=4321)
+    env = ls.runner_prefect_env(srv, {"PREFECT_API_URL": "https://admin:pw@nas:4200/api"})
+    assert "PREFECT_API_URL" not in env and "pw" not in repr(env)
