@@ -105,8 +105,8 @@ def majors_remembered() -> Iterator[None]:
 
 def server_major(conn: Conn, *, timeout: float = 30) -> int:
     """The server's major version; asked once per server (host and port) inside
-    :func:`majors_remembered`, every time outside it. A failed question is not
-    remembered: a thread that waited for it asks again."""
+    :func:`majors_remembered`, every time outside it. Threads that wait for a question
+    being asked get its answer or its failure; a failed question is not remembered."""
     known = _known_majors.get()
     if known is None:
         return major_of(server_version_num(conn, timeout=timeout))
@@ -118,11 +118,9 @@ def server_major(conn: Conn, *, timeout: float = 30) -> int:
             answer = known[key] = Future()
     if not mine:
         try:
-            return answer.result(timeout=timeout)
+            return answer.result(timeout=timeout)  # its failure too: it just happened
         except TimeoutError:  # the asker is stuck: ask ourselves
             return major_of(server_version_num(conn, timeout=timeout))
-        except Exception:  # the asker failed, which is forgotten: ask again
-            return server_major(conn, timeout=timeout)
     try:
         major = major_of(server_version_num(conn, timeout=timeout))
     except BaseException as exc:
