@@ -24,6 +24,7 @@ _known_majors: ContextVar[dict[tuple[str, int], Future[int]] | None] = ContextVa
     "labkeeper_known_server_majors", default=None)
 _asking = threading.Lock()  # who asks a server first, among a run's threads
 
+
 class ClientMissing(PermanentError):
     """No installed client can talk to this server (pg_dump refuses a newer server)."""
 
