@@ -119,35 +119,35 @@ def _in_thread(got: list[object]) -> threading.Thread:
     return t
 
 
+def _asked_while_another_waits(release: threading.Event, asking: threading.Event
+                               ) -> tuple[list[object], list[object]]:
+    """Inside a run: one thread asks (blocked until ``release``), a second wants the same
+    server's major meanwhile and is seen waiting; then the question ends. What each got."""
+    first: list[object] = []
+    second: list[object] = []
+    t1 = _in_thread(first)
+    assert asking.wait(30)
+    t2 = _in_thread(second)
+    _wait_until_waiting_for_an_answer(t2)
+    release.set()
+    t1.join(30)
+    t2.join(30)
+    return first, second
+
+
 def test_a_thread_wanting_a_major_being_asked_waits_for_that_answer_not_asking_again(
         monkeypatch: pytest.MonkeyPatch) -> None:
     calls, asking, release = _slow_asker(monkeypatch, 160003)
-    first: list[object] = []
-    second: list[object] = []
     with pg_client.majors_remembered():
-        t1 = _in_thread(first)
-        assert asking.wait(30)
-        t2 = _in_thread(second)
-        _wait_until_waiting_for_an_answer(t2)
-        release.set()
-        t1.join(30)
-        t2.join(30)
+        first, second = _asked_while_another_waits(release, asking)
     assert first == second == [16] and calls == [5432]
 
 
 def test_threads_waiting_for_a_question_that_fails_get_its_failure_and_it_is_not_remembered(
         monkeypatch: pytest.MonkeyPatch) -> None:
     calls, asking, release = _slow_asker(monkeypatch, None)
-    first: list[object] = []
-    second: list[object] = []
     with pg_client.majors_remembered():
-        t1 = _in_thread(first)
-        assert asking.wait(30)
-        t2 = _in_thread(second)
-        _wait_until_waiting_for_an_answer(t2)
-        release.set()
-        t1.join(30)
-        t2.join(30)
+        first, second = _asked_while_another_waits(release, asking)
         third = pg_client.server_major(_conn(5432))  # the failure was not remembered
     assert isinstance(first[0], CommandError) and second == first  # one question, one answer
     assert third == 17 and calls == [5432, 5432]
