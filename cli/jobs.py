@@ -67,9 +67,11 @@ def run_path_backup_cli(lab: Path, host: str | None, name: str | None) -> int:
 def run_backup_cli(lab: Path, db: str | None) -> int:
     """``labkeeper backup run [--db NAME]``: run the flow, print the table, exit code."""
     from cli.report import print_run
-    from flows.pg_backup import pg_backup_flow
+    from flows.pg_backup import pg_backup_flow, restic_ahead
 
-    state = pg_backup_flow(lab=str(lab), databases=[db] if db else None, return_state=True)
+    databases = [db] if db else None
+    with restic_ahead(lab=str(lab), databases=databases):
+        state = pg_backup_flow(lab=str(lab), databases=databases, return_state=True)
     return print_run(state, title="pg_backup", name_col="database", what="backup",
                      cols=("database", "status", "snapshot", "bytes dumped", "duration s",
                            "throughput MB/s", "tables"))

@@ -13,7 +13,9 @@ and notify on failure.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -46,6 +48,23 @@ def select_databases(inv: Inventory, databases: list[str] | None,
     if not names:
         raise ConfigError("no database to back up (check databases= and repository=)")
     return names
+
+
+@contextlib.contextmanager
+def restic_ahead(lab: str | None = None, databases: list[str] | None = None,
+                 repository: str | None = None) -> Iterator[None]:
+    """Around a run of :func:`pg_backup_flow` with these parameters (the command line
+    and a served run's process wrap it): the first databases' restic starts now, so its
+    start-up overlaps the run's own (``labkeeper.pg_backup.ahead``); what the run does
+    not take is stopped after it. Best effort: a problem here is the run's to report."""
+    try:
+        inv = load_inventory(lab_path(lab))
+        names = select_databases(inv, databases, repository)
+    except Exception:  # the run loads the same and says what is wrong
+        yield
+        return
+    with pg_backup.started_ahead(inv, names[:inv.settings.pg_backup_parallel]):
+        yield
 
 
 @flow(name="pg_backup", log_prints=False, timeout_seconds=12 * 3600, **hooks("pg_backup"))

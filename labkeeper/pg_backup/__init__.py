@@ -4,10 +4,11 @@ manifest of what the dump holds.
 One database (:func:`backup_database`, :mod:`.database`): the database snapshot's
 dump streamed into ``restic backup --stdin`` with end-of-stream owned by labkeeper,
 the manifest (:mod:`.manifest`) stored beside it, nothing of a failed attempt left
-counted (:mod:`.cleanup`). A server's roles and tablespaces
-(:func:`backup_globals`, :mod:`.server_globals`). How snapshots are named
-(:mod:`.naming`), which count as backups and the retention series (:mod:`.stored`),
-connections (:mod:`.targets`), results and errors (:mod:`.results`).
+counted (:mod:`.cleanup`), its restic maybe started ahead of the run (:mod:`.ahead`).
+A server's roles and tablespaces (:func:`backup_globals`, :mod:`.server_globals`).
+How snapshots are named (:mod:`.naming`), which count as backups and the retention
+series (:mod:`.stored`), connections (:mod:`.targets`), results and errors
+(:mod:`.results`).
 
 Format (measured, ``benchmarks/``): plain ``pg_dump`` + restic ``--compression
 auto`` uploads the least on a typical night; gzip/``-Fc`` zlib defeat dedup.
@@ -15,6 +16,7 @@ auto`` uploads the least on a typical night; gzip/``-Fc`` zlib defeat dedup.
 
 from labkeeper.errors import LabkeeperError
 from labkeeper.pg_backup import (
+    ahead,
     cleanup,
     database,
     manifest,
@@ -24,6 +26,7 @@ from labkeeper.pg_backup import (
     stored,
     targets,
 )
+from labkeeper.pg_backup.ahead import AHEAD_EXPIRES, started_ahead
 from labkeeper.pg_backup.cleanup import (
     CLEANUP_TIMEOUT,
     PENDING_DIR,
@@ -77,16 +80,17 @@ from labkeeper.pg_backup.targets import client_conn, conn_for, server_label
 from labkeeper.restic.repository import open_repo, repo_cache_dir
 
 __all__ = [
-    "CLEANUP_TIMEOUT", "INCOMPLETE_GRACE_S", "LABKEEPER_VERSION", "LOCK_HANDOFF_TIMEOUT",
+    "AHEAD_EXPIRES", "CLEANUP_TIMEOUT", "INCOMPLETE_GRACE_S", "LABKEEPER_VERSION",
+    "LOCK_HANDOFF_TIMEOUT",
     "MANIFEST_FORMAT", "MANIFEST_NICE", "MANIFEST_PREFIX", "MAX_LOCK_CONFLICTS",
     "PENDING_DIR", "BackupFailed", "BackupResult", "DumpInfo", "GlobalsResult",
     "LabkeeperError", "Manifest", "Series", "StoredBackup", "TableCount",
-    "backup_database", "backup_globals", "backup_id_of", "backup_tag", "build_manifest",
+    "ahead", "backup_database", "backup_globals", "backup_id_of", "backup_tag", "build_manifest",
     "cleanup", "client_conn", "complete_dumps", "conn_for", "database", "discard_attempt",
     "dump_filename", "find_backups", "find_latest_backup", "globals_servers",
     "globals_tags", "incomplete_dumps", "manifest", "manifest_filename", "manifested_ids",
     "naming", "new_backup_id", "open_repo", "orphan_manifests", "parse_manifest",
     "pending_owner", "pending_store", "read_manifest", "record_pending", "repo_cache_dir",
     "results", "retention_series", "series_tags", "server_globals", "server_label",
-    "stored", "sweep_pending", "targets",
+    "started_ahead", "stored", "sweep_pending", "targets",
 ]

@@ -33,6 +33,7 @@ from labkeeper import postgres, process, restic
 from labkeeper import progress as progress_mod
 from labkeeper.errors import LabkeeperError
 from labkeeper.inventory import Database, Inventory
+from labkeeper.pg_backup import ahead as ahead_mod
 from labkeeper.pg_backup.cleanup import (
     CLEANUP_TIMEOUT,
     discard_attempt,
@@ -150,18 +151,50 @@ def backup_database(inv: Inventory, name: str, *,
                host=inv.lab.name, conn=client_conn(inv, db), stall_timeout=stall_timeout,
                pending=pending_store(inv, name),
                progress_interval=inv.settings.progress_interval)
-    backup_id = backup_id or new_backup_id()
+    taken = ahead_mod.take(inv, name)
+    try:
+        early = _usable(taken, job, backup_id)
+        backup_id = backup_id or (early.backup_id if early else new_backup_id())
+        return _backup(job, backup_id, early.early if early else None,
+                       lock_deadline=time.monotonic() + repo_cfg.lock_wait_minutes * 60,
+                       stale_lock_minutes=repo_cfg.stale_lock_minutes)
+    finally:
+        if taken is not None:
+            taken.early.stop(why="the backup did not use it")  # a no-op once taken over
+
+
+def _usable(early: ahead_mod.Ahead | None, job: _Job, backup_id: str | None
+            ) -> ahead_mod.Ahead | None:
+    """The dump's restic started ahead for this database (:mod:`.ahead`), if this
+    backup can take it: the same backup id, and no earlier attempt to sweep first (the
+    sweep must not meet its lock)."""
+    if early is None:
+        return None
+    assert job.pending is not None
+    why = ("another backup id was asked for" if backup_id not in (None, early.backup_id)
+           else "earlier failed attempts are swept first" if job.pending.read() else None)
+    if why is None:
+        return early
+    early.early.stop(why=why)
+    return None
+
+
+def _backup(job: _Job, backup_id: str, early: restic.EarlyBackup | None, *,
+            lock_deadline: float, stale_lock_minutes: float) -> BackupResult:
+    """The backup's attempts: again while restic finds the repository locked."""
+    name = job.name
     started = time.monotonic()
-    lock_deadline = started + repo_cfg.lock_wait_minutes * 60
     notes, still_pending = _sweep_first(job)
     for _attempt in range(MAX_LOCK_CONFLICTS):
         try:
-            result = _backup_once(job, backup_id, notes)
+            result = _backup_once(job, backup_id, notes, early)
+            early = None
         except _Locked as locked:
+            early = None
             logger.info("%s: %s; waiting for the repository", name, locked)
             notes += restic.wait_for_locks(
                 job.repo, exclusive=False, wait=max(0.0, lock_deadline - time.monotonic()),
-                stale_after=repo_cfg.stale_lock_minutes * 60)
+                stale_after=stale_lock_minutes * 60)
             continue
         result.duration_s = time.monotonic() - started
         result.pending_left = len(still_pending)
@@ -193,12 +226,12 @@ def _sweep_first(job: _Job) -> tuple[list[str], list[pending_mod.PendingAttempt]
     return notes, left
 
 
-
-def _backup_once(job: _Job, backup_id: str, notes: list[str]) -> BackupResult:
+def _backup_once(job: _Job, backup_id: str, notes: list[str],
+                 early: restic.EarlyBackup | None = None) -> BackupResult:
     """One attempt: snapshot, stream with the manifest counted alongside, manifest
     stored. Raises :class:`_Locked` (nothing stored, nothing left) or
     :class:`BackupFailed` (everything of the attempt discarded)."""
-    return _Attempt(job, backup_id, notes).run()
+    return _Attempt(job, backup_id, notes, early).run()
 
 
 class _Attempt:
@@ -206,8 +239,11 @@ class _Attempt:
     holding the snapshot, the dump's progress, and whether a restic was killed (its
     stale lock is then removed when the attempt is discarded)."""
 
-    def __init__(self, job: _Job, backup_id: str, notes: list[str]) -> None:
+    def __init__(self, job: _Job, backup_id: str, notes: list[str],
+                 early: restic.EarlyBackup | None = None) -> None:
         self.job = job
+        self.early = early
+        """The dump's restic, started ahead (:mod:`.ahead`), for :meth:`stream`."""
         self.backup_id = backup_id
         self.tag = backup_tag(backup_id)
         self.notes = notes
@@ -285,7 +321,8 @@ class _Attempt:
                 job.repo, self.producer, filename=job.filename, host=job.host,
                 tags=[*series_tags(job.server, job.name), self.tag], gate=self.dump_complete,
                 timeout=job.db.timeout_minutes * 60, compression=job.compression,
-                stall_timeout=job.stall_timeout, on_stderr_line=self.restic_said)
+                stall_timeout=job.stall_timeout, on_stderr_line=self.restic_said,
+                early=self.early)
         except _NoSnapshot as exc:
             self.killed_restic = True  # the dump's restic was started, then SIGKILLed
             raise self.fail(f"could not open a snapshot of {job.conn.dbname}: {exc.error}",

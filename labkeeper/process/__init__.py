@@ -9,13 +9,14 @@
   own: a consumer never sees a clean EOF from a producer that failed, or whose
   end-of-stream gate (``Stage.eof_gate``) refused its stream; with
   ``stall_timeout`` a consumer that stops accepting data gets the pipeline killed.
-- Long-lived children with pipes (a ``psql`` session) use :class:`Coprocess`.
+- Long-lived children with pipes (a ``psql`` session) use :class:`Coprocess`; a
+  consumer may be started ahead of its pipeline (:class:`EarlyStart`).
 - Exit codes are read through one :class:`ExitCodeTable` per tool; a code the
   table does not know is an error.
 
 Modules: :mod:`.codes` (exit-code tables), :mod:`.result` (results, errors),
 :mod:`.stage`, :mod:`.env`, :mod:`.children`, :mod:`.capture`, :mod:`.coprocess`,
-:mod:`.relay` and :mod:`.engine` (the pipeline machinery), :mod:`.runner`
+:mod:`.early`, :mod:`.relay` and :mod:`.engine` (the pipeline machinery), :mod:`.runner`
 (:func:`run`, :func:`pipeline`).
 """
 
@@ -23,6 +24,7 @@ from labkeeper.process.capture import CAPTURE_LIMIT
 from labkeeper.process.children import KILL_GRACE, dies_with_parent
 from labkeeper.process.codes import GENERIC, ExitCode, ExitCodeTable, Outcome
 from labkeeper.process.coprocess import Coprocess
+from labkeeper.process.early import EarlyStart
 from labkeeper.process.engine import LINGER_GRACE
 from labkeeper.process.env import BASE_ENV_NAMES, EXTRA_ENV_VARIABLE, inherited_env
 from labkeeper.process.relay import GATE_TAIL_BYTES
@@ -46,6 +48,7 @@ __all__ = [
     "STDERR_TAIL_LINES",
     "CommandResult",
     "Coprocess",
+    "EarlyStart",
     "EofGate",
     "ExitCode",
     "ExitCodeTable",

@@ -137,6 +137,14 @@ class PipelineRun:
 
     # -- main ------------------------------------------------------------------------
     def _spawn(self, i: int, st: Stage, n: int) -> subprocess.Popen[bytes]:
+        if st.early is not None:
+            # Started ahead exactly as a consumer piping its stdout to us is started.
+            fits = i > 0 and self.env is None and self.cwd is None and (
+                i < n - 1 or self.stdout_fd is None)
+            proc = st.early.take(st) if fits else None
+            if proc is not None:
+                return proc
+            st.early.stop(why="its pipeline starts it itself")
         if i == 0:
             if self.input_data is not None:
                 stdin: int | None = subprocess.PIPE

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from labkeeper.process.codes import GENERIC, ExitCodeTable
+
+if TYPE_CHECKING:
+    from labkeeper.process.early import EarlyStart
 
 EofGate = Callable[[bytes, int], "str | None"]
 """``gate(tail, nbytes)``: called after a producer exited cleanly, with the last
@@ -27,6 +31,10 @@ class Stage:
     on_bytes: Callable[[int], None] | None = None
     """On a producer: called from the relay with the size of each chunk handed to its
     consumer (progress, :mod:`labkeeper.progress`); must not raise."""
+    early: EarlyStart | None = field(default=None, compare=False)
+    """On a consumer: this command already started (:class:`EarlyStart`); the pipeline
+    takes it over instead of starting it, when it is still waiting and was started as
+    this stage (else the pipeline starts the stage itself)."""
 
     def __post_init__(self) -> None:
         check_argv(self.argv)

@@ -1,8 +1,8 @@
 """``restic backup --stdin`` owning end-of-stream: a producer's output streamed into
 restic with no temporary file (:func:`stream_backup`), and a restic started ahead of
-its small data (:class:`PendingBackup`). restic gets end-of-stream only once the data
-is proven complete; on any failure it is SIGKILLed first, so it never stores a
-snapshot of a partial stream.
+its small data (:class:`PendingBackup`) or of its stream (:func:`start_backup_early`).
+restic gets end-of-stream only once the data is proven complete; on any failure it is
+SIGKILLed first, so it never stores a snapshot of a partial stream.
 
 ``--stdin-from-command`` (0.17+) is deliberately *not* used for dumps: restic would
 start pg_dump itself, so the dump could not pass our relay, which is what proves a
@@ -238,11 +238,42 @@ class StreamResult:
     consumer: process.CommandResult
 
 
+@dataclass(frozen=True)
+class EarlyBackup:
+    """``restic backup --stdin`` started ahead of the :func:`stream_backup` that takes it
+    over (:class:`labkeeper.process.EarlyStart`): its start-up overlaps what runs
+    before. Never given end-of-stream unless taken; :meth:`stop` (or expiry) SIGINTs
+    it: restic then removes its lock and stores nothing."""
+
+    process: process.EarlyStart
+    cached_before: frozenset[str]
+    """The snapshots in restic's cache before it started (:func:`canonical_summary`)."""
+
+    @property
+    def waiting(self) -> bool:
+        return self.process.waiting
+
+    def stop(self, why: str = "not needed") -> None:
+        self.process.stop(why=why)
+
+
+def start_backup_early(repo: Repo, *, filename: str, host: str, tags: Sequence[str],
+                       compression: str | None = "auto", expires: float) -> EarlyBackup:
+    """The ``restic backup --stdin`` that :func:`stream_backup` with the same arguments
+    would start, started now; stopped unless taken within ``expires`` seconds."""
+    argv = backup_stdin_argv(repo, filename=filename, host=host, tags=tags,
+                             compression=compression)
+    cached = cached_snapshot_ids(repo)
+    stage = process.Stage(argv, codes=EXIT_CODES, env=repo.env())
+    return EarlyBackup(process.EarlyStart(stage, expires=expires), cached)
+
+
 def stream_backup(repo: Repo, producer: process.Stage | process.StageFactory, *,
                   filename: str, host: str,
                   tags: Sequence[str], gate: Gate, timeout: float,
                   compression: str | None = "auto", stall_timeout: float = 300.0,
-                  on_stderr_line: process.LineCallback | None = None) -> StreamResult:
+                  on_stderr_line: process.LineCallback | None = None,
+                  early: EarlyBackup | None = None) -> StreamResult:
     """Stream ``producer``'s stdout into ``restic backup --stdin`` with no temporary file.
 
     A two-stage :func:`labkeeper.process.pipeline` whose producer carries ``gate`` as
@@ -258,6 +289,10 @@ def stream_backup(repo: Repo, producer: process.Stage | process.StageFactory, *,
     factory raises propagates (restic was killed before any input).
 
     ``on_stderr_line`` gets restic's stderr line by line as it comes.
+
+    ``early`` (:func:`start_backup_early`): that restic is taken over when it is still
+    waiting and was started with these arguments; else restic starts here (and a
+    mismatched early one is stopped).
     """
     consumer_argv = backup_stdin_argv(repo, filename=filename, host=host, tags=tags,
                                       compression=compression)
@@ -267,10 +302,13 @@ def stream_backup(repo: Repo, producer: process.Stage | process.StageFactory, *,
     else:
         def first() -> process.Stage:
             return dataclasses.replace(producer(), eof_gate=gate)
-    cached_before = cached_snapshot_ids(repo)
+    # Read before the restic that may save the snapshot started.
+    cached_before = early.cached_before if early is not None and early.waiting \
+        else cached_snapshot_ids(repo)
     res = process.pipeline(
         [first, process.Stage(consumer_argv, codes=EXIT_CODES, env=repo.env(),
-                              on_stderr_line=on_stderr_line)],
+                              on_stderr_line=on_stderr_line,
+                              early=early.process if early is not None else None)],
         timeout=timeout, stall_timeout=stall_timeout, check=False)
     failure = _stream_failure(res, timeout=timeout, stall_timeout=stall_timeout)
     if failure is not None:

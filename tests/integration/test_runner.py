@@ -207,6 +207,26 @@ def test_a_command_with_the_runners_logging_keeps_its_set_up_and_logs_to_its_run
                for n, lvl, m in rows), rows
 
 
+def test_a_backup_through_the_runner_starts_its_restic_before_the_run_and_the_run_takes_it(
+        lab, prefect_server, zygote, env_inventory):
+    """`backup run` starts the dump's restic before Prefect's engine starts the run
+    (labkeeper.pg_backup.ahead); the run's backup takes that restic over, with its
+    backup id."""
+    import re
+
+    err = _backup_in_child(client_env(lab, zygote[0], prefect_server), env_inventory)
+    started = re.search(r"photos: the dump's restic started ahead \(backup (\S+)\)", err)
+    assert started, err
+    lines = err.splitlines()
+    at = next(i for i, line in enumerate(lines) if started.group(0) in line)
+    assert any("taken over" in line and "after its early start" in line
+               for line in lines[at:]), err
+    # started before the run existed: the run's address is printed after it
+    assert not any("flow-run/" in line for line in lines[:at]), err
+    rows = _run_logs(prefect_server, err)
+    assert any(f"photos: backup {started.group(1)} of" in m for _n, _l, m in rows), rows
+
+
 def test_a_runner_started_for_a_command_keeps_its_prefect_settings_and_logs_to_its_run(
         lab, prefect_server, env_inventory, tmp_path):
     """The usual case, the runner started as a command starts it (``start_runner`` with

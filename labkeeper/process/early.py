@@ -1,0 +1,139 @@
+"""A pipeline's consumer started before its pipeline (:class:`EarlyStart`): its start-up
+(restic's key derivation and index load, ≈0.7 s) overlaps whatever runs before the
+pipeline does, and :func:`labkeeper.process.pipeline` takes it over as that stage.
+
+End-of-stream stays ours: the child's stdin is never closed while it lives. One that
+no pipeline takes is stopped with ``stop_signal`` (SIGINT: restic removes its lock and
+stores nothing), then SIGKILLed after ``stop_grace``; so is one left waiting past
+``expires``, and every one still waiting when this process exits normally.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import signal
+import subprocess
+import threading
+import time
+
+from labkeeper.errors import CommandNotFound
+from labkeeper.process.children import dies_with_parent, kill_group
+from labkeeper.process.env import child_env
+from labkeeper.process.stage import Stage
+from labkeeper.secrets import REDACTOR
+
+log = logging.getLogger("labkeeper.process")
+
+STOP_GRACE = 10.0
+"""Seconds a stopped early child has to exit after ``stop_signal`` (restic removes its
+lock: one request to the repository) before it is SIGKILLed."""
+
+_waiting: set[EarlyStart] = set()
+"""Every early child not yet taken or stopped (also keeps each reachable: a collected
+``Popen`` would close the child's stdin, a clean end-of-stream)."""
+_waiting_lock = threading.Lock()
+
+
+class EarlyStart:
+    """``stage`` (a pipeline consumer: stdin, stdout and stderr are pipes) started now,
+    for a pipeline to take over (:meth:`take`) within ``expires`` seconds.
+
+    Started exactly as the pipeline would start it: ``stage.env`` on the inherited
+    allowlist, its own session, SIGKILLed if this process dies.
+    """
+
+    def __init__(self, stage: Stage, *, expires: float, stop_signal: int = signal.SIGINT,
+                 stop_grace: float = STOP_GRACE) -> None:
+        if not expires > 0:
+            raise ValueError(f"expires must be a positive number of seconds, got {expires!r}")
+        self.stage = stage
+        self.stop_signal = stop_signal
+        self.stop_grace = stop_grace
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._state = "waiting"  # -> "taken" | "stopped"
+        try:
+            self._proc: subprocess.Popen[bytes] = subprocess.Popen(
+                dies_with_parent(stage.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, env=child_env(stage.env, None),
+                start_new_session=True, close_fds=True)
+        except FileNotFoundError:
+            raise CommandNotFound(f"{stage.argv[0]}: command not found",
+                                  argv=REDACTOR.redact_argv(stage.argv)) from None
+        with _waiting_lock:
+            _waiting.add(self)
+        self._timer = threading.Timer(expires, self.stop, kwargs={"why": "not taken in time"})
+        self._timer.daemon = True
+        self._timer.start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def waiting(self) -> bool:
+        """Neither taken nor stopped yet."""
+        return self._state == "waiting"
+
+    def take(self, stage: Stage) -> subprocess.Popen[bytes] | None:
+        """The running child, handed over once, if it was started as ``stage``
+        (same argv and environment) and is still waiting; else None (and a child
+        started differently is stopped: no pipeline can use it)."""
+        with self._lock:
+            if self._state != "waiting":
+                return None
+            if stage.argv != self.stage.argv or dict(stage.env) != dict(self.stage.env):
+                mismatch = True
+            else:
+                mismatch = False
+                self._state = "taken"
+        if mismatch:
+            self.stop(why="started for another command")
+            return None
+        self._forget()
+        log.debug("%s: taken over %.2f s after its early start", self.stage.argv[0],
+                  time.monotonic() - self.started)
+        return self._proc
+
+    def stop(self, why: str = "not needed") -> int | None:
+        """Stop the child if nobody took it: ``stop_signal``, then SIGKILL after
+        ``stop_grace``. Its stdin is closed only once it has exited. Returns its exit
+        code (None if it was taken)."""
+        with self._lock:
+            if self._state == "taken":
+                return None
+            first = self._state == "waiting"
+            self._state = "stopped"
+        if first:
+            self._forget()
+            log.debug("%s (early start): stopping it, %s", self.stage.argv[0], why)
+            kill_group(self._proc, self.stop_signal)
+        try:
+            rc = self._proc.wait(timeout=self.stop_grace)
+        except subprocess.TimeoutExpired:
+            log.warning("%s (early start) did not exit %g s after being stopped; killed",
+                        self.stage.argv[0], self.stop_grace)
+            kill_group(self._proc, signal.SIGKILL)
+            rc = self._proc.wait()
+        for stream in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                stream.close()  # type: ignore[union-attr]
+        return rc
+
+    def _forget(self) -> None:
+        self._timer.cancel()
+        with _waiting_lock:
+            _waiting.discard(self)
+
+
+def stop_all(why: str = "this process is ending") -> None:
+    """Stop every early child still waiting (registered to run at normal exit)."""
+    with _waiting_lock:
+        left = list(_waiting)
+    for early in left:
+        early.stop(why=why)
+
+
+atexit.register(stop_all)
