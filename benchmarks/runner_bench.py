@@ -6,7 +6,9 @@ Run: .venv/bin/python benchmarks/runner_bench.py [--scale 30] [--repeat 3]
 Reuses run_cost_bench.py's scaffolding (LocalLab, a pgbench database with random filler,
 a running Prefect server). Per repetition, order rotating: bare ``pg_dump | restic
 backup --stdin``; ``labkeeper backup run --db bench`` with ``LABKEEPER_NO_RUNNER=1`` (a
-fresh process: imports included); the same through a warm runner started beside it.
+fresh process: imports included); the same through a warm runner started beside it;
+and through the runner with ``LABKEEPER_NO_AHEAD=1`` (the dump's restic started by the
+backup itself, not ahead of the run: the A/B of labkeeper/pg_backup/ahead.py).
 Ratios are to the bare run of the same repetition; medians (min-max).
 """
 
@@ -34,13 +36,16 @@ def main() -> None:
         paths = {"bare": b.bare,
                  "in-process": lambda: b.ours({**env, "LABKEEPER_NO_RUNNER": "1"},
                                               b.inv_one)[0],
-                 "via the runner": lambda: b.ours(env, b.inv_one)[0]}
+                 "via the runner": lambda: b.ours(env, b.inv_one)[0],
+                 "runner, not ahead": lambda: b.ours({**env, "LABKEEPER_NO_AHEAD": "1"},
+                                                     b.inv_one)[0]}
         print("warm-up done (one run of each)", flush=True)
         for fn in paths.values():
             fn()
         names = list(paths)
         for i in range(args.repeat):
-            for name in names[i % 3:] + names[:i % 3]:
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
                 b.add(name, paths[name]())
         r = b.results
         print(f"\nload average now {os.getloadavg()[0]:.1f}; medians (min-max), s")

@@ -13,14 +13,16 @@ did not take, and each expires on its own after :data:`AHEAD_EXPIRES`.
 Only where it cannot change the outcome: no start for a database with earlier failed
 attempts awaiting cleanup (that sweep must not meet our own lock), and none for a
 repository whose secrets come from Prefect blocks (no Prefect call before the run).
+``LABKEEPER_NO_AHEAD=1`` switches it off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from labkeeper import restic
@@ -34,7 +36,16 @@ logger = logging.getLogger(__name__)
 AHEAD_EXPIRES = 120.0
 """Seconds a restic started ahead waits to be taken before it stops on its own."""
 
+NO_AHEAD = "LABKEEPER_NO_AHEAD"
+"""Set (not empty, not 0): nothing is started ahead; each backup starts its restic when
+it runs, as before (an operator's way back, and the A/B of benchmarks/runner_bench.py)."""
+
 _BLOCK_PREFIX = "prefect-block:"
+
+
+def disabled(environ: Mapping[str, str] | None = None) -> bool:
+    value = (os.environ if environ is None else environ).get(NO_AHEAD, "")
+    return value.strip() not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,8 @@ def start_ahead(inv: Inventory, names: Sequence[str]) -> list[Ahead]:
     Best effort: a database where that could change anything, or whose start fails,
     is skipped (its backup then starts restic itself, as always)."""
     out: list[Ahead] = []
+    if disabled():
+        return out
     for name in names:
         try:
             ahead = _start_one(inv, name)

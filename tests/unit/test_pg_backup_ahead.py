@@ -201,3 +201,15 @@ def test_restic_ahead_starts_only_as_many_as_the_run_backs_up_at_once(
     with restic_ahead(lab=str(tmp_path / "lab.yaml"), databases=["nextcloud", "immich"]):
         assert [e.filename for e in started[1:]] == ["nextcloud.sql", "immich.sql"]
     assert inv.lab.name
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_no_ahead_set_starts_nothing(tmp_path, monkeypatch, started, value):
+    inv = _inventory(tmp_path, monkeypatch)
+    monkeypatch.setenv("LABKEEPER_NO_AHEAD", value)
+    assert ahead.start_ahead(inv, ["immich"]) == [] and started == []
+
+
+@pytest.mark.parametrize("value", ["", "0", " "])
+def test_no_ahead_empty_or_zero_is_not_set(value):
+    assert not ahead.disabled({"LABKEEPER_NO_AHEAD": value})
