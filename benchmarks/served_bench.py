@@ -6,7 +6,8 @@ Run: .venv/bin/python benchmarks/served_bench.py [--scale 30] [--repeat 3]
 Reuses run_cost_bench.py's scaffolding (LocalLab, a pgbench database with random filler,
 a running Prefect server). `labkeeper serve --lab one.yaml` serves every deployment,
 once with warm starts (the default) and once with ``LABKEEPER_NO_RUNNER=1`` (Prefect's
-spawn: a fresh interpreter per run). Each run of ``nightly-pg-backup`` for the bench
+spawn: a fresh interpreter per run); ``--modes warm,not-ahead`` compares warm starts with
+and without the dump's restic started ahead of the engine (``LABKEEPER_NO_AHEAD=1``). Each run of ``nightly-pg-backup`` for the bench
 database is created through the API (the Run button's call) and read back when final.
 From the run's own state history:
 
@@ -82,6 +83,8 @@ class Served:
                     "LABKEEPER_PREFECT_HOME": str(b.work / f"serve-home-{mode}")}
         if mode == "spawn":
             self.env["LABKEEPER_NO_RUNNER"] = "1"
+        if mode == "not-ahead":  # warm, the dump's restic started by the backup itself
+            self.env["LABKEEPER_NO_AHEAD"] = "1"
         self.log = (b.work / f"serve-{mode}.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "serve", "--lab", str(b.inv_one)],
@@ -136,16 +139,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", type=int, default=30)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--modes", default="warm,spawn",
+                    help="comma-separated: warm, spawn (LABKEEPER_NO_RUNNER=1), not-ahead "
+                         "(warm with LABKEEPER_NO_AHEAD=1)")
     args = ap.parse_args()
     args.small = 1
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     with prepared("lk-servedbench-", args) as b:
         b.bare()  # warm-up
-        for mode in ("warm", "spawn", "warm", "spawn")[: 2 if args.repeat < 2 else 4]:
+        for mode in (modes * 2 if args.repeat >= 2 else modes):
             measure(b, mode, max(1, args.repeat // 2) if args.repeat >= 2 else 1)
         print(f"\nload average now {os.getloadavg()[0]:.1f}; medians (min-max), s")
         for key, values in b.results.items():
             print(f"  {key:36} {spread(values)}")
-        for mode in ("warm", "spawn"):
+        for mode in modes:
             r = b.results.get(f"{mode}: served run / bare")
             if r:
                 print(f"  {mode}: served run / bare = {statistics.median(r):.2f}x")
