@@ -7,8 +7,9 @@ Reuses run_cost_bench.py's scaffolding (LocalLab, a pgbench database with random
 a running Prefect server). `labkeeper serve --lab one.yaml` serves every deployment,
 once with warm starts (the default) and once with ``LABKEEPER_NO_RUNNER=1`` (Prefect's
 spawn: a fresh interpreter per run); ``--modes warm,not-ahead`` compares warm starts with
-and without the dump's restic started ahead of the engine (``LABKEEPER_NO_AHEAD=1``). Each run of ``nightly-pg-backup`` for the bench
-database is created through the API (the Run button's call) and read back when final.
+and without the dump's restic started ahead of the engine (``LABKEEPER_NO_AHEAD=1``).
+Each run of ``nightly-pg-backup`` for the bench database is created through the API
+(the Run button's call) and read back when final.
 From the run's own state history:
 
 - *served run*: Pending (the runner took it and starts its process) → Completed: what
