@@ -11,22 +11,32 @@ import yaml
 
 from labkeeper import pg_backup, restic
 from labkeeper.inventory import load_inventory
+from tests.fixtures.restic_keys import cheap_key
 from tests.fixtures.waiting import wait_until
 
 DB = "photos"
 
 
 def _wrapped(lab, tmp_path: Path) -> tuple[Path, Path]:
-    """An inventory whose restic notes each command line it is started with."""
+    """An inventory with a repository of its own (no lock another test left behind can
+    meet it), whose restic notes each command line it is started with."""
     calls = tmp_path / "restic-calls"
     wrapper = tmp_path / "restic"
     real = shutil.which(restic.default_binary())
     wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
     data = yaml.safe_load(lab.inventory_path.read_text())
-    data.setdefault("settings", {}).update(restic_binary=str(wrapper),
-                                           state_dir=str(tmp_path / "state"))
+    repo = data["repositories"][0]
+    repo["url"] = f"{repo['url'].rsplit('/', 1)[0]}/ahead-{tmp_path.name}"
+    repo.pop("cache_dir", None)
+    data.setdefault("settings", {}).update(state_dir=str(tmp_path / "state"),
+                                           cache_dir=str(tmp_path / "cache"))
     path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    own = pg_backup.open_repo(load_inventory(path), "lab-repo")
+    restic.init(own)
+    cheap_key(own)
+    data["settings"]["restic_binary"] = str(wrapper)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return calls, path
 
@@ -65,12 +75,17 @@ def test_a_restic_started_ahead_that_no_backup_takes_stores_nothing_and_leaves_n
     _calls, path = _wrapped(lab, tmp_path)
     inv = load_inventory(path)
     repo = pg_backup.open_repo(inv, "lab-repo")
+
+    def its_locks(pid: int) -> list[restic.LockInfo]:  # other tests share the repository
+        return [lk for lk in restic.list_locks(repo) if lk.pid == pid]
+
     with pg_backup.started_ahead(inv, [DB]) as out:
         [one] = out
         # it holds its lock: it is past its start-up, waiting for the dump
-        wait_until(lambda: restic.list_locks(repo), timeout=60, what="its lock", every=0.2)
+        wait_until(lambda: its_locks(one.early.process.pid), timeout=60, what="its lock",
+                   every=0.2)
     assert not one.early.waiting
-    assert restic.list_locks(repo) == []
+    assert its_locks(one.early.process.pid) == []
     assert restic.find_snapshots(repo, tags=[pg_backup.backup_tag(one.backup_id)]) == []
 
 
