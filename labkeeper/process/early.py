@@ -3,9 +3,11 @@
 pipeline does, and :func:`labkeeper.process.pipeline` takes it over as that stage.
 
 End-of-stream stays ours: the child's stdin is never closed while it lives. One that
-no pipeline takes is stopped with ``stop_signal`` (SIGINT: restic removes its lock and
-stores nothing), then SIGKILLed after ``stop_grace``; so is one left waiting past
-``expires``, and every one still waiting when this process exits normally.
+no pipeline takes is stopped with ``stop_signal`` (SIGINT: restic stores nothing), then
+SIGKILLed after ``stop_grace``, and ``after_stop`` runs (restic 0.14 stopped while it
+checks the locks right after writing its own exits without removing it: the caller
+removes it); so is one left waiting past ``expires``, and every one still waiting when
+this process exits normally.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 from labkeeper.errors import CommandNotFound
-from labkeeper.process.children import dies_with_parent, kill_group
+from labkeeper.process.children import alive, dies_with_parent, kill_group
 from labkeeper.process.env import child_env
 from labkeeper.process.stage import Stage
 from labkeeper.secrets import REDACTOR
@@ -45,12 +48,16 @@ class EarlyStart:
     """
 
     def __init__(self, stage: Stage, *, expires: float, stop_signal: int = signal.SIGINT,
-                 stop_grace: float = STOP_GRACE) -> None:
+                 stop_grace: float = STOP_GRACE,
+                 after_stop: Callable[[], None] | None = None) -> None:
         if not expires > 0:
             raise ValueError(f"expires must be a positive number of seconds, got {expires!r}")
         self.stage = stage
         self.stop_signal = stop_signal
         self.stop_grace = stop_grace
+        self.after_stop = after_stop
+        """Called once this stopped a child that was still running (restic: remove the
+        lock it may have left); what it raises is logged, not raised."""
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._state = "waiting"  # -> "taken" | "stopped"
@@ -106,6 +113,7 @@ class EarlyStart:
                 return None
             first = self._state == "waiting"
             self._state = "stopped"
+        running = first and alive(self._proc)
         if first:
             self._forget()
             log.debug("%s (early start): stopping it, %s", self.stage.argv[0], why)
@@ -120,6 +128,12 @@ class EarlyStart:
         for stream in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
             with contextlib.suppress(OSError, AttributeError, ValueError):
                 stream.close()  # type: ignore[union-attr]
+        if running and self.after_stop is not None:
+            try:
+                self.after_stop()
+            except Exception as exc:  # a clean-up that failed is said, not raised
+                log.warning("%s (early start): clean-up after stopping it failed: %s",
+                            self.stage.argv[0], exc)
         return rc
 
     def _forget(self) -> None:

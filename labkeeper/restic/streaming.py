@@ -28,8 +28,8 @@ from typing import Any
 
 from labkeeper import process
 from labkeeper.errors import CommandError, CommandTimeout, LabkeeperError
-from labkeeper.restic.argv import backup_stdin_argv
-from labkeeper.restic.commands import cached_snapshot_ids, canonical_summary
+from labkeeper.restic.argv import backup_stdin_argv, unlock_argv
+from labkeeper.restic.commands import cached_snapshot_ids, canonical_summary, run_restic
 from labkeeper.restic.failures import EXIT_CODES, LOCK_FAILED, classify_failure
 from labkeeper.restic.models import BackupSummary, parse_backup_summary, stdin_summary_problem
 from labkeeper.restic.repository import Repo
@@ -238,12 +238,16 @@ class StreamResult:
     consumer: process.CommandResult
 
 
+UNLOCK_TIMEOUT = 30.0
+"""Seconds the ``restic unlock`` after stopping an early restic may take."""
+
+
 @dataclass(frozen=True)
 class EarlyBackup:
     """``restic backup --stdin`` started ahead of the :func:`stream_backup` that takes it
     over (:class:`labkeeper.process.EarlyStart`): its start-up overlaps what runs
     before. Never given end-of-stream unless taken; :meth:`stop` (or expiry) SIGINTs
-    it: restic then removes its lock and stores nothing."""
+    it, then removes the lock it may have left (``restic unlock``): it stores nothing."""
 
     process: process.EarlyStart
     cached_before: frozenset[str]
@@ -265,7 +269,15 @@ def start_backup_early(repo: Repo, *, filename: str, host: str, tags: Sequence[s
                              compression=compression)
     cached = cached_snapshot_ids(repo)
     stage = process.Stage(argv, codes=EXIT_CODES, env=repo.env())
-    return EarlyBackup(process.EarlyStart(stage, expires=expires), cached)
+
+    def remove_its_lock() -> None:
+        # restic 0.14 stopped in the moment between writing its lock and taking charge
+        # of it exits without removing it (measured: every time, right after the lock
+        # appears): `restic unlock` removes it (its pid is gone), as after a kill.
+        run_restic(repo, unlock_argv(repo), timeout=UNLOCK_TIMEOUT)
+
+    return EarlyBackup(process.EarlyStart(stage, expires=expires,
+                                          after_stop=remove_its_lock), cached)
 
 
 def stream_backup(repo: Repo, producer: process.Stage | process.StageFactory, *,

@@ -68,11 +68,36 @@ def test_a_consumer_started_ahead_is_taken_over_by_its_pipeline_and_gets_the_str
 
 def test_a_consumer_nobody_takes_is_stopped_with_sigint_and_never_sees_end_of_stream(
         tmp_path):
-    early = EarlyStart(consumer(tmp_path), expires=60)
+    cleaned: list[bool] = []
+    early = EarlyStart(consumer(tmp_path), expires=60, after_stop=lambda: cleaned.append(True))
     started(tmp_path)
     assert early.stop(why="test") == 130
     assert (tmp_path / "sigint").exists() and not (tmp_path / "eof").exists()
     assert not early.waiting
+    assert early.stop(why="again") == 130 and cleaned == [True]  # cleaned up once
+
+
+def test_the_clean_up_runs_only_after_stopping_a_running_consumer(tmp_path):
+    cleaned: list[str] = []
+    taken = EarlyStart(consumer(tmp_path), expires=60, after_stop=lambda: cleaned.append("taken"))
+    started(tmp_path)
+    process.pipeline([producer(10), with_early(consumer(tmp_path), taken)], timeout=60)
+    taken.stop()
+    failed = EarlyStart(Stage((PY, "-c", FAILING)), expires=60,
+                        after_stop=lambda: cleaned.append("failed"))
+    wait_until(lambda: not _running(failed.pid), timeout=30, what="the consumer to fail")
+    assert failed.stop() == 3
+    assert cleaned == []  # nothing of theirs was left to clean up
+
+
+def test_a_clean_up_that_fails_is_logged_not_raised(tmp_path, caplog):
+    def boom() -> None:
+        raise RuntimeError("unlock failed: backend unreachable")
+
+    early = EarlyStart(consumer(tmp_path), expires=60, after_stop=boom)
+    started(tmp_path)
+    assert early.stop(why="test") == 130
+    assert "clean-up after stopping it failed: unlock failed" in caplog.text
 
 
 def test_a_consumer_not_taken_in_time_stops_on_its_own(tmp_path):
