@@ -6,9 +6,10 @@ backup_database` takes its database's restic over (:func:`take`).
 
 Nothing changes in what a backup does or proves: the restic taken over is the one the
 backup would have started, with the same arguments and backup id (else it is stopped
-and the backup starts its own). A restic nobody takes is stopped with SIGINT (restic
-then removes its lock and stores nothing); :func:`started_ahead` stops what its run
-did not take, and each expires on its own after :data:`AHEAD_EXPIRES`.
+and the backup starts its own). A restic nobody takes is stopped with SIGINT (it stores
+nothing; the lock it may leave is removed: :func:`labkeeper.restic.start_backup_early`);
+:func:`started_ahead` stops what its run did not take, and each expires on its own after
+:data:`AHEAD_EXPIRES`.
 
 Only where it cannot change the outcome: no start for a database with earlier failed
 attempts awaiting cleanup (that sweep must not meet our own lock), and none for a
