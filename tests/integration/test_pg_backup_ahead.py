@@ -18,9 +18,25 @@ from tests.fixtures.waiting import wait_until
 DB = "photos"
 
 
-def _wrapped(lab, tmp_path: Path) -> tuple[Path, Path]:
-    """An inventory with a repository of its own (no lock another test left behind can
-    meet it), whose restic notes each command line it is started with."""
+@pytest.fixture(scope="module")
+def own_repo(lab, tmp_path_factory) -> str:
+    """A repository of this module's own: no lock another module's test left in the
+    lab's repository can meet these tests (they leave none themselves)."""
+    data = yaml.safe_load(lab.inventory_path.read_text())
+    url = data["repositories"][0]["url"]
+    url = f"{url.rsplit('/', 1)[0]}/ahead-{tmp_path_factory.mktemp('ahead').name}"
+    data["repositories"][0]["url"] = url
+    path = tmp_path_factory.mktemp("ahead-init") / "lab.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    own = pg_backup.open_repo(load_inventory(path), "lab-repo")
+    restic.init(own)
+    cheap_key(own)
+    return url
+
+
+def _wrapped(lab, own_repo: str, tmp_path: Path) -> tuple[Path, Path]:
+    """An inventory backing up into ``own_repo``, whose restic notes each command line
+    it is started with."""
     calls = tmp_path / "restic-calls"
     wrapper = tmp_path / "restic"
     real = shutil.which(restic.default_binary())
@@ -28,16 +44,12 @@ def _wrapped(lab, tmp_path: Path) -> tuple[Path, Path]:
     wrapper.chmod(0o755)
     data = yaml.safe_load(lab.inventory_path.read_text())
     repo = data["repositories"][0]
-    repo["url"] = f"{repo['url'].rsplit('/', 1)[0]}/ahead-{tmp_path.name}"
+    repo["url"] = own_repo
     repo.pop("cache_dir", None)
     data.setdefault("settings", {}).update(state_dir=str(tmp_path / "state"),
-                                           cache_dir=str(tmp_path / "cache"))
+                                           cache_dir=str(tmp_path / "cache"),
+                                           restic_binary=str(wrapper))
     path = tmp_path / "lab.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    own = pg_backup.open_repo(load_inventory(path), "lab-repo")
-    restic.init(own)
-    cheap_key(own)
-    data["settings"]["restic_binary"] = str(wrapper)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return calls, path
 
@@ -59,8 +71,9 @@ def _lines(path: Path) -> list[str]:
 
 
 @pytest.mark.restic_matrix
-def test_a_backup_takes_over_the_restic_started_ahead_and_stores_that_backup(lab, tmp_path):
-    calls, path = _wrapped(lab, tmp_path)
+def test_a_backup_takes_over_the_restic_started_ahead_and_stores_that_backup(
+        lab, own_repo, tmp_path):
+    calls, path = _wrapped(lab, own_repo, tmp_path)
     inv = load_inventory(path)
     with pg_backup.started_ahead(inv, [DB]) as out:
         [one] = out
@@ -84,8 +97,8 @@ def test_a_backup_takes_over_the_restic_started_ahead_and_stores_that_backup(lab
 
 @pytest.mark.restic_matrix
 def test_a_restic_started_ahead_that_no_backup_takes_stores_nothing_and_leaves_no_lock(
-        lab, tmp_path):
-    _calls, path = _wrapped(lab, tmp_path)
+        lab, own_repo, tmp_path):
+    _calls, path = _wrapped(lab, own_repo, tmp_path)
     inv = load_inventory(path)
     repo = pg_backup.open_repo(inv, "lab-repo")
     with pg_backup.started_ahead(inv, [DB]) as out:
@@ -98,8 +111,9 @@ def test_a_restic_started_ahead_that_no_backup_takes_stores_nothing_and_leaves_n
     assert restic.find_snapshots(repo, tags=[pg_backup.backup_tag(one.backup_id)]) == []
 
 
-def test_a_backup_asked_for_another_backup_id_stops_the_restic_started_ahead(lab, tmp_path):
-    calls, path = _wrapped(lab, tmp_path)
+def test_a_backup_asked_for_another_backup_id_stops_the_restic_started_ahead(
+        lab, own_repo, tmp_path):
+    calls, path = _wrapped(lab, own_repo, tmp_path)
     inv = load_inventory(path)
     repo = pg_backup.open_repo(inv, "lab-repo")
     with pg_backup.started_ahead(inv, [DB]) as out:
