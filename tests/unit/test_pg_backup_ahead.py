@@ -213,3 +213,32 @@ def test_no_ahead_set_starts_nothing(tmp_path, monkeypatch, started, value):
 @pytest.mark.parametrize("value", ["", "0", " "])
 def test_no_ahead_empty_or_zero_is_not_set(value):
     assert not ahead.disabled({"LABKEEPER_NO_AHEAD": value})
+
+
+def test_a_served_run_starts_restic_ahead_before_the_engine_and_stops_it_after(monkeypatch):
+    """deployments.warm_start._run_warm (a served run's forked process) enters
+    restic_ahead with the run's parameters before Prefect's engine runs the flow, and
+    leaves it after."""
+    import cloudpickle
+    from prefect import flow_engine
+
+    import flows.pg_backup as flow_mod
+    from deployments import warm_start
+
+    events: list[Any] = []
+
+    @contextlib.contextmanager
+    def fake(**params: Any) -> Iterator[None]:
+        events.append(("ahead", params))
+        yield
+        events.append(("after",))
+
+    monkeypatch.setattr(flow_mod, "restic_ahead", fake)
+    monkeypatch.setattr(flow_engine, "configure_from_env", lambda: None)
+    monkeypatch.setattr(flow_engine, "run_flow",
+                        lambda flow, **kw: events.append(("engine", kw["parameters"])))
+    payload = cloudpickle.dumps((flow_mod.pg_backup_flow, None, {"databases": ["immich"]},
+                                 None, {}, set(), None))
+    warm_start._run_warm(payload, {})
+    assert events == [("ahead", {"lab": None, "databases": ["immich"], "repository": None}),
+                      ("engine", {"databases": ["immich"]}), ("after",)]
