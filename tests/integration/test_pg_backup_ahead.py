@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 import yaml
 
-from labkeeper import b2, pg_backup, restic
-from labkeeper.inventory import load_inventory
-from tests.fixtures.restic_keys import cheap_key
+from labkeeper import pg_backup, restic
+from labkeeper.inventory import Inventory, load_inventory
+from tests.fixtures.restic_keys import cheap_key, repo_bucket
 from tests.fixtures.waiting import wait_until
 
 DB = "photos"
@@ -34,7 +33,7 @@ def own_repo(lab, tmp_path_factory) -> str:
     return url
 
 
-def _wrapped(lab, own_repo: str, tmp_path: Path) -> tuple[Path, Path]:
+def _wrapped(lab, own_repo: str, tmp_path: Path) -> tuple[Path, Inventory]:
     """An inventory backing up into ``own_repo``, whose restic notes each command line
     it is started with."""
     calls = tmp_path / "restic-calls"
@@ -51,17 +50,12 @@ def _wrapped(lab, own_repo: str, tmp_path: Path) -> tuple[Path, Path]:
                                            restic_binary=str(wrapper))
     path = tmp_path / "lab.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return calls, path
+    return calls, load_inventory(path)
 
 
 def _lock_objects(repo: restic.Repo) -> list[str]:
     """The repository's lock files, straight from the bucket (no restic start)."""
-    u = urlparse(repo.url.removeprefix("s3:"))
-    bucket, _, prefix = u.path.lstrip("/").partition("/")
-    assert repo.aws_access_key_id is not None and repo.aws_secret_access_key is not None
-    s3 = b2.client(b2.S3Target(endpoint=f"{u.scheme}://{u.netloc}", bucket=bucket,
-                               region="us-east-1", access_key_id=repo.aws_access_key_id,
-                               secret_access_key=repo.aws_secret_access_key))
+    s3, bucket, prefix = repo_bucket(repo)
     listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/locks/")
     return [o["Key"] for o in listed.get("Contents", [])]
 
@@ -73,8 +67,7 @@ def _lines(path: Path) -> list[str]:
 @pytest.mark.restic_matrix
 def test_a_backup_takes_over_the_restic_started_ahead_and_stores_that_backup(
         lab, own_repo, tmp_path):
-    calls, path = _wrapped(lab, own_repo, tmp_path)
-    inv = load_inventory(path)
+    calls, inv = _wrapped(lab, own_repo, tmp_path)
     with pg_backup.started_ahead(inv, [DB]) as out:
         [one] = out
         before = wait_until(lambda: _lines(calls), timeout=60, what="the restic started ahead")
@@ -98,8 +91,7 @@ def test_a_backup_takes_over_the_restic_started_ahead_and_stores_that_backup(
 @pytest.mark.restic_matrix
 def test_a_restic_started_ahead_that_no_backup_takes_stores_nothing_and_leaves_no_lock(
         lab, own_repo, tmp_path):
-    _calls, path = _wrapped(lab, own_repo, tmp_path)
-    inv = load_inventory(path)
+    _calls, inv = _wrapped(lab, own_repo, tmp_path)
     repo = pg_backup.open_repo(inv, "lab-repo")
     with pg_backup.started_ahead(inv, [DB]) as out:
         [one] = out
@@ -113,8 +105,7 @@ def test_a_restic_started_ahead_that_no_backup_takes_stores_nothing_and_leaves_n
 
 def test_a_backup_asked_for_another_backup_id_stops_the_restic_started_ahead(
         lab, own_repo, tmp_path):
-    calls, path = _wrapped(lab, own_repo, tmp_path)
-    inv = load_inventory(path)
+    calls, inv = _wrapped(lab, own_repo, tmp_path)
     repo = pg_backup.open_repo(inv, "lab-repo")
     with pg_backup.started_ahead(inv, [DB]) as out:
         [one] = out
