@@ -34,6 +34,7 @@ from typing import Any
 
 from cli import runner_client as rc
 from deployments import warm_start
+from flows import prefect_tls
 
 logger = logging.getLogger("labkeeper.runner")  # printed like labkeeper's records
 
@@ -52,6 +53,7 @@ def preload() -> None:
         names = [t.name for t in threading.enumerate()]
         raise RuntimeError(f"the runner must stay single-threaded; threads: {names}")
     _PREFECT_AT_PRELOAD[:] = [settings_key(os.environ, os.getcwd())]
+    prefect_tls.warm()  # the children inherit the TLS context Prefect's clients share
     gc.freeze()  # the imported objects stay shared with the children (copy-on-write)
 
 
