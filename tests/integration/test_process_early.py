@@ -19,19 +19,23 @@ from tests.fixtures.waiting import wait_until
 PY = sys.executable
 
 # A consumer that notes its pid, a SIGINT (then exits 130, as restic does), and a clean
-# end-of-stream with the bytes it read; "ignore" makes it ignore SIGINT.
+# end-of-stream with the bytes it read; "ignore" makes it ignore SIGINT. Each note
+# appears whole (written aside, then renamed): a test that sees the file can read it.
 CONSUMER = """
 import os, pathlib, signal, sys
 d = pathlib.Path(sys.argv[1])
+def note(name, text):
+    (d / (name + ".part")).write_text(text)
+    (d / (name + ".part")).rename(d / name)
 def on_int(*_):
-    (d / "sigint").write_text("1")
+    note("sigint", "1")
     os._exit(130)
 signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[2:] == ["ignore"] else on_int)
-(d / "pid").write_text(str(os.getpid()))
+note("pid", str(os.getpid()))
 n = 0
 while chunk := sys.stdin.buffer.read(65536):
     n += len(chunk)
-(d / "eof").write_text(str(n))
+note("eof", str(n))
 print("done", n)
 """
 
