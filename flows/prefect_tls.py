@@ -85,12 +85,17 @@ def install() -> None:
 
 
 def warm() -> None:
-    """Make the context Prefect's clients will ask for now (the runner calls it before
-    it forks: its children inherit it)."""
+    """Make the context Prefect's clients will ask for now (the runner and the
+    forkserver call it before they fork: their children inherit it). Best effort: a CA
+    file that cannot be read fails the clients that use it, as before, not this."""
     import certifi
     from prefect.settings import get_current_settings
 
     settings = get_current_settings().api
     if settings.tls_insecure_skip_verify:
         return
-    SharedContexts().create_default_context(cafile=settings.ssl_cert_file or certifi.where())
+    try:
+        SharedContexts().create_default_context(
+            cafile=settings.ssl_cert_file or certifi.where())
+    except (OSError, ssl.SSLError) as exc:
+        logger.debug("prefect_tls: no shared context made ahead: %s", exc)

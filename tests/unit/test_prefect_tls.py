@@ -9,6 +9,7 @@ import certifi
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import (
+    PREFECT_API_SSL_CERT_FILE,
     PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
     PREFECT_API_URL,
     temporary_settings,
@@ -98,6 +99,16 @@ def test_warm_makes_the_context_later_clients_use(made: list[str | None]) -> Non
         get_client(sync_client=True)
         get_client()
     assert len(made) == 1
+
+
+def test_warming_with_an_unreadable_ca_file_leaves_the_error_to_the_clients(
+        made: list[str | None], tmp_path) -> None:
+    missing = str(tmp_path / "no-such-ca.pem")
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api",
+                             PREFECT_API_SSL_CERT_FILE: missing}):
+        prefect_tls.warm()  # the runner's start does not fail on it
+        with pytest.raises(FileNotFoundError):
+            get_client(sync_client=True)
 
 
 def test_the_shim_hands_everything_else_to_ssl() -> None:
