@@ -34,11 +34,14 @@ apt-deps:
 
 # uv resolves and installs in seconds, and lets us override prefect 3.9's
 # certifi floor (see README, "Why uv"). uv itself comes from PyPI into the venv.
-$(STAMP): pyproject.toml overrides.txt
+# editable_mode=compat: the checkout goes on sys.path by a plain .pth line; setuptools'
+# default editable finder costs every labkeeper command ~12 ms before it runs (issue 24).
+$(STAMP): pyproject.toml overrides.txt Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@test -x $(VENV)/bin/uv || { $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null; \
 	  $(PY) -m pip install -q --disable-pip-version-check 'uv>=0.5,<1'; }
-	$(VENV)/bin/uv pip install -q -p $(PY) --override overrides.txt -e '.[dev,demo]'
+	$(VENV)/bin/uv pip install -q -p $(PY) --override overrides.txt -e '.[dev,demo]' \
+	  -C editable_mode=compat
 	@touch $(STAMP)
 
 venv: $(STAMP)

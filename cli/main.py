@@ -22,10 +22,10 @@ def prepare_environment(environ: MutableMapping[str, str]) -> None:
     lab's server must not log "Failed to send telemetry" on every run. labkeeper's
     module loggers reach each run's log in the UI (Prefect's extra loggers), here and in
     every flow-run process this one starts (`serve`)."""
-    from labkeeper import log_setup
+    from labkeeper import prefect_env  # stdlib only: the thin client stays cheap
 
     environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    log_setup.prefect_environment(environ)
+    prefect_env.prefect_environment(environ)
 
 
 prepare_environment(os.environ)  # at import: whatever imports Prefect next reads it

@@ -16,27 +16,17 @@ import contextvars
 import logging
 import os
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any, TextIO
 
-ROOT = "labkeeper"
-EXTRA_LOGGERS = "PREFECT_LOGGING_EXTRA_LOGGERS"
-# a record from a thread outside any run (the WAL receivers under `serve`) still goes
-# to the console; Prefect must not warn that it has no run to send it to
-WHEN_MISSING_RUN = "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"
+from labkeeper.prefect_env import (  # noqa: F401  (their home; names kept here)
+    EXTRA_LOGGERS,
+    ROOT,
+    WHEN_MISSING_RUN,
+    prefect_environment,
+)
+
 LEVEL_ENV = "LABKEEPER_LOG_LEVEL"
-
-
-def prefect_environment(environ: MutableMapping[str, str]) -> None:
-    """Name ``labkeeper`` among Prefect's extra loggers in ``environ`` (kept if set).
-
-    Called on ``os.environ`` before Prefect is imported, so this process and every
-    flow-run process it starts (workers, ``serve``) send labkeeper's records to the run.
-    """
-    names = [n.strip() for n in environ.get(EXTRA_LOGGERS, "").split(",") if n.strip()]
-    if ROOT not in names:
-        environ[EXTRA_LOGGERS] = ",".join([*names, ROOT])
-    environ.setdefault(WHEN_MISSING_RUN, "ignore")
 
 
 def level() -> int:

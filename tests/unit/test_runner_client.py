@@ -47,10 +47,10 @@ def test_without_a_runner_or_with_no_runner_set_the_command_is_left_to_this_proc
     assert rc.run(["labkeeper", "backup", "run"], {"LABKEEPER_NO_RUNNER": "1"}) is None
 
 
-def test_the_client_path_imports_neither_prefect_typer_rich_nor_pydantic():
+def test_the_client_path_imports_neither_prefect_typer_rich_pydantic_nor_logging():
     code = ("import sys, cli.main, cli.runner_client; "
             "print(','.join(m for m in ('prefect', 'typer', 'rich', 'pydantic', "
-            "'labkeeper.local_server') if m in sys.modules))")
+            "'labkeeper.local_server', 'logging') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True, timeout=120).stdout.strip()
     assert out == "", f"imported before the runner is tried: {out}"
