@@ -1,5 +1,6 @@
-"""Child-process primitives: dying with this process, liveness without reaping,
-killing a whole process group, lowering a child's CPU priority."""
+"""Child-process primitives: dying with this process (and a guard on a consumer's
+stdin for the moment we die), liveness without reaping, killing a whole process group,
+lowering a child's CPU priority."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL on timeout
 
 _SETPRIV = shutil.which("setpriv")
 _NICE = shutil.which("nice")
+_SLEEP = shutil.which("sleep")
 
 
 def dies_with_parent(argv: Sequence[str]) -> tuple[str, ...]:
@@ -31,6 +33,45 @@ def dies_with_parent(argv: Sequence[str]) -> tuple[str, ...]:
         raise CommandNotFound(f"{argv[0]}: command not found",
                               argv=REDACTOR.redact_argv(tuple(argv)))
     return (_SETPRIV, "--pdeathsig", "KILL", "--", *argv)
+
+
+class StdinGuard:
+    """A second holder of a consumer's stdin: the write end ``fd`` of its pipe, kept
+    open by a tiny child (``sleep``) that, like the consumer, is SIGKILLed when the
+    thread that started both dies (create it from that thread).
+
+    Why: when this process is killed, the kernel closes its descriptors *before* it
+    signals its children. In that moment a consumer could read a clean end-of-stream
+    and, like restic, store what it got (seen in a loaded CI run: the consumer won the
+    race against its ``--pdeathsig``). With the guard holding the pipe, the stream ends
+    only when the guard dies of the same exit as the consumer, and the kernel queues
+    both signals together: the consumer is dead by then.
+
+    :meth:`release` (SIGKILL, reaped) must come before any end-of-stream we hand out,
+    and after a consumer we stop is killed. No guard where setpriv is missing: nothing
+    would end it with us."""
+
+    def __init__(self, fd: int) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        if _SETPRIV is None or _SLEEP is None:
+            return
+        self._proc = subprocess.Popen(
+            (_SETPRIV, "--pdeathsig", "KILL", "--", _SLEEP, "infinity"),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(fd,), start_new_session=True, close_fds=True)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def release(self) -> None:
+        """Let go of the stream: the guard is killed and reaped (idempotent)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
 
 
 def alive(proc: subprocess.Popen[bytes]) -> bool:

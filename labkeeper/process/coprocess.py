@@ -13,6 +13,7 @@ from typing import Any
 from labkeeper.errors import CommandNotFound
 from labkeeper.process.capture import Capture
 from labkeeper.process.children import (
+    StdinGuard,
     dies_with_parent,
     kill_group,
     niced,
@@ -35,6 +36,10 @@ class Coprocess:
     ``nice`` > 0 runs it at that niceness, and its session (its own autogroup) too, so
     it takes only CPU that other work leaves idle.
 
+    ``guard_stdin``: a child for which end-of-stream means "store it" (restic) gets a
+    :class:`StdinGuard`, so our own death never reaches it as one; :meth:`end_stdin`
+    hands out the real end-of-stream.
+
     :attr:`stdin` and :attr:`stdout` are the raw binary pipes; the caller owns the
     protocol spoken over them and its deadlines. Use :func:`run`/:func:`pipeline`
     for anything that runs to completion.
@@ -42,7 +47,8 @@ class Coprocess:
 
     def __init__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                  base_env: Mapping[str, str] | None = None, cwd: str | None = None,
-                 on_stderr_line: LineCallback | None = None, nice: int = 0) -> None:
+                 on_stderr_line: LineCallback | None = None, nice: int = 0,
+                 guard_stdin: bool = False) -> None:
         check_argv(argv)
         self.argv = tuple(argv)
         self.started = time.monotonic()
@@ -54,6 +60,8 @@ class Coprocess:
         except FileNotFoundError:
             raise CommandNotFound(f"{self.argv[0]}: command not found",
                                   argv=REDACTOR.redact_argv(self.argv)) from None
+        assert self._proc.stdin is not None
+        self._guard = StdinGuard(self._proc.stdin.fileno()) if guard_stdin else None
         if nice > 0:
             set_session_priority(self._proc.pid, nice)
         self._stderr = Capture(self._proc.stderr, on_stderr_line, f"{self.argv[0]}-stderr")
@@ -95,6 +103,18 @@ class Coprocess:
     def kill(self) -> None:
         """SIGKILL the child's process group (a no-op once it exited)."""
         kill_group(self._proc, signal.SIGKILL)
+        self._release_guard()
+
+    def end_stdin(self) -> None:
+        """The end-of-stream: its stdin closed (the guard let go of it first)."""
+        self._release_guard()
+        with contextlib.suppress(OSError, ValueError):
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+
+    def _release_guard(self) -> None:
+        if self._guard is not None:
+            self._guard.release()
 
     def result(self, codes: ExitCodeTable = GENERIC) -> CommandResult:
         """The finished child as a result (stderr redacted); waits for it to exit."""
@@ -110,14 +130,13 @@ class Coprocess:
         then SIGKILL its group (at once with ``kill``). Returns the exit code."""
         proc = self._proc
         if not kill and proc.poll() is None:
-            with contextlib.suppress(OSError, ValueError):
-                assert proc.stdin is not None
-                proc.stdin.close()
+            self.end_stdin()
             if self.wait(timeout) is None:
                 kill = True
         if kill:
             self.kill()
         rc = proc.wait()
+        self._release_guard()
         for stream in (proc.stdin, proc.stdout):
             with contextlib.suppress(OSError, AttributeError, ValueError):
                 stream.close()  # type: ignore[union-attr]

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from labkeeper.errors import CommandNotFound
-from labkeeper.process.children import alive, dies_with_parent, kill_group
+from labkeeper.process.children import StdinGuard, alive, dies_with_parent, kill_group
 from labkeeper.process.env import child_env
 from labkeeper.process.stage import Stage
 from labkeeper.secrets import REDACTOR
@@ -69,6 +69,10 @@ class EarlyStart:
         except FileNotFoundError:
             raise CommandNotFound(f"{stage.argv[0]}: command not found",
                                   argv=REDACTOR.redact_argv(stage.argv)) from None
+        assert self._proc.stdin is not None
+        self.guard: StdinGuard | None = StdinGuard(self._proc.stdin.fileno())
+        """Held on the child's stdin from the start (same thread); the pipeline that
+        takes the child takes it too (:mod:`.engine`), else :meth:`stop` releases it."""
         with _waiting_lock:
             _waiting.add(self)
         self._timer = threading.Timer(expires, self.stop, kwargs={"why": "not taken in time"})
@@ -125,6 +129,8 @@ class EarlyStart:
                         self.stage.argv[0], self.stop_grace)
             kill_group(self._proc, signal.SIGKILL)
             rc = self._proc.wait()
+        if self.guard is not None:
+            self.guard.release()
         for stream in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
             with contextlib.suppress(OSError, AttributeError, ValueError):
                 stream.close()  # type: ignore[union-attr]

@@ -2,7 +2,10 @@
 
 End-of-stream belongs to us: a consumer's stdin is closed only after its producer
 exited cleanly (and its end-of-stream gate, if any, accepted the stream); if a
-producer fails, every later stage is SIGKILLed before its stdin is closed.
+producer fails, every later stage is SIGKILLed before its stdin is closed. If this
+process is killed, each consumer dies with it (``--pdeathsig``), and a guard holding its
+stdin (:class:`~labkeeper.process.children.StdinGuard`) keeps the kernel's closing of
+our descriptors from reaching it as an end-of-stream first.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from collections.abc import Mapping, Sequence
 
 from labkeeper.errors import CommandNotFound
 from labkeeper.process.capture import Capture
-from labkeeper.process.children import KILL_GRACE, alive, dies_with_parent, kill_group
+from labkeeper.process.children import (
+    KILL_GRACE,
+    StdinGuard,
+    alive,
+    dies_with_parent,
+    kill_group,
+)
 from labkeeper.process.codes import Outcome, is_ok
 from labkeeper.process.env import child_env
 from labkeeper.process.relay import Relay
@@ -60,6 +69,8 @@ class PipelineRun:
         self.stalled = False
         self.lock = threading.Lock()
         self.relays: list[Relay] = []
+        self.guards: dict[int, StdinGuard] = {}
+        """Per consumer (stage index), the guard on its stdin; released before its EOF."""
         self.captures: dict[int, Capture] = {}
         self.capture_out: Capture | None = None
         self.feeder: threading.Thread | None = None
@@ -108,8 +119,14 @@ class PipelineRun:
             else:
                 # A consumer we are stopping (e.g. SIGTERMed on timeout) never sees EOF.
                 kill_group(consumer, signal.SIGKILL)
+            self._release_guard(index + 1)
             with contextlib.suppress(OSError):
                 os.close(relay.dst)
+
+    def _release_guard(self, index: int) -> None:
+        guard = self.guards.pop(index, None)
+        if guard is not None:
+            guard.release()
 
     def _kill(self, index: int, because: str) -> None:
         proc = self.procs[index]
@@ -143,6 +160,8 @@ class PipelineRun:
                 i < n - 1 or self.stdout_fd is None)
             proc = st.early.take(st) if fits else None
             if proc is not None:
+                if st.early.guard is not None:  # started with it, by the same thread
+                    self.guards[i] = st.early.guard
                 return proc
             st.early.stop(why="its pipeline starts it itself")
         if i == 0:
@@ -195,6 +214,8 @@ class PipelineRun:
         finally:
             for relay in self.relays:
                 relay.join(timeout=KILL_GRACE + 5)
+            for i in list(self.guards):  # consumers are dead or have had their EOF
+                self._release_guard(i)
             if self.feeder is not None:
                 self.feeder.join(timeout=5)
         duration = time.monotonic() - started
@@ -229,6 +250,8 @@ class PipelineRun:
             prev.stdout.close()
             dst = os.dup(proc.stdin.fileno())
             proc.stdin.close()
+            if i not in self.guards:  # this thread started the consumer: it starts the guard
+                self.guards[i] = StdinGuard(dst)
             relay = Relay(i - 1, src, dst, self, gate=self.stages[i - 1].eof_gate,
                           watch=self.stall_timeout is not None)
             self.relays.append(relay)

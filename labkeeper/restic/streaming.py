@@ -14,7 +14,6 @@ restic's, the snapshot opened while restic starts). One design for both versions
 from __future__ import annotations
 
 import array
-import contextlib
 import dataclasses
 import fcntl
 import os
@@ -24,7 +23,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from labkeeper import process
 from labkeeper.errors import CommandError, CommandTimeout, LabkeeperError
@@ -65,7 +63,8 @@ class PendingBackup:
                                       compression=compression)
         self._cached_before = cached_snapshot_ids(repo)
         self._proc = process.Coprocess(self.argv, env=repo.env(),
-                                       on_stderr_line=on_stderr_line, nice=nice)
+                                       on_stderr_line=on_stderr_line, nice=nice,
+                                       guard_stdin=True)
         self._primed = b""
         self._stdout: list[bytes] = []
         self._reader = threading.Thread(target=self._read, name="restic-pending-stdout",
@@ -145,8 +144,8 @@ class PendingBackup:
         if not data.startswith(self._primed):
             raise ValueError("data does not start with the bytes prime() sent")
         self.finished = True
-        feeder = threading.Thread(target=_write_and_close,
-                                  args=(self._proc.stdin, data[len(self._primed):]),
+        feeder = threading.Thread(target=_write_and_end,
+                                  args=(self._proc, data[len(self._primed):]),
                                   name="restic-pending-stdin", daemon=True)
         feeder.start()
         timed_out = self._proc.wait(timeout) is None
@@ -185,15 +184,14 @@ class PendingBackup:
         return was_running or (rc is not None and rc < 0)
 
 
-def _write_and_close(pipe: Any, data: bytes) -> None:
+def _write_and_end(proc: process.Coprocess, data: bytes) -> None:
     try:
-        pipe.write(data)
-        pipe.flush()
+        proc.stdin.write(data)
+        proc.stdin.flush()
     except (BrokenPipeError, OSError, ValueError):
         pass  # restic died or was killed: its exit status tells why
     finally:
-        with contextlib.suppress(OSError, ValueError):
-            pipe.close()
+        proc.end_stdin()
 
 
 # -- streaming a producer into `restic backup --stdin`, owning end-of-stream ----------------
